@@ -1,0 +1,522 @@
+"""FastKANLayer and KAN: the drop-in modules.
+
+Names, shapes and the state_dict layout follow efficient-kan's ``KANLinear``
+(``base_weight``, ``spline_weight``, ``spline_scaler``, buffer ``grid``), so its
+checkpoints load unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable, Optional, Sequence, Tuple, Type
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import torch_backend
+from .torch_backend import grid_is_uniform, kan_linear_torch
+
+__all__ = ["FastKANLayer", "KAN", "BACKENDS", "uniform_grid", "basis_matrix", "solve_coefficients"]
+
+BACKENDS = ("auto", "reference", "torch", "triton")
+
+
+def uniform_grid(
+    in_features: int,
+    grid_size: int,
+    spline_order: int,
+    grid_range: Tuple[float, float],
+    *,
+    device=None,
+    dtype=None,
+) -> torch.Tensor:
+    """Knots ``(in_features, G + 2k + 1)``: ``grid_range`` split in ``G`` equal
+    intervals, extended by ``k`` knots each side (Liu et al. 2024, sec. 2.2)."""
+    lo, hi = float(grid_range[0]), float(grid_range[1])
+    h = (hi - lo) / grid_size
+    steps = torch.arange(-spline_order, grid_size + spline_order + 1, dtype=torch.float64)
+    row = (steps * h + lo).to(dtype=dtype or torch.get_default_dtype(), device=device)
+    return row.expand(in_features, -1).contiguous()
+
+
+def basis_matrix(x: torch.Tensor, grid: torch.Tensor, spline_order: int) -> torch.Tensor:
+    """Dense basis ``(N, in, G + k)`` of 2-D ``x`` (N, in) via the fast local
+    evaluation. Used for least-squares fits (grid update/extension), not for the
+    forward pass."""
+    n_basis = grid.shape[1] - spline_order - 1
+    uniform = grid_is_uniform(grid)
+    D, _, _, _ = torch_backend._dense_block(x, grid.to(x.dtype), spline_order, n_basis, uniform, False, False)
+    return D
+
+
+def solve_coefficients(basis: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Least-squares coefficients per input feature.
+
+    Args:
+        basis: ``(N, in, n_basis)``.
+        values: ``(N, in, out)`` target curve values.
+
+    Returns:
+        ``(out, in, n_basis)`` minimum-norm least-squares solution, in float64 on
+        the CPU (``gelsd``: rank-deficient systems, e.g. a constant feature or
+        fewer samples than bases, give finite weights, and CPU and CUDA agree),
+        cast back to ``values``' dtype and device.
+    """
+    A = basis.detach().permute(1, 0, 2).to("cpu", torch.float64)  # (in, N, nb)
+    B = values.detach().permute(1, 0, 2).to("cpu", torch.float64)  # (in, N, out)
+    sol = torch.linalg.lstsq(A, B, driver="gelsd").solution  # (in, nb, out)
+    sol = torch.nan_to_num(sol, nan=0.0, posinf=0.0, neginf=0.0)
+    return sol.permute(2, 0, 1).to(device=values.device, dtype=values.dtype).contiguous()
+
+
+def _check_positive_int(name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+class FastKANLayer(nn.Module):
+    r"""A Kolmogorov-Arnold layer: a learnable B-spline plus a SiLU base on every edge.
+
+    .. math::
+        y_o = \sum_i w^{base}_{oi}\,\mathrm{silu}(x_i) + \sum_i \sum_j W_{oij} B_j(x_i),
+        \quad W = \text{spline\_weight} \cdot \text{spline\_scaler}[..., None]
+
+    (Liu et al. 2024, arXiv:2404.19756, eq. 2.10; efficient-kan's parameterisation.)
+
+    Args:
+        in_features: size of each input sample (>= 1).
+        out_features: size of each output sample (>= 1).
+        grid_size: number of grid intervals ``G`` on ``grid_range`` (>= 1).
+        spline_order: B-spline order (degree) ``k`` (>= 0).
+        scale_noise: amplitude of the random initial spline curves.
+        scale_base: gain of the base weight initialisation.
+        scale_spline: gain of the spline scaler initialisation (or of the spline
+            weights when ``enable_standalone_scale_spline`` is False).
+        enable_standalone_scale_spline: learn a per-edge ``spline_scaler``.
+        base_activation: module class of the base branch (SiLU is fused into the
+            fast kernels; anything else runs in torch beside them).
+        grid_eps: in ``update_grid``, the weight of the uniform grid against the
+            sample-adaptive one (1: uniform, 0: quantiles).
+        grid_range: ``(lo, hi)`` with ``lo < hi``: initial knot range.
+        backend: ``"auto"`` (triton kernels for CUDA tensors when available,
+            else ``"torch"``), ``"torch"`` (fast pure-torch path, any device),
+            ``"triton"`` (fused kernels; on CPU tensors they run through Triton's
+            interpreter, for validation only), ``"reference"`` (the slow oracle).
+            Settable after construction.
+
+    Shapes:
+        input ``(..., in_features)`` (1-D allowed), output ``(..., out_features)``.
+
+    Attributes:
+        base_weight: ``(out_features, in_features)``.
+        spline_weight: ``(out_features, in_features, G + k)``.
+        spline_scaler: ``(out_features, in_features)`` (when standalone scaling is on).
+        grid: buffer ``(in_features, G + 2k + 1)`` of per-feature knots.
+
+    Raises:
+        ValueError: an argument out of range (named in the message).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        grid_size: int = 5,
+        spline_order: int = 3,
+        scale_noise: float = 0.1,
+        scale_base: float = 1.0,
+        scale_spline: float = 1.0,
+        enable_standalone_scale_spline: bool = True,
+        base_activation: Type[nn.Module] = nn.SiLU,
+        grid_eps: float = 0.02,
+        grid_range: Sequence[float] = (-1, 1),
+        *,
+        backend: str = "auto",
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        _check_positive_int("in_features", in_features, 1)
+        _check_positive_int("out_features", out_features, 1)
+        _check_positive_int("grid_size", grid_size, 1)
+        _check_positive_int("spline_order", spline_order, 0)
+        if len(grid_range) != 2 or not (float(grid_range[0]) < float(grid_range[1])):
+            raise ValueError(f"grid_range must be (lo, hi) with lo < hi, got {tuple(grid_range)!r}")
+        if not all(math.isfinite(float(v)) for v in grid_range):
+            raise ValueError(f"grid_range must be finite, got {tuple(grid_range)!r}")
+        if not 0.0 <= float(grid_eps) <= 1.0:
+            raise ValueError(f"grid_eps must be in [0, 1], got {grid_eps!r}")
+        factory = {"device": device, "dtype": dtype}
+        self.in_features = in_features
+        self.out_features = out_features
+        self.grid_size = grid_size
+        self.spline_order = spline_order
+        self.scale_noise = scale_noise
+        self.scale_base = scale_base
+        self.scale_spline = scale_spline
+        self.enable_standalone_scale_spline = enable_standalone_scale_spline
+        self.grid_eps = grid_eps
+        self.grid_range = (float(grid_range[0]), float(grid_range[1]))
+        self.base_activation = base_activation()
+        self.backend = backend
+
+        self.register_buffer(
+            "grid", uniform_grid(in_features, grid_size, spline_order, self.grid_range, **factory)
+        )
+        self.base_weight = nn.Parameter(torch.empty(out_features, in_features, **factory))
+        self.spline_weight = nn.Parameter(torch.empty(out_features, in_features, grid_size + spline_order, **factory))
+        if enable_standalone_scale_spline:
+            self.spline_scaler = nn.Parameter(torch.empty(out_features, in_features, **factory))
+        self.reset_parameters()
+
+    # ------------------------------------------------------------------ setup
+    @property
+    def backend(self) -> str:
+        return self._backend
+
+    @backend.setter
+    def backend(self, value: str) -> None:
+        if value not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {value!r}")
+        self._backend = value
+
+    @property
+    def n_basis(self) -> int:
+        """Number of basis functions per feature, ``G + k``."""
+        return self.grid_size + self.spline_order
+
+    def reset_parameters(self) -> None:
+        """efficient-kan's initialisation: Kaiming-uniform base weights; spline
+        weights fitted (least squares) to small random curves sampled at the grid
+        points; Kaiming-uniform spline scalers."""
+        nn.init.kaiming_uniform_(self.base_weight, a=math.sqrt(5) * self.scale_base)
+        with torch.no_grad():
+            G, k = self.grid_size, self.spline_order
+            noise = (torch.rand(G + 1, self.in_features, self.out_features) - 0.5) * self.scale_noise / G
+            noise = noise.to(device=self.grid.device, dtype=self.spline_weight.dtype)
+            x_pts = self.grid.t()[k : k + G + 1].to(self.spline_weight.dtype)  # (G+1, in)
+            coef = solve_coefficients(basis_matrix(x_pts, self.grid, k), noise)
+            gain = 1.0 if self.enable_standalone_scale_spline else self.scale_spline
+            self.spline_weight.copy_(gain * coef)
+            if self.enable_standalone_scale_spline:
+                nn.init.kaiming_uniform_(self.spline_scaler, a=math.sqrt(5) * self.scale_spline)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, grid_size={self.grid_size}, "
+            f"spline_order={self.spline_order}, backend={self.backend!r}"
+        )
+
+    @property
+    def scaled_spline_weight(self) -> torch.Tensor:
+        """``W = spline_weight * spline_scaler[..., None]``: ``(out, in, G + k)``."""
+        if self.enable_standalone_scale_spline:
+            return self.spline_weight * self.spline_scaler.unsqueeze(-1)
+        return self.spline_weight
+
+    # ---------------------------------------------------------------- forward
+    def _check_input(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"FastKANLayer expects a torch.Tensor, got {type(x).__name__}")
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"FastKANLayer expects input of shape (..., in_features={self.in_features}), "
+                f"got shape {tuple(x.shape)}"
+            )
+        w = self.base_weight
+        if x.device != w.device:
+            raise RuntimeError(
+                f"FastKANLayer: input is on {x.device} but the parameters are on {w.device}; move one of them"
+            )
+        if not x.is_floating_point():
+            raise TypeError(f"FastKANLayer expects a floating-point input, got dtype {x.dtype}")
+        if x.dtype != w.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(
+                f"FastKANLayer: input dtype {x.dtype} does not match parameter dtype {w.dtype}; "
+                f"cast the input or the layer (no silent cast is done)"
+            )
+
+    def resolve_backend(self, x: torch.Tensor) -> str:
+        """The backend a call on ``x`` will use."""
+        if self._backend != "auto":
+            return self._backend
+        if x.is_cuda and x.dtype != torch.float64 and _triton_available():
+            return "triton"
+        return "torch"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Args: x ``(..., in_features)``. Returns ``(..., out_features)``.
+
+        Raises:
+            ValueError: last dimension is not ``in_features``.
+            TypeError: dtype differs from the parameters' (outside autocast).
+            RuntimeError: device differs from the parameters'.
+        """
+        self._check_input(x)
+        backend = self.resolve_backend(x)
+        lead = x.shape[:-1]
+        if backend == "reference":
+            from .reference import kan_linear_reference
+
+            scaler = self.spline_scaler if self.enable_standalone_scale_spline else None
+            return kan_linear_reference(
+                x, self.grid, self.base_weight, self.spline_weight, scaler, self.spline_order, self.base_activation
+            )
+        x2 = x.reshape(-1, self.in_features)
+        fused_silu = type(self.base_activation) is nn.SiLU
+        coef = self.scaled_spline_weight
+        base_w = self.base_weight if fused_silu else None
+        if backend == "triton":
+            from .triton_backend import kan_linear_triton
+
+            y = kan_linear_triton(x2, self.grid, coef, base_w, self.spline_order)
+        else:
+            y = kan_linear_torch(x2, self.grid, coef, base_w, self.spline_order)
+        if not fused_silu:
+            y = y + F.linear(self.base_activation(x2), self.base_weight)
+        return y.reshape(*lead, self.out_features)
+
+    # ------------------------------------------------------------ grid update
+    @torch.no_grad()
+    def update_grid(self, x: torch.Tensor, margin: float = 0.01) -> "FastKANLayer":
+        """Adapt the knots to the samples ``x`` and refit the spline weights.
+
+        New knots = ``grid_eps`` * uniform + (1 - ``grid_eps``) * quantiles of x
+        (efficient-kan/pykan rule, Liu et al. 2024 sec. 2.2 "grid extension"), the
+        uniform part spanning ``[min - margin, max + margin]``, extended by ``k``
+        knots each side. The spline weights are refitted by least squares so the
+        layer's spline term on ``x`` is kept; knots are made strictly increasing
+        even for constant or few-valued data.
+
+        Args:
+            x: ``(N, in_features)`` (or ``(..., in_features)``), finite, N >= 1.
+            margin: padding of the uniform grid beyond the sample range.
+
+        Raises:
+            ValueError: empty batch, wrong feature size, or non-finite samples.
+
+        Returns:
+            self.
+        """
+        self._check_input(x)
+        x = x.reshape(-1, self.in_features)
+        if x.shape[0] == 0:
+            raise ValueError("update_grid needs at least one sample; got an empty batch")
+        if not torch.isfinite(x).all():
+            raise ValueError("update_grid needs finite samples; x contains NaN or inf")
+        G, k = self.grid_size, self.spline_order
+        old_curves = torch.einsum("nij,oij->nio", basis_matrix(x, self.grid, k), self.scaled_spline_weight)
+        new_grid = adaptive_grid(x, G, k, self.grid_eps, margin).to(self.grid.dtype)
+        self.grid.copy_(new_grid)
+        coef = solve_coefficients(basis_matrix(x, self.grid, k), old_curves)
+        self._set_scaled_spline_weight(coef)
+        return self
+
+    @torch.no_grad()
+    def extend_grid(self, new_grid_size: int, x: Optional[torch.Tensor] = None, margin: float = 0.01) -> "FastKANLayer":
+        """Change the number of grid intervals, keeping the learned functions
+        (grid extension, Liu et al. 2024 sec. 2.4).
+
+        Without ``x`` the new knots split each feature's current interior range
+        ``[grid[:, k], grid[:, -k-1]]`` in ``new_grid_size`` equal intervals; with
+        ``x`` they adapt to the samples as in :meth:`update_grid`. The new
+        coefficients are the least-squares fit of the old spline term on
+        ``max(64, 4 (G' + k))`` points per feature spread over the old interior range
+        (plus ``x`` when given). When the new grid refines the old one the fit is
+        exact to rounding.
+
+        ``spline_weight`` and ``grid`` are replaced by tensors of the new size: build
+        the optimizer again afterwards.
+
+        Args:
+            new_grid_size: the new ``G'`` (>= 1).
+            x: optional samples ``(..., in_features)``.
+
+        Returns:
+            self.
+        """
+        _check_positive_int("new_grid_size", new_grid_size, 1)
+        k = self.spline_order
+        dtype, device = self.grid.dtype, self.grid.device
+        lo = self.grid[:, k].to(torch.float64)
+        hi = self.grid[:, -k - 1].to(torch.float64)
+        n_pts = max(64, 4 * (new_grid_size + k))
+        u = torch.linspace(0, 1, n_pts, dtype=torch.float64, device=device).unsqueeze(1)
+        pts = (lo + u * (hi - lo) * (1 - 1e-9)).to(dtype)  # (n_pts, in), stays inside [lo, hi)
+        if x is not None:
+            self._check_input(x)
+            xs = x.detach().reshape(-1, self.in_features).to(dtype)
+            if xs.shape[0] == 0 or not torch.isfinite(xs).all():
+                raise ValueError("extend_grid needs finite samples and a non-empty batch")
+            pts = torch.cat([pts, xs], dim=0)
+        wdt = self.spline_weight.dtype
+        old = torch.einsum("nij,oij->nio", basis_matrix(pts.to(wdt), self.grid, k), self.scaled_spline_weight)
+        if x is not None:
+            new_grid = adaptive_grid(xs, new_grid_size, k, self.grid_eps, margin)
+        else:
+            steps = torch.arange(-k, new_grid_size + k + 1, dtype=torch.float64, device=device)
+            h = (hi - lo) / new_grid_size
+            new_grid = lo.unsqueeze(1) + steps.unsqueeze(0) * h.unsqueeze(1)
+        self.grid = new_grid.to(dtype).contiguous()
+        self.grid_size = new_grid_size
+        coef = solve_coefficients(basis_matrix(pts.to(wdt), self.grid, k), old)
+        self.spline_weight = nn.Parameter(torch.zeros_like(coef))
+        self._set_scaled_spline_weight(coef)
+        return self
+
+    def _set_scaled_spline_weight(self, coef: torch.Tensor) -> None:
+        """Store W = coef, dividing by the scaler where it is usable and folding it to 1 where not."""
+        if not self.enable_standalone_scale_spline:
+            self.spline_weight.copy_(coef)
+            return
+        s = self.spline_scaler
+        ok = s.abs() > 1e-12
+        self.spline_weight.copy_(torch.where(ok.unsqueeze(-1), coef / torch.where(ok, s, 1).unsqueeze(-1), coef))
+        self.spline_scaler.copy_(torch.where(ok, s, torch.ones_like(s)))
+
+    def regularization_loss(self, regularize_activation: float = 1.0, regularize_entropy: float = 1.0) -> torch.Tensor:
+        """efficient-kan's cheap sparsification surrogate from the coefficients:
+        L1 of mean |spline_weight| per edge plus the entropy of its normalised
+        distribution (an approximation of Liu et al. 2024 sec. 2.5 eq. 2.17-2.19)."""
+        l1 = self.spline_weight.abs().mean(-1)
+        total = l1.sum()
+        p = l1 / total.clamp_min(torch.finfo(l1.dtype).tiny)
+        entropy = -torch.sum(torch.where(p > 0, p * torch.log(p.clamp_min(torch.finfo(p.dtype).tiny)), torch.zeros_like(p)))
+        return regularize_activation * total + regularize_entropy * entropy
+
+
+def adaptive_grid(x: torch.Tensor, grid_size: int, spline_order: int, grid_eps: float, margin: float) -> torch.Tensor:
+    """Knots ``(in, G + 2k + 1)`` adapted to samples ``x`` ``(N, in)`` (N >= 1).
+
+    Mixes ``grid_eps`` of a uniform grid over ``[min - margin, max + margin]``
+    with ``1 - grid_eps`` of the sample quantiles, extends by ``k`` uniform steps
+    per side, then enforces a minimum spacing of ``1e-3`` uniform steps so the
+    knots are strictly increasing even for constant or few-valued data.
+    """
+    xd = x.detach().to(torch.float64)
+    n = xd.shape[0]
+    xs = torch.sort(xd, dim=0).values
+    q = torch.linspace(0, n - 1, grid_size + 1, device=x.device).round().long()
+    adaptive = xs[q]  # (G+1, in)
+    span = xs[-1] - xs[0] + 2 * margin
+    span = torch.where(span > 0, span, torch.full_like(span, 2e-2 + 2 * abs(margin)))
+    span = torch.maximum(span, 1e-6 * xs[-1].abs().clamp_min(1.0))
+    step = span / grid_size
+    ar = torch.arange(grid_size + 1, device=x.device, dtype=torch.float64).unsqueeze(1)
+    uniform = xs[0] - (span - (xs[-1] - xs[0])) / 2 + ar * step
+    g = grid_eps * uniform + (1 - grid_eps) * adaptive
+    lo = g[:1] - step * torch.arange(spline_order, 0, -1, device=x.device, dtype=torch.float64).unsqueeze(1)
+    hi = g[-1:] + step * torch.arange(1, spline_order + 1, device=x.device, dtype=torch.float64).unsqueeze(1)
+    g = torch.cat([lo, g, hi], dim=0)  # (G+2k+1, in)
+    # strictly increasing: g_j >= g_{j-1} + delta, via a running max of g_j - j*delta
+    delta = 1e-3 * step
+    j = torch.arange(g.shape[0], device=x.device, dtype=torch.float64).unsqueeze(1)
+    g = torch.cummax(g - j * delta, dim=0).values + j * delta
+    return g.t().contiguous()
+
+
+def _triton_available() -> bool:
+    try:
+        from . import triton_backend  # noqa: F401
+
+        return triton_backend.AVAILABLE
+    except Exception:  # pragma: no cover - triton missing or broken
+        return False
+
+
+class KAN(nn.Module):
+    """A stack of :class:`FastKANLayer` (Liu et al. 2024, eq. 2.7).
+
+    Args:
+        layers_hidden: widths ``[in, h1, ..., out]`` (at least two entries).
+        grid_size, spline_order, scale_noise, scale_base, scale_spline,
+        base_activation, grid_eps, grid_range: passed to every layer.
+        backend: passed to every layer (settable later via :attr:`backend`).
+
+    Shapes: ``(..., layers_hidden[0]) -> (..., layers_hidden[-1])``.
+    """
+
+    def __init__(
+        self,
+        layers_hidden: Sequence[int],
+        grid_size: int = 5,
+        spline_order: int = 3,
+        scale_noise: float = 0.1,
+        scale_base: float = 1.0,
+        scale_spline: float = 1.0,
+        base_activation: Type[nn.Module] = nn.SiLU,
+        grid_eps: float = 0.02,
+        grid_range: Sequence[float] = (-1, 1),
+        *,
+        backend: str = "auto",
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        widths = list(layers_hidden)
+        if len(widths) < 2:
+            raise ValueError(f"layers_hidden needs at least [in, out], got {widths!r}")
+        self.grid_size = grid_size
+        self.spline_order = spline_order
+        self.layers = nn.ModuleList(
+            FastKANLayer(
+                i,
+                o,
+                grid_size=grid_size,
+                spline_order=spline_order,
+                scale_noise=scale_noise,
+                scale_base=scale_base,
+                scale_spline=scale_spline,
+                base_activation=base_activation,
+                grid_eps=grid_eps,
+                grid_range=grid_range,
+                backend=backend,
+                device=device,
+                dtype=dtype,
+            )
+            for i, o in zip(widths[:-1], widths[1:])
+        )
+
+    @property
+    def backend(self) -> str:
+        return self.layers[0].backend
+
+    @backend.setter
+    def backend(self, value: str) -> None:
+        for layer in self.layers:
+            layer.backend = value
+
+    def forward(self, x: torch.Tensor, update_grid: bool = False) -> torch.Tensor:
+        """Args: x ``(..., in)``; update_grid: adapt each layer's knots to its
+        input first (see :meth:`FastKANLayer.update_grid`)."""
+        for layer in self.layers:
+            if update_grid:
+                layer.update_grid(x)
+            x = layer(x)
+        return x
+
+    @torch.no_grad()
+    def update_grid(self, x: torch.Tensor, margin: float = 0.01) -> "KAN":
+        """Update every layer's grid on the activations that reach it."""
+        for layer in self.layers:
+            layer.update_grid(x, margin=margin)
+            x = layer(x)
+        return self
+
+    @torch.no_grad()
+    def extend_grid(self, new_grid_size: int, x: Optional[torch.Tensor] = None) -> "KAN":
+        """Extend every layer's grid to ``new_grid_size`` (see
+        :meth:`FastKANLayer.extend_grid`); with ``x``, each layer adapts to the
+        activations that reach it. Returns self; rebuild the optimizer afterwards."""
+        for layer in self.layers:
+            y = layer(x) if x is not None else None
+            layer.extend_grid(new_grid_size, x)
+            x = y
+        self.grid_size = new_grid_size
+        return self
+
+    def regularization_loss(self, regularize_activation: float = 1.0, regularize_entropy: float = 1.0) -> torch.Tensor:
+        """Sum of the layers' coefficient-based sparsification losses."""
+        return sum(layer.regularization_loss(regularize_activation, regularize_entropy) for layer in self.layers)

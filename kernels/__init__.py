@@ -1,0 +1,1 @@
+"""Triton device code for kanfast (installed as ``kanfast.kernels``)."""
