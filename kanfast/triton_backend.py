@@ -276,10 +276,13 @@ def _backward(grad_y, x, grid, coef, base_weight, k, ieee, need_x, need_coef, ne
             UNIFORM=uniform, K=k, HAS_BASE=has_base, PREC=prec,
         )
         total = part[0] if splits == 1 else part.sum(0)  # fixed-order reduction: deterministic
+        # fresh tensors (never views of the partials: custom-op outputs must not alias)
         if need_coef:
-            gc = total[:nb].permute(2, 1, 0).to(coef.dtype).contiguous()
+            gc = torch.empty_like(coef, memory_format=torch.contiguous_format)
+            gc.copy_(total[:nb].permute(2, 1, 0))
         if want_base:
-            gb = total[nb].t().to(base_weight.dtype).contiguous()
+            gb = torch.empty_like(base_weight, memory_format=torch.contiguous_format)
+            gb.copy_(total[nb].t())
     return gx, gc, gb
 
 
