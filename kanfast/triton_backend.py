@@ -381,7 +381,7 @@ def kan_linear_triton(
 
     Raises:
         ValueError: shapes that do not fit, k or G + k beyond the kernel limits.
-        TypeError: non-floating input.
+        TypeError: non-floating input; bfloat16 on CPU (the interpreter cannot run it).
         RuntimeError: triton unavailable, or a device other than CUDA/CPU.
     """
     if x.dim() != 2:
@@ -402,6 +402,11 @@ def kan_linear_triton(
         raise ValueError(f"the triton kernels support G + k <= {MAX_N_BASIS} bases, got {nb}")
     if base_weight is not None and tuple(base_weight.shape) != (nout, nin):
         raise ValueError(f"base_weight must be (out, in) = {(nout, nin)}, got {tuple(base_weight.shape)}")
+    if x.dtype == torch.bfloat16 and x.device.type == "cpu":
+        raise TypeError(
+            "kan_linear_triton: bfloat16 cannot run through Triton's interpreter on CPU (its tl.dot "
+            "misreads bfloat16 operands); use backend='torch' on CPU, or CUDA tensors"
+        )
     if x.dtype == torch.float64:
         return kan_linear_torch(x, grid, coef.to(x.dtype), None if base_weight is None else base_weight.to(x.dtype), k)
     if coef.dtype != x.dtype:  # autocast or mixed call: compute in the input's dtype
