@@ -14,8 +14,9 @@ Entry point: :func:`kan_linear_triton` (same contract as
   fp64 path).
 
 float32 uses TF32 tensor cores by default on the GPU; call
-``set_fp32_precision("ieee")`` (or pass ``fp32_precision="ieee"``) for IEEE fp32
-products. float16/bfloat16 multiply in their own dtype and accumulate in fp32;
+``set_fp32_precision("ieee")``, pass ``fp32_precision="ieee"``, or set the
+environment variable ``KANFAST_TRITON_FP32=ieee`` for IEEE fp32 products (CPU
+runs are always IEEE). float16/bfloat16 multiply in their own dtype and accumulate in fp32;
 the output has the input's dtype.
 
 Ops registered with :mod:`torch.library` (``custom_op``, so the kernels stay
@@ -37,11 +38,25 @@ from .torch_backend import _pad_knots, grid_is_uniform, kan_linear_torch
 
 __all__ = ["AVAILABLE", "kan_linear_triton", "set_fp32_precision", "get_fp32_precision", "MAX_SPLINE_ORDER", "MAX_N_BASIS"]
 
+def _load_kernel_file(name: str, path: str):
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 try:  # pragma: no cover - depends on the installation
     import triton  # noqa: F401
     from triton import knobs as _knobs
 
-    from kanfast.kernels import kan_spline as _kmod
+    try:
+        from kanfast.kernels import kan_spline as _kmod
+    except ImportError:
+        # a source checkout used through PYTHONPATH (not installed): kernels/ is the top-level folder
+        _kmod = _load_kernel_file(
+            "kanfast.kernels.kan_spline",
+            os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels", "kan_spline.py"),
+        )
 
     AVAILABLE = True
 except Exception:  # pragma: no cover
@@ -52,7 +67,10 @@ except Exception:  # pragma: no cover
 MAX_SPLINE_ORDER = 7
 MAX_N_BASIS = 4096
 
-_FP32_PRECISION = "tf32"
+#: float32 dot precision on the GPU; the environment variable KANFAST_TRITON_FP32=ieee|tf32 sets the default.
+_FP32_PRECISION = os.environ.get("KANFAST_TRITON_FP32", "tf32").strip().lower()
+if _FP32_PRECISION not in ("tf32", "ieee"):
+    raise ValueError(f"KANFAST_TRITON_FP32 must be 'tf32' or 'ieee', got {_FP32_PRECISION!r}")
 _interp_mod = None
 
 
@@ -126,9 +144,7 @@ def _kernels(device: torch.device):
         # knobs.runtime.scope() restores the knob and TRITON_INTERPRET afterwards.
         with _knobs.runtime.scope():
             _knobs.runtime.interpret = True
-            spec = importlib.util.spec_from_file_location("kanfast.kernels._kan_spline_interpreted", _kmod.__file__)
-            mod = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(mod)
+            mod = _load_kernel_file("kanfast.kernels._kan_spline_interpreted", _kmod.__file__)
         if not mod.INTERPRETED:  # pragma: no cover
             raise RuntimeError(
                 "kanfast triton backend: running on CPU tensors needs Triton's interpreter; "
