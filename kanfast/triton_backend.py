@@ -63,9 +63,9 @@ except Exception:  # pragma: no cover
     _kmod = None
     AVAILABLE = False
 
-#: Largest spline order k and number of bases G + k the kernels accept.
-MAX_SPLINE_ORDER = 7
-MAX_N_BASIS = 4096
+#: Largest spline order k and number of bases G + k the kernels accept (see kernels/kan_spline.py).
+MAX_SPLINE_ORDER = _kmod.MAX_SPLINE_ORDER if _kmod is not None else 7
+MAX_N_BASIS = _kmod.MAX_N_BASIS if _kmod is not None else 4096
 
 #: float32 dot precision on the GPU; the environment variable KANFAST_TRITON_FP32=ieee|tf32 sets the default.
 _FP32_PRECISION = os.environ.get("KANFAST_TRITON_FP32", "tf32").strip().lower()
@@ -156,22 +156,24 @@ def _kernels(device: torch.device):
 
 
 # ----------------------------------------------------------------- knot setup
-_UNIFORM_CACHE: dict = {}
+_GRID_CACHE: dict = {}
 
 
-def _uniform_flag(grid: torch.Tensor) -> bool:
-    """grid_is_uniform(grid), cached per grid tensor object and version (one host sync per grid change)."""
+def _grid_info(grid: torch.Tensor, k: int):
+    """(uniform, padded knots, t0, t_last, h) of ``grid``, cached per grid tensor object,
+    version counter and k: the uniformity test costs a host sync, paid once per grid change
+    (update_grid writes the buffer in place, which bumps its version)."""
     key = id(grid)
-    hit = _UNIFORM_CACHE.get(key)
-    if hit is not None and hit[0]() is grid and hit[1] == grid._version:
-        return hit[2]
-    flag = grid_is_uniform(grid)
+    hit = _GRID_CACHE.get(key)
+    if hit is not None and hit[0]() is grid and hit[1] == grid._version and hit[2] == k and hit[3] == grid.device:
+        return hit[4]
+    info = (grid_is_uniform(grid),) + _knot_tables(grid, k)
     try:
-        ref = weakref.ref(grid, lambda _r, key=key: _UNIFORM_CACHE.pop(key, None))
-        _UNIFORM_CACHE[key] = (ref, grid._version, flag)
+        ref = weakref.ref(grid, lambda _r, key=key: _GRID_CACHE.pop(key, None))
+        _GRID_CACHE[key] = (ref, grid._version, k, grid.device, info)
     except TypeError:  # pragma: no cover - not weak-referenceable
         pass
-    return flag
+    return info
 
 
 def _knot_tables(grid: torch.Tensor, k: int):
@@ -207,8 +209,7 @@ def _forward(x, grid, coef, base_weight, k, ieee):
         return y
     km = _kernels(x.device)
     x = _row_major(x)
-    uniform = _uniform_flag(grid)
-    tp, t0, tn, h = _knot_tables(grid, k)
+    uniform, tp, t0, tn, h = _grid_info(grid, k)
     n_knots = grid.shape[1]
     w = coef.detach().permute(2, 1, 0).contiguous()  # (nb, in, out)
     has_base = base_weight is not None
@@ -255,8 +256,7 @@ def _backward(grad_y, x, grid, coef, base_weight, k, ieee, need_x, need_coef, ne
     km = _kernels(x.device)
     x = _row_major(x)
     grad_y = _row_major(grad_y)
-    uniform = _uniform_flag(grid)
-    tp, t0, tn, h = _knot_tables(grid, k)
+    uniform, tp, t0, tn, h = _grid_info(grid, k)
     n_knots = grid.shape[1]
     steps = _n_steps(n_knots)
     prec = _prec(x.dtype, ieee)
