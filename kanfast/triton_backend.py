@@ -283,7 +283,7 @@ def _backward(grad_y, x, grid, coef, base_weight, k, ieee, need_x, need_coef, ne
         part = torch.empty(splits, n_j, nin, nout, dtype=torch.float32, device=x.device)
 
         def grid_w(meta):
-            return (triton.cdiv(nin, meta["BLOCK_I"]) * triton.cdiv(nout, meta["BLOCK_O"]), n_j, splits)
+            return (triton.cdiv(nin, meta["BLOCK_I"]) * triton.cdiv(nout, meta["BLOCK_O"]), triton.cdiv(n_j, meta["J_PER"]), splits)
 
         km.kan_bwd_w_kernel[grid_w](
             x, tp, t0, tn, h, grad_y, part,

@@ -61,7 +61,8 @@ MAX_N_BASIS = 4096
 
 def _configs(kind):
     if INTERPRETED:  # no autotuning under the interpreter: one small config
-        return [triton.Config({"BLOCK_N": 16, "BLOCK_I": 16, "BLOCK_O": 16}, num_warps=1)]
+        extra = {"J_PER": 2} if kind == "bwd_w" else {}
+        return [triton.Config({"BLOCK_N": 16, "BLOCK_I": 16, "BLOCK_O": 16, **extra}, num_warps=1)]
     # (BLOCK_N, BLOCK_I, BLOCK_O, warps, stages); register use checked offline with
     # ptxas for sm_90 (k = 3, fp32 and bf16): the first entry of each list spills in
     # neither dtype, and each list keeps several spill-free options.
@@ -71,9 +72,13 @@ def _configs(kind):
     elif kind == "bwd_x":
         shapes = [(64, 32, 32, 8, 3), (32, 32, 32, 4, 3), (32, 32, 64, 4, 3), (64, 16, 64, 4, 3),
                   (64, 32, 64, 8, 3)]
-    else:
-        shapes = [(32, 64, 128, 8, 3), (64, 64, 128, 8, 3), (32, 32, 32, 4, 2), (32, 64, 64, 4, 3),
-                  (64, 64, 64, 8, 3)]
+    else:  # (BLOCK_N, BLOCK_I, BLOCK_O, J_PER, warps, stages)
+        shapes = [(32, 64, 128, 1, 8, 3), (32, 64, 64, 2, 8, 3), (32, 64, 64, 4, 8, 3), (32, 32, 64, 4, 4, 3),
+                  (32, 64, 128, 2, 8, 3), (32, 32, 32, 2, 4, 2)]
+        if not AUTOTUNE:
+            shapes = shapes[:1]
+        return [triton.Config({"BLOCK_N": n, "BLOCK_I": i, "BLOCK_O": o, "J_PER": j}, num_warps=w, num_stages=s)
+                for n, i, o, j, w, s in shapes]
     if not AUTOTUNE:
         shapes = shapes[:1]
     return [triton.Config({"BLOCK_N": n, "BLOCK_I": i, "BLOCK_O": o}, num_warps=w, num_stages=s)
@@ -306,12 +311,15 @@ def kan_bwd_w_kernel(
     N, IN, OUT, NB, n_knots, n_steps, rows_per_split,
     s_xn, s_xi, s_gn, s_go,
     UNIFORM: tl.constexpr, K: tl.constexpr, HAS_BASE: tl.constexpr, PREC: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_O: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_O: tl.constexpr, J_PER: tl.constexpr,
 ):
     """Partial gradients gw (splits, NB + HAS_BASE, IN, OUT) fp32: gw[s, j] = B_j(x_s)^T @ grad_y_s
-    (j = NB: silu(x_s)^T @ grad_y_s), over the rows of batch split s."""
+    (j = NB: silu(x_s)^T @ grad_y_s), over the rows of batch split s.
+
+    Each program owns J_PER consecutive j (one fp32 accumulator each), so the de Boor
+    evaluation of a row tile is shared by J_PER tl.dot's."""
     pid_io = tl.program_id(0)
-    j = tl.program_id(1)
+    j0 = tl.program_id(1) * J_PER
     pid_s = tl.program_id(2)
     n_tiles_o = (OUT + BLOCK_O - 1) // BLOCK_O
     pid_i = pid_io // n_tiles_o
@@ -328,20 +336,28 @@ def kan_bwd_w_kernel(
     p_row = p_t + (o_ic.to(tl.int64) * NP + K)[None, :]
     n_start = pid_s.to(tl.int64) * rows_per_split
     n_end = tl.minimum(n_start + rows_per_split, N)
-    b_acc = tl.full((BLOCK_I, BLOCK_O), 0, tl.float32)
+    accs = ()
+    for jj in tl.static_range(J_PER):
+        accs = accs + (tl.full((BLOCK_I, BLOCK_O), 0, tl.float32),)
     for n0 in range(n_start, n_end, BLOCK_N):
         o_n = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
         m_n = o_n < n_end
         m_x = m_n[:, None] & m_i[None, :]
         b_x = tl.load(p_x + o_n[:, None] * s_xn + o_i[None, :] * s_xi, mask=m_x, other=0.0).to(tl.float32)
         b_gy = tl.load(p_gy + o_n[:, None] * s_gn + o_o[None, :] * s_go, mask=m_n[:, None] & m_o[None, :], other=0.0)
-        if j < NB:
-            b_m, m_in, vals, dvals = _local_bases(b_x, m_x, p_row, b_t0, b_tn, b_h, n_knots, n_steps,
-                                                  UNIFORM, K, False)
-            b_b = _select(vals, j - b_m + K, K)
-        else:
-            b_b = tl.where(m_x, _silu(b_x), 0.0)
-        b_acc = tl.dot(tl.trans(b_b.to(b_gy.dtype)), b_gy, b_acc, input_precision=PREC)
-    o_row = (pid_s.to(tl.int64) * (NB + HAS_BASE) + j) * IN + o_i
-    p_out = p_gw + o_row[:, None] * OUT + o_o[None, :]
-    tl.store(p_out, b_acc, mask=m_i[:, None] & m_o[None, :])
+        b_m, m_in, vals, dvals = _local_bases(b_x, m_x, p_row, b_t0, b_tn, b_h, n_knots, n_steps, UNIFORM, K, False)
+        b_s = tl.where(m_x, _silu(b_x), 0.0)
+        new = ()
+        for jj in tl.static_range(J_PER):
+            # j >= NB (other than the base slot) selects values of bases that do not exist:
+            # computed, never stored
+            b_b = _select(vals, j0 + jj - b_m + K, K)
+            if HAS_BASE:
+                b_b = tl.where(j0 + jj == NB, b_s, b_b)
+            new = new + (tl.dot(tl.trans(b_b.to(b_gy.dtype)), b_gy, accs[jj], input_precision=PREC),)
+        accs = new
+    m_io = m_i[:, None] & m_o[None, :]
+    for jj in tl.static_range(J_PER):
+        o_row = (pid_s.to(tl.int64) * (NB + HAS_BASE) + j0 + jj) * IN + o_i
+        p_out = p_gw + o_row[:, None] * OUT + o_o[None, :]
+        tl.store(p_out, accs[jj], mask=m_io & (j0 + jj < NB + HAS_BASE))
