@@ -346,7 +346,8 @@ def test_kernels_compile_for_hopper():
             spec.loader.exec_module(km)
     for kern, knot_free in ((km.kan_fwd_kernel, True), (km.kan_bwd_x_kernel, False), (km.kan_bwd_w_kernel, True)):
         fn = kern.fn
-        cons = dict(UNIFORM=knot_free, K=3, HAS_BASE=True, PREC="tf32", BLOCK_N=32, BLOCK_I=32, BLOCK_O=32)
+        cfg = kern.configs[0]  # the config used when autotuning is off
+        cons = dict(UNIFORM=knot_free, K=3, HAS_BASE=True, PREC="tf32", **cfg.kwargs)
         sig = {}
         for n in inspect.signature(fn.fn).parameters:
             if n in cons:
@@ -355,5 +356,9 @@ def test_kernels_compile_for_hopper():
                 sig[n] = "*fp32" if n in ("p_t", "p_t0", "p_tn", "p_h", "p_gw") else "*bf16"
             else:
                 sig[n] = "i32"
-        compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=cons), target=GPUTarget("cuda", 90, 32))
+        compiled = triton.compile(
+            ASTSource(fn=fn, signature=sig, constexprs=cons),
+            target=GPUTarget("cuda", 90, 32),
+            options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+        )
         assert len(compiled.asm["cubin"]) > 0
