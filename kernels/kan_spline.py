@@ -20,11 +20,16 @@ Backward (only x and the parameters are saved; every basis value is recomputed):
     out tiles computing ``grad_y @ W[:, i_tile, j]`` with ``tl.dot`` and
     multiplies by ``dB_j/dx`` (de Boor derivative from the order k-1 values),
     plus ``(grad_y @ base_weight) * silu'(x)``.
-  * ``grad_W`` / ``grad_base_weight``: one program per (in tile, out tile, j,
-    batch split); it loops over the batch rows of its split, accumulating
-    ``B_j^T @ grad_y`` (``silu(x)^T @ grad_y`` for ``j = G + k``) in fp32 and
-    stores one partial per split; the launcher sums the splits in a fixed order.
-    No atomics: bit-identical on every run.
+  * ``grad_W`` / ``grad_base_weight``: one program per (in tile, out tile, group
+    of ``J_PER`` consecutive j, batch split); it loops over the batch rows of its
+    split, evaluating the bases of each row tile once and accumulating
+    ``B_j^T @ grad_y`` (``silu(x)^T @ grad_y`` for ``j = G + k``) for its j's in
+    fp32 registers, and stores one partial per split; the launcher sums the splits
+    in a fixed order (the split count depends on shapes and the GPU only). No
+    atomics: bit-identical on every run. (Chosen over "one program per (in, out)
+    tile looping over everything": all G + k accumulators would not fit in
+    registers, and small layers with large batches need the batch split to fill
+    the GPU.)
 
 Safety: inputs outside ``[t_0, t_last)`` (NaN and +-inf included) get basis 0 and
 are replaced by ``t_0`` before any arithmetic; every interval index is clamped
