@@ -228,8 +228,14 @@ def _forward(x, grid, coef, base_weight, k, ieee):
     return y
 
 
+#: Tests set this to force several batch splits in the weight-gradient kernel on CPU.
+_SPLIT_ROWS_OVERRIDE: Optional[int] = None
+
+
 def _split_rows(N: int, n_programs: int, device: torch.device) -> int:
     """Rows per batch split of the weight-gradient kernel (a function of shapes only: deterministic)."""
+    if _SPLIT_ROWS_OVERRIDE is not None:
+        return int(_SPLIT_ROWS_OVERRIDE)
     if device.type != "cuda":
         return max(N, 1)
     sms = torch.cuda.get_device_properties(device).multi_processor_count
