@@ -85,6 +85,7 @@ CASES = [
     ((2, 5), 33, 9, 5, 5, "adapted"),
     ((2, 5), 33, 9, 3, 5, "uniform"),
     ((2, 5), 33, 9, 1, 12, "adapted"),
+    ((4,), 5, 4, tb.MAX_SPLINE_ORDER, 2, "adapted"),  # the largest order the kernels take
 ]
 
 
