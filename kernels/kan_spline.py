@@ -16,10 +16,11 @@ and contracted with the ``(BLOCK_I, BLOCK_O)`` coefficient slice through
 same accumulator. The ``(batch, in, G + k)`` basis never touches global memory.
 
 Backward (only x and the parameters are saved; every basis value is recomputed):
-  * ``grad_x``: one program per (batch tile, in tile); for each ``j``, loops over
-    out tiles computing ``grad_y @ W[:, i_tile, j]`` with ``tl.dot`` and
-    multiplies by ``dB_j/dx`` (de Boor derivative from the order k-1 values),
-    plus ``(grad_y @ base_weight) * silu'(x)``.
+  * ``grad_x``: one program per (batch tile, in tile); for each group of
+    ``J_PER`` consecutive ``j`` (sharing every grad_y tile load), loops over out
+    tiles computing ``grad_y @ W[:, i_tile, j]`` with ``tl.dot`` and multiplies by
+    ``dB_j/dx`` (de Boor derivative from the order k-1 values), plus
+    ``(grad_y @ base_weight) * silu'(x)``.
   * ``grad_W`` / ``grad_base_weight``: one program per (in tile, out tile, group
     of ``J_PER`` consecutive j, batch split); it loops over the batch rows of its
     split, evaluating the bases of each row tile once and accumulating
@@ -66,7 +67,7 @@ MAX_N_BASIS = 4096
 
 def _configs(kind):
     if INTERPRETED:  # no autotuning under the interpreter: one small config
-        extra = {"J_PER": 2} if kind == "bwd_w" else {}
+        extra = {"J_PER": 2} if kind in ("bwd_x", "bwd_w") else {}
         return [triton.Config({"BLOCK_N": 16, "BLOCK_I": 16, "BLOCK_O": 16, **extra}, num_warps=1)]
     # (BLOCK_N, BLOCK_I, BLOCK_O, warps, stages); register use checked offline with
     # ptxas for sm_90 (k = 3, fp32 and bf16): the first entry of each list spills in
@@ -74,9 +75,13 @@ def _configs(kind):
     if kind == "fwd":
         shapes = [(64, 32, 128, 8, 3), (64, 16, 64, 4, 2), (32, 32, 64, 4, 3), (128, 16, 128, 8, 3),
                   (64, 32, 64, 4, 3), (128, 32, 64, 8, 3)]
-    elif kind == "bwd_x":
-        shapes = [(64, 32, 32, 8, 3), (32, 32, 32, 4, 3), (32, 32, 64, 4, 3), (64, 16, 64, 4, 3),
-                  (64, 32, 64, 8, 3)]
+    elif kind == "bwd_x":  # (BLOCK_N, BLOCK_I, BLOCK_O, J_PER, warps, stages)
+        shapes = [(64, 32, 32, 1, 8, 3), (64, 32, 32, 2, 8, 3), (64, 32, 32, 4, 8, 3), (64, 32, 64, 2, 8, 3),
+                  (128, 32, 32, 2, 8, 3)]
+        if not AUTOTUNE:
+            shapes = shapes[:1]
+        return [triton.Config({"BLOCK_N": n, "BLOCK_I": i, "BLOCK_O": o, "J_PER": j}, num_warps=w, num_stages=s)
+                for n, i, o, j, w, s in shapes]
     else:  # (BLOCK_N, BLOCK_I, BLOCK_O, J_PER, warps, stages)
         shapes = [(32, 64, 128, 1, 8, 3), (32, 64, 64, 2, 8, 3), (32, 64, 64, 4, 8, 3), (32, 32, 64, 4, 4, 3),
                   (32, 64, 128, 2, 8, 3), (32, 32, 32, 2, 4, 2)]
@@ -266,7 +271,7 @@ def kan_bwd_x_kernel(
     N, IN, OUT, NB, n_knots, n_steps,
     s_xn, s_xi, s_wbo, s_wbi, s_gn, s_go, s_gxn, s_gxi,
     UNIFORM: tl.constexpr, K: tl.constexpr, HAS_BASE: tl.constexpr, PREC: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_O: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_O: tl.constexpr, J_PER: tl.constexpr,
 ):
     """grad_x (N, IN) = sum_j (grad_y @ Wt[j]) * dB_j/dx (+ (grad_y @ base_weight) * silu'(x)); Wt (NB, OUT, IN)."""
     pid_n = tl.program_id(0)
@@ -286,16 +291,23 @@ def kan_bwd_x_kernel(
     b_m, m_in, vals, dvals = _local_bases(b_x, m_x, p_row, b_t0, b_tn, b_h, n_knots, n_steps, UNIFORM, K, True)
     j_lo, j_hi = _j_range(b_m, m_in, NB, K)
     b_gx = tl.full((BLOCK_N, BLOCK_I), 0, tl.float32)
-    for j in range(j_lo, j_hi):
-        b_g = tl.full((BLOCK_N, BLOCK_I), 0, tl.float32)
+    # J_PER consecutive j share each grad_y tile load; j >= NB is masked off (no such rows in Wt)
+    for j0 in range(j_lo, j_hi, J_PER):
+        gs = ()
+        for jj in tl.static_range(J_PER):
+            gs = gs + (tl.full((BLOCK_N, BLOCK_I), 0, tl.float32),)
         for o0 in range(0, OUT, BLOCK_O):
             o_o = o0 + tl.arange(0, BLOCK_O)
             m_o = o_o < OUT
             b_gy = tl.load(p_gy + o_n[:, None] * s_gn + o_o[None, :] * s_go, mask=m_n[:, None] & m_o[None, :], other=0.0)
-            p_wj = p_wt + tl.cast(j, tl.int64) * OUT * IN + o_o[:, None].to(tl.int64) * IN + o_i[None, :]
-            b_w = tl.load(p_wj, mask=m_o[:, None] & m_i[None, :], other=0.0)
-            b_g = tl.dot(b_gy.to(b_w.dtype), b_w, b_g, input_precision=PREC)
-        b_gx += b_g * _select(dvals, j - b_m + K, K)
+            new = ()
+            for jj in tl.static_range(J_PER):
+                p_wj = p_wt + tl.cast(j0 + jj, tl.int64) * OUT * IN + o_o[:, None].to(tl.int64) * IN + o_i[None, :]
+                b_w = tl.load(p_wj, mask=m_o[:, None] & m_i[None, :] & (j0 + jj < NB), other=0.0)
+                new = new + (tl.dot(b_gy.to(b_w.dtype), b_w, gs[jj], input_precision=PREC),)
+            gs = new
+        for jj in tl.static_range(J_PER):
+            b_gx += gs[jj] * _select(dvals, j0 + jj - b_m + K, K)
     if HAS_BASE:
         b_g = tl.full((BLOCK_N, BLOCK_I), 0, tl.float32)
         for o0 in range(0, OUT, BLOCK_O):
