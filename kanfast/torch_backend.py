@@ -14,12 +14,14 @@ Algorithm (forward, per chunk of rows; only ``x`` is saved for backward):
      ``k``), evaluated by Horner with ``O(k^2)`` element-wise ops and no knot
      gathers. Other knots: de Boor's triangular scheme (NURBS Book, alg. A2.2)
      on gathered knots;
-  3. those values are scattered into a dense ``(chunk, in, G + k + 1)`` block
-     (reused across chunks) whose last column is ``silu(x)``; slots of bases that
-     do not exist (spans of the extension region, sentinel span) are routed to
-     that last column, which is written after the scatter. One GEMM against
-     ``[W | base_weight]`` of shape ``(out, in * (G + k + 1))`` gives ``y``:
-     exactly the dense-GEMM floor ``batch x in*(G+k+1) x out``.
+  3. those values are written (``index_add_`` into a zeroed block, through 1-D
+     views shifted by the slot number) into a dense ``(chunk, in * (G + k))``
+     block reused across chunks; one GEMM against ``W.reshape(out, in*(G+k))``
+     plus one small GEMM ``silu(x) @ base_weight^T`` give ``y``: together exactly
+     the dense-GEMM floor ``batch x in*(G+k+1) x out``. Chunks whose inputs all
+     sit on interior spans (the common case) take a path without any masking;
+     otherwise slots of bases that do not exist (extension spans, the sentinel
+     span) are clamped onto real ones with value 0.
 
 Backward recomputes steps 1-3 per chunk and issues the two remaining GEMMs:
 ``grad_W += grad_y^T @ D`` (accumulated chunk by chunk in a fixed order:
@@ -36,12 +38,15 @@ inside a GEMM, so contracting only the ``k + 1`` non-zero bases by gathers of
 ``benchmarks/results``). The dense block is kept, but built cheaply.
 
 Memory bound: nothing of size (batch, in, G + k) lives between forward and
-backward. Per call the transient memory is one dense block of at most
-``CHUNK_ELEMENTS`` elements (plus ``grad_D`` of the same size in backward) and
-``O(k)`` per-element temporaries of ``rows_per_chunk * in`` elements, with
-``rows_per_chunk * in <= ROW_ELEMENTS``; i.e. about ``2 * CHUNK_ELEMENTS +
-(4k + 12) * ROW_ELEMENTS`` elements whatever the batch size and grid size
-(about 9 MiB + 6 MiB in float32 at the defaults, k = 3).
+backward (saved: ``x``, the knots, ``W`` and ``base_weight``). The transient
+memory is one dense block of at most ``CHUNK_ELEMENTS`` elements (plus
+``grad_D`` of the same size in backward), ``O(k)`` per-element temporaries of
+``rows_per_chunk * in <= ROW_ELEMENTS`` elements, and the weight gradient; i.e.
+about ``2 * CHUNK_ELEMENTS + (2k + 16) * ROW_ELEMENTS`` elements (~35 MiB in
+float32 at the defaults, k = 3) plus one weight-sized buffer, whatever the
+batch size. Measured fwd+bwd peak beyond parameters, gradients, input and
+output at batch 4096, in = out = 256: 51 MiB at G = 5, 41 MiB at G = 50
+(``benchmarks/results``).
 
 Double backward is supported by autograd only through the reference/einsum
 formulation; this Function's backward is not itself differentiable
@@ -71,10 +76,10 @@ __all__ = [
 
 #: Largest dense basis block (elements) materialised at once, per chunk of rows.
 CHUNK_ELEMENTS = 1 << 21
-#: Target number of (row, feature) elements per chunk: keeps the element-wise
-#: temporaries cache-resident while amortising per-op dispatch (tuned on a
-#: 2-core AMD EPYC, see benchmarks/results).
-ROW_ELEMENTS = 1 << 16
+#: Target number of (row, feature) elements per chunk. On one thread 2**14..2**18
+#: time the same (2-core AMD EPYC); the larger value means 4x fewer
+#: fork-join points per call, which matters when the cores are shared.
+ROW_ELEMENTS = 1 << 18
 
 
 def grid_is_uniform(grid: torch.Tensor) -> bool:
@@ -347,30 +352,28 @@ def _chunk_rows(nin: int, width: int) -> int:
 
 
 class _Block:
-    """Reusable dense block (cap, in * width) in one flat buffer with k elements of
-    slack, so that the views shifted by r = 0..k used for slot r stay in bounds.
-    Layout per row: ``[B(x) as (in, nb) | silu(x) (in)]`` matching the weight
-    ``[W.reshape(out, in*nb) | base_weight]`` (the silu block is contiguous)."""
+    """Reusable dense block (cap, in * nb) of bases in one flat buffer with k
+    elements of slack, so that the views shifted by r = 0..k used for slot r stay
+    in bounds. Row layout ``(in, nb)``, matching ``coef.reshape(out, in * nb)``."""
 
-    def __init__(self, cap: int, nin: int, nb: int, width: int, k: int, like: torch.Tensor):
-        self.flat = torch.empty(cap * nin * width + k, dtype=like.dtype, device=like.device)
-        self.nin, self.nb, self.width, self.k = nin, nb, width, k
+    def __init__(self, cap: int, nin: int, nb: int, k: int, like: torch.Tensor):
+        self.flat = torch.empty(cap * nin * nb + k, dtype=like.dtype, device=like.device)
+        self.nin, self.nb, self.k = nin, nb, k
         self.base = (
-            torch.arange(cap, device=like.device).mul_(nin * width).unsqueeze(1)
+            torch.arange(cap, device=like.device).mul_(nin * nb).unsqueeze(1)
             + torch.arange(nin, device=like.device).mul_(nb)
         )
-        # float copy (exact: cap * in * width < 2**24) for the float-span path, with
-        # the -k of "first basis = m - k" folded in; kept int64 otherwise.
-        exact = cap * nin * width + k < 1.0 / torch.finfo(like.dtype).eps  # integers exact in this dtype
+        # float copy (exact: cap * in * nb < 1/eps) for the float-span path, with the
+        # -k of "first basis = m - k" folded in; the int64 one serves otherwise.
+        exact = cap * nin * nb + k < 1.0 / torch.finfo(like.dtype).eps
         self.base_f = (self.base - k).to(like.dtype) if exact else None
 
-
     def rows(self, rows: int) -> torch.Tensor:
-        return self.flat[: rows * self.nin * self.width].view(rows, self.nin * self.width)
+        return self.flat[: rows * self.nin * self.nb].view(rows, self.nin * self.nb)
 
 
-def _fill_block(blk: _Block, rows: int, xc: torch.Tensor, V, lin, invalid, has_base: bool) -> torch.Tensor:
-    """The chunk's dense block: zero, add the k+1 bases at their positions, silu block."""
+def _fill_block(blk: _Block, rows: int, V, lin, invalid) -> torch.Tensor:
+    """The chunk's dense block of bases: zero, then add the k+1 values at their positions."""
     D = blk.rows(rows)
     D.zero_()
     k = blk.k
@@ -381,65 +384,66 @@ def _fill_block(blk: _Block, rows: int, xc: torch.Tensor, V, lin, invalid, has_b
     else:  # distinct positions in a zeroed block: add == copy, and index_add_ is the fastest
         for r in range(k + 1):
             blk.flat[r:].index_add_(0, lin[0], V[r].view(-1))
-    if has_base:
-        torch.ops.aten.silu.out(xc, out=D[:, blk.nin * blk.nb :])
     return D
 
 
-def _prepare(grid, weight, spline_order, n_basis, has_base, uniform):
-    """Grid constants and the GEMM weight ``[W.reshape(out, in*nb) | base_weight]``."""
+def _forward(x, grid, coef2, base_weight, spline_order, uniform):
+    """y (N, out) = D(x) @ coef2^T [+ silu(x) @ base_weight^T], chunked.
+    x (N, in); coef2 (out, in * nb) contiguous; base_weight (out, in) or None."""
     g = _Grid(grid, spline_order, uniform)
-    nout, nin, _ = weight.shape
-    w2 = weight[..., :n_basis].reshape(nout, nin * n_basis)
-    if has_base:
-        w2 = torch.cat([w2, weight[..., n_basis]], dim=1)
-    return g, w2, nout, nin, n_basis + (1 if has_base else 0)
-
-
-def forward_2d(x, grid, weight, spline_order, n_basis, has_base, uniform):
-    """y = D(x) @ weight.reshape(out, -1)^T, chunked. x (N, in); weight (out, in, n_basis + has_base)."""
-    g, w2, nout, nin, width = _prepare(grid, weight, spline_order, n_basis, has_base, uniform)
-    N = x.shape[0]
+    nout = coef2.shape[0]
+    N, nin = x.shape
     y = torch.empty(N, nout, dtype=x.dtype, device=x.device)
-    step = _chunk_rows(nin, width)
-    blk = _Block(min(step, N), nin, g.nb, width, g.k, x)
-    w2t = w2.t()
+    step = _chunk_rows(nin, g.nb + 1)
+    blk = _Block(min(step, N), nin, g.nb, g.k, x)
+    ct = coef2.t()
+    bt = base_weight.t() if base_weight is not None else None
     for s in range(0, N, step):
         xc = x[s : s + step]
         rows = xc.shape[0]
         m, f = _spans(xc, g)
         V, _ = _values(xc, m, f, g, True, False)
         lin, invalid = _slot_index(m, g, blk, rows)
-        D = _fill_block(blk, rows, xc, V, lin, invalid, has_base)
-        torch.mm(D, w2t, out=y[s : s + step])
+        D = _fill_block(blk, rows, V, lin, invalid)
+        yc = y[s : s + step]
+        torch.mm(D, ct, out=yc)
+        if bt is not None:
+            yc.addmm_(F.silu(xc), bt)
     return y
 
 
-def backward_2d(grad_y, x, grid, weight, spline_order, n_basis, has_base, uniform, need_x=True, need_w=True):
-    """Gradients (grad_x (N, in) or None, grad_weight (out, in, width) or None) of forward_2d."""
-    g, w2, nout, nin, width = _prepare(grid, weight, spline_order, n_basis, has_base, uniform)
+def _backward(grad_y, x, grid, coef2, base_weight, spline_order, uniform, need_x, need_c, need_b):
+    """(grad_x, grad_coef2 (out, in*nb), grad_base (out, in)) of :func:`_forward`, each or None."""
+    g = _Grid(grid, spline_order, uniform)
     k, nb = g.k, g.nb
-    N = x.shape[0]
+    N, nin = x.shape
+    nout = coef2.shape[0]
+    has_base = base_weight is not None
+    need_b = need_b and has_base
     grad_x = torch.empty_like(x) if need_x else None
-    grad_w = torch.zeros(nout, nin * width, dtype=weight.dtype, device=weight.device) if need_w else None
+    grad_c = torch.zeros(nout, nin * nb, dtype=coef2.dtype, device=coef2.device) if need_c else None
+    grad_b = torch.zeros(nout, nin, dtype=coef2.dtype, device=coef2.device) if need_b else None
     grad_y = grad_y.contiguous()
-    step = _chunk_rows(nin, width)
+    step = _chunk_rows(nin, nb + 1)
     cap = min(step, N)
-    blk = _Block(cap, nin, nb, width, k, x)
-    gblk = _Block(cap, nin, nb, width, k, x) if need_x else None
+    blk = _Block(cap, nin, nb, k, x)
+    gblk = _Block(cap, nin, nb, k, x) if need_x else None
     for s in range(0, N, step):
         xc = x[s : s + step]
         gy = grad_y[s : s + step]
         rows = xc.shape[0]
+        if need_b:
+            grad_b.addmm_(gy.t(), F.silu(xc))
+        if not (need_x or need_c):
+            continue
         m, f = _spans(xc, g)
-        V, dV = _values(xc, m, f, g, need_w, need_x, deriv_scaled=not g.uniform)
+        V, dV = _values(xc, m, f, g, need_c, need_x, deriv_scaled=not g.uniform)
         lin, invalid = _slot_index(m, g, blk, rows)
-        if need_w:
-            D = _fill_block(blk, rows, xc, V, lin, invalid, has_base)
-            grad_w.addmm_(gy.t(), D)
+        if need_c:
+            grad_c.addmm_(gy.t(), _fill_block(blk, rows, V, lin, invalid))
         if need_x:
             gD = gblk.rows(rows)
-            torch.mm(gy, w2, out=gD)
+            torch.mm(gy, coef2, out=gD)
             if invalid is not None:
                 dV.masked_fill_(invalid, 0.0)
                 gl = [gblk.flat.index_select(0, lin[r]) for r in range(k + 1)]
@@ -453,29 +457,55 @@ def backward_2d(grad_y, x, grid, weight, spline_order, n_basis, has_base, unifor
             if g.uniform:
                 gx.mul_(g.inv_h)
             if has_base:
-                gx.add_(torch.ops.aten.silu_backward(gD[:, nin * nb :], xc))
+                gx.add_(torch.ops.aten.silu_backward(torch.mm(gy, base_weight), xc))
+    return grad_x, grad_c, grad_b
+
+
+def _split_weight(weight, n_basis, has_base):
+    nout, nin, _ = weight.shape
+    coef2 = weight[..., :n_basis].reshape(nout, nin * n_basis).contiguous()
+    base = weight[..., n_basis].contiguous() if has_base else None
+    return coef2, base
+
+
+def forward_2d(x, grid, weight, spline_order, n_basis, has_base, uniform):
+    """y = D(x) @ weight.reshape(out, -1)^T, chunked. x (N, in); weight (out, in, n_basis + has_base)
+    (``[W | base_weight]``, the last column the SiLU base weight when ``has_base``)."""
+    coef2, base = _split_weight(weight, n_basis, has_base)
+    return _forward(x, grid, coef2, base, spline_order, uniform)
+
+
+def backward_2d(grad_y, x, grid, weight, spline_order, n_basis, has_base, uniform, need_x=True, need_w=True):
+    """Gradients (grad_x (N, in) or None, grad_weight (out, in, n_basis + has_base) or None) of forward_2d."""
+    coef2, base = _split_weight(weight, n_basis, has_base)
+    gx, gc, gb = _backward(grad_y, x, grid, coef2, base, spline_order, uniform, need_x, need_w, need_w)
+    gw = None
     if need_w:
+        gw = gc.view(weight.shape[0], weight.shape[1], n_basis)
         if has_base:
-            grad_w = torch.cat([grad_w[:, : nin * nb].view(nout, nin, nb), grad_w[:, nin * nb :].unsqueeze(-1)], dim=-1)
-        else:
-            grad_w = grad_w.view(nout, nin, nb)
-    return grad_x, grad_w
+            gw = torch.cat([gw, gb.unsqueeze(-1)], dim=-1)
+    return gx, gw
 
 
 class _KANLinearTorch(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, grid, weight, spline_order, n_basis, has_base, uniform):
-        ctx.save_for_backward(x, grid, weight)
-        ctx.cfg = (spline_order, n_basis, has_base, uniform)
-        return forward_2d(x, grid, weight, spline_order, n_basis, has_base, uniform)
+    def forward(ctx, x, grid, coef, base_weight, spline_order, uniform):
+        nout, nin, nb = coef.shape
+        coef2 = coef.reshape(nout, nin * nb)
+        if not coef2.is_contiguous():
+            coef2 = coef2.contiguous()
+        ctx.save_for_backward(x, grid, coef2, base_weight)
+        ctx.cfg = (spline_order, uniform, coef.shape)
+        return _forward(x, grid, coef2, base_weight, spline_order, uniform)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_y):
-        x, grid, weight = ctx.saved_tensors
-        need_x, _, need_w = ctx.needs_input_grad[:3]
-        grad_x, grad_w = backward_2d(grad_y, x, grid, weight, *ctx.cfg, need_x=need_x, need_w=need_w)
-        return grad_x, None, grad_w, None, None, None, None
+        x, grid, coef2, base_weight = ctx.saved_tensors
+        spline_order, uniform, cshape = ctx.cfg
+        need_x, _, need_c, need_b = ctx.needs_input_grad[:4]
+        gx, gc, gb = _backward(grad_y, x, grid, coef2, base_weight, spline_order, uniform, need_x, need_c, need_b)
+        return gx, None, gc.view(cshape) if gc is not None else None, gb, None, None
 
 
 def kan_linear_torch(
@@ -500,10 +530,7 @@ def kan_linear_torch(
     Returns:
         ``(N, out_features)`` in x's dtype; differentiable w.r.t. x, coef, base_weight.
     """
-    n_basis = coef.shape[-1]
     grid = grid.to(x.dtype)
     if uniform is None:
         uniform = grid_is_uniform(grid)
-    has_base = base_weight is not None
-    weight = torch.cat([coef, base_weight.unsqueeze(-1)], dim=-1) if has_base else coef
-    return _KANLinearTorch.apply(x, grid, weight, int(spline_order), n_basis, has_base, bool(uniform))
+    return _KANLinearTorch.apply(x, grid, coef, base_weight, int(spline_order), bool(uniform))
