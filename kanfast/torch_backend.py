@@ -420,7 +420,7 @@ def _backward(grad_y, x, grid, coef2, base_weight, spline_order, uniform, need_x
     nout = coef2.shape[0]
     has_base = base_weight is not None
     need_b = need_b and has_base
-    grad_x = torch.empty_like(x) if need_x else None
+    grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device) if need_x else None  # contiguous
     grad_c = torch.zeros(nout, nin * nb, dtype=coef2.dtype, device=coef2.device) if need_c else None
     grad_b = torch.zeros(nout, nin, dtype=coef2.dtype, device=coef2.device) if need_b else None
     grad_y = grad_y.contiguous()
@@ -490,6 +490,7 @@ def backward_2d(grad_y, x, grid, weight, spline_order, n_basis, has_base, unifor
 class _KANLinearTorch(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, grid, coef, base_weight, spline_order, uniform):
+        x = x.contiguous()
         nout, nin, nb = coef.shape
         coef2 = coef.reshape(nout, nin * nb)
         if not coef2.is_contiguous():

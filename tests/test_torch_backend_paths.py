@@ -79,3 +79,10 @@ def test_public_2d_functions_match():
     gx, gw = torch_backend.backward_2d(gy, x, layer.grid, w.detach(), 3, 10, True, True)
     torch.testing.assert_close(gx, xx.grad, rtol=0, atol=1e-13)
     torch.testing.assert_close(gw, w.grad, rtol=0, atol=1e-13)
+
+
+def test_non_contiguous_input():
+    torch.manual_seed(0)
+    layer = FastKANLayer(5, 3, dtype=torch.float64)
+    x = torch.randn(5, 40, dtype=torch.float64).t()  # (40, 5), transposed strides
+    _compare(layer, x)
