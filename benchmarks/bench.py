@@ -551,6 +551,12 @@ def _plot(rows: List[Dict[str, Any]], path: Path) -> None:
             continue
         fixed = max(set(fixed_vals), key=fixed_vals.count)
         sel = [r for r in ok if r[other] == fixed]
+        if len({r[xkey] for r in sel}) < 2:  # nothing varies along this axis
+            for row in range(2):
+                axes[row][col].text(0.5, 0.5, f"single {xkey} value in this run", ha="center", va="center",
+                                    transform=axes[row][col].transAxes)
+                axes[row][col].set_axis_off()
+            continue
         for row, (ykey, ylabel) in enumerate((("fwd_bwd_ms", "forward+backward time (ms)"),
                                               ("peak_extra_mb", "fwd+bwd peak extra memory (MiB)"))):
             ax = axes[row][col]
