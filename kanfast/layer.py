@@ -15,7 +15,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import torch_backend
-from .torch_backend import grid_is_uniform, kan_linear_torch
+from .ops import kan_linear_op
+from .torch_backend import grid_is_uniform
 
 __all__ = ["FastKANLayer", "KAN", "BACKENDS", "uniform_grid", "basis_matrix", "solve_coefficients"]
 
@@ -170,6 +171,7 @@ class FastKANLayer(nn.Module):
         if enable_standalone_scale_spline:
             self.spline_scaler = nn.Parameter(torch.empty(out_features, in_features, **factory))
         self.reset_parameters()
+        self.refresh_grid_cache()
 
     # ------------------------------------------------------------------ setup
     @property
@@ -246,8 +248,66 @@ class FastKANLayer(nn.Module):
             return "triton"
         return "torch"
 
+    # Uniform-knot detection is a data-dependent decision (``.item()``); it is made
+    # here in Python, when the grid changes, and handed to the kernels as a flag so
+    # compiled graphs contain no sync and no graph break.
+    def refresh_grid_cache(self) -> None:
+        """Recompute the cached "knots equally spaced" flag from ``grid``. Called
+        automatically after ``update_grid``/``extend_grid``/``load_state_dict``/
+        ``.to()``; call it yourself after editing ``grid`` in place inside a
+        compiled region."""
+        g = self.grid
+        self._grid_uniform = bool(grid_is_uniform(g.detach()))
+        self._grid_key = (g.data_ptr(), g._version, g.dtype, tuple(g.shape), g.device)
+
+    def _uniform_flag(self) -> bool:
+        if torch.compiler.is_compiling():
+            return self._grid_uniform  # a Python constant for the compiler (guarded)
+        g = self.grid
+        if getattr(self, "_grid_key", None) != (g.data_ptr(), g._version, g.dtype, tuple(g.shape), g.device):
+            self.refresh_grid_cache()
+        return self._grid_uniform
+
+    def _apply(self, fn, recurse=True):
+        # model.half()/bfloat16(): fp16 has 10 mantissa bits, so knots of a fine grid
+        # (or a grid far from 0) would collapse onto each other and B_j become 0/0.
+        # The grid buffer therefore stays float32 when the layer goes to a 16-bit
+        # dtype; the forward computes in float32 and returns the 16-bit dtype.
+        old = self.grid
+        super()._apply(fn, recurse)
+        if self.grid.dtype in (torch.float16, torch.bfloat16) and old.dtype not in (torch.float16, torch.bfloat16):
+            self.grid = old.detach().to(device=self.grid.device, dtype=torch.float32)
+        self.refresh_grid_cache()
+        return self
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        key = prefix + "grid"
+        if key in state_dict and state_dict[key].dim() == 2 and state_dict[key].shape != self.grid.shape:
+            n = state_dict[key].shape[-1]
+            error_msgs.append(
+                f"grid size mismatch for {prefix or 'layer '}grid: the checkpoint has knots of shape "
+                f"{tuple(state_dict[key].shape)} (grid_size G = {n - 2 * self.spline_order - 1} at spline_order "
+                f"{self.spline_order}), this layer has {tuple(self.grid.shape)} (grid_size {self.grid_size}); build the "
+                f"layer with the checkpoint's grid_size (and in_features), or extend_grid() before saving"
+            )
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        self.refresh_grid_cache()
+
+    def _compute_dtypes(self, x: torch.Tensor):
+        """(compute dtype, output dtype): float32 at least (16-bit inputs, weights and
+        autocast are computed in float32), the autocast dtype as output under autocast."""
+        autocast = torch.is_autocast_enabled(x.device.type)
+        out = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
+        comp = torch.promote_types(torch.promote_types(x.dtype, self.base_weight.dtype), torch.float32)
+        return comp, out, autocast
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Args: x ``(..., in_features)``. Returns ``(..., out_features)``.
+
+        Precision: float16/bfloat16 inputs or weights, and autocast regions
+        (``torch.autocast("cuda"|"cpu", dtype=float16|bfloat16)``), are computed
+        in float32 with float32 knots (bases and accumulation); the result is
+        cast to the autocast dtype (under autocast) or to x's dtype.
 
         Raises:
             ValueError: last dimension is not ``in_features``.
@@ -255,27 +315,36 @@ class FastKANLayer(nn.Module):
             RuntimeError: device differs from the parameters'.
         """
         self._check_input(x)
+        comp, out_dtype, autocast = self._compute_dtypes(x)
+        if autocast:
+            with torch.autocast(x.device.type, enabled=False):
+                y = self._forward_impl(x, comp)
+        else:
+            y = self._forward_impl(x, comp)
+        return y.to(out_dtype)
+
+    def _forward_impl(self, x: torch.Tensor, comp: torch.dtype) -> torch.Tensor:
         backend = self.resolve_backend(x)
         lead = x.shape[:-1]
+        x = x.to(comp)
+        grid = self.grid.to(comp)
         if backend == "reference":
             from .reference import kan_linear_reference
 
-            scaler = self.spline_scaler if self.enable_standalone_scale_spline else None
+            scaler = self.spline_scaler.to(comp) if self.enable_standalone_scale_spline else None
             return kan_linear_reference(
-                x, self.grid, self.base_weight, self.spline_weight, scaler, self.spline_order, self.base_activation
+                x, grid, self.base_weight.to(comp), self.spline_weight.to(comp), scaler, self.spline_order,
+                self.base_activation,
             )
         x2 = x.reshape(-1, self.in_features)
         fused_silu = type(self.base_activation) is nn.SiLU
-        coef = self.scaled_spline_weight
-        base_w = self.base_weight if fused_silu else None
-        if backend == "triton":
-            from .triton_backend import kan_linear_triton
-
-            y = kan_linear_triton(x2, self.grid, coef, base_w, self.spline_order)
-        else:
-            y = kan_linear_torch(x2, self.grid, coef, base_w, self.spline_order)
+        coef = self.scaled_spline_weight.to(comp)
+        base_w = self.base_weight.to(comp)
+        y = kan_linear_op(
+            x2, grid, coef, base_w if fused_silu else None, self.spline_order, self._uniform_flag(), backend
+        )
         if not fused_silu:
-            y = y + F.linear(self.base_activation(x2), self.base_weight)
+            y = y + F.linear(self.base_activation(x2), base_w)
         return y.reshape(*lead, self.out_features)
 
     # ------------------------------------------------------------ grid update
@@ -310,6 +379,7 @@ class FastKANLayer(nn.Module):
         old_curves = torch.einsum("nij,oij->nio", basis_matrix(x, self.grid, k), self.scaled_spline_weight)
         new_grid = adaptive_grid(x, G, k, self.grid_eps, margin).to(self.grid.dtype)
         self.grid.copy_(new_grid)
+        self.refresh_grid_cache()
         coef = solve_coefficients(basis_matrix(x, self.grid, k), old_curves)
         self._set_scaled_spline_weight(coef)
         return self
@@ -361,6 +431,7 @@ class FastKANLayer(nn.Module):
             new_grid = lo.unsqueeze(1) + steps.unsqueeze(0) * h.unsqueeze(1)
         self.grid = new_grid.to(dtype).contiguous()
         self.grid_size = new_grid_size
+        self.refresh_grid_cache()
         coef = solve_coefficients(basis_matrix(pts.to(wdt), self.grid, k), old)
         self.spline_weight = nn.Parameter(torch.zeros_like(coef))
         self._set_scaled_spline_weight(coef)
