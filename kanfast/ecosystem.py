@@ -399,9 +399,10 @@ def update_grid_distributed(model: nn.Module, x: torch.Tensor, *, group=None, sr
     layers = list(kan_layers(net))
     rank = dist.get_rank(group) if distributed else src
     if rank == src:
-        hooks = [
-            layer.register_forward_pre_hook(lambda mod, args: mod.update_grid(args[0], margin=margin)) for layer in layers
-        ]
+        def pre_hook(mod, args):
+            mod.update_grid(args[0], margin=margin)  # returns None: the input is not replaced
+
+        hooks = [layer.register_forward_pre_hook(pre_hook) for layer in layers]
         was_training = net.training
         try:
             net.eval()  # no dropout noise in the activations that place the knots

@@ -22,7 +22,8 @@ Ops (namespace ``kanfast``), all on 2-D input ``x: (N, in)``, knots
   raw entry points ``triton_forward(x, grid, coef, base_w_or_None, k) -> y`` and
   ``triton_backward(grad_y, x, grid, coef, base_w_or_None, k, need_x, need_w)
   -> (grad_x, grad_coef, grad_base_or_None)``. Without them the layer calls
-  ``kan_linear_triton`` directly (works eagerly; a graph break under compile).
+  ``kan_linear_triton`` through :func:`nested_autograd` (eager: a graph break
+  under compile; first-order backward replays the kernel's own backward).
 
 The ``uniform`` flag (closed-form interval search for equally spaced knots) is
 an op argument decided by the caller in Python, so no ``.item()`` runs inside a
@@ -47,7 +48,7 @@ import torch.nn.functional as F
 from . import torch_backend
 from .reference import b_spline_basis
 
-__all__ = ["kan_fwd", "kan_bwd", "kan_linear_op", "kan_linear_differentiable", "triton_ops_available"]
+__all__ = ["kan_fwd", "kan_bwd", "kan_linear_op", "kan_linear_differentiable", "nested_autograd", "triton_ops_available"]
 
 Tensor = torch.Tensor
 
@@ -219,6 +220,51 @@ def _register_triton_ops():
     return _TRITON_OPS
 
 
+class _NestedAutograd(torch.autograd.Function):
+    """Runs ``fn(x, grid, coef, base_w_or_None, k)`` (any autograd-aware
+    implementation, e.g. a ``once_differentiable`` kernel Function) as an inner
+    graph, and differentiates it: first-order backward replays the inner graph
+    (no recomputation); ``create_graph=True`` uses the differentiable
+    formulation instead, so higher derivatives are exact whatever ``fn`` is."""
+
+    @staticmethod
+    def forward(ctx, x, grid, weight, spline_order, has_base, fn):
+        need_x, _, need_w = ctx.needs_input_grad[:3]
+        nb = weight.shape[-1] - int(has_base)
+        with torch.enable_grad():
+            xi = x.detach().requires_grad_(need_x)
+            wi = weight.detach().requires_grad_(need_w)
+            y = fn(xi, grid, wi[..., :nb].contiguous(), wi[..., nb].contiguous() if has_base else None, spline_order)
+        ctx.inner = (xi, wi, y)
+        ctx.save_for_backward(x, grid, weight)
+        ctx.cfg = (spline_order, has_base)
+        return y.detach()
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, grid, weight = ctx.saved_tensors
+        spline_order, has_base = ctx.cfg
+        need_x, _, need_w = ctx.needs_input_grad[:3]
+        if torch.is_grad_enabled():
+            gx, gw = _grads_by_autograd(grad_y, x, grid, weight, spline_order, has_base, need_x, need_w)
+        else:
+            xi, wi, y = ctx.inner
+            wanted = [t for t, need in ((xi, need_x), (wi, need_w)) if need]
+            grads = list(torch.autograd.grad(y, wanted, grad_y, allow_unused=True))
+            gx = grads.pop(0) if need_x else None
+            gw = grads.pop(0) if need_w else None
+            gx = torch.zeros_like(x) if need_x and gx is None else gx
+            gw = torch.zeros_like(weight) if need_w and gw is None else gw
+        return gx, None, gw, None, None, None
+
+
+@torch.compiler.disable
+def nested_autograd(fn, x: Tensor, grid: Tensor, weight: Tensor, spline_order: int, has_base: bool) -> Tensor:
+    """Differentiable-to-any-order call of a kernel ``fn(x, grid, coef, base_w_or_None, k)``
+    on packed weights (used for a Triton backend without raw entry points; eager only)."""
+    return _NestedAutograd.apply(x, grid, weight, spline_order, has_base, fn)
+
+
 def triton_ops_available() -> bool:
     """True when ``kanfast::kan_triton_fwd`` is registered (Triton backend with raw entry points)."""
     return _register_triton_ops() is not None
@@ -254,7 +300,7 @@ def kan_linear_op(
         ops = _register_triton_ops()
         if ops is not None and x.is_cuda:
             return ops[0](x, grid, weight, int(spline_order), has_base)
-        from .triton_backend import kan_linear_triton  # eager fallback (graph break under compile)
+        from .triton_backend import kan_linear_triton
 
-        return kan_linear_triton(x, grid, coef, base_weight, spline_order)
+        return nested_autograd(kan_linear_triton, x, grid, weight, int(spline_order), has_base)
     return kan_fwd(x, grid, weight, int(spline_order), has_base, bool(uniform))

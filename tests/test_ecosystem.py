@@ -236,3 +236,40 @@ def test_export_onnx_matches_onnxruntime(tmp_path):
     got = sess.run(None, {"x": x.numpy()})[0]
     expect = model(x).detach().numpy()
     np.testing.assert_allclose(got, expect, rtol=1e-5, atol=1e-5)
+
+
+def test_nested_autograd_makes_a_once_differentiable_kernel_twice_differentiable(monkeypatch):
+    """The Triton path without raw entry points wraps kan_linear_triton; stand in the
+    (once_differentiable) torch-backend Function for it and check both orders."""
+    import sys
+    import types
+
+    from kanfast import ops
+    from kanfast.torch_backend import kan_linear_torch
+
+    fake = types.ModuleType("kanfast.triton_backend")
+    fake.AVAILABLE = False
+    fake.kan_linear_triton = lambda x, grid, coef, base, k: kan_linear_torch(x, grid, coef, base, k)
+    monkeypatch.setitem(sys.modules, "kanfast.triton_backend", fake)
+    monkeypatch.setattr(ops, "_TRITON_OPS", None)
+    torch.manual_seed(9)
+    layer = FastKANLayer(2, 3, dtype=torch.float64, backend="triton")
+    x = torch.randn(8, 2, dtype=torch.float64, requires_grad=True)
+    y = layer(x)
+    layer.backend = "reference"
+    yr = layer(x)
+    torch.testing.assert_close(y, yr, rtol=1e-12, atol=1e-12)
+    g = torch.autograd.grad(y.sum(), [x, *layer.parameters()], create_graph=True)
+    gr = torch.autograd.grad(yr.sum(), [x, *layer.parameters()], create_graph=True)
+    for a, b in zip(g, gr):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    h = torch.autograd.grad(g[0].square().sum(), [x, *layer.parameters()])
+    hr = torch.autograd.grad(gr[0].square().sum(), [x, *layer.parameters()])
+    for a, b in zip(h, hr):
+        assert a.abs().sum() > 0
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    # first-order backward replays the kernel's own backward
+    layer.backend = "triton"
+    g1 = torch.autograd.grad(layer(x).sum(), [x, *layer.parameters()])
+    for a, b in zip(g1, gr):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
