@@ -372,8 +372,9 @@ def update_grid_distributed(model: nn.Module, x: torch.Tensor, *, group=None, sr
 
     Rule: the samples of all ranks are gathered (so the knots are the quantiles
     of the *global* batch, exactly as a single process would compute on it),
-    rank ``src`` runs the update, then every KAN layer's knots and weights are
-    broadcast from ``src``. Works on a plain model or a
+    every rank runs the same update on them, then every KAN layer's knots and
+    weights are broadcast from rank ``src`` (bitwise identity even where the
+    device's reductions are not deterministic). Works on a plain model or a
     ``DistributedDataParallel`` wrapper (call it at the same point on every
     rank; it is a collective). Without an initialised process group it is a
     plain local update. Layers are updated in order, each on the activations
@@ -384,7 +385,7 @@ def update_grid_distributed(model: nn.Module, x: torch.Tensor, *, group=None, sr
         model: module containing :class:`FastKANLayer` s (or a DDP wrapper).
         x: this rank's input batch ``(n_local, ...)``; ranks may hold different n.
         group: process group (default: the world).
-        src: rank that computes the update.
+        src: rank whose result is broadcast.
         margin: see :meth:`FastKANLayer.update_grid`.
 
     Returns:
@@ -397,20 +398,30 @@ def update_grid_distributed(model: nn.Module, x: torch.Tensor, *, group=None, sr
     if distributed:
         x = _gather_rows(x, group)
     layers = list(kan_layers(net))
-    rank = dist.get_rank(group) if distributed else src
-    if rank == src:
-        def pre_hook(mod, args):
-            mod.update_grid(args[0], margin=margin)  # returns None: the input is not replaced
+    for layer in layers:
+        if any(type(p.data) is not torch.Tensor for p in layer.parameters(recurse=False)):
+            raise TypeError(
+                "update_grid_distributed: the KAN layers hold sharded (DTensor) parameters (FSDP); "
+                "in-place updates of unsharded views are not written back. Load the full state dict "
+                "(torch.distributed.checkpoint.state_dict.get_model_state_dict(model, "
+                "options=StateDictOptions(full_state_dict=True))) into an unsharded replica, call "
+                "update_grid_distributed on the replica, and set_model_state_dict it back; see docs"
+            )
+    # Every rank runs the (deterministic) update on the same global samples, so that
+    # wrappers whose forward issues collectives stay in step; the broadcast below then
+    # makes the result bitwise identical whatever the device's reduction order.
+    def pre_hook(mod, args):
+        mod.update_grid(args[0], margin=margin)  # returns None: the input is not replaced
 
-        hooks = [layer.register_forward_pre_hook(pre_hook) for layer in layers]
-        was_training = net.training
-        try:
-            net.eval()  # no dropout noise in the activations that place the knots
-            net(x)
-        finally:
-            net.train(was_training)
-            for h in hooks:
-                h.remove()
+    hooks = [layer.register_forward_pre_hook(pre_hook) for layer in layers]
+    was_training = net.training
+    try:
+        net.eval()  # no dropout noise in the activations that place the knots
+        net(x)
+    finally:
+        net.train(was_training)
+        for h in hooks:
+            h.remove()
     if distributed:
         g_src = dist.get_global_rank(group, src) if group is not None else src
         for layer in layers:

@@ -101,3 +101,56 @@ def test_update_grid_distributed_without_process_group_is_local_update():
     kanfast.update_grid_distributed(b, x)
     for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(va, vb), k
+
+
+def _fsdp_worker(rank, world, init_file, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+        from torch.distributed.fsdp import fully_shard
+
+        torch.set_num_threads(1)
+        x, t, x_grid = _data()
+        model = _model()
+        for layer in model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+        local = x_grid[:15] if rank == 0 else x_grid[15:]
+        try:
+            kanfast.update_grid_distributed(model, local)
+            raised = False
+        except TypeError as e:
+            raised = "DTensor" in str(e)
+        # the documented recipe: full state dict -> unsharded replica -> update -> load back
+        opts = StateDictOptions(full_state_dict=True)
+        replica = _model()
+        replica.load_state_dict(get_model_state_dict(model, options=opts))
+        kanfast.update_grid_distributed(replica, local)
+        set_model_state_dict(model, replica.state_dict(), options=opts)
+        half = x.shape[0] // world
+        y = model(x[rank * half : (rank + 1) * half])
+        full = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in model.state_dict().items()}
+        torch.save({"raised": raised, "state": full, "y": y.detach()}, os.path.join(out_dir, f"fsdp{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo")
+def test_fsdp2_grid_update_recipe(tmp_path):
+    pytest.importorskip("torch.distributed.fsdp", reason="FSDP2")
+    from torch.distributed import fsdp
+
+    if not hasattr(fsdp, "fully_shard"):
+        pytest.skip("torch.distributed.fsdp.fully_shard (FSDP2) not available")
+    world = 2
+    mp.spawn(_fsdp_worker, args=(world, str(tmp_path / "store"), str(tmp_path)), nprocs=world, join=True)
+    res = [torch.load(tmp_path / f"fsdp{r}.pt", weights_only=True) for r in range(world)]
+    x, _, x_grid = _data()
+    model = _model()
+    model.update_grid(x_grid)
+    y = model(x)
+    for r in range(world):
+        assert res[r]["raised"]
+        for key, v in model.state_dict().items():
+            torch.testing.assert_close(res[r]["state"][key], v, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(res[r]["y"], y[r * 8 : (r + 1) * 8], rtol=1e-10, atol=1e-12)
