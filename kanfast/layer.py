@@ -370,13 +370,15 @@ class FastKANLayer(nn.Module):
             self.
         """
         self._check_input(x)
-        x = x.reshape(-1, self.in_features)
+        # 16-bit layers keep float32 knots: fit in (at least) float32 too
+        comp = torch.promote_types(self.grid.dtype, self.spline_weight.dtype)
+        x = x.reshape(-1, self.in_features).to(comp)
         if x.shape[0] == 0:
             raise ValueError("update_grid needs at least one sample; got an empty batch")
         if not torch.isfinite(x).all():
             raise ValueError("update_grid needs finite samples; x contains NaN or inf")
         G, k = self.grid_size, self.spline_order
-        old_curves = torch.einsum("nij,oij->nio", basis_matrix(x, self.grid, k), self.scaled_spline_weight)
+        old_curves = torch.einsum("nij,oij->nio", basis_matrix(x, self.grid, k), self.scaled_spline_weight.to(comp))
         new_grid = adaptive_grid(x, G, k, self.grid_eps, margin).to(self.grid.dtype)
         self.grid.copy_(new_grid)
         self.refresh_grid_cache()
@@ -421,8 +423,8 @@ class FastKANLayer(nn.Module):
             if xs.shape[0] == 0 or not torch.isfinite(xs).all():
                 raise ValueError("extend_grid needs finite samples and a non-empty batch")
             pts = torch.cat([pts, xs], dim=0)
-        wdt = self.spline_weight.dtype
-        old = torch.einsum("nij,oij->nio", basis_matrix(pts.to(wdt), self.grid, k), self.scaled_spline_weight)
+        wdt = torch.promote_types(self.grid.dtype, self.spline_weight.dtype)  # float32 knots of 16-bit layers
+        old = torch.einsum("nij,oij->nio", basis_matrix(pts.to(wdt), self.grid, k), self.scaled_spline_weight.to(wdt))
         if x is not None:
             new_grid = adaptive_grid(xs, new_grid_size, k, self.grid_eps, margin)
         else:
@@ -433,7 +435,7 @@ class FastKANLayer(nn.Module):
         self.grid_size = new_grid_size
         self.refresh_grid_cache()
         coef = solve_coefficients(basis_matrix(pts.to(wdt), self.grid, k), old)
-        self.spline_weight = nn.Parameter(torch.zeros_like(coef))
+        self.spline_weight = nn.Parameter(torch.zeros_like(coef, dtype=self.base_weight.dtype))
         self._set_scaled_spline_weight(coef)
         return self
 
