@@ -293,21 +293,29 @@ class FastKANLayer(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
         self.refresh_grid_cache()
 
-    def _compute_dtypes(self, x: torch.Tensor):
-        """(compute dtype, output dtype): float32 at least (16-bit inputs, weights and
-        autocast are computed in float32), the autocast dtype as output under autocast."""
+    def _compute_dtypes(self, x: torch.Tensor, backend: str):
+        """(compute dtype, output dtype, autocast on).
+
+        torch/reference backends compute in float32 at least (16-bit inputs, weights
+        and autocast regions). The Triton kernels take 16-bit operands themselves
+        (float32 knots, float32 accumulation), so they get the autocast dtype (or
+        x's). The output has the autocast dtype under autocast, else x's dtype."""
         autocast = torch.is_autocast_enabled(x.device.type)
         out = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
-        comp = torch.promote_types(torch.promote_types(x.dtype, self.base_weight.dtype), torch.float32)
+        if backend == "triton" and x.dtype != torch.float64:
+            comp = out
+        else:
+            comp = torch.promote_types(torch.promote_types(x.dtype, self.base_weight.dtype), torch.float32)
         return comp, out, autocast
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Args: x ``(..., in_features)``. Returns ``(..., out_features)``.
 
         Precision: float16/bfloat16 inputs or weights, and autocast regions
-        (``torch.autocast("cuda"|"cpu", dtype=float16|bfloat16)``), are computed
-        in float32 with float32 knots (bases and accumulation); the result is
-        cast to the autocast dtype (under autocast) or to x's dtype.
+        (``torch.autocast("cuda"|"cpu", dtype=float16|bfloat16)``), evaluate the
+        bases on float32 knots and accumulate in float32 (torch backend: all in
+        float32; Triton kernels: 16-bit operands); the result has the autocast
+        dtype (under autocast) or x's dtype.
 
         Raises:
             ValueError: last dimension is not ``in_features``.
@@ -315,19 +323,20 @@ class FastKANLayer(nn.Module):
             RuntimeError: device differs from the parameters'.
         """
         self._check_input(x)
-        comp, out_dtype, autocast = self._compute_dtypes(x)
+        backend = self.resolve_backend(x)
+        comp, out_dtype, autocast = self._compute_dtypes(x, backend)
         if autocast:
             with torch.autocast(x.device.type, enabled=False):
-                y = self._forward_impl(x, comp)
+                y = self._forward_impl(x, comp, backend)
         else:
-            y = self._forward_impl(x, comp)
+            y = self._forward_impl(x, comp, backend)
         return y.to(out_dtype)
 
-    def _forward_impl(self, x: torch.Tensor, comp: torch.dtype) -> torch.Tensor:
-        backend = self.resolve_backend(x)
+    def _forward_impl(self, x: torch.Tensor, comp: torch.dtype, backend: str) -> torch.Tensor:
         lead = x.shape[:-1]
         x = x.to(comp)
-        grid = self.grid.to(comp)
+        # knots never go below float32 (the Triton kernels read float32 knots themselves)
+        grid = self.grid.to(torch.promote_types(comp, torch.float32))
         if backend == "reference":
             from .reference import kan_linear_reference
 

@@ -17,13 +17,12 @@ Ops (namespace ``kanfast``), all on 2-D input ``x: (N, in)``, knots
   need_x, need_w) -> (grad_x, grad_weight)`` its backward
   (:func:`kanfast.torch_backend.backward_2d`); a gradient that is not needed
   comes back as an empty ``(0,)`` tensor;
-* ``kanfast::kan_triton_fwd`` / ``kanfast::kan_triton_bwd``: the same for the
-  Triton kernels, registered only when :mod:`kanfast.triton_backend` exposes the
-  raw entry points ``triton_forward(x, grid, coef, base_w_or_None, k) -> y`` and
-  ``triton_backward(grad_y, x, grid, coef, base_w_or_None, k, need_x, need_w)
-  -> (grad_x, grad_coef, grad_base_or_None)``. Without them the layer calls
-  ``kan_linear_triton`` through :func:`nested_autograd` (eager: a graph break
-  under compile; first-order backward replays the kernel's own backward).
+* ``kanfast::kan_triton_fwd(x, grid, coef, base_weight?, spline_order, ieee) -> y``:
+  the Triton kernels (``kanfast::kan_linear_triton_fwd/bwd`` of
+  :mod:`kanfast.triton_backend`) under an autograd formula that stays
+  differentiable with ``create_graph=True`` (the backend's own registration is
+  first-order only). It takes 16-bit operands with float32 knots and float32
+  accumulation.
 
 The ``uniform`` flag (closed-form interval search for equally spaced knots) is
 an op argument decided by the caller in Python, so no ``.item()`` runs inside a
@@ -48,39 +47,45 @@ import torch.nn.functional as F
 from . import torch_backend
 from .reference import b_spline_basis
 
-__all__ = ["kan_fwd", "kan_bwd", "kan_linear_op", "kan_linear_differentiable", "nested_autograd", "triton_ops_available"]
+__all__ = ["kan_fwd", "kan_bwd", "kan_linear_op", "kan_linear_differentiable", "triton_ops_available"]
 
 Tensor = torch.Tensor
 
 
-def kan_linear_differentiable(x: Tensor, grid: Tensor, weight: Tensor, spline_order: int, has_base: bool) -> Tensor:
-    """Differentiable-to-any-order formulation of the packed op (plain torch autograd).
+def kan_linear_differentiable(
+    x: Tensor, grid: Tensor, coef: Tensor, base_weight: Optional[Tensor], spline_order: int
+) -> Tensor:
+    """Differentiable-to-any-order formulation (plain torch autograd, Cox-de Boor).
 
-    Args: as ``kanfast::kan_fwd``: x ``(N, in)``, grid ``(in, G + 2k + 1)``,
-    weight ``(out, in, G + k + has_base)``. Returns ``(N, out)``.
+    Args: x ``(N, in)``, grid ``(in, G + 2k + 1)``, coef ``(out, in, G + k)``,
+    base_weight ``(out, in)`` or None. Computes in at least float32 (16-bit knots
+    would collapse) and returns ``(N, out)`` in x's dtype.
     """
-    nb = weight.shape[-1] - int(has_base)
-    basis = b_spline_basis(x, grid.to(x.dtype), spline_order)  # (N, in, nb)
-    y = torch.einsum("nij,oij->no", basis, weight[..., :nb])
-    if has_base:
-        y = y + F.linear(F.silu(x), weight[..., nb])
-    return y
+    comp = torch.promote_types(x.dtype, torch.float32)
+    xc = x.to(comp)
+    basis = b_spline_basis(xc, grid.to(comp), spline_order)  # (N, in, G + k)
+    y = torch.einsum("nij,oij->no", basis, coef.to(comp))
+    if base_weight is not None:
+        y = y + F.linear(F.silu(xc), base_weight.to(comp))
+    return y.to(x.dtype)
 
 
-def _grads_by_autograd(grad_y, x, grid, weight, spline_order, has_base, need_x, need_w):
-    """create_graph=True path: gradients of the differentiable formulation, kept in the graph."""
-    wanted = [t for t, need in ((x, need_x), (weight, need_w)) if need]
+def _grads_by_autograd(grad_y, pairs, fn):
+    """create_graph=True path: gradients of ``fn()`` (built from the tensors of
+    ``pairs`` = [(tensor, needed), ...]) by autograd, kept in the graph; None where
+    not needed, zeros where unused."""
+    wanted = [t for t, need in pairs if need]
     with torch.enable_grad():
-        y = kan_linear_differentiable(x, grid, weight, spline_order, has_base)
-        grads = torch.autograd.grad(y, wanted, grad_y, create_graph=True, allow_unused=True)
-    grads = list(grads)
-    gx = grads.pop(0) if need_x else None
-    gw = grads.pop(0) if need_w else None
-    if need_x and gx is None:
-        gx = torch.zeros_like(x)
-    if need_w and gw is None:
-        gw = torch.zeros_like(weight)
-    return gx, gw
+        y = fn()
+        grads = list(torch.autograd.grad(y, wanted, grad_y, create_graph=True, allow_unused=True))
+    out = []
+    for t, need in pairs:
+        if not need:
+            out.append(None)
+            continue
+        g = grads.pop(0)
+        out.append(torch.zeros_like(t) if g is None else g)
+    return out
 
 
 # --------------------------------------------------------------------- torch
@@ -145,7 +150,12 @@ def _kan_fwd_backward(ctx, grad_y):
     spline_order, has_base, uniform = ctx.cfg
     need_x, _, need_w = ctx.needs_input_grad[:3]
     if torch.is_grad_enabled():  # backward(create_graph=True): keep the gradient differentiable
-        gx, gw = _grads_by_autograd(grad_y, x, grid, weight, spline_order, has_base, need_x, need_w)
+        nb = weight.shape[-1] - int(has_base)
+        gx, gw = _grads_by_autograd(
+            grad_y,
+            [(x, need_x), (weight, need_w)],
+            lambda: kan_linear_differentiable(x, grid, weight[..., :nb], weight[..., nb] if has_base else None, spline_order),
+        )
     else:
         gx, gw = kan_bwd(grad_y, x, grid, weight, spline_order, has_base, uniform, need_x, need_w)
     return (gx if need_x else None), None, (gw if need_w else None), None, None, None
@@ -159,115 +169,82 @@ _TRITON_OPS = None  # (fwd_op, bwd_op) once registered, False when unavailable
 
 
 def _register_triton_ops():
-    """Register ``kanfast::kan_triton_fwd/bwd`` around the Triton backend's raw
-    entry points (see the module docstring); returns the forward op or None."""
+    """Register ``kanfast::kan_triton_fwd`` around the Triton backend's registered
+    kernels ``kanfast::kan_linear_triton_fwd/bwd`` (:mod:`kanfast.triton_backend`),
+    with an autograd formula that is differentiable under ``create_graph=True``.
+    Returns ``(fwd_op, triton_backend_module)`` or None when Triton is unavailable."""
     global _TRITON_OPS
     if _TRITON_OPS is not None:
         return _TRITON_OPS or None
     try:
         from . import triton_backend as tb
 
-        t_fwd, t_bwd = tb.triton_forward, tb.triton_backward
-    except Exception:  # module missing, triton missing, or no raw entry points
+        raw_fwd = torch.ops.kanfast.kan_linear_triton_fwd.default
+        raw_bwd = torch.ops.kanfast.kan_linear_triton_bwd.default
+    except Exception:  # triton missing or broken
         _TRITON_OPS = False
         return None
 
-    def split(weight, has_base):
-        nb = weight.shape[-1] - int(has_base)
-        return weight[..., :nb].contiguous(), (weight[..., nb].contiguous() if has_base else None)
-
-    @torch.library.custom_op("kanfast::kan_triton_fwd", mutates_args=(), device_types="cuda")
-    def tfwd(x: Tensor, grid: Tensor, weight: Tensor, spline_order: int, has_base: bool) -> Tensor:
-        coef, base_w = split(weight, has_base)
-        return t_fwd(x.contiguous(), grid.contiguous(), coef, base_w, spline_order)
+    @torch.library.custom_op("kanfast::kan_triton_fwd", mutates_args=())
+    def tfwd(
+        x: Tensor, grid: Tensor, coef: Tensor, base_weight: Optional[Tensor], spline_order: int, ieee: bool
+    ) -> Tensor:
+        return raw_fwd(x, grid, coef, base_weight, spline_order, ieee)
 
     @tfwd.register_fake
-    def _(x, grid, weight, spline_order, has_base):
-        return x.new_empty(x.shape[0], weight.shape[0])
+    def _(x, grid, coef, base_weight, spline_order, ieee):
+        return x.new_empty(x.shape[0], coef.shape[0])
 
-    @torch.library.custom_op("kanfast::kan_triton_bwd", mutates_args=(), device_types="cuda")
-    def tbwd(
-        grad_y: Tensor, x: Tensor, grid: Tensor, weight: Tensor, spline_order: int, has_base: bool,
-        need_x: bool, need_w: bool,
-    ) -> Tuple[Tensor, Tensor]:
-        coef, base_w = split(weight, has_base)
-        gx, gc, gb = t_bwd(grad_y.contiguous(), x.contiguous(), grid.contiguous(), coef, base_w, spline_order, need_x, need_w)
-        gx = gx if need_x else x.new_empty(0)
-        if need_w:
-            gw = torch.cat([gc, gb.unsqueeze(-1)], dim=-1) if has_base else gc
-        else:
-            gw = weight.new_empty(0)
-        return gx, gw
-
-    @tbwd.register_fake
-    def _(grad_y, x, grid, weight, spline_order, has_base, need_x, need_w):
-        gx = x.new_empty(x.shape) if need_x else x.new_empty(0)
-        gw = weight.new_empty(weight.shape) if need_w else weight.new_empty(0)
-        return gx, gw
+    def setup(ctx, inputs, output):
+        x, grid, coef, base_weight, spline_order, ieee = inputs
+        ctx.save_for_backward(x, grid, coef, base_weight)
+        ctx.cfg = (spline_order, ieee)
 
     def backward(ctx, grad_y):
-        x, grid, weight = ctx.saved_tensors
-        spline_order, has_base = ctx.cfg
-        need_x, _, need_w = ctx.needs_input_grad[:3]
+        x, grid, coef, base_weight = ctx.saved_tensors
+        spline_order, ieee = ctx.cfg
+        need_x, _, need_c, need_b = ctx.needs_input_grad[:4]
+        need_b = need_b and base_weight is not None
         if torch.is_grad_enabled():  # create_graph=True: route to the differentiable path
-            gx, gw = _grads_by_autograd(grad_y, x, grid, weight, spline_order, has_base, need_x, need_w)
+            gx, gc, gb = _grads_by_autograd(
+                grad_y,
+                [(x, need_x), (coef, need_c), (base_weight, need_b)],
+                lambda: kan_linear_differentiable(x, grid, coef, base_weight, spline_order),
+            )
         else:
-            gx, gw = tbwd(grad_y, x, grid, weight, spline_order, has_base, need_x, need_w)
-        return (gx if need_x else None), None, (gw if need_w else None), None, None
+            gx, gc, gb = raw_bwd(grad_y, x, grid, coef, base_weight, spline_order, ieee, need_x, need_c, need_b)
+        return (gx if need_x else None), None, (gc if need_c else None), (gb if need_b else None), None, None
 
-    tfwd.register_autograd(backward, setup_context=_setup_context)
-    _TRITON_OPS = (tfwd, tbwd)
+    tfwd.register_autograd(backward, setup_context=setup)
+    _TRITON_OPS = (tfwd, tb)
     return _TRITON_OPS
 
 
-class _NestedAutograd(torch.autograd.Function):
-    """Runs ``fn(x, grid, coef, base_w_or_None, k)`` (any autograd-aware
-    implementation, e.g. a ``once_differentiable`` kernel Function) as an inner
-    graph, and differentiates it: first-order backward replays the inner graph
-    (no recomputation); ``create_graph=True`` uses the differentiable
-    formulation instead, so higher derivatives are exact whatever ``fn`` is."""
-
-    @staticmethod
-    def forward(ctx, x, grid, weight, spline_order, has_base, fn):
-        need_x, _, need_w = ctx.needs_input_grad[:3]
-        nb = weight.shape[-1] - int(has_base)
-        with torch.enable_grad():
-            xi = x.detach().requires_grad_(need_x)
-            wi = weight.detach().requires_grad_(need_w)
-            y = fn(xi, grid, wi[..., :nb].contiguous(), wi[..., nb].contiguous() if has_base else None, spline_order)
-        ctx.inner = (xi, wi, y)
-        ctx.save_for_backward(x, grid, weight)
-        ctx.cfg = (spline_order, has_base)
-        return y.detach()
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        x, grid, weight = ctx.saved_tensors
-        spline_order, has_base = ctx.cfg
-        need_x, _, need_w = ctx.needs_input_grad[:3]
-        if torch.is_grad_enabled():
-            gx, gw = _grads_by_autograd(grad_y, x, grid, weight, spline_order, has_base, need_x, need_w)
-        else:
-            xi, wi, y = ctx.inner
-            wanted = [t for t, need in ((xi, need_x), (wi, need_w)) if need]
-            grads = list(torch.autograd.grad(y, wanted, grad_y, allow_unused=True))
-            gx = grads.pop(0) if need_x else None
-            gw = grads.pop(0) if need_w else None
-            gx = torch.zeros_like(x) if need_x and gx is None else gx
-            gw = torch.zeros_like(weight) if need_w and gw is None else gw
-        return gx, None, gw, None, None, None
-
-
-@torch.compiler.disable
-def nested_autograd(fn, x: Tensor, grid: Tensor, weight: Tensor, spline_order: int, has_base: bool) -> Tensor:
-    """Differentiable-to-any-order call of a kernel ``fn(x, grid, coef, base_w_or_None, k)``
-    on packed weights (used for a Triton backend without raw entry points; eager only)."""
-    return _NestedAutograd.apply(x, grid, weight, spline_order, has_base, fn)
-
-
 def triton_ops_available() -> bool:
-    """True when ``kanfast::kan_triton_fwd`` is registered (Triton backend with raw entry points)."""
+    """True when ``kanfast::kan_triton_fwd`` is registered (Triton importable)."""
     return _register_triton_ops() is not None
+
+
+def _kan_linear_triton_op(x, grid, coef, base_weight, spline_order):
+    ops = _register_triton_ops()
+    if ops is None:
+        raise RuntimeError("backend 'triton' needs triton (pip install triton) and kanfast.triton_backend")
+    tfwd, tb = ops
+    k = int(spline_order)
+    if k > tb.MAX_SPLINE_ORDER or coef.shape[-1] > tb.MAX_N_BASIS:
+        raise ValueError(
+            f"the triton kernels support spline_order <= {tb.MAX_SPLINE_ORDER} and G + k <= {tb.MAX_N_BASIS}; "
+            f"got k={k}, G + k={coef.shape[-1]} (use backend='torch')"
+        )
+    if x.dtype == torch.bfloat16 and x.device.type == "cpu":
+        raise TypeError(
+            "backend 'triton': bfloat16 cannot run through Triton's interpreter on CPU; use backend='torch' "
+            "on CPU, or CUDA tensors"
+        )
+    coef = coef.to(x.dtype)
+    base_weight = None if base_weight is None else base_weight.to(x.dtype)
+    ieee = tb.get_fp32_precision() == "ieee" or x.device.type != "cuda"
+    return tfwd(x, grid, coef, base_weight, k, ieee)
 
 
 # ------------------------------------------------------------------ dispatch
@@ -283,7 +260,8 @@ def kan_linear_op(
     """One KAN layer on 2-D input through the registered ops.
 
     Args:
-        x: ``(N, in)``; grid ``(in, G + 2k + 1)`` (cast to x's dtype);
+        x: ``(N, in)``; grid ``(in, G + 2k + 1)`` (cast to x's dtype for the torch
+        backend; the Triton kernels read float32 knots whatever x's dtype);
         coef: ``(out, in, G + k)`` scaled spline weights; base_weight ``(out, in)``
         or None (spline term only); spline_order ``k``; uniform: knots equally
         spaced (a Python bool, decided by the caller); backend ``"torch"`` or
@@ -293,14 +271,8 @@ def kan_linear_op(
         ``(N, out)`` in x's dtype, differentiable (to any order) w.r.t. x, coef,
         base_weight.
     """
+    if backend == "triton" and x.dtype != torch.float64:  # float64: the torch path (as kan_linear_triton does)
+        return _kan_linear_triton_op(x, grid, coef, base_weight, spline_order)
     has_base = base_weight is not None
     weight = torch.cat([coef, base_weight.unsqueeze(-1)], dim=-1) if has_base else coef
-    grid = grid.to(x.dtype)
-    if backend == "triton":
-        ops = _register_triton_ops()
-        if ops is not None and x.is_cuda:
-            return ops[0](x, grid, weight, int(spline_order), has_base)
-        from .triton_backend import kan_linear_triton
-
-        return nested_autograd(kan_linear_triton, x, grid, weight, int(spline_order), has_base)
-    return kan_fwd(x, grid, weight, int(spline_order), has_base, bool(uniform))
+    return kan_fwd(x, grid.to(x.dtype), weight, int(spline_order), has_base, bool(uniform))

@@ -238,41 +238,34 @@ def test_export_onnx_matches_onnxruntime(tmp_path):
     np.testing.assert_allclose(got, expect, rtol=1e-5, atol=1e-5)
 
 
-def test_nested_autograd_makes_a_once_differentiable_kernel_twice_differentiable(monkeypatch):
-    """The Triton path without raw entry points wraps kan_linear_triton; stand in the
-    (once_differentiable) torch-backend Function for it and check both orders."""
-    import sys
-    import types
-
+def test_triton_backend_second_derivatives_routed_to_differentiable_path():
+    """The Triton kernels' own backward is first-order only; through the layer, a
+    create_graph=True backward must still give exact second derivatives (CPU: the
+    kernels run in Triton's interpreter, tiny shapes)."""
     from kanfast import ops
-    from kanfast.torch_backend import kan_linear_torch
 
-    fake = types.ModuleType("kanfast.triton_backend")
-    fake.AVAILABLE = False
-    fake.kan_linear_triton = lambda x, grid, coef, base, k: kan_linear_torch(x, grid, coef, base, k)
-    monkeypatch.setitem(sys.modules, "kanfast.triton_backend", fake)
-    monkeypatch.setattr(ops, "_TRITON_OPS", None)
+    if not ops.triton_ops_available():
+        pytest.skip("triton not importable")
     torch.manual_seed(9)
-    layer = FastKANLayer(2, 3, dtype=torch.float64, backend="triton")
-    x = torch.randn(8, 2, dtype=torch.float64, requires_grad=True)
+    layer = FastKANLayer(2, 3, grid_size=4, backend="triton")
+    with torch.no_grad():
+        layer.spline_weight.normal_()
+    x = (torch.rand(5, 2) * 1.8 - 0.9).requires_grad_()
     y = layer(x)
+    g = torch.autograd.grad(y.square().sum(), [x, *layer.parameters()], create_graph=True)
+    h = torch.autograd.grad(g[0].square().sum(), [x, *layer.parameters()])
+    g1 = torch.autograd.grad(layer(x).square().sum(), [x, *layer.parameters()])  # first order: the kernels
     layer.backend = "reference"
     yr = layer(x)
-    torch.testing.assert_close(y, yr, rtol=1e-12, atol=1e-12)
-    g = torch.autograd.grad(y.sum(), [x, *layer.parameters()], create_graph=True)
-    gr = torch.autograd.grad(yr.sum(), [x, *layer.parameters()], create_graph=True)
-    for a, b in zip(g, gr):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
-    h = torch.autograd.grad(g[0].square().sum(), [x, *layer.parameters()])
+    gr = torch.autograd.grad(yr.square().sum(), [x, *layer.parameters()], create_graph=True)
     hr = torch.autograd.grad(gr[0].square().sum(), [x, *layer.parameters()])
+    torch.testing.assert_close(y, yr, rtol=1e-5, atol=1e-5)
+    for a, b, c in zip(g, g1, gr):
+        torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(b, c, rtol=1e-4, atol=1e-5)
     for a, b in zip(h, hr):
         assert a.abs().sum() > 0
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
-    # first-order backward replays the kernel's own backward
-    layer.backend = "triton"
-    g1 = torch.autograd.grad(layer(x).sum(), [x, *layer.parameters()])
-    for a, b in zip(g1, gr):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_grid_update_and_extension_of_a_half_model():
