@@ -293,3 +293,20 @@ def test_grid_update_and_extension_of_a_half_model():
     ref.extend_grid(40)
     assert half.spline_weight.dtype == torch.float16 and half.grid.shape == (3, 40 + 2 * 3 + 1)
     torch.testing.assert_close(half(xt).float(), ref(xt.float()), rtol=1e-2, atol=0.05)
+
+
+def test_autocast_fp16_through_triton_kernels_cpu_interpreter():
+    """Under autocast the Triton kernels get 16-bit operands with float32 knots and return
+    the autocast dtype (CPU: fp16 through the interpreter; bf16 is refused there)."""
+    from kanfast import ops
+
+    if not ops.triton_ops_available():
+        pytest.skip("triton not importable")
+    torch.manual_seed(11)
+    layer = FastKANLayer(3, 2, grid_size=4, backend="triton")
+    x = torch.rand(6, 3) * 1.8 - 0.9
+    with torch.autocast("cpu", dtype=torch.float16):
+        y = layer(x)
+    assert y.dtype == torch.float16 and layer.grid.dtype == torch.float32
+    expect = ref_layer(layer, x.half().float())
+    torch.testing.assert_close(y.double(), expect.detach(), rtol=1e-2, atol=1e-2)
