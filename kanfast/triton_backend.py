@@ -419,8 +419,9 @@ def kan_linear_triton(
             module setting, see :func:`set_fp32_precision`). Ignored on CPU (IEEE).
 
     Returns:
-        ``(N, out_features)`` in x's dtype; differentiable w.r.t. x, coef, base_weight
-        (once: the backward is not itself differentiable).
+        ``(N, out_features)`` in x's dtype (under autocast: the autocast dtype, x and the
+        weights being cast to it as for ``F.linear``); differentiable w.r.t. x, coef,
+        base_weight (once: the backward is not itself differentiable).
 
     Raises:
         ValueError: shapes that do not fit, k or G + k beyond the kernel limits.
@@ -445,6 +446,13 @@ def kan_linear_triton(
         raise ValueError(f"the triton kernels support G + k <= {MAX_N_BASIS} bases, got {nb}")
     if base_weight is not None and tuple(base_weight.shape) != (nout, nin):
         raise ValueError(f"base_weight must be (out, in) = {(nout, nin)}, got {tuple(base_weight.shape)}")
+    dev = x.device.type
+    if x.dtype != torch.float64 and torch.is_autocast_enabled(dev):
+        # like F.linear under autocast: x and the weights in the autocast dtype (knots stay as they are)
+        dt = torch.get_autocast_dtype(dev)
+        x = x.to(dt)
+        coef = coef.to(dt)
+        base_weight = None if base_weight is None else base_weight.to(dt)
     if x.dtype == torch.bfloat16 and x.device.type == "cpu":
         raise TypeError(
             "kan_linear_triton: bfloat16 cannot run through Triton's interpreter on CPU (its tl.dot "

@@ -266,6 +266,24 @@ def test_float16_matches_reference():
         assert_close(a, b, 3e-3, "float16 param grads")
 
 
+def test_autocast_float16():
+    """Under autocast the kernels run in the autocast dtype (x and weights cast, as F.linear)."""
+    torch.manual_seed(13)
+    layer = FastKANLayer(9, 7, grid_size=5, spline_order=3, backend="triton")
+    x = torch.randn(10, 9, requires_grad=True)
+    try:
+        with torch.autocast("cpu", dtype=torch.float16):
+            y = layer(x)
+    except RuntimeError as e:  # pragma: no cover - older torch without CPU float16 autocast
+        pytest.skip(f"CPU float16 autocast unavailable: {e}")
+    assert y.dtype == torch.float16
+    y.float().sum().backward()
+    assert x.grad.dtype == torch.float32 and layer.spline_weight.grad.dtype == torch.float32
+    half = copy.deepcopy(layer).half()
+    yr = reference_of(half)(x.detach().half().double())
+    assert_close(y, yr, 3e-3, "autocast float16 y")
+
+
 def test_bfloat16_on_cpu_is_refused():
     """Triton 3.6's interpreter misreads bfloat16 dot operands (garbage, not an error), so the
     backend refuses bf16 on CPU with a clear error; bf16 values are checked on GPU by
