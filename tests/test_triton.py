@@ -164,9 +164,9 @@ def test_empty_batch():
 
 def test_backward_is_bit_repeatable():
     torch.manual_seed(4)
-    layer = FastKANLayer(20, 18, grid_size=6, spline_order=3, backend="triton")
-    x = torch.randn(40, 20)
-    gy = torch.randn(40, 18)
+    layer = FastKANLayer(17, 18, grid_size=6, spline_order=3, backend="triton")  # 2 tiles each way
+    x = torch.randn(33, 17)
+    gy = torch.randn(33, 18)
     _, gx0, gp0 = run(layer, x, gy)
     _, gx1, gp1 = run(layer, x, gy)
     assert torch.equal(gx0, gx1)
