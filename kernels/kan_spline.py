@@ -230,7 +230,7 @@ def kan_fwd_kernel(
     """y (N, OUT) = sum_i,j B_j(x) W[j, i, :] (+ silu(x) @ base_weight^T); W (NB, IN, OUT)."""
     pid_n = tl.program_id(0)
     pid_o = tl.program_id(1)
-    o_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    o_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     o_o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
     m_n = o_n < N
     m_o = o_o < OUT
@@ -275,7 +275,7 @@ def kan_bwd_x_kernel(
     """grad_x (N, IN) = sum_j (grad_y @ Wt[j]) * dB_j/dx (+ (grad_y @ base_weight) * silu'(x)); Wt (NB, OUT, IN)."""
     pid_n = tl.program_id(0)
     pid_i = tl.program_id(1)
-    o_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    o_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     o_i = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
     m_n = o_n < N
     m_i = o_i < IN
