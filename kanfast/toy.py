@@ -1,9 +1,10 @@
 """``kanfast fit toy``: the KAN paper's workflow end to end on a toy formula
 (Liu et al. 2024, arXiv:2404.19756, sec. 2.5 / fig. 2.4):
 
-1. train ``[2, 5, 1]`` with the sparsification regulariser (LBFGS), prune (repeat
-   while pruning removes nodes);
-2. grid extension ``3 -> 5 -> 10 -> 20``, retraining at each size (train / test
+1. train ``[2, 5, 1]`` (grid ``--prune-grid``, 5) with the sparsification
+   regulariser (LBFGS), prune (repeat while pruning removes nodes);
+2. grid extension ``3 -> 5 -> 10 -> 20`` (:meth:`KAN.extend_grid`; the first step
+   may coarsen from the pruning grid), retraining at each size (train / test
    RMSE printed per grid size);
 3. ``auto_symbolic``, a short retrain of the affine parameters, the recovered
    formula (sympy) and its RMSE on the test set (evaluated from the formula
@@ -59,10 +60,12 @@ def add_toy_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     parser.add_argument("--grids", type=_int_list, default=[3, 5, 10, 20], help="grid sizes, e.g. 3,5,10,20")
     parser.add_argument("--steps", type=int, default=50, help="LBFGS steps per grid size")
     parser.add_argument("--reg-steps", type=int, default=20, help="LBFGS steps with the regulariser before each prune")
-    parser.add_argument("--lamb", type=float, default=0.02, help="weight of the sparsification regulariser")
+    parser.add_argument("--lamb", type=float, default=0.01, help="weight of the sparsification regulariser")
     parser.add_argument("--lamb-l1", type=float, default=1.0)
     parser.add_argument("--lamb-entropy", type=float, default=10.0)
     parser.add_argument("--prune-rounds", type=int, default=3, help="max rounds of (regularised training, prune)")
+    parser.add_argument("--prune-grid", type=int, default=5,
+                        help="grid size of the regularised training and pruning phase (then --grids follow)")
     parser.add_argument("--node-threshold", type=float, default=1e-2)
     parser.add_argument("--edge-threshold", type=float, default=3e-2)
     parser.add_argument("--no-prune", action="store_true", help="skip regularised training and pruning")
@@ -115,12 +118,13 @@ def run_toy(args: argparse.Namespace, log: Callable[[str], None] = print) -> dic
     log(f"target f = {text}; {args.n_train} train / {args.n_test} test points on [-1, 1]^{n_var}")
 
     t0 = time.perf_counter()
-    model = KAN(width, grid_size=args.grids[0], dtype=torch.float64, backend="torch")
+    start_grid = args.grids[0] if args.no_prune else args.prune_grid
+    model = KAN(width, grid_size=start_grid, dtype=torch.float64, backend="torch")
     if not args.no_prune:
         for r in range(args.prune_rounds):
             before = [l.out_features for l in model.layers]
             fit_lbfgs(model, x, y, steps=args.reg_steps, lamb=args.lamb, lamb_l1=args.lamb_l1,
-                      lamb_entropy=args.lamb_entropy, update_grid_every=5)
+                      lamb_entropy=args.lamb_entropy)
             model = model.prune(x, node_threshold=args.node_threshold, edge_threshold=args.edge_threshold)
             after = [l.out_features for l in model.layers]
             widths = [width[0]] + after
@@ -132,7 +136,7 @@ def run_toy(args: argparse.Namespace, log: Callable[[str], None] = print) -> dic
 
     rmse = {}
     for g_i, g in enumerate(args.grids):
-        if g_i > 0:
+        if g != model.grid_size:
             model.extend_grid(g, x)
         fit_lbfgs(model, x, y, steps=args.steps, update_grid_every=5 if g_i == 0 else None,
                   stop_grid_update_step=args.steps // 2)

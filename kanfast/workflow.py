@@ -287,7 +287,14 @@ def prune(
         the pruned copy (same backend, options and device).
     """
     nodes, edges = prune_masks(model, x, node_threshold, edge_threshold)
-    new = copy.deepcopy(model)
+    kept = [layer.last_input for layer in model.layers]
+    try:  # kept activations may be non-leaf graph tensors, which deepcopy refuses
+        for layer in model.layers:
+            layer.last_input = None
+        new = copy.deepcopy(model)
+    finally:
+        for layer, t in zip(model.layers, kept):
+            layer.last_input = t
     for l, layer in enumerate(new.layers):
         in_idx = torch.nonzero(nodes[l]).reshape(-1).to(layer.grid.device)
         out_idx = torch.nonzero(nodes[l + 1]).reshape(-1).to(layer.grid.device)

@@ -159,7 +159,7 @@ def test_paper_example_recovers_formula():
     y, yt = f(x), f(xt)
     model = KAN([2, 5, 1], grid_size=5, dtype=DT, backend="torch")
     for _ in range(3):
-        fit_lbfgs(model, x, y, steps=20, lamb=0.01, lamb_entropy=10.0, update_grid_every=5)
+        fit_lbfgs(model, x, y, steps=20, lamb=0.01, lamb_entropy=10.0)
         model = model.prune(x)
         if model.layers[0].out_features == 1:
             break

@@ -246,12 +246,29 @@ def test_prune_bad_threshold():
 
 
 # -------------------------------------------------------------- toy engine
-def test_toy_rmse_falls_with_grid(capsys):
+def test_toy_rmse_falls_with_grid(capsys, tmp_path):
     parser = kanfast.toy.add_toy_arguments(argparse.ArgumentParser())
+    png = tmp_path / "out.png"
     args = parser.parse_args(["--width", "2,1,1", "--no-prune", "--no-symbolic", "--steps", "15",
-                              "--n-train", "400", "--n-test", "400"])
+                              "--n-train", "400", "--n-test", "400", "--plot", str(png)])
     res = kanfast.toy.run_toy(args)
     test = [res["rmse"][g][1] for g in (3, 5, 10, 20)]
     assert all(b < a for a, b in zip(test, test[1:])), test
     out = capsys.readouterr().out
     assert "grid  20" in out and "test RMSE" in out
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 8000
+
+
+def test_toy_bad_width():
+    parser = kanfast.toy.add_toy_arguments(argparse.ArgumentParser())
+    with pytest.raises(ValueError, match="--width"):
+        kanfast.toy.run_toy(parser.parse_args(["--width", "3,1"]))
+
+
+def test_prune_with_kept_graph_inputs():
+    model = _planted_model()
+    x = torch.rand(50, 3, dtype=DT) * 2 - 1
+    model.keep_inputs = True
+    model(x).sum()  # kept inputs are graph tensors now
+    small = model.prune(x)
+    assert small.layers[0].out_features == 4 and small.layers[0].last_input is None
