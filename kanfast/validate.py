@@ -1,0 +1,182 @@
+"""``kanfast validate``: every available backend against the float64 reference.
+
+For each case (layer shape, spline order k, uniform or sample-adapted knots,
+inputs inside and outside the grid) the backend's output and the gradients of
+x, base_weight, spline_weight and spline_scaler are compared with
+``kanfast.reference`` evaluated in float64 on the CPU. Errors are reported as
+max abs error and relative error ``max|a - b| / max|b|``; a relative error over
+the dtype's tolerance is a mismatch (exit status 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+__all__ = ["TOLERANCES", "Case", "default_cases", "validate_case", "add_arguments", "run"]
+
+#: relative tolerance (max abs error / max abs reference) per compute dtype
+TOLERANCES: Dict[torch.dtype, float] = {
+    torch.float64: 1e-10,
+    torch.float32: 2e-5,
+    torch.float16: 2e-2,
+    torch.bfloat16: 5e-2,
+}
+
+DTYPES = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class Case:
+    lead: tuple  # leading batch shape
+    in_features: int
+    out_features: int
+    grid_size: int
+    spline_order: int
+    grid: str  # "uniform" or "adapted"
+    inputs: str  # "inside" or "wide" (about a third outside the knots)
+
+    def label(self) -> str:
+        return (
+            f"x{self.lead}+({self.in_features}) out={self.out_features} G={self.grid_size} "
+            f"k={self.spline_order} {self.grid} {self.inputs}"
+        )
+
+
+def default_cases(quick: bool = False) -> List[Case]:
+    shapes = [((33,), 7, 17), ((2, 5), 33, 9), ((1,), 1, 1)]
+    orders = [1, 2, 3, 5]
+    cases = []
+    for si, (lead, i, o) in enumerate(shapes):
+        for k in orders:
+            for gi, grid in enumerate(("uniform", "adapted")):
+                G = (5, 3, 12)[(si + k + gi) % 3]
+                inputs = "wide" if (k + gi) % 2 else "inside"
+                cases.append(Case(lead, i, o, G, k, grid, inputs))
+    if quick:
+        cases = cases[::4]
+    return cases
+
+
+def _make_layer(case: Case, seed: int):
+    from .layer import FastKANLayer
+
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    layer = FastKANLayer(case.in_features, case.out_features, grid_size=case.grid_size, spline_order=case.spline_order, dtype=torch.float64)
+    with torch.no_grad():
+        layer.spline_weight.copy_(torch.randn(layer.spline_weight.shape, generator=g, dtype=torch.float64))
+        if case.grid == "adapted":
+            samples = torch.randn(64, case.in_features, generator=g, dtype=torch.float64) ** 3 * 0.5
+            layer.update_grid(samples)
+    return layer
+
+
+def _inputs(case: Case, layer, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed + 1)
+    lo, hi = layer.grid[:, 0], layer.grid[:, -1]
+    u = torch.rand(*case.lead, case.in_features, generator=g, dtype=torch.float64)
+    if case.inputs == "wide":
+        u = u * 1.6 - 0.3  # about 35% outside [lo, hi]
+    x = lo + u * (hi - lo)
+    # a few inputs exactly on knots
+    flat = x.reshape(-1, case.in_features)
+    if flat.shape[0] > 2:
+        flat[0] = layer.grid[:, layer.spline_order]
+        flat[1] = layer.grid[:, 0]
+    return x
+
+
+def _grads(layer, x: torch.Tensor, gy_seed: int):
+    x = x.detach().requires_grad_(True)
+    y = layer(x)
+    g = torch.Generator().manual_seed(gy_seed)
+    gy = torch.randn(y.shape, generator=g, dtype=torch.float64).to(device=y.device, dtype=y.dtype)
+    params = [layer.base_weight, layer.spline_weight, layer.spline_scaler]
+    grads = torch.autograd.grad(y, [x] + params, gy)
+    return {"y": y, "grad_x": grads[0], "grad_base_weight": grads[1], "grad_spline_weight": grads[2], "grad_spline_scaler": grads[3]}
+
+
+def validate_case(case: Case, backend: str, device: str, dtype: torch.dtype, seed: int = 0) -> Dict[str, tuple]:
+    """Errors ``{name: (max_abs, rel)}`` of ``backend`` against the float64 reference."""
+    ref_layer = _make_layer(case, seed)
+    x64 = _inputs(case, ref_layer, seed)
+    layer = copy.deepcopy(ref_layer).to(device=device, dtype=dtype)
+    ref_layer.backend = "reference"
+    expected = _grads(ref_layer, x64, seed + 2)
+    layer.backend = backend
+    got = _grads(layer, x64.to(device=device, dtype=dtype), seed + 2)
+    out = {}
+    for name, e in expected.items():
+        a = got[name].detach().to("cpu", torch.float64)
+        err = (a - e).abs().max().item() if e.numel() else 0.0
+        scale = e.abs().max().item() if e.numel() else 0.0
+        out[name] = (err, err / scale if scale > 0 else err)
+    return out
+
+
+def available_backends(device: str) -> List[str]:
+    backends = ["torch"]
+    try:
+        from . import triton_backend
+
+        if triton_backend.AVAILABLE and (device.startswith("cuda") or os.environ.get("TRITON_INTERPRET") == "1"):
+            backends.append("triton")
+    except Exception:
+        pass
+    return backends
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="cpu", help="device of the backends under test (reference runs on CPU in float64)")
+    parser.add_argument("--dtype", default="float64", choices=list(DTYPES), help="dtype of the backends under test")
+    parser.add_argument("--backends", nargs="+", default=None, help="backends to check (default: all available)")
+    parser.add_argument("--quick", action="store_true", help="a quarter of the cases")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def run(args) -> int:
+    device = args.device
+    dtype = DTYPES[args.dtype]
+    if device == "cpu" and "triton" not in sys.modules:
+        # Triton kernels on CPU tensors run in Triton's interpreter, which must be chosen before import.
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    backends = args.backends or available_backends(device)
+    tol = TOLERANCES[dtype]
+    cases = default_cases(args.quick)
+    if device == "cpu" and "triton" in backends:
+        cases = [c for c in cases if c.in_features * c.out_features <= 300] or cases[:2]
+    print(f"kanfast validate: backends={backends} device={device} dtype={args.dtype} rel tol={tol:g} ({len(cases)} cases each)")
+    names = ["y", "grad_x", "grad_base_weight", "grad_spline_weight", "grad_spline_scaler"]
+    header = f"{'backend':8s} {'case':58s} " + " ".join(f"{n:>18s}" for n in names)
+    print(header)
+    print("-" * len(header))
+    failures = 0
+    worst: Dict[str, float] = {}
+    for backend in backends:
+        for case in cases:
+            try:
+                errs = validate_case(case, backend, device, dtype, args.seed)
+            except Exception as exc:  # a crash is a mismatch, reported
+                print(f"{backend:8s} {case.label():58s} ERROR {type(exc).__name__}: {exc}")
+                failures += 1
+                continue
+            bad = [n for n in names if not (errs[n][1] <= tol)]
+            failures += bool(bad)
+            worst[backend] = max([worst.get(backend, 0.0)] + [errs[n][1] for n in names])
+            cells = " ".join(f"{errs[n][0]:8.1e}/{errs[n][1]:8.1e}" + ("!" if n in bad else " ") for n in names)
+            print(f"{backend:8s} {case.label():58s} {cells}")
+    print("cells: max abs error / relative error; '!' marks a mismatch")
+    for b, w in worst.items():
+        print(f"{b}: worst relative error {w:.2e} (tolerance {tol:g})")
+    if failures:
+        print(f"FAILED: {failures} mismatching case(s)")
+        return 1
+    print("OK: every backend matches the reference")
+    return 0

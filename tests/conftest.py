@@ -1,0 +1,30 @@
+"""Shared test helpers. Triton's interpreter must be chosen before triton is imported."""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+def rel_rms(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Relative RMS error ||a - b|| / ||b|| (0 when both are empty or zero)."""
+    a = a.detach().double().cpu()
+    b = b.detach().double().cpu()
+    den = b.norm().item()
+    num = (a - b).norm().item()
+    return num / den if den > 0 else num
+
+
+def assert_close(a: torch.Tensor, b: torch.Tensor, rtol: float, name: str = "") -> None:
+    """Assert relative RMS error below ``rtol``, reporting it (and the max abs error)."""
+    assert a.shape == b.shape, f"{name}: shape {tuple(a.shape)} != {tuple(b.shape)}"
+    err = rel_rms(a, b)
+    mx = (a.detach().double().cpu() - b.detach().double().cpu()).abs().max().item() if a.numel() else 0.0
+    assert err <= rtol, f"{name}: relative RMS error {err:.3e} > {rtol:.1e} (max abs {mx:.3e})"
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

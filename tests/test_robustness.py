@@ -1,0 +1,218 @@
+"""Every bad or odd input gets the reference's value or a clear error, on every backend.
+
+Default layer of the cases: in=4, out=3, G=5, k=3, grid_range (-1, 1): knots -2.2 .. 2.2
+in steps of 0.4. The triton backend runs through Triton's interpreter on CPU (conftest
+sets TRITON_INTERPRET=1 before triton is imported) and on the GPU when one is present.
+"""
+
+import copy
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kanfast import KAN, FastKANLayer
+from kanfast.reference import b_spline_basis, kan_linear_reference
+
+
+def _triton_ok() -> bool:
+    try:
+        from kanfast import triton_backend
+
+        return bool(triton_backend.AVAILABLE)
+    except Exception:
+        return False
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+BACKENDS = [
+    pytest.param(b, d, id=f"{b}-{d}", marks=[pytest.mark.skipif(b == "triton" and not _triton_ok(), reason="kanfast.triton_backend not available")])
+    for d in DEVICES
+    for b in ("reference", "torch", "triton")
+]
+
+
+def make_layer(backend, device, in_features=4, out_features=3, dtype=torch.float32, **kw):
+    torch.manual_seed(0)
+    layer = FastKANLayer(in_features, out_features, grid_size=5, spline_order=3, backend=backend, **kw)
+    with torch.no_grad():
+        layer.spline_weight.normal_()
+    return layer.to(device=device, dtype=dtype)
+
+
+def basis_sum_layer(layer):
+    """A copy computing sum_j B_j(x_0) of feature 0 only: W = 1 on feature 0, no base term."""
+    other = copy.deepcopy(layer)
+    with torch.no_grad():
+        other.base_weight.zero_()
+        other.spline_weight.zero_()
+        other.spline_weight[:, 0, :] = 1.0
+        other.spline_scaler.fill_(1.0)
+    return other
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_outside_grid_is_pure_base(backend, device):
+    layer = make_layer(backend, device)
+    x = torch.tensor([5.0, -5.0, 1e4, -1e4], device=device).unsqueeze(1).repeat(1, 4)
+    x = x.requires_grad_(True)
+    y = layer(x)
+    assert torch.isfinite(y).all()
+    base_only = copy.deepcopy(layer)
+    with torch.no_grad():
+        base_only.spline_weight.zero_()
+    assert torch.equal(y, base_only(x)), "spline term of out-of-grid inputs is not exactly 0"
+    want = F.linear(F.silu(x.detach()), layer.base_weight.detach())
+    torch.testing.assert_close(y.detach(), want, rtol=1e-6, atol=1e-6)
+    y.sum().backward()
+    assert torch.equal(layer.spline_weight.grad, torch.zeros_like(layer.spline_weight))
+    # at 1.4 (inside the knots, outside grid_range) the bases sum to 5/6: no renormalisation
+    s = basis_sum_layer(layer)(torch.full((1, 4), 1.4, device=device))
+    torch.testing.assert_close(s, torch.full_like(s, 5 / 6), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_knots_and_ends(backend, device):
+    layer = basis_sum_layer(make_layer(backend, device))
+    on_knots = torch.tensor([-1.0, 0.2, 1.0], device=device).unsqueeze(1).repeat(1, 4)
+    s = layer(on_knots)
+    torch.testing.assert_close(s, torch.ones_like(s), rtol=1e-6, atol=1e-6)
+    ends = torch.tensor([-2.2, 2.2], device=device).unsqueeze(1).repeat(1, 4)
+    e = layer(ends)
+    assert (e.abs() <= 1e-6).all(), e  # B_0(t_0) = 0 analytically; nothing at or past t_last
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_repeated_interior_knot(backend, device):
+    layer = make_layer(backend, device, dtype=torch.float32)
+    with torch.no_grad():
+        g = layer.grid.clone()
+        g[:, 6] = g[:, 5]  # knot 0.2 repeated: -0.2, -0.2 ... (a double knot)
+        layer.grid.copy_(g)
+    x = torch.linspace(-2.5, 2.5, 101, device=device).unsqueeze(1).repeat(1, 4)
+    y = layer(x)
+    assert torch.isfinite(y).all()
+    want = kan_linear_reference(x.double().cpu(), layer.grid.double().cpu(), layer.base_weight.double().cpu(), layer.spline_weight.double().cpu(), layer.spline_scaler.double().cpu(), 3)
+    torch.testing.assert_close(y.double().cpu(), want, rtol=1e-5, atol=1e-5)
+
+
+DEGENERATE = {
+    "constant": lambda: torch.full((64, 4), 0.3),
+    "two-valued": lambda: (torch.rand(64, 4, generator=torch.Generator().manual_seed(0)) > 0.5).float(),
+    "3-samples": lambda: torch.rand(3, 4, generator=torch.Generator().manual_seed(1)) * 2 - 1,
+    "1-sample": lambda: torch.rand(1, 4, generator=torch.Generator().manual_seed(2)) * 2 - 1,
+}
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("data", list(DEGENERATE))
+def test_update_grid_degenerate(backend, device, data):
+    layer = make_layer(backend, device, dtype=torch.float64)
+    x = DEGENERATE[data]().double().to(device)
+    y0 = layer(x)
+    layer.update_grid(x)
+    assert (layer.grid[:, 1:] > layer.grid[:, :-1]).all()
+    assert all(torch.isfinite(p).all() for p in layer.parameters())
+    y1 = layer(x)
+    assert torch.isfinite(y1).all()
+    assert (y1 - y0).norm() <= 1e-4 * y0.norm()
+    if device == "cuda":
+        cpu = make_layer("torch", "cpu", dtype=torch.float64)
+        cpu.update_grid(x.cpu())
+        torch.testing.assert_close(cpu.grid, layer.grid.cpu(), rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="empty"):
+        layer.update_grid(x[:0])
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_nan_inf_rows_do_not_leak(backend, device):
+    layer = make_layer(backend, device, in_features=4, out_features=3)
+    g = torch.Generator().manual_seed(3)
+    clean = (torch.randn(256, 4, generator=g) * 1.5).to(device)
+    dirty = clean.clone()
+    dirty[17] = float("nan")
+    dirty[200] = float("inf")
+    y_clean = layer(clean)
+    y_dirty = layer(dirty)
+    assert not torch.isfinite(y_dirty[17]).any()
+    assert not torch.isfinite(y_dirty[200]).all()
+    keep = torch.ones(256, dtype=torch.bool, device=device)
+    keep[[17, 200]] = False
+    assert torch.equal(y_dirty[keep], y_clean[keep])
+    ref = copy.deepcopy(layer)
+    ref.backend = "reference"
+    y_ref = ref(dirty)
+    assert torch.equal(torch.isfinite(y_ref), torch.isfinite(y_dirty))
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_dtypes(backend, device):
+    layer = make_layer(backend, device)
+    with pytest.raises(TypeError, match=r"torch\.float64.*torch\.float32"):
+        layer(torch.randn(2, 4, dtype=torch.float64, device=device))
+    dlayer = copy.deepcopy(layer).double()
+    assert all(t.dtype == torch.float64 for t in list(dlayer.parameters()) + list(dlayer.buffers()))
+    x = (torch.randn(33, 4, dtype=torch.float64) * 1.5).to(device)
+    y = dlayer(x)
+    assert y.dtype == torch.float64
+    want = kan_linear_reference(x.cpu(), dlayer.grid.cpu(), dlayer.base_weight.cpu(), dlayer.spline_weight.cpu(), dlayer.spline_scaler.cpu(), 3)
+    torch.testing.assert_close(y.cpu(), want, rtol=1e-12, atol=1e-12)
+
+
+def test_import_leaves_default_dtype():
+    code = "import torch; d = torch.get_default_dtype(); import kanfast; assert torch.get_default_dtype() == d; print('ok')"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_shapes(backend, device):
+    layer = make_layer(backend, device, in_features=16, out_features=3)
+    x = torch.randn(2, 7, 16, device=device)
+    y = layer(x)
+    assert y.shape == (2, 7, 3)
+    assert torch.equal(y, layer(x.reshape(14, 16)).reshape(2, 7, 3))
+    assert layer(x[0, 0]).shape == (3,)
+    with pytest.raises(ValueError, match=r"in_features=16.*\(2, 7, 15\)"):
+        layer(torch.randn(2, 7, 15, device=device))
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("width", [1, 17, 33])
+def test_widths_match_reference(backend, device, width):
+    layer = make_layer(backend, device, in_features=width, out_features=width, dtype=torch.float64 if backend != "triton" else torch.float32)
+    x = (torch.randn(5, width, dtype=torch.float64) * 1.5).to(device=device, dtype=layer.base_weight.dtype)
+    want = kan_linear_reference(x.double().cpu(), layer.grid.double().cpu(), layer.base_weight.double().cpu(), layer.spline_weight.double().cpu(), layer.spline_scaler.double().cpu(), 3)
+    tol = 1e-12 if layer.base_weight.dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(layer(x).double().cpu(), want, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_empty_batch(backend, device):
+    layer = make_layer(backend, device, in_features=16, out_features=3)
+    x = torch.randn(0, 16, device=device, requires_grad=True)
+    y = layer(x)
+    assert y.shape == (0, 3)
+    y.sum().backward()
+    assert x.grad is not None and x.grad.shape == (0, 16)
+    for p in layer.parameters():
+        assert p.grad is not None and torch.equal(p.grad, torch.zeros_like(p))
+
+
+@pytest.mark.parametrize(
+    "kwargs,name",
+    [
+        ({"grid_size": 0}, "grid_size"),
+        ({"spline_order": -1}, "spline_order"),
+        ({"grid_range": (1.0, 1.0)}, "grid_range"),
+        ({"grid_range": (1.0, -1.0)}, "grid_range"),
+        ({"in_features": 0}, "in_features"),
+    ],
+)
+def test_constructor_errors(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        FastKANLayer(**{"in_features": 4, "out_features": 3, **kwargs})
+    with pytest.raises(ValueError, match=name):
+        KAN([kwargs.get("in_features", 4), 3], **{k: v for k, v in kwargs.items() if k != "in_features"})
