@@ -23,7 +23,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-__all__ = ["TOY_FUNCTIONS", "add_toy_arguments", "run_toy", "make_dataset"]
+__all__ = ["TOY_FUNCTIONS", "add_toy_arguments", "run_toy", "toy_workflow", "make_dataset"]
 
 #: name -> (number of inputs, torch function of x (N, n_var) -> (N, 1), formula text)
 TOY_FUNCTIONS: Dict[str, Tuple[int, Callable[[torch.Tensor], torch.Tensor], str]] = {
@@ -87,7 +87,13 @@ def _rmse(model, x, y) -> float:
         return float(torch.sqrt(torch.mean((model(x) - y) ** 2)))
 
 
-def run_toy(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict:
+def run_toy(args: argparse.Namespace) -> int:
+    """``kanfast fit toy``: run :func:`toy_workflow`, printing as it goes. Returns 0."""
+    toy_workflow(args)
+    return 0
+
+
+def toy_workflow(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict:
     """Run the workflow described in the module docstring.
 
     Args:
@@ -176,8 +182,7 @@ def run_toy(args: argparse.Namespace, log: Callable[[str], None] = print) -> dic
 
 def main(argv: Optional[List[str]] = None) -> int:  # pragma: no cover - thin wrapper for manual runs
     parser = add_toy_arguments(argparse.ArgumentParser(prog="kanfast fit toy", description=__doc__.split("\n\n")[0]))
-    run_toy(parser.parse_args(argv))
-    return 0
+    return run_toy(parser.parse_args(argv))
 
 
 if __name__ == "__main__":  # pragma: no cover

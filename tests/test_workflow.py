@@ -251,7 +251,7 @@ def test_toy_rmse_falls_with_grid(capsys, tmp_path):
     png = tmp_path / "out.png"
     args = parser.parse_args(["--width", "2,1,1", "--no-prune", "--no-symbolic", "--steps", "15",
                               "--n-train", "400", "--n-test", "400", "--plot", str(png)])
-    res = kanfast.toy.run_toy(args)
+    res = kanfast.toy.toy_workflow(args)
     test = [res["rmse"][g][1] for g in (3, 5, 10, 20)]
     assert all(b < a for a, b in zip(test, test[1:])), test
     out = capsys.readouterr().out
@@ -263,6 +263,16 @@ def test_toy_bad_width():
     parser = kanfast.toy.add_toy_arguments(argparse.ArgumentParser())
     with pytest.raises(ValueError, match="--width"):
         kanfast.toy.run_toy(parser.parse_args(["--width", "3,1"]))
+
+
+def test_cli_fit_toy_runs(capsys):
+    pytest.importorskip("kanfast.benchmarks.bench", reason="the CLI needs the benchmark module (merged separately)")
+    from kanfast.cli import main
+
+    rc = main(["fit", "toy", "--function", "sin", "--width", "1,1", "--no-prune", "--grids", "3,5",
+               "--steps", "5", "--symbolic-steps", "5", "--n-train", "200", "--n-test", "200", "--lib", "x,sin,x^2"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "formula:" in out and "sin" in out
 
 
 def test_prune_with_kept_graph_inputs():
