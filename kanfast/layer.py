@@ -179,6 +179,18 @@ class FastKANLayer(nn.Module):
         self.last_input: Optional[torch.Tensor] = None
         self.reset_parameters()
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # a checkpoint of a pruned / symbolic layer carries the optional workflow state:
+        # create the slots so it loads into a freshly built layer of the same shape
+        w = self.base_weight
+        if self.edge_mask is None and prefix + "edge_mask" in state_dict:
+            self.edge_mask = torch.ones_like(w).detach()
+        if self.symbolic is None and prefix + "symbolic.affine" in state_dict:
+            from .symbolic import SymbolicBranch
+
+            self.symbolic = SymbolicBranch(self.in_features, self.out_features, device=w.device, dtype=w.dtype)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     # ------------------------------------------------------------------ setup
     @property
     def backend(self) -> str:

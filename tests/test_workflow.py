@@ -223,6 +223,10 @@ def test_prune_removes_dead_nodes_and_matches_masked_original():
     torch.testing.assert_close(small(xt), masked(xt), rtol=0, atol=1e-6)
     # and the masked edges matter: the unmasked original differs
     assert (model(xt) - small(xt)).abs().max() > 1e-9
+    # a checkpoint of the pruned model loads into a freshly built KAN of its widths
+    fresh = KAN([3, 4, 2], grid_size=5, dtype=DT)
+    fresh.load_state_dict(small.state_dict())
+    torch.testing.assert_close(fresh(xt), small(xt))
     # the original is untouched
     assert model.layers[0].out_features == 6 and model.layers[0].edge_mask is None
 
