@@ -283,7 +283,12 @@ def suggest_symbolic(
     """
     layer = _check_edge(model, l, i, j)
     funs = _resolve_lib(lib)
-    xi = _layer_inputs(model, x)[l][:, i]
+    return _suggest_on_samples(layer, _layer_inputs(model, x)[l][:, i], i, j, funs, a_range, b_range,
+                               grid_number, iterations, max_samples)
+
+
+def _suggest_on_samples(layer, xi, i, j, funs, a_range=(-10.0, 10.0), b_range=(-10.0, 10.0), grid_number=41,
+                        iterations=3, max_samples=1024):
     xi = torch.sort(xi[torch.isfinite(xi)]).values
     if xi.numel() < 2:
         raise ValueError("suggest_symbolic needs at least 2 finite samples of the edge input")
@@ -475,14 +480,18 @@ def auto_symbolic(
         ``{(l, i, j): chosen SymbolicFit}``.
     """
     chosen = {}
+    funs = _resolve_lib(lib)
     for l, layer in enumerate(model.layers):
+        inputs = None  # this layer's input, after the previous layers were fixed
         for j in range(layer.out_features):
             for i in range(layer.in_features):
                 if layer.edge_mask is not None and float(layer.edge_mask[j, i]) == 0.0:
                     continue
                 if layer.symbolic is not None and float(layer.symbolic.mask[j, i]) != 0.0:
                     continue
-                fits = suggest_symbolic(model, l, i, j, x=x, lib=lib, **fit_kwargs)
+                if inputs is None:
+                    inputs = _layer_inputs(model, x)[l]
+                fits = _suggest_on_samples(layer, inputs[:, i], i, j, funs, **fit_kwargs)
                 best = pick_best(fits, weight_simple)
                 fix_symbolic(model, l, i, j, best.name, fit_params=False, params=best.params)
                 chosen[(l, i, j)] = best
