@@ -7,7 +7,6 @@ are red and labelled with their function.
 
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence
 
 import torch

@@ -14,7 +14,6 @@ Magnitude (eq. 2.17): ``|phi_{o,i}|_1 = mean_n |phi_{o,i}(x_{n,i})|``.
 from __future__ import annotations
 
 import copy
-import math
 from typing import List, Optional, Sequence, Tuple
 
 import torch

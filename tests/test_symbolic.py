@@ -9,7 +9,6 @@ import pytest
 import sympy
 import torch
 
-import kanfast
 from kanfast import KAN, auto_symbolic, fix_symbolic, suggest_symbolic, symbolic_formula
 from kanfast.layer import basis_matrix, solve_coefficients
 from kanfast.symbolic import SYMBOLIC_LIB, SymbolicBranch, fit_affine, pick_best, unfix_symbolic
