@@ -170,8 +170,8 @@ def fit_affine(
         :class:`SymbolicFit`; ``r2 = -inf`` when ``f`` is undefined (NaN/inf) for every
         ``(a, b)`` tried, and ``r2 = 0`` for the constant function ``"0"``.
     """
-    x = x.detach().reshape(-1).to(torch.float64)
-    y = y.detach().reshape(-1).to(torch.float64)
+    x = x.detach().reshape(-1).to("cpu", torch.float64)  # small 1-D problem: CPU, whatever the model's device
+    y = y.detach().reshape(-1).to("cpu", torch.float64)
     if x.numel() != y.numel() or x.numel() < 2:
         raise ValueError(f"fit_affine needs x and y of the same length >= 2, got {x.numel()} and {y.numel()}")
     ymean = float(y.mean())
