@@ -149,6 +149,12 @@ def run(args) -> int:
         os.environ.setdefault("TRITON_INTERPRET", "1")
     backends = args.backends or available_backends(device)
     tol = TOLERANCES[dtype]
+    if "triton" in backends and dtype == torch.float32:
+        # exactness check: IEEE fp32 products (the GPU default is TF32, ~1e-3 relative)
+        from . import triton_backend
+
+        triton_backend.set_fp32_precision("ieee")
+        print("triton float32 products: IEEE (TF32 is the default for training; see kanfast.triton_backend)")
     cases = default_cases(args.quick)
     if device == "cpu" and "triton" in backends:
         cases = [c for c in cases if c.in_features * c.out_features <= 300] or cases[:2]

@@ -1,0 +1,471 @@
+"""Triton backend: launchers, autograd and torch.library registration of the fused
+KAN kernels in :mod:`kanfast.kernels.kan_spline`.
+
+Entry point: :func:`kan_linear_triton` (same contract as
+:func:`kanfast.torch_backend.kan_linear_torch`).
+
+* CUDA tensors run the compiled kernels (autotuned per (in, out, G + k, k,
+  dtype, uniform, base, precision), never per batch size).
+* CPU tensors run the same kernels through Triton's interpreter, for
+  validation only (slow). If ``TRITON_INTERPRET=1`` was not set before Triton was
+  imported, an interpreted copy of the kernel module is loaded on first use (the
+  environment is restored afterwards), so no global setting is needed.
+* float64 falls back to the torch backend (Triton's ``tl.dot`` has no useful
+  fp64 path).
+
+float32 uses TF32 tensor cores by default on the GPU; call
+``set_fp32_precision("ieee")``, pass ``fp32_precision="ieee"``, or set the
+environment variable ``KANFAST_TRITON_FP32=ieee`` for IEEE fp32 products (CPU
+runs are always IEEE). float16/bfloat16 multiply in their own dtype and accumulate in fp32;
+the output has the input's dtype.
+
+Determinism: no atomics; the backward is bit-identical run to run in a process.
+Across processes the autotuner may pick other tile sizes (another summation
+order): ``torch.use_deterministic_algorithms(True)`` pins each kernel to its
+first config, so results are then bit-identical across processes as well.
+
+Ops registered with :mod:`torch.library` (``custom_op``, so the kernels stay
+opaque to ``torch.compile`` and ``fullgraph=True`` traces through them):
+``kanfast::kan_linear_triton_fwd`` and ``kanfast::kan_linear_triton_bwd``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import weakref
+from typing import Optional, Tuple
+
+import torch
+
+from .torch_backend import _pad_knots, grid_is_uniform, kan_linear_torch
+
+__all__ = ["AVAILABLE", "kan_linear_triton", "set_fp32_precision", "get_fp32_precision", "MAX_SPLINE_ORDER", "MAX_N_BASIS"]
+
+def _load_kernel_file(name: str, path: str):
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+try:  # pragma: no cover - depends on the installation
+    import triton  # noqa: F401
+    from triton import knobs as _knobs
+
+    try:
+        from kanfast.kernels import kan_spline as _kmod
+    except ImportError:
+        # a source checkout used through PYTHONPATH (not installed): kernels/ is the top-level folder
+        _kmod = _load_kernel_file(
+            "kanfast.kernels.kan_spline",
+            os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels", "kan_spline.py"),
+        )
+
+    AVAILABLE = True
+except Exception:  # pragma: no cover
+    _kmod = None
+    AVAILABLE = False
+
+#: Largest spline order k and number of bases G + k the kernels accept (see kernels/kan_spline.py).
+MAX_SPLINE_ORDER = _kmod.MAX_SPLINE_ORDER if _kmod is not None else 7
+MAX_N_BASIS = _kmod.MAX_N_BASIS if _kmod is not None else 4096
+
+#: float32 dot precision on the GPU; the environment variable KANFAST_TRITON_FP32=ieee|tf32 sets the default.
+_FP32_PRECISION = os.environ.get("KANFAST_TRITON_FP32", "tf32").strip().lower()
+if _FP32_PRECISION not in ("tf32", "ieee"):
+    raise ValueError(f"KANFAST_TRITON_FP32 must be 'tf32' or 'ieee', got {_FP32_PRECISION!r}")
+_interp_mod = None
+
+
+def set_fp32_precision(precision: str) -> None:
+    """Product precision of float32 ``tl.dot`` on the GPU: ``"tf32"`` (default) or ``"ieee"``."""
+    global _FP32_PRECISION
+    if precision not in ("tf32", "ieee"):
+        raise ValueError(f"fp32 precision must be 'tf32' or 'ieee', got {precision!r}")
+    _FP32_PRECISION = precision
+
+
+def get_fp32_precision() -> str:
+    """Current float32 dot precision (see :func:`set_fp32_precision`)."""
+    return _FP32_PRECISION
+
+
+_INDEX_FIXED = False
+
+
+def _fix_interpreter_index() -> None:
+    """Let Triton's interpreter use runtime scalars as ``range`` bounds under numpy >= 2.4.
+
+    The interpreter (triton 3.6) implements ``tensor.__index__`` as
+    ``int(handle.data)`` on a shape-(1,) array, which numpy 2.4 rejects
+    (TypeError: only 0-dimensional arrays can be converted to Python scalars), so
+    every ``for i in range(0, n, BLOCK)`` with a runtime ``n`` fails. We wrap the
+    interpreter's per-launch tensor patching to install a size-1 tolerant
+    ``__index__``; it is undone with the rest of the interpreter's patches after
+    each launch. Applied only when the bug is present.
+    """
+    global _INDEX_FIXED
+    if _INDEX_FIXED:
+        return
+    import numpy as np
+
+    try:
+        int(np.zeros(1, dtype=np.int32))
+        _INDEX_FIXED = True
+        return
+    except TypeError:
+        pass
+    from triton.runtime import interpreter as _interp
+
+    original = getattr(_interp, "_patch_lang_tensor", None)
+    if original is None:  # pragma: no cover - a triton without this hook
+        _INDEX_FIXED = True
+        return
+
+    def _patch_lang_tensor(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(np.asarray(self.handle.data).reshape(-1)[0]))
+
+    _interp._patch_lang_tensor = _patch_lang_tensor
+    _INDEX_FIXED = True
+
+
+def _kernels(device: torch.device):
+    """The kernel module for tensors on ``device`` (compiled for CUDA, interpreted for CPU)."""
+    global _interp_mod
+    if not AVAILABLE:
+        raise RuntimeError("kanfast triton backend: triton is not installed or failed to import")
+    if _kmod.INTERPRETED:
+        _fix_interpreter_index()
+        return _kmod
+    if device.type == "cuda":
+        return _kmod
+    if device.type != "cpu":
+        raise RuntimeError(f"kanfast triton backend supports CUDA tensors (and CPU through the interpreter), got {device}")
+    if _interp_mod is None:
+        # A private copy of the kernel module, decorated while the interpreter knob is on;
+        # knobs.runtime.scope() restores the knob and TRITON_INTERPRET afterwards.
+        with _knobs.runtime.scope():
+            _knobs.runtime.interpret = True
+            mod = _load_kernel_file("kanfast.kernels._kan_spline_interpreted", _kmod.__file__)
+        if not mod.INTERPRETED:  # pragma: no cover
+            raise RuntimeError(
+                "kanfast triton backend: running on CPU tensors needs Triton's interpreter; "
+                "set TRITON_INTERPRET=1 in the environment before importing triton"
+            )
+        _fix_interpreter_index()
+        _interp_mod = mod
+    return _interp_mod
+
+
+# ----------------------------------------------------------------- knot setup
+_GRID_CACHE: dict = {}
+
+
+def _grid_info(grid: torch.Tensor, k: int):
+    """(uniform, padded knots, t0, t_last, h) of ``grid``, cached per grid tensor object,
+    version counter and k: the uniformity test costs a host sync, paid once per grid change
+    (update_grid writes the buffer in place, which bumps its version)."""
+    key = id(grid)
+    hit = _GRID_CACHE.get(key)
+    if hit is not None and hit[0]() is grid and hit[1] == grid._version and hit[2] == k and hit[3] == grid.device:
+        return hit[4]
+    info = (grid_is_uniform(grid),) + _knot_tables(grid, k)
+    try:
+        ref = weakref.ref(grid, lambda _r, key=key: _GRID_CACHE.pop(key, None))
+        _GRID_CACHE[key] = (ref, grid._version, k, grid.device, info)
+    except TypeError:  # pragma: no cover - not weak-referenceable
+        pass
+    return info
+
+
+def _knot_tables(grid: torch.Tensor, k: int):
+    """fp32 (padded knots (in, n + 2k), t0 (in,), t_last (in,), h (in,)) for the kernels."""
+    g = grid.detach().to(torch.float32).contiguous()
+    n = g.shape[1]
+    tp = _pad_knots(g, k).contiguous()
+    t0 = g[:, 0].contiguous()
+    tn = g[:, -1].contiguous()
+    h = ((tn - t0) / (n - 1)).contiguous()
+    return tp, t0, tn, h
+
+
+def _prec(dtype: torch.dtype, ieee: bool) -> str:
+    return "ieee" if (ieee or dtype != torch.float32) else "tf32"
+
+
+def _n_steps(n_knots: int) -> int:
+    return max(1, math.ceil(math.log2(max(2, n_knots - 1))))
+
+
+def _row_major(x: torch.Tensor) -> torch.Tensor:
+    """x unless its last dim is strided (then a contiguous copy)."""
+    return x if x.stride(-1) == 1 or x.shape[-1] <= 1 else x.contiguous()
+
+
+# ------------------------------------------------------------------- launchers
+def _launch(kernel, grid_fn, *args, **kwargs):
+    """Launch an autotuned kernel. Under ``torch.use_deterministic_algorithms(True)`` the
+    first (fixed) config is used instead of the autotuned one, so results are
+    bit-identical across processes too (autotuning may pick different tile sizes,
+    hence a different summation order, in different processes)."""
+    if torch.are_deterministic_algorithms_enabled() and hasattr(kernel, "configs"):
+        cfg = kernel.configs[0]
+        meta = {**kwargs, **cfg.kwargs}
+        kernel.fn[grid_fn(meta)](*args, **meta, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    else:
+        kernel[grid_fn](*args, **kwargs)
+
+
+def _forward(x, grid, coef, base_weight, k, ieee):
+    N, nin = x.shape
+    nout, _, nb = coef.shape
+    y = torch.empty(N, nout, dtype=x.dtype, device=x.device)
+    if N == 0:
+        return y
+    km = _kernels(x.device)
+    x = _row_major(x)
+    uniform, tp, t0, tn, h = _grid_info(grid, k)
+    n_knots = grid.shape[1]
+    w = coef.detach().permute(2, 1, 0).contiguous()  # (nb, in, out)
+    has_base = base_weight is not None
+    wb = base_weight.detach() if has_base else w  # dummy pointer when absent
+    s_wbo, s_wbi = (wb.stride(0), wb.stride(1)) if has_base else (0, 0)
+
+    def grid_fn(meta):
+        return (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(nout, meta["BLOCK_O"]))
+
+    _launch(
+        km.kan_fwd_kernel, grid_fn,
+        x, tp, t0, tn, h, w, wb, y,
+        N, nin, nout, nb, n_knots, _n_steps(n_knots),
+        x.stride(0), x.stride(1), s_wbo, s_wbi, y.stride(0), y.stride(1),
+        UNIFORM=uniform, K=k, HAS_BASE=has_base, PREC=_prec(x.dtype, ieee),
+    )
+    return y
+
+
+#: Tests set this to force several batch splits in the weight-gradient kernel on CPU.
+_SPLIT_ROWS_OVERRIDE: Optional[int] = None
+
+
+def _split_rows(N: int, n_programs: int, device: torch.device) -> int:
+    """Rows per batch split of the weight-gradient kernel (a function of shapes only: deterministic)."""
+    if _SPLIT_ROWS_OVERRIDE is not None:
+        return int(_SPLIT_ROWS_OVERRIDE)
+    if device.type != "cuda":
+        return max(N, 1)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    splits = max(1, min(-(-4 * sms // max(1, n_programs)), -(-N // 1024), 64))
+    rows = -(-N // splits)
+    return max(256, -(-rows // 256) * 256)
+
+
+def _backward(grad_y, x, grid, coef, base_weight, k, ieee, need_x, need_coef, need_base):
+    N, nin = x.shape
+    nout, _, nb = coef.shape
+    has_base = base_weight is not None
+    gx = torch.empty(0, dtype=x.dtype, device=x.device)
+    gc = torch.empty(0, dtype=coef.dtype, device=x.device)
+    gb = torch.empty(0, dtype=coef.dtype, device=x.device)
+    if need_x:
+        gx = torch.empty(N, nin, dtype=x.dtype, device=x.device)
+    if N == 0:
+        if need_coef:
+            gc = torch.zeros_like(coef)
+        if need_base and has_base:
+            gb = torch.zeros_like(base_weight)
+        return gx, gc, gb
+    km = _kernels(x.device)
+    x = _row_major(x)
+    grad_y = _row_major(grad_y)
+    uniform, tp, t0, tn, h = _grid_info(grid, k)
+    n_knots = grid.shape[1]
+    steps = _n_steps(n_knots)
+    prec = _prec(x.dtype, ieee)
+    if need_x:
+        wt = coef.detach().permute(2, 0, 1).contiguous()  # (nb, out, in)
+        wb = base_weight.detach() if has_base else wt
+        s_wbo, s_wbi = (wb.stride(0), wb.stride(1)) if has_base else (0, 0)
+
+        def grid_x(meta):
+            return (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(nin, meta["BLOCK_I"]))
+
+        _launch(
+            km.kan_bwd_x_kernel, grid_x,
+            x, tp, t0, tn, h, wt, wb, grad_y, gx,
+            N, nin, nout, nb, n_knots, steps,
+            x.stride(0), x.stride(1), s_wbo, s_wbi, grad_y.stride(0), grad_y.stride(1), gx.stride(0), gx.stride(1),
+            UNIFORM=uniform, K=k, HAS_BASE=has_base, PREC=prec,
+        )
+    want_base = need_base and has_base
+    if need_coef or want_base:
+        n_j = nb + (1 if has_base else 0)
+        nominal = -(-nin // 64) * -(-nout // 64) * n_j
+        rows = _split_rows(N, nominal, x.device)
+        splits = -(-N // rows)
+        part = torch.empty(splits, n_j, nin, nout, dtype=torch.float32, device=x.device)
+
+        def grid_w(meta):
+            return (triton.cdiv(nin, meta["BLOCK_I"]) * triton.cdiv(nout, meta["BLOCK_O"]), triton.cdiv(n_j, meta["J_PER"]), splits)
+
+        _launch(
+            km.kan_bwd_w_kernel, grid_w,
+            x, tp, t0, tn, h, grad_y, part,
+            N, nin, nout, nb, n_knots, steps, rows,
+            x.stride(0), x.stride(1), grad_y.stride(0), grad_y.stride(1),
+            UNIFORM=uniform, K=k, HAS_BASE=has_base, PREC=prec,
+        )
+        total = part[0] if splits == 1 else part.sum(0)  # fixed-order reduction: deterministic
+        # fresh tensors (never views of the partials: custom-op outputs must not alias)
+        if need_coef:
+            gc = torch.empty_like(coef, memory_format=torch.contiguous_format)
+            gc.copy_(total[:nb].permute(2, 1, 0))
+        if want_base:
+            gb = torch.empty_like(base_weight, memory_format=torch.contiguous_format)
+            gb.copy_(total[nb].t())
+    return gx, gc, gb
+
+
+# ------------------------------------------------------------ torch.library ops
+@torch.library.custom_op("kanfast::kan_linear_triton_fwd", mutates_args=())
+def _fwd_op(
+    x: torch.Tensor, grid: torch.Tensor, coef: torch.Tensor, base_weight: Optional[torch.Tensor], spline_order: int, ieee: bool
+) -> torch.Tensor:
+    return _forward(x, grid, coef, base_weight, spline_order, ieee)
+
+
+@_fwd_op.register_fake
+def _(x, grid, coef, base_weight, spline_order, ieee):
+    return x.new_empty(x.shape[0], coef.shape[0])
+
+
+@torch.library.custom_op("kanfast::kan_linear_triton_bwd", mutates_args=())
+def _bwd_op(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    grid: torch.Tensor,
+    coef: torch.Tensor,
+    base_weight: Optional[torch.Tensor],
+    spline_order: int,
+    ieee: bool,
+    need_x: bool,
+    need_coef: bool,
+    need_base: bool,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _backward(grad_y, x, grid, coef, base_weight, spline_order, ieee, need_x, need_coef, need_base)
+
+
+@_bwd_op.register_fake
+def _(grad_y, x, grid, coef, base_weight, spline_order, ieee, need_x, need_coef, need_base):
+    gx = x.new_empty(x.shape) if need_x else x.new_empty(0)
+    gc = coef.new_empty(coef.shape) if need_coef else coef.new_empty(0)
+    gb = base_weight.new_empty(base_weight.shape) if (need_base and base_weight is not None) else coef.new_empty(0)
+    return gx, gc, gb
+
+
+def _setup_context(ctx, inputs, output):
+    x, grid, coef, base_weight, spline_order, ieee = inputs
+    ctx.save_for_backward(x, grid, coef, base_weight)
+    ctx.cfg = (spline_order, ieee)
+
+
+def _backward_fn(ctx, grad_y):
+    x, grid, coef, base_weight = ctx.saved_tensors
+    need_x, _, need_coef, need_base = ctx.needs_input_grad[:4]
+    gx, gc, gb = _bwd_op(grad_y, x, grid, coef, base_weight, *ctx.cfg, need_x, need_coef, need_base and base_weight is not None)
+    return (
+        gx if need_x else None,
+        None,
+        gc if need_coef else None,
+        gb if (need_base and base_weight is not None) else None,
+        None,
+        None,
+    )
+
+
+_fwd_op.register_autograd(_backward_fn, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------- entry point
+def kan_linear_triton(
+    x: torch.Tensor,
+    grid: torch.Tensor,
+    coef: torch.Tensor,
+    base_weight: Optional[torch.Tensor],
+    spline_order: int,
+    *,
+    fp32_precision: Optional[str] = None,
+) -> torch.Tensor:
+    """KAN layer on 2-D input through the fused Triton kernels.
+
+    ``y = silu(x) @ base_weight^T + sum_{i,j} coef[:, i, j] B_j(x[:, i]; grid[i])``
+    (Liu et al. 2024, arXiv:2404.19756, eq. 2.10 with efficient-kan's parameterisation).
+
+    CUDA tensors run the compiled kernels; CPU tensors run them through Triton's
+    interpreter (slow, for validation). float64 falls back to
+    :func:`kanfast.torch_backend.kan_linear_torch`.
+
+    Args:
+        x: ``(N, in_features)``, float32/float16/bfloat16 (float64: torch fallback);
+            any strides (copied only when the last dim is not contiguous); N may be 0.
+        grid: ``(in_features, G + 2k + 1)`` non-decreasing knots (no gradient).
+        coef: ``(out_features, in_features, G + k)`` scaled spline coefficients.
+        base_weight: ``(out_features, in_features)`` for the fused SiLU base branch, or None.
+        spline_order: ``k``, ``0 <= k <= MAX_SPLINE_ORDER`` (7).
+        fp32_precision: ``"tf32"`` / ``"ieee"`` for float32 products (default: the
+            module setting, see :func:`set_fp32_precision`). Ignored on CPU (IEEE).
+
+    Returns:
+        ``(N, out_features)`` in x's dtype (under autocast: the autocast dtype, x and the
+        weights being cast to it as for ``F.linear``); differentiable w.r.t. x, coef,
+        base_weight (once: the backward is not itself differentiable).
+
+    Raises:
+        ValueError: shapes that do not fit, k or G + k beyond the kernel limits.
+        TypeError: non-floating input; bfloat16 on CPU (the interpreter cannot run it).
+        RuntimeError: triton unavailable, or a device other than CUDA/CPU.
+    """
+    if x.dim() != 2:
+        raise ValueError(f"kan_linear_triton expects x of shape (N, in_features), got {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"kan_linear_triton expects a floating-point x, got {x.dtype}")
+    k = int(spline_order)
+    if coef.dim() != 3 or grid.dim() != 2:
+        raise ValueError(f"coef must be (out, in, G + k) and grid (in, G + 2k + 1); got {tuple(coef.shape)}, {tuple(grid.shape)}")
+    nout, nin, nb = coef.shape
+    if x.shape[1] != nin or grid.shape[0] != nin:
+        raise ValueError(f"in_features mismatch: x {tuple(x.shape)}, grid {tuple(grid.shape)}, coef {tuple(coef.shape)}")
+    if k < 0 or grid.shape[1] != nb + k + 1 or nb < 1:
+        raise ValueError(f"grid with {grid.shape[1]} knots does not fit {nb} bases of order {k} (need G + 2k + 1 knots)")
+    if k > MAX_SPLINE_ORDER:
+        raise ValueError(f"the triton kernels support spline_order <= {MAX_SPLINE_ORDER}, got {k}")
+    if nb > MAX_N_BASIS:
+        raise ValueError(f"the triton kernels support G + k <= {MAX_N_BASIS} bases, got {nb}")
+    if base_weight is not None and tuple(base_weight.shape) != (nout, nin):
+        raise ValueError(f"base_weight must be (out, in) = {(nout, nin)}, got {tuple(base_weight.shape)}")
+    dev = x.device.type
+    if x.dtype != torch.float64 and torch.is_autocast_enabled(dev):
+        # like F.linear under autocast: x and the weights in the autocast dtype (knots stay as they are)
+        dt = torch.get_autocast_dtype(dev)
+        x = x.to(dt)
+        coef = coef.to(dt)
+        base_weight = None if base_weight is None else base_weight.to(dt)
+    if x.dtype == torch.bfloat16 and x.device.type == "cpu":
+        raise TypeError(
+            "kan_linear_triton: bfloat16 cannot run through Triton's interpreter on CPU (its tl.dot "
+            "misreads bfloat16 operands); use backend='torch' on CPU, or CUDA tensors"
+        )
+    if x.dtype == torch.float64:
+        return kan_linear_torch(x, grid, coef.to(x.dtype), None if base_weight is None else base_weight.to(x.dtype), k)
+    if coef.dtype != x.dtype:  # autocast or mixed call: compute in the input's dtype
+        coef = coef.to(x.dtype)
+    if base_weight is not None and base_weight.dtype != x.dtype:
+        base_weight = base_weight.to(x.dtype)
+    prec = fp32_precision or _FP32_PRECISION
+    if prec not in ("tf32", "ieee"):
+        raise ValueError(f"fp32_precision must be 'tf32' or 'ieee', got {prec!r}")
+    ieee = prec == "ieee" or x.device.type != "cuda"
+    return _fwd_op(x, grid, coef, base_weight, k, ieee)
