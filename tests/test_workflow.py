@@ -185,7 +185,15 @@ def test_edge_mask_forward_matches_reference_on_every_backend():
     layer.edge_mask = mask
     want = kan_linear_reference(x, layer.grid, layer.base_weight * mask, layer.spline_weight * mask.unsqueeze(-1),
                                 layer.spline_scaler, layer.spline_order)
-    for backend in ("torch", "reference"):
+    backends = ["torch", "reference"]
+    try:
+        from kanfast import triton_backend
+
+        if triton_backend.AVAILABLE:
+            backends.append("triton")  # interpreted on CPU (conftest sets TRITON_INTERPRET)
+    except ImportError:
+        pass
+    for backend in backends:
         layer.backend = backend
         torch.testing.assert_close(layer(x), want, rtol=1e-10, atol=1e-12)
     assert "edge_mask" in layer.state_dict()
