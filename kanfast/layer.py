@@ -170,6 +170,14 @@ class FastKANLayer(nn.Module):
         self.spline_weight = nn.Parameter(torch.empty(out_features, in_features, grid_size + spline_order, **factory))
         if enable_standalone_scale_spline:
             self.spline_scaler = nn.Parameter(torch.empty(out_features, in_features, **factory))
+        # Paper workflow (kanfast.workflow / kanfast.symbolic), all off by default and
+        # absent from the state_dict while off: per-edge 0/1 mask ``(out, in)`` on the
+        # numeric (base + spline) edge functions; symbolic branch added to the output;
+        # keep the last forward's 2-D input for activation-based regularisation.
+        self.register_buffer("edge_mask", None)
+        self.add_module("symbolic", None)
+        self.keep_input = False
+        self.last_input: Optional[torch.Tensor] = None
         self.reset_parameters()
         self.refresh_grid_cache()
 
@@ -281,6 +289,15 @@ class FastKANLayer(nn.Module):
         return self
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        # a checkpoint of a pruned / symbolic layer carries the optional workflow state:
+        # create the slots so it loads into a freshly built layer of the same shape
+        w = self.base_weight
+        if self.edge_mask is None and prefix + "edge_mask" in state_dict:
+            self.edge_mask = torch.ones_like(w).detach()
+        if self.symbolic is None and prefix + "symbolic.affine" in state_dict:
+            from .symbolic import SymbolicBranch
+
+            self.symbolic = SymbolicBranch(self.in_features, self.out_features, device=w.device, dtype=w.dtype)
         key = prefix + "grid"
         if key in state_dict and state_dict[key].dim() == 2 and state_dict[key].shape != self.grid.shape:
             n = state_dict[key].shape[-1]
@@ -337,23 +354,34 @@ class FastKANLayer(nn.Module):
         x = x.to(comp)
         # knots never go below float32 (the Triton kernels read float32 knots themselves)
         grid = self.grid.to(torch.promote_types(comp, torch.float32))
+        x2 = x.reshape(-1, self.in_features)
+        if self.keep_input:
+            self.last_input = x2
+        mask = self.edge_mask
+        base_weight = self.base_weight if mask is None else self.base_weight * mask
+        base_weight = base_weight.to(comp)
         if backend == "reference":
             from .reference import kan_linear_reference
 
             scaler = self.spline_scaler.to(comp) if self.enable_standalone_scale_spline else None
-            return kan_linear_reference(
-                x, grid, self.base_weight.to(comp), self.spline_weight.to(comp), scaler, self.spline_order,
-                self.base_activation,
+            spline_weight = self.spline_weight if mask is None else self.spline_weight * mask.unsqueeze(-1)
+            y = kan_linear_reference(
+                x2, grid, base_weight, spline_weight.to(comp), scaler, self.spline_order, self.base_activation
             )
-        x2 = x.reshape(-1, self.in_features)
-        fused_silu = type(self.base_activation) is nn.SiLU
-        coef = self.scaled_spline_weight.to(comp)
-        base_w = self.base_weight.to(comp)
-        y = kan_linear_op(
-            x2, grid, coef, base_w if fused_silu else None, self.spline_order, self._uniform_flag(), backend
-        )
-        if not fused_silu:
-            y = y + F.linear(self.base_activation(x2), base_w)
+        else:
+            fused_silu = type(self.base_activation) is nn.SiLU
+            coef = self.scaled_spline_weight
+            if mask is not None:
+                coef = coef * mask.unsqueeze(-1)
+            y = kan_linear_op(
+                x2, grid, coef.to(comp), base_weight if fused_silu else None, self.spline_order,
+                self._uniform_flag(), backend,
+            )
+            if not fused_silu:
+                y = y + F.linear(self.base_activation(x2), base_weight)
+        if self.symbolic is not None:
+            wdt = self.base_weight.dtype
+            y = y + self.symbolic(x2 if x2.dtype == wdt else x2.to(wdt)).to(y.dtype)
         return y.reshape(*lead, self.out_features)
 
     # ------------------------------------------------------------ grid update
@@ -405,8 +433,8 @@ class FastKANLayer(nn.Module):
         ``x`` they adapt to the samples as in :meth:`update_grid`. The new
         coefficients are the least-squares fit of the old spline term on
         ``max(64, 4 (G' + k))`` points per feature spread over the old interior range
-        (plus ``x`` when given). When the new grid refines the old one the fit is
-        exact to rounding.
+        (with ``x``: over the samples' range, plus the samples). When the new grid
+        refines the old one the fit is exact to rounding.
 
         ``spline_weight`` and ``grid`` are replaced by tensors of the new size: build
         the optimizer again afterwards.
@@ -425,13 +453,16 @@ class FastKANLayer(nn.Module):
         hi = self.grid[:, -k - 1].to(torch.float64)
         n_pts = max(64, 4 * (new_grid_size + k))
         u = torch.linspace(0, 1, n_pts, dtype=torch.float64, device=device).unsqueeze(1)
-        pts = (lo + u * (hi - lo) * (1 - 1e-9)).to(dtype)  # (n_pts, in), stays inside [lo, hi)
         if x is not None:
             self._check_input(x)
             xs = x.detach().reshape(-1, self.in_features).to(dtype)
             if xs.shape[0] == 0 or not torch.isfinite(xs).all():
                 raise ValueError("extend_grid needs finite samples and a non-empty batch")
-            pts = torch.cat([pts, xs], dim=0)
+            # fit where the new (sample-adapted) grid lives: the samples' range, not the old grid's
+            s_lo, s_hi = xs.amin(0).to(torch.float64), xs.amax(0).to(torch.float64)
+            pts = torch.cat([(s_lo + u * (s_hi - s_lo)).to(dtype), xs], dim=0)
+        else:
+            pts = (lo + u * (hi - lo) * (1 - 1e-9)).to(dtype)  # (n_pts, in), stays inside [lo, hi)
         wdt = torch.promote_types(self.grid.dtype, self.spline_weight.dtype)  # float32 knots of 16-bit layers
         old = torch.einsum("nij,oij->nio", basis_matrix(pts.to(wdt), self.grid, k), self.scaled_spline_weight.to(wdt))
         if x is not None:
@@ -599,6 +630,52 @@ class KAN(nn.Module):
         self.grid_size = new_grid_size
         return self
 
-    def regularization_loss(self, regularize_activation: float = 1.0, regularize_entropy: float = 1.0) -> torch.Tensor:
-        """Sum of the layers' coefficient-based sparsification losses."""
-        return sum(layer.regularization_loss(regularize_activation, regularize_entropy) for layer in self.layers)
+    @property
+    def keep_inputs(self) -> bool:
+        """When True every layer keeps the 2-D input of its last forward
+        (``layer.last_input``), for ``regularization_loss(mode="activation")``."""
+        return all(layer.keep_input for layer in self.layers)
+
+    @keep_inputs.setter
+    def keep_inputs(self, value: bool) -> None:
+        for layer in self.layers:
+            layer.keep_input = bool(value)
+            if not value:
+                layer.last_input = None
+
+    def regularization_loss(
+        self,
+        regularize_activation: float = 1.0,
+        regularize_entropy: float = 1.0,
+        *,
+        mode: str = "coef",
+        x: Optional[torch.Tensor] = None,
+        lamb_l1: float = 1.0,
+        lamb_entropy: float = 2.0,
+        sample_size: Optional[int] = None,
+    ) -> torch.Tensor:
+        """Sparsification loss summed over the layers.
+
+        ``mode="coef"`` (default): efficient-kan's cheap surrogate from the
+        coefficients, weighted by ``regularize_activation`` / ``regularize_entropy``.
+        ``mode="activation"``: the paper's definition (Liu et al. 2024 sec. 2.5,
+        eq. 2.17-2.20) from the edge activations on ``x`` (or on the inputs kept by
+        the last forward, see :attr:`keep_inputs`), weighted by ``lamb_l1`` /
+        ``lamb_entropy``; see :func:`kanfast.workflow.activation_regularization`.
+        """
+        if mode == "coef":
+            return sum(layer.regularization_loss(regularize_activation, regularize_entropy) for layer in self.layers)
+        if mode == "activation":
+            from .workflow import activation_regularization
+
+            return activation_regularization(
+                self, x, lamb_l1=lamb_l1, lamb_entropy=lamb_entropy, sample_size=sample_size
+            )
+        raise ValueError(f"regularization_loss: mode must be 'coef' or 'activation', got {mode!r}")
+
+    def prune(self, x: torch.Tensor, node_threshold: float = 1e-2, edge_threshold: float = 3e-2) -> "KAN":
+        """A new, smaller KAN without the unimportant hidden nodes, with per-edge
+        masks on weak edges (Liu et al. 2024 sec. 2.5.2); see :func:`kanfast.workflow.prune`."""
+        from .workflow import prune
+
+        return prune(self, x, node_threshold=node_threshold, edge_threshold=edge_threshold)
