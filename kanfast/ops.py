@@ -7,16 +7,14 @@ and an autograd formula lets Dynamo/AOTAutograd treat one KAN layer as a single
 node of known output shape, with ``fullgraph=True`` and dynamic batch sizes.
 
 Ops (namespace ``kanfast``), all on 2-D input ``x: (N, in)``, knots
-``grid: (in, G + 2k + 1)`` in x's dtype and packed weights
-``weight: (out, in, G + k + has_base)`` (``[W | base_weight]``, the layout of
-:mod:`kanfast.torch_backend`):
+``grid: (in, G + 2k + 1)``, scaled spline coefficients ``coef: (out, in, G + k)``
+and an optional SiLU base weight ``base_weight: (out, in)``:
 
-* ``kanfast::kan_fwd(x, grid, weight, spline_order, has_base, uniform) -> y (N, out)``
-  the fast torch backend (:func:`kanfast.torch_backend.forward_2d`);
-* ``kanfast::kan_bwd(grad_y, x, grid, weight, spline_order, has_base, uniform,
-  need_x, need_w) -> (grad_x, grad_weight)`` its backward
-  (:func:`kanfast.torch_backend.backward_2d`); a gradient that is not needed
-  comes back as an empty ``(0,)`` tensor;
+* ``kanfast::kan_fwd(x, grid, coef, base_weight?, spline_order, uniform) -> y (N, out)``:
+  the fast torch backend (:mod:`kanfast.torch_backend`; grid in x's dtype);
+* ``kanfast::kan_bwd(grad_y, x, grid, coef, base_weight?, spline_order, uniform,
+  need_x, need_coef, need_base) -> (grad_x, grad_coef, grad_base)``: its
+  backward; a gradient that is not needed comes back as an empty ``(0,)`` tensor;
 * ``kanfast::kan_triton_fwd(x, grid, coef, base_weight?, spline_order, ieee) -> y``:
   the Triton kernels (``kanfast::kan_linear_triton_fwd/bwd`` of
   :mod:`kanfast.triton_backend`) under an autograd formula that stays
@@ -89,17 +87,45 @@ def _grads_by_autograd(grad_y, pairs, fn):
 
 
 # --------------------------------------------------------------------- torch
-@torch.library.custom_op("kanfast::kan_fwd", mutates_args=())
-def kan_fwd(x: Tensor, grid: Tensor, weight: Tensor, spline_order: int, has_base: bool, uniform: bool) -> Tensor:
-    n_basis = weight.shape[-1] - int(has_base)
-    return torch_backend.forward_2d(
-        x.contiguous(), grid.contiguous(), weight.contiguous(), spline_order, n_basis, has_base, uniform
+def _torch_forward(x, grid, coef, base_weight, k, uniform):
+    if hasattr(torch_backend, "_forward"):  # split-weight engine: no packing copy
+        nout, nin, nb = coef.shape
+        coef2 = coef.reshape(nout, nin * nb).contiguous()
+        base = None if base_weight is None else base_weight.contiguous()
+        return torch_backend._forward(x, grid, coef2, base, k, uniform)
+    weight = coef if base_weight is None else torch.cat([coef, base_weight.unsqueeze(-1)], dim=-1)
+    return torch_backend.forward_2d(x, grid, weight.contiguous(), k, coef.shape[-1], base_weight is not None, uniform)
+
+
+def _torch_backward(grad_y, x, grid, coef, base_weight, k, uniform, need_x, need_c, need_b):
+    """(grad_x, grad_coef, grad_base), None where not needed."""
+    nout, nin, nb = coef.shape
+    has_base = base_weight is not None
+    if hasattr(torch_backend, "_backward"):
+        coef2 = coef.reshape(nout, nin * nb).contiguous()
+        base = None if base_weight is None else base_weight.contiguous()
+        gx, gc, gb = torch_backend._backward(grad_y, x, grid, coef2, base, k, uniform, need_x, need_c, need_b)
+        return gx, (gc.view(nout, nin, nb) if gc is not None else None), (gb if need_b else None)
+    weight = coef if not has_base else torch.cat([coef, base_weight.unsqueeze(-1)], dim=-1)
+    need_w = need_c or need_b
+    gx, gw = torch_backend.backward_2d(
+        grad_y, x, grid, weight.contiguous(), k, nb, has_base, uniform, need_x=need_x, need_w=need_w
     )
+    gc = gw[..., :nb] if need_c else None
+    gb = gw[..., nb] if (need_b and has_base) else None
+    return gx, gc, gb
+
+
+@torch.library.custom_op("kanfast::kan_fwd", mutates_args=())
+def kan_fwd(
+    x: Tensor, grid: Tensor, coef: Tensor, base_weight: Optional[Tensor], spline_order: int, uniform: bool
+) -> Tensor:
+    return _torch_forward(x.contiguous(), grid.contiguous(), coef, base_weight, spline_order, uniform)
 
 
 @kan_fwd.register_fake
-def _kan_fwd_fake(x, grid, weight, spline_order, has_base, uniform):
-    return x.new_empty(x.shape[0], weight.shape[0])
+def _kan_fwd_fake(x, grid, coef, base_weight, spline_order, uniform):
+    return x.new_empty(x.shape[0], coef.shape[0])
 
 
 @torch.library.custom_op("kanfast::kan_bwd", mutates_args=())
@@ -107,58 +133,55 @@ def kan_bwd(
     grad_y: Tensor,
     x: Tensor,
     grid: Tensor,
-    weight: Tensor,
+    coef: Tensor,
+    base_weight: Optional[Tensor],
     spline_order: int,
-    has_base: bool,
     uniform: bool,
     need_x: bool,
-    need_w: bool,
-) -> Tuple[Tensor, Tensor]:
-    n_basis = weight.shape[-1] - int(has_base)
-    gx, gw = torch_backend.backward_2d(
-        grad_y.contiguous(),
-        x.contiguous(),
-        grid.contiguous(),
-        weight.contiguous(),
-        spline_order,
-        n_basis,
-        has_base,
-        uniform,
-        need_x=need_x,
-        need_w=need_w,
+    need_coef: bool,
+    need_base: bool,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    need_base = need_base and base_weight is not None
+    gx, gc, gb = _torch_backward(
+        grad_y.contiguous(), x.contiguous(), grid.contiguous(), coef, base_weight, spline_order, uniform,
+        need_x, need_coef, need_base,
     )
-    gx = gx if need_x else x.new_empty(0)
-    gw = gw if need_w else weight.new_empty(0)
-    return gx, gw
+    # outputs must not alias inputs and must be tensors: empty where not needed
+    return (
+        gx if need_x else x.new_empty(0),
+        gc.contiguous() if need_coef else coef.new_empty(0),
+        gb.contiguous() if need_base else coef.new_empty(0),
+    )
 
 
 @kan_bwd.register_fake
-def _kan_bwd_fake(grad_y, x, grid, weight, spline_order, has_base, uniform, need_x, need_w):
+def _kan_bwd_fake(grad_y, x, grid, coef, base_weight, spline_order, uniform, need_x, need_coef, need_base):
     gx = x.new_empty(x.shape) if need_x else x.new_empty(0)
-    gw = weight.new_empty(weight.shape) if need_w else weight.new_empty(0)
-    return gx, gw
+    gc = coef.new_empty(coef.shape) if need_coef else coef.new_empty(0)
+    gb = base_weight.new_empty(base_weight.shape) if (need_base and base_weight is not None) else coef.new_empty(0)
+    return gx, gc, gb
 
 
 def _setup_context(ctx, inputs, output):
-    x, grid, weight = inputs[:3]
-    ctx.save_for_backward(x, grid, weight)
-    ctx.cfg = tuple(inputs[3:])
+    x, grid, coef, base_weight, spline_order, flag = inputs
+    ctx.save_for_backward(x, grid, coef, base_weight)
+    ctx.cfg = (spline_order, flag)
 
 
 def _kan_fwd_backward(ctx, grad_y):
-    x, grid, weight = ctx.saved_tensors
-    spline_order, has_base, uniform = ctx.cfg
-    need_x, _, need_w = ctx.needs_input_grad[:3]
+    x, grid, coef, base_weight = ctx.saved_tensors
+    spline_order, uniform = ctx.cfg
+    need_x, _, need_c, need_b = ctx.needs_input_grad[:4]
+    need_b = need_b and base_weight is not None
     if torch.is_grad_enabled():  # backward(create_graph=True): keep the gradient differentiable
-        nb = weight.shape[-1] - int(has_base)
-        gx, gw = _grads_by_autograd(
+        gx, gc, gb = _grads_by_autograd(
             grad_y,
-            [(x, need_x), (weight, need_w)],
-            lambda: kan_linear_differentiable(x, grid, weight[..., :nb], weight[..., nb] if has_base else None, spline_order),
+            [(x, need_x), (coef, need_c), (base_weight, need_b)],
+            lambda: kan_linear_differentiable(x, grid, coef, base_weight, spline_order),
         )
     else:
-        gx, gw = kan_bwd(grad_y, x, grid, weight, spline_order, has_base, uniform, need_x, need_w)
-    return (gx if need_x else None), None, (gw if need_w else None), None, None, None
+        gx, gc, gb = kan_bwd(grad_y, x, grid, coef, base_weight, spline_order, uniform, need_x, need_c, need_b)
+    return (gx if need_x else None), None, (gc if need_c else None), (gb if need_b else None), None, None
 
 
 kan_fwd.register_autograd(_kan_fwd_backward, setup_context=_setup_context)
@@ -195,11 +218,6 @@ def _register_triton_ops():
     def _(x, grid, coef, base_weight, spline_order, ieee):
         return x.new_empty(x.shape[0], coef.shape[0])
 
-    def setup(ctx, inputs, output):
-        x, grid, coef, base_weight, spline_order, ieee = inputs
-        ctx.save_for_backward(x, grid, coef, base_weight)
-        ctx.cfg = (spline_order, ieee)
-
     def backward(ctx, grad_y):
         x, grid, coef, base_weight = ctx.saved_tensors
         spline_order, ieee = ctx.cfg
@@ -215,7 +233,7 @@ def _register_triton_ops():
             gx, gc, gb = raw_bwd(grad_y, x, grid, coef, base_weight, spline_order, ieee, need_x, need_c, need_b)
         return (gx if need_x else None), None, (gc if need_c else None), (gb if need_b else None), None, None
 
-    tfwd.register_autograd(backward, setup_context=setup)
+    tfwd.register_autograd(backward, setup_context=_setup_context)
     _TRITON_OPS = (tfwd, tb)
     return _TRITON_OPS
 
@@ -273,6 +291,4 @@ def kan_linear_op(
     """
     if backend == "triton" and x.dtype != torch.float64:  # float64: the torch path (as kan_linear_triton does)
         return _kan_linear_triton_op(x, grid, coef, base_weight, spline_order)
-    has_base = base_weight is not None
-    weight = torch.cat([coef, base_weight.unsqueeze(-1)], dim=-1) if has_base else coef
-    return kan_fwd(x, grid.to(x.dtype), weight, int(spline_order), has_base, bool(uniform))
+    return kan_fwd(x, grid.to(x.dtype), coef, base_weight, int(spline_order), bool(uniform))

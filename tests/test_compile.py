@@ -45,19 +45,19 @@ def _sample_args():
         if not uniform_grid:
             layer.update_grid(torch.randn(40, 3))
         x = torch.randn(5, 3, requires_grad=True)
-        coef = layer.scaled_spline_weight.detach()
-        w = torch.cat([coef, layer.base_weight.detach().unsqueeze(-1)], -1) if has_base else coef.clone()
-        w.requires_grad_()
-        out.append((x, layer.grid.detach().clone(), w, 3, has_base, layer._uniform_flag()))
+        coef = layer.scaled_spline_weight.detach().clone().requires_grad_()
+        base = layer.base_weight.detach().clone().requires_grad_() if has_base else None
+        out.append((x, layer.grid.detach().clone(), coef, base, 3, layer._uniform_flag()))
     return out
 
 
 def test_opcheck_registered_ops():
-    for x, grid, w, k, has_base, uniform in _sample_args():
-        torch.library.opcheck(kan_fwd, (x, grid, w, k, has_base, uniform))
-        gy = torch.randn(x.shape[0], w.shape[0])
-        for need_x, need_w in ((True, True), (False, True), (True, False)):
-            torch.library.opcheck(kan_bwd, (gy, x.detach(), grid, w.detach(), k, has_base, uniform, need_x, need_w))
+    for x, grid, coef, base, k, uniform in _sample_args():
+        torch.library.opcheck(kan_fwd, (x, grid, coef, base, k, uniform))
+        gy = torch.randn(x.shape[0], coef.shape[0])
+        b = None if base is None else base.detach()
+        for need_x, need_c, need_b in ((True, True, True), (False, True, False), (True, False, True)):
+            torch.library.opcheck(kan_bwd, (gy, x.detach(), grid, coef.detach(), b, k, uniform, need_x, need_c, need_b))
 
 
 def test_compile_fullgraph_dynamic_no_recompile_per_batch_size():
