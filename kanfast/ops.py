@@ -111,8 +111,9 @@ def _torch_backward(grad_y, x, grid, coef, base_weight, k, uniform, need_x, need
     gx, gw = torch_backend.backward_2d(
         grad_y, x, grid, weight.contiguous(), k, nb, has_base, uniform, need_x=need_x, need_w=need_w
     )
-    gc = gw[..., :nb] if need_c else None
-    gb = gw[..., nb] if (need_b and has_base) else None
+    # separate storage for each returned gradient (custom-op outputs may not alias)
+    gc = (gw[..., :nb].clone() if has_base else gw) if need_c else None
+    gb = gw[..., nb].clone() if (need_b and has_base) else None
     return gx, gc, gb
 
 
@@ -149,8 +150,8 @@ def kan_bwd(
     # outputs must not alias inputs and must be tensors: empty where not needed
     return (
         gx if need_x else x.new_empty(0),
-        gc.contiguous() if need_coef else coef.new_empty(0),
-        gb.contiguous() if need_base else coef.new_empty(0),
+        gc if need_coef else coef.new_empty(0),
+        gb if need_base else coef.new_empty(0),
     )
 
 

@@ -40,11 +40,12 @@ def _check_against_eager(model, compiled, sizes, in_f=16):
 def _sample_args():
     torch.manual_seed(0)
     out = []
-    for uniform_grid, has_base in ((True, True), (False, False)):
-        layer = kanfast.FastKANLayer(3, 2, grid_size=4)
+    # (1, 1): gradients of size-1 dims must still come back in separate storage (no aliasing)
+    for (nin, nout), uniform_grid, has_base in (((3, 2), True, True), ((3, 2), False, False), ((1, 1), False, True)):
+        layer = kanfast.FastKANLayer(nin, nout, grid_size=4)
         if not uniform_grid:
-            layer.update_grid(torch.randn(40, 3))
-        x = torch.randn(5, 3, requires_grad=True)
+            layer.update_grid(torch.randn(40, nin))
+        x = torch.randn(5, nin, requires_grad=True)
         coef = layer.scaled_spline_weight.detach().clone().requires_grad_()
         base = layer.base_weight.detach().clone().requires_grad_() if has_base else None
         out.append((x, layer.grid.detach().clone(), coef, base, 3, layer._uniform_flag()))
