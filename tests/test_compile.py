@@ -129,3 +129,17 @@ def test_triton_op_opcheck_and_compile_cpu_interpreter():
         for gc, ge in zip(_grads(layer, yc, xb), _grads(layer, ye, xb)):
             torch.testing.assert_close(gc, ge, rtol=1e-5, atol=1e-5)
     assert cnt.frame_count == 1
+
+
+def test_compile_under_autocast_matches_eager():
+    torch.manual_seed(6)
+    model = KAN([16, 32, 4], backend="torch")
+    cnt = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, backend=cnt, fullgraph=True, dynamic=True)
+    x = torch.randn(9, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        yc = compiled(x)
+        ye = model(x)
+    assert yc.dtype == ye.dtype == torch.bfloat16
+    torch.testing.assert_close(yc, ye, rtol=1e-2, atol=1e-2)
+    assert cnt.frame_count == 1
