@@ -1,30 +1,47 @@
 """Fast pure-torch KAN backend: the CPU engine.
 
-Algorithm (forward, per chunk of rows):
-  1. interval index ``m`` of every input on its knots (uniform grid: closed form
-     ``floor((x - t_0) / h)`` corrected against the stored knots; non-uniform:
-     ``searchsorted``), clamped before any gather so NaN/inf/huge inputs never
-     index out of bounds;
-  2. the ``k + 1`` non-zero bases ``B_{m-k..m}`` by de Boor's triangular scheme
-     (NURBS Book, alg. A2.2), ``O(k^2)`` element-wise work instead of the
-     ``O(k (G + k))`` of the full Cox-de Boor table;
-  3. those values are scattered into a dense ``(chunk, in, G + k + 1)`` block
-     whose last column is ``silu(x)``; one GEMM against the coefficients
-     ``[W | base_weight]`` of shape ``(out, in * (G + k + 1))`` gives ``y``.
-     This is exactly the dense-GEMM floor: batch x in*(G+k+1) x out.
+Algorithm (forward, per chunk of rows; only ``x`` is saved for backward):
 
-Backward recomputes steps 1-3 per chunk (only ``x`` is saved) and issues the two
-remaining GEMMs: ``grad_W += grad_y^T @ D`` (accumulated chunk by chunk in a
-fixed order: deterministic) and ``grad_D = grad_y @ W``, of which only the
-``k + 1`` entries at the non-zero bases (plus the silu column) are gathered and
-contracted with the basis derivatives
+  1. interval ("span") index ``m`` of every input on its knots. Uniform knots:
+     closed form ``floor((x - t_0) / h)`` (for ``k <= 1``, whose values or
+     slopes jump at knots, corrected against the stored knots so that an input
+     sitting exactly on a knot takes the same span as the reference); other
+     knots: ``searchsorted``. Inputs outside ``[t_0, t_last)`` (and NaN/inf)
+     get the sentinel span ``n - 1`` and contribute exactly 0 to the spline term;
+  2. the ``k + 1`` non-zero bases ``B_{m-k..m}``. Uniform knots: the pieces of
+     the cardinal B-spline are fixed polynomials of the local coordinate
+     ``f = (x - t_m) / h`` (coefficients computed exactly, in rationals, once per
+     ``k``), evaluated by Horner with ``O(k^2)`` element-wise ops and no knot
+     gathers. Other knots: de Boor's triangular scheme (NURBS Book, alg. A2.2)
+     on gathered knots;
+  3. those values are scattered into a dense ``(chunk, in, G + k + 1)`` block
+     (reused across chunks) whose last column is ``silu(x)``; slots of bases that
+     do not exist (spans of the extension region, sentinel span) are routed to
+     that last column, which is written after the scatter. One GEMM against
+     ``[W | base_weight]`` of shape ``(out, in * (G + k + 1))`` gives ``y``:
+     exactly the dense-GEMM floor ``batch x in*(G+k+1) x out``.
+
+Backward recomputes steps 1-3 per chunk and issues the two remaining GEMMs:
+``grad_W += grad_y^T @ D`` (accumulated chunk by chunk in a fixed order:
+deterministic) and ``grad_D = grad_y @ W``, of which only the ``k + 1`` entries
+at the non-zero bases (plus the silu column) are gathered and contracted with
+the basis derivatives
 
     dB_{j,k}/dx = k * (B_{j,k-1} / (t_{j+k} - t_j) - B_{j+1,k-1} / (t_{j+k+1} - t_{j+1})).
 
+Why no sparse path: on CPU an index op (gather/scatter) costs ~3 ns per element
+against ~0.1 ns for a contiguous element-wise op and ~0.01 ns per multiply-add
+inside a GEMM, so contracting only the ``k + 1`` non-zero bases by gathers of
+``W`` is slower than the dense GEMM at every grid size measured (G = 5..50,
+``benchmarks/results``). The dense block is kept, but built cheaply.
+
 Memory bound: nothing of size (batch, in, G + k) lives between forward and
-backward. The transient dense block is at most ``CHUNK_ELEMENTS`` elements
-(plus ``grad_D`` of the same size in backward), i.e. 2 x 16 MiB in float32 by
-default, whatever the batch size.
+backward. Per call the transient memory is one dense block of at most
+``CHUNK_ELEMENTS`` elements (plus ``grad_D`` of the same size in backward) and
+``O(k)`` per-element temporaries of ``rows_per_chunk * in`` elements, with
+``rows_per_chunk * in <= ROW_ELEMENTS``; i.e. about ``2 * CHUNK_ELEMENTS +
+(4k + 12) * ROW_ELEMENTS`` elements whatever the batch size and grid size
+(about 9 MiB + 6 MiB in float32 at the defaults, k = 3).
 
 Double backward is supported by autograd only through the reference/einsum
 formulation; this Function's backward is not itself differentiable
@@ -33,16 +50,31 @@ formulation; this Function's backward is not itself differentiable
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+import functools
+from fractions import Fraction
+from math import comb, factorial
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-__all__ = ["kan_linear_torch", "forward_2d", "backward_2d", "grid_is_uniform", "local_bases", "CHUNK_ELEMENTS"]
+__all__ = [
+    "kan_linear_torch",
+    "forward_2d",
+    "backward_2d",
+    "grid_is_uniform",
+    "local_bases",
+    "CHUNK_ELEMENTS",
+    "ROW_ELEMENTS",
+]
 
 #: Largest dense basis block (elements) materialised at once, per chunk of rows.
-CHUNK_ELEMENTS = 1 << 22
+CHUNK_ELEMENTS = 1 << 21
+#: Target number of (row, feature) elements per chunk: keeps the element-wise
+#: temporaries cache-resident while amortising per-op dispatch (tuned on a
+#: 2-core AMD EPYC, see benchmarks/results).
+ROW_ELEMENTS = 1 << 16
 
 
 def grid_is_uniform(grid: torch.Tensor) -> bool:
@@ -53,6 +85,67 @@ def grid_is_uniform(grid: torch.Tensor) -> bool:
     h = (grid[:, -1:] - grid[:, :1]) / (grid.shape[-1] - 1)
     tol = 16 * torch.finfo(grid.dtype).eps * grid.abs().amax(dim=-1, keepdim=True).clamp_min(1.0)
     return bool(((d - h).abs() <= tol).all()) and bool((h > 0).all())
+
+
+@functools.lru_cache(maxsize=None)
+def _cardinal_pieces(k: int) -> Tuple[Tuple[float, ...], ...]:
+    """Monomial coefficients of the uniform B-spline pieces.
+
+    On a span ``[t_m, t_m + h)`` with local coordinate ``f = (x - t_m) / h``,
+    ``B_{m-k+r}(x) = N_k(k - r + f)`` where ``N_k`` is the cardinal B-spline of
+    degree k on ``[0, k+1]``: ``N_k(s) = 1/k! sum_{l<=j} (-1)^l C(k+1, l) (s - l)^k``
+    on ``[j, j+1)``. Returns ``c[r][p]`` with ``B_{m-k+r} = sum_p c[r][p] f^p``,
+    computed exactly in rationals then rounded once.
+    """
+    out = []
+    for r in range(k + 1):
+        j = k - r
+        coefs = []
+        for p in range(k + 1):
+            acc = Fraction(0)
+            for l in range(j + 1):
+                acc += (-1) ** l * comb(k + 1, l) * comb(k, p) * Fraction(j - l) ** (k - p)
+            coefs.append(float(acc / factorial(k)))
+        out.append(tuple(coefs))
+    return tuple(out)
+
+
+def _poly(powers: List[torch.Tensor], coefs: Tuple[float, ...], out: torch.Tensor) -> torch.Tensor:
+    """out = sum_p coefs[p] powers[p] (element-wise; ``powers[p] = f^p``, p >= 1),
+    one op per non-zero coefficient."""
+    terms = [p for p in range(len(coefs) - 1, 0, -1) if coefs[p] != 0.0]
+    if not terms:
+        return out.fill_(coefs[0])
+    torch.mul(powers[terms[0]], coefs[terms[0]], out=out)
+    for p in terms[1:]:
+        out.add_(powers[p], alpha=coefs[p])
+    if coefs[0] != 0.0:
+        out.add_(coefs[0])
+    return out
+
+
+class _Grid:
+    """Per-call constants of the knot vectors (built once per forward/backward)."""
+
+    def __init__(self, grid: torch.Tensor, k: int, uniform: bool):
+        self.k = k
+        self.n = grid.shape[1]
+        self.nb = self.n - k - 1
+        self.uniform = uniform
+        self.grid = grid
+        self.t0 = grid[:, 0].contiguous()
+        self.tn = grid[:, -1].contiguous()
+        self.flat = grid.contiguous().reshape(-1)
+        self.row_base = torch.arange(grid.shape[0], device=grid.device) * self.n
+        if uniform:
+            h = (self.tn - self.t0) / (self.n - 1)
+            self.inv_h = 1.0 / h
+            self.pieces = _cardinal_pieces(k)
+            self.dpieces = tuple(tuple((p + 1) * c[p + 1] for p in range(k)) or (0.0,) for c in self.pieces)
+        else:
+            self.padded = _pad_knots(grid, k).contiguous()
+            self.pflat = self.padded.reshape(-1)
+            self.prow_base = torch.arange(grid.shape[0], device=grid.device) * self.padded.shape[1]
 
 
 def _pad_knots(grid: torch.Tensor, k: int) -> torch.Tensor:
@@ -70,6 +163,136 @@ def _pad_knots(grid: torch.Tensor, k: int) -> torch.Tensor:
     left = grid[:, :1] - h_lo * steps.flip(0)
     right = grid[:, -1:] + h_hi * steps
     return torch.cat([left, grid, right], dim=1)
+
+
+def _spans(x: torch.Tensor, g: _Grid) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Span index ``m`` (rows, in), ``n - 1`` for inputs outside the knots, and
+    (uniform knots) the local coordinate ``f`` in [0, 1] up to rounding.
+
+    ``m`` is int64, except on the uniform ``k >= 2`` path where it is the float
+    ``floor`` (exact small integers), which saves int64 passes."""
+    n = g.n
+    if g.uniform and g.k >= 2:
+        u = (x - g.t0).mul_(g.inv_h)
+        xmin, xmax = x.amin(0), x.amax(0)  # (aminmax(dim=0) is 20x slower on CPU)
+        if not (bool((xmin >= g.t0).all()) and bool((xmax < g.tn).all())):  # also NaN
+            outside = torch.lt(x, g.tn).logical_not_().logical_or_(x < g.t0)
+            u.masked_fill_(outside, float(n - 1))
+        # an inside input whose u rounds up to n - 1 lands on the sentinel span: its
+        # bases there are 0 up to rounding. Values and first derivatives are
+        # continuous for k >= 2, so a span off by one for an input within rounding
+        # of a knot changes nothing beyond rounding either.
+        mf = torch.floor(u)
+        return mf, u.sub_(mf)
+    outside = torch.lt(x, g.tn).logical_not_().logical_or_(x < g.t0)  # NaN -> outside
+    if g.uniform:
+        u = (x - g.t0).mul_(g.inv_h).masked_fill_(outside, float(n - 1))
+        m = torch.floor(u).clamp_(max=n - 2).long()
+        inside = outside.logical_not_()
+        m = _correct_span(x, m, g, inside)
+        t_m = g.flat[g.row_base + m]
+        f = (x - t_m).mul_(g.inv_h)
+        return m.masked_fill_(~inside, n - 1), f
+    m = torch.searchsorted(g.grid, x.t().contiguous(), right=True).t() - 1
+    m = m.clamp_(0, n - 2).masked_fill_(outside, n - 1)
+    return m, None
+
+
+def _correct_span(x, m, g: _Grid, inside):
+    """Move ``m`` by one where rounding put ``x`` on the wrong side of a stored knot."""
+    n = g.n
+    base = g.row_base
+    t_m = g.flat[base + m]
+    m = torch.where(x < t_m, m - 1, m).clamp_(0, n - 2)
+    t_m1 = g.flat[base + m + 1]
+    m = torch.where(x >= t_m1, m + 1, m).clamp_(0, n - 2)
+    return m
+
+
+def _values(x, m, f, g: _Grid, need_val: bool, need_deriv: bool, deriv_scaled: bool = True):
+    """Non-zero bases (k+1, rows, in) of every input on its span, and d/dx
+    (for uniform knots without the 1/h factor when ``deriv_scaled`` is False)."""
+    k = g.k
+    shape = (k + 1,) + tuple(x.shape)
+    V = torch.empty(shape, dtype=x.dtype, device=x.device) if need_val else None
+    dV = torch.empty(shape, dtype=x.dtype, device=x.device) if need_deriv else None
+    if g.uniform:
+        powers = [None, f]
+        for _ in range(2, k + 1):
+            powers.append(powers[-1] * f)
+        for r in range(k + 1):
+            if need_val:
+                _poly(powers, g.pieces[r], V[r])
+            if need_deriv:
+                _poly(powers, g.dpieces[r], dV[r]) if k > 0 else dV[r].zero_()
+                if deriv_scaled:
+                    dV[r].mul_(g.inv_h)
+        return V, dV
+    # non-uniform: de Boor on the padded knots (spans m = n - 1 read valid padded knots)
+    mc = m.clamp(max=g.n - 2)
+    base = g.prow_base + k + mc  # padded index of t_m
+    flat = g.pflat
+    xs = torch.where(m < g.n - 1, x, g.t0.expand_as(x))
+    lefts = [xs - flat[base + 1 - j] for j in range(1, k + 1)]
+    rights = [flat[base + j] - xs for j in range(1, k + 1)]
+    N = [torch.ones_like(xs)]
+    N_prev = N
+    for p in range(1, k + 1):
+        if p == k:
+            N_prev = N
+        saved = torch.zeros_like(xs)
+        new = []
+        for r in range(p):
+            temp = N[r] / (rights[r] + lefts[p - r - 1])
+            new.append(saved + rights[r] * temp)
+            saved = lefts[p - r - 1] * temp
+        new.append(saved)
+        N = new
+    if need_val:
+        torch.stack(N, out=V)
+    if need_deriv:
+        if k == 0:
+            dV.zero_()
+        else:
+            zero = torch.zeros_like(xs)
+            one = torch.ones_like(xs)
+            lower = [zero] + list(N_prev) + [zero]  # lower[r] = B_{m-k+r, k-1}
+            last = flat.numel() - 1
+            for r in range(k + 1):
+                i = base - k + r  # padded index of t_{m-k+r}
+                den_a = flat[(i + k).clamp(max=last)] - flat[i.clamp(min=0)]
+                den_b = flat[(i + k + 1).clamp(max=last)] - flat[(i + 1).clamp(min=0)]
+                a = torch.where(den_a > 0, lower[r] / torch.where(den_a > 0, den_a, one), zero)
+                b = torch.where(den_b > 0, lower[r + 1] / torch.where(den_b > 0, den_b, one), zero)
+                torch.mul(a - b, k, out=dV[r])
+    return V, dV
+
+
+def _slot_index(m: torch.Tensor, g: _Grid, blk: "_Block", rows: int) -> Tuple[List[torch.Tensor], Optional[torch.Tensor]]:
+    """Flat positions in the chunk's dense block of the k+1 values of every input.
+
+    ``blk.base`` (rows, in) is the flat position of basis 0 of each (row, feature).
+    Returns ``(lin, invalid)``. Common case
+    (every input of the chunk on an interior span): ``lin`` is ``[p]`` with
+    ``p = base + m - k`` (rows*in,), slot r at ``p + r`` (read/written through
+    views shifted by r), ``invalid`` None. Otherwise ``lin`` holds k+1 explicit
+    positions, slots of bases that do not exist (extension spans, sentinel span
+    n-1) clamped onto a real basis of the same feature, and ``invalid``
+    (k+1, rows, in) bool marks them: their values must be 0 and they must be
+    accumulated (``index_add_``), never copied.
+    """
+    k, nb = g.k, g.nb
+    lo, hi = torch.aminmax(m)
+    if float(lo) >= k and float(hi) <= nb - 1:
+        if m.is_floating_point() and blk.base_f is not None:
+            return [torch.add(blk.base_f[:rows], m).long().view(-1)], None
+        return [torch.add(blk.base[:rows], m.long()).sub_(k).view(-1)], None
+    m = m.long()
+    base = blk.base[:rows]
+    idx = torch.stack([m + (r - k) for r in range(k + 1)])
+    invalid = (idx < 0).logical_or_(idx >= nb)
+    idx.clamp_(0, nb - 1).add_(base)
+    return [idx[r].view(-1) for r in range(k + 1)], invalid
 
 
 def local_bases(
@@ -90,86 +313,21 @@ def local_bases(
         slots must be dropped); ``vals`` ``(rows, in, k+1)`` (0 for out-of-range or
         non-finite inputs); ``dvals`` the same shape or None.
     """
-    n = grid.shape[1]
-    t0 = grid[:, 0]
-    tn = grid[:, -1]
-    inside = (x >= t0) & (x < tn)
-    xs = torch.where(inside, x, t0.expand_as(x))  # finite, in range stand-in
-    if uniform:
-        h = (tn - t0) / (n - 1)
-        m = torch.floor((xs - t0) / h).long().clamp_(0, n - 2)
-        # correct rounding against the stored knots (so knots hit exactly agree with the reference)
-        rows_idx = torch.arange(grid.shape[0], device=x.device)
-        flat = grid.reshape(-1)
-        base = rows_idx * n
-        t_m = flat[base + m]
-        m = torch.where(xs < t_m, m - 1, m)
-        m = m.clamp_(0, n - 2)
-        t_m1 = flat[base + m + 1]
-        m = torch.where(xs >= t_m1, m + 1, m).clamp_(0, n - 2)
-        t_m = flat[base + m]
-        u = (xs - t_m) / h
-        lefts = [u + (j - 1) for j in range(1, k + 1)]  # (x - t_{m+1-j}) / h
-        rights = [(j - u) for j in range(1, k + 1)]  # (t_{m+j} - x) / h
-        scale = 1.0 / h
-    else:
-        m = torch.searchsorted(grid, xs.t().contiguous(), right=True).t() - 1
-        m = m.clamp_(0, n - 2)
-        tp = _pad_knots(grid, k)
-        npad = tp.shape[1]
-        flat = tp.reshape(-1)
-        base = torch.arange(grid.shape[0], device=x.device) * npad + k + m  # index of t_m in the padded row
-        lefts = [xs - flat[base + 1 - j] for j in range(1, k + 1)]
-        rights = [flat[base + j] - xs for j in range(1, k + 1)]
-        scale = None
-
-    # de Boor triangle: N holds the order-p bases B_{m-p..m}
-    one = torch.ones_like(xs)
-    N = [one]
-    N_prev = None
-    for p in range(1, k + 1):
-        if p == k:
-            N_prev = N
-        saved = torch.zeros_like(xs)
-        new = []
-        for r in range(p):
-            temp = N[r] / (rights[r] + lefts[p - r - 1])
-            new.append(saved + rights[r] * temp)
-            saved = lefts[p - r - 1] * temp
-        new.append(saved)
-        N = new
-    vals = torch.stack(N, dim=-1)  # (rows, in, k+1)
-    vals = torch.where(inside.unsqueeze(-1), vals, torch.zeros_like(vals))
-
-    dvals = None
-    if need_deriv:
-        if k == 0:
-            dvals = torch.zeros_like(vals)
-        else:
-            # B_{i,k}' = k * (B_{i,k-1} / (t_{i+k} - t_i) - B_{i+1,k-1} / (t_{i+k+1} - t_{i+1}))
-            # for i = m-k+r, r = 0..k; lower-order values N_prev[s] = B_{m-k+1+s, k-1}, s = 0..k-1.
-            zero = torch.zeros_like(xs)
-            lower = [zero] + list(N_prev) + [zero]  # lower[r] = B_{m-k+r, k-1}
-            d = []
-            for r in range(k + 1):
-                if uniform:  # t_{i+k} - t_i = k h
-                    a = lower[r] * (scale / k)
-                    b = lower[r + 1] * (scale / k)
-                else:
-                    i = base - k + r  # padded index of t_{m-k+r}
-                    # denominators > 0 wherever the lower basis is non-zero on this span
-                    den_a = flat[(i + k).clamp(max=flat.numel() - 1)] - flat[i.clamp(min=0)]
-                    den_b = flat[(i + k + 1).clamp(max=flat.numel() - 1)] - flat[(i + 1).clamp(min=0)]
-                    a = torch.where(den_a > 0, lower[r] / torch.where(den_a > 0, den_a, one), zero)
-                    b = torch.where(den_b > 0, lower[r + 1] / torch.where(den_b > 0, den_b, one), zero)
-                d.append(k * (a - b))
-            dvals = torch.stack(d, dim=-1)
-            dvals = torch.where(inside.unsqueeze(-1), dvals, torch.zeros_like(dvals))
-    return m - k, vals, dvals
+    g = _Grid(grid, k, uniform)
+    m, f = _spans(x, g)
+    V, dV = _values(x, m, f, g, True, need_deriv)
+    outside = (m == g.n - 1).unsqueeze(-1)
+    vals = V.permute(1, 2, 0).masked_fill(outside, 0.0)
+    dvals = dV.permute(1, 2, 0).masked_fill(outside, 0.0) if need_deriv else None
+    return m.long().clamp(max=g.n - 2) - k, vals, dvals
 
 
 def _dense_block(x, grid, k, n_basis, uniform, has_base, need_deriv):
-    """Dense (rows, in, n_basis + has_base) block of bases (and silu column)."""
+    """Dense (rows, in, n_basis + has_base) block of bases (and silu column).
+
+    Returns ``(D, idx_c, valid, dvals)``: ``idx_c`` (rows, in, k+1) the clamped
+    basis index of each local value, ``valid`` where it is a real basis,
+    ``dvals`` (rows, in, k+1) or None."""
     first, vals, dvals = local_bases(x, grid, k, uniform, need_deriv)
     rows, nin = x.shape
     width = n_basis + (1 if has_base else 0)
@@ -185,49 +343,122 @@ def _dense_block(x, grid, k, n_basis, uniform, has_base, need_deriv):
 
 
 def _chunk_rows(nin: int, width: int) -> int:
-    return max(1, CHUNK_ELEMENTS // max(1, nin * width))
+    return max(1, min(ROW_ELEMENTS // max(1, nin), CHUNK_ELEMENTS // max(1, nin * width)))
+
+
+class _Block:
+    """Reusable dense block (cap, in * width) in one flat buffer with k elements of
+    slack, so that the views shifted by r = 0..k used for slot r stay in bounds.
+    Layout per row: ``[B(x) as (in, nb) | silu(x) (in)]`` matching the weight
+    ``[W.reshape(out, in*nb) | base_weight]`` (the silu block is contiguous)."""
+
+    def __init__(self, cap: int, nin: int, nb: int, width: int, k: int, like: torch.Tensor):
+        self.flat = torch.empty(cap * nin * width + k, dtype=like.dtype, device=like.device)
+        self.nin, self.nb, self.width, self.k = nin, nb, width, k
+        self.base = (
+            torch.arange(cap, device=like.device).mul_(nin * width).unsqueeze(1)
+            + torch.arange(nin, device=like.device).mul_(nb)
+        )
+        # float copy (exact: cap * in * width < 2**24) for the float-span path, with
+        # the -k of "first basis = m - k" folded in; kept int64 otherwise.
+        exact = cap * nin * width + k < 1.0 / torch.finfo(like.dtype).eps  # integers exact in this dtype
+        self.base_f = (self.base - k).to(like.dtype) if exact else None
+
+
+    def rows(self, rows: int) -> torch.Tensor:
+        return self.flat[: rows * self.nin * self.width].view(rows, self.nin * self.width)
+
+
+def _fill_block(blk: _Block, rows: int, xc: torch.Tensor, V, lin, invalid, has_base: bool) -> torch.Tensor:
+    """The chunk's dense block: zero, add the k+1 bases at their positions, silu block."""
+    D = blk.rows(rows)
+    D.zero_()
+    k = blk.k
+    if invalid is not None:  # clamped slots carry 0 and may collide with real ones
+        V.masked_fill_(invalid, 0.0)
+        for r in range(k + 1):
+            blk.flat.index_add_(0, lin[r], V[r].view(-1))
+    else:  # distinct positions in a zeroed block: add == copy, and index_add_ is the fastest
+        for r in range(k + 1):
+            blk.flat[r:].index_add_(0, lin[0], V[r].view(-1))
+    if has_base:
+        torch.ops.aten.silu.out(xc, out=D[:, blk.nin * blk.nb :])
+    return D
+
+
+def _prepare(grid, weight, spline_order, n_basis, has_base, uniform):
+    """Grid constants and the GEMM weight ``[W.reshape(out, in*nb) | base_weight]``."""
+    g = _Grid(grid, spline_order, uniform)
+    nout, nin, _ = weight.shape
+    w2 = weight[..., :n_basis].reshape(nout, nin * n_basis)
+    if has_base:
+        w2 = torch.cat([w2, weight[..., n_basis]], dim=1)
+    return g, w2, nout, nin, n_basis + (1 if has_base else 0)
 
 
 def forward_2d(x, grid, weight, spline_order, n_basis, has_base, uniform):
     """y = D(x) @ weight.reshape(out, -1)^T, chunked. x (N, in); weight (out, in, n_basis + has_base)."""
-    nout, nin, width = weight.shape
-    w2 = weight.reshape(nout, nin * width)
-    y = torch.empty(x.shape[0], nout, dtype=x.dtype, device=x.device)
+    g, w2, nout, nin, width = _prepare(grid, weight, spline_order, n_basis, has_base, uniform)
+    N = x.shape[0]
+    y = torch.empty(N, nout, dtype=x.dtype, device=x.device)
     step = _chunk_rows(nin, width)
-    for s in range(0, x.shape[0], step):
+    blk = _Block(min(step, N), nin, g.nb, width, g.k, x)
+    w2t = w2.t()
+    for s in range(0, N, step):
         xc = x[s : s + step]
-        D, _, _, _ = _dense_block(xc, grid, spline_order, n_basis, uniform, has_base, False)
-        torch.mm(D.reshape(xc.shape[0], nin * width), w2.t(), out=y[s : s + step])
+        rows = xc.shape[0]
+        m, f = _spans(xc, g)
+        V, _ = _values(xc, m, f, g, True, False)
+        lin, invalid = _slot_index(m, g, blk, rows)
+        D = _fill_block(blk, rows, xc, V, lin, invalid, has_base)
+        torch.mm(D, w2t, out=y[s : s + step])
     return y
 
 
 def backward_2d(grad_y, x, grid, weight, spline_order, n_basis, has_base, uniform, need_x=True, need_w=True):
     """Gradients (grad_x (N, in) or None, grad_weight (out, in, width) or None) of forward_2d."""
-    k = spline_order
-    nout, nin, width = weight.shape
-    w2 = weight.reshape(nout, nin * width)
+    g, w2, nout, nin, width = _prepare(grid, weight, spline_order, n_basis, has_base, uniform)
+    k, nb = g.k, g.nb
+    N = x.shape[0]
     grad_x = torch.empty_like(x) if need_x else None
     grad_w = torch.zeros(nout, nin * width, dtype=weight.dtype, device=weight.device) if need_w else None
     grad_y = grad_y.contiguous()
     step = _chunk_rows(nin, width)
-    for s in range(0, x.shape[0], step):
+    cap = min(step, N)
+    blk = _Block(cap, nin, nb, width, k, x)
+    gblk = _Block(cap, nin, nb, width, k, x) if need_x else None
+    for s in range(0, N, step):
         xc = x[s : s + step]
         gy = grad_y[s : s + step]
-        D, idx_c, valid, dvals = _dense_block(xc, grid, k, n_basis, uniform, has_base, need_x)
         rows = xc.shape[0]
+        m, f = _spans(xc, g)
+        V, dV = _values(xc, m, f, g, need_w, need_x, deriv_scaled=not g.uniform)
+        lin, invalid = _slot_index(m, g, blk, rows)
         if need_w:
-            grad_w.addmm_(gy.t(), D.reshape(rows, nin * width))
+            D = _fill_block(blk, rows, xc, V, lin, invalid, has_base)
+            grad_w.addmm_(gy.t(), D)
         if need_x:
-            gD = torch.mm(gy, w2).reshape(rows, nin, width)
-            g_local = torch.gather(gD, 2, idx_c)
-            g_local = torch.where(valid, g_local, torch.zeros_like(g_local))
-            gx = (g_local * dvals).sum(-1)
+            gD = gblk.rows(rows)
+            torch.mm(gy, w2, out=gD)
+            if invalid is not None:
+                dV.masked_fill_(invalid, 0.0)
+                gl = [gblk.flat.index_select(0, lin[r]) for r in range(k + 1)]
+            else:
+                gl = [gblk.flat[r:].index_select(0, lin[0]) for r in range(k + 1)]
+            gx = grad_x[s : s + step].view(-1)
+            torch.mul(gl[0], dV[0].view(-1), out=gx)
+            for r in range(1, k + 1):
+                gx.addcmul_(gl[r], dV[r].view(-1))
+            gx = gx.view(rows, nin)
+            if g.uniform:
+                gx.mul_(g.inv_h)
             if has_base:
-                sig = torch.sigmoid(xc)
-                gx = gx + gD[..., n_basis] * (sig * (1 + xc * (1 - sig)))
-            grad_x[s : s + step] = gx
+                gx.add_(torch.ops.aten.silu_backward(gD[:, nin * nb :], xc))
     if need_w:
-        grad_w = grad_w.reshape(nout, nin, width)
+        if has_base:
+            grad_w = torch.cat([grad_w[:, : nin * nb].view(nout, nin, nb), grad_w[:, nin * nb :].unsqueeze(-1)], dim=-1)
+        else:
+            grad_w = grad_w.view(nout, nin, nb)
     return grad_x, grad_w
 
 

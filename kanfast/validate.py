@@ -143,11 +143,11 @@ def run(args) -> int:
     dtypes = [args.dtype] if isinstance(args.dtype, str) else list(args.dtype)
     status = 0
     for name in dtypes:
-        status |= _run_dtype(args, DTYPES[name], name)
+        status |= _run_dtype(args, DTYPES[name])
     return status
 
 
-def _run_dtype(args, dtype: torch.dtype, dtype_name: str) -> int:
+def _run_dtype(args, dtype: torch.dtype) -> int:
     device = args.device
     backends = args.backends or available_backends(device)
     tol = TOLERANCES[dtype]
@@ -169,7 +169,7 @@ def _run_cases(backends, device, dtype, tol, args) -> int:
     cases = default_cases(args.quick)
     if device == "cpu" and "triton" in backends:
         cases = [c for c in cases if c.in_features * c.out_features <= 300] or cases[:2]
-    print(f"kanfast validate: backends={backends} device={device} dtype={dtype_name} rel tol={tol:g} ({len(cases)} cases each)")
+    print(f"kanfast validate: backends={backends} device={device} dtype={str(dtype).replace('torch.', '')} rel tol={tol:g} ({len(cases)} cases each)")
     names = ["y", "grad_x", "grad_base_weight", "grad_spline_weight", "grad_spline_scaler"]
     header = f"{'backend':8s} {'case':58s} " + " ".join(f"{n:>18s}" for n in names)
     print(header)

@@ -1,0 +1,687 @@
+"""``kanfast bench``: throughput and memory of the KAN backends against baselines.
+
+For every shape (batch, in, out, G, k) it times, interleaved repeat by repeat after
+warm-up (median and min over ``--repeats``):
+
+* kanfast backends: ``torch`` (the fast CPU path), ``reference`` (the oracle),
+  ``triton`` (CUDA only);
+* ``materialized``: efficient-kan's formulation (full Cox-de Boor table then
+  ``F.linear``, :mod:`kanfast.benchmarks.baselines`), same parameters as ours,
+  and, with ``--compile``, its ``torch.compile`` variant;
+* ``mlp``: ``Linear(in, out) + SiLU``;
+* peers from PyPI when installed (``pip install kanfast[peers]``): pykan, flashkan,
+  inkan (eager; ``--compile-peers`` adds their compiled variants). A peer that is
+  missing, unsupported for the shape or fails is listed with the reason;
+* ``dense floor``: the three GEMMs every exact dense-basis KAN layer performs,
+  ``(batch x in*(G+k+1)) @ (in*(G+k+1) x out)`` forward and the two backward
+  products, as plain ``torch.matmul`` on random data, timed in the same run.
+
+"forward" runs under ``torch.no_grad()`` (inference); "fwd+bwd" is
+``y = f(x); y.backward(gy)`` with ``x`` and the parameters requiring grad.
+
+Peak memory (``peak_extra_mb``, fwd+bwd): memory beyond the parameters, their
+gradients, the input (and its gradient) and the output.
+  * CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``,
+    minus the output and the gradients allocated in the step.
+  * CPU (Linux): the process's resident-set high-water mark (``VmHWM``, reset by
+    writing 5 to ``/proc/self/clear_refs``) minus the resident set just before
+    the step, after ``gc.collect()`` and glibc ``malloc_trim(0)`` so that memory
+    freed earlier is not silently reused; minus the output and gradient bytes.
+    It counts every byte the step touches (library workspaces included), at page
+    granularity. Elsewhere the column is empty.
+
+FLOPs: the dense-equivalent count ``2 * batch * in * (G + k + 1) * out`` forward
+and three times that for fwd+bwd (the MLP: ``2 * batch * in * out`` and
+``6 * ...``), the same for every KAN implementation, so ``gflops`` (FLOPs / time)
+compares useful work per second.
+
+Writes a JSON file (``meta`` + ``results``) and a CSV of the results next to it,
+optionally a PNG (``--plot``): fwd+bwd time and peak memory against G and
+against batch, one line per implementation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import ctypes
+import datetime as _dt
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+__all__ = ["add_arguments", "run", "dense_flops", "SWEEPS"]
+
+DEFAULT_OUT = "kanfast-bench.json"
+
+#: Named sweeps (they replace the corresponding shape lists).
+SWEEPS = {
+    "grid": {"grid_size": [3, 5, 10, 20, 50]},
+    "batch": {"batch": [256, 1024, 4096, 16384]},
+}
+
+
+def _int_list(text: str) -> List[int]:
+    try:
+        vals = [int(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+    if not vals or any(v < 0 for v in vals):
+        raise argparse.ArgumentTypeError(f"expected non-negative integers, got {text!r}")
+    return vals
+
+
+def _name_list(text: str) -> List[str]:
+    return [v.strip() for v in str(text).split(",") if v.strip()]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``kanfast bench`` (see the module docstring)."""
+    g = parser.add_argument_group("shapes (comma-separated lists; every combination is run)")
+    g.add_argument("--batch", type=_int_list, default=[2048], help="batch sizes (default 2048)")
+    g.add_argument("--in-features", "--in", dest="in_features", type=_int_list, default=[128], help="default 128")
+    g.add_argument("--out-features", dest="out_features", type=_int_list, default=None,
+                   help="default: equal to --in-features")
+    g.add_argument("--grid-size", "--grid", dest="grid_size", type=_int_list, default=[5, 20], help="G (default 5,20)")
+    g.add_argument("--spline-order", "-k", dest="spline_order", type=_int_list, default=[3], help="k (default 3)")
+    g.add_argument("--sweep", choices=sorted(SWEEPS), action="append", default=[],
+                   help="grid: G in 3,5,10,20,50; batch: 256..16384 (repeatable)")
+    r = parser.add_argument_group("run")
+    r.add_argument("--dtype", choices=["float32", "float64", "bfloat16"], default="float32")
+    r.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available, else cpu)")
+    r.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU; default: torch's)")
+    r.add_argument("--repeats", type=int, default=5, help="timed repeats per case (median reported)")
+    r.add_argument("--warmup", type=int, default=2, help="untimed warm-up calls per case")
+    r.add_argument("--backends", type=_name_list, default=None,
+                   help="kanfast backends (default: torch,reference, plus triton on CUDA)")
+    r.add_argument("--peers", type=_name_list, default=["pykan", "flashkan", "inkan"],
+                   help="peer packages to try (default pykan,flashkan,inkan; 'none' for none)")
+    r.add_argument("--compile", action="store_true", help="also time torch.compile of the materialized baseline")
+    r.add_argument("--compile-peers", action="store_true", help="also time the peers' torch.compile variants")
+    r.add_argument("--max-elements", type=float, default=2.0e8,
+                   help="skip an implementation whose largest materialised tensor would exceed this many elements "
+                        "(pykan builds (batch, in, out) tensors; default 2e8)")
+    r.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
+    r.add_argument("--no-first-call", action="store_true",
+                   help="skip timing the first call in a fresh process (a subprocess)")
+    o = parser.add_argument_group("output")
+    o.add_argument("--out", type=Path, default=Path(DEFAULT_OUT), help=f"JSON path (default {DEFAULT_OUT}); CSV next to it")
+    o.add_argument("--plot", type=Path, default=None, help="PNG with time and memory against G and batch")
+    o.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    o.add_argument("--quiet", action="store_true", help="no table on stdout")
+
+
+# --------------------------------------------------------------------------- meta
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _git_commit() -> Optional[Dict[str, Any]]:
+    here = Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+        if sha.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10)
+        return {"sha": sha.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _versions() -> Dict[str, Optional[str]]:
+    out = {"python": platform.python_version(), "torch": torch.__version__}
+    for mod in ("triton", "numpy", "kanfast", "kan", "flashkan", "inkan"):
+        try:
+            m = __import__(mod)
+            out[mod] = getattr(m, "__version__", "installed")
+        except Exception:
+            out[mod] = None
+    if out.get("kan") is not None:
+        try:
+            from importlib.metadata import version
+
+            out["kan"] = version("pykan")
+        except Exception:
+            pass
+    return out
+
+
+def _machine(device: torch.device) -> Dict[str, Any]:
+    info = {
+        "cpu_model": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "loadavg_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+# ------------------------------------------------------------------------ helpers
+def dense_flops(batch: int, nin: int, nout: int, grid_size: int, k: int) -> int:
+    """Dense-equivalent FLOPs of one KAN forward: ``2 * batch * in * (G + k + 1) * out``."""
+    return 2 * batch * nin * (grid_size + k + 1) * nout
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class _Case:
+    """One implementation on one shape: its callables and measurements."""
+
+    def __init__(self, label: str, kind: str, module: Optional[nn.Module] = None, status: str = "ok", note: str = ""):
+        self.label, self.kind, self.module, self.status, self.note = label, kind, module, status, note
+        self.fwd: List[float] = []
+        self.fb: List[float] = []
+        self.peak_extra: Optional[float] = None
+        self.memory_note = ""
+
+
+def _status_text(s) -> Tuple[str, str]:
+    return s.status, s.reason
+
+
+_libc = None
+
+
+def _malloc_trim() -> None:
+    global _libc
+    try:
+        if _libc is None:
+            _libc = ctypes.CDLL("libc.so.6")
+        _libc.malloc_trim(0)
+    except OSError:
+        pass
+
+
+def _proc_status(key: str) -> Optional[int]:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _reset_hwm() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_extra_bytes(step: Callable[[], Tuple[torch.Tensor, int]], device: torch.device) -> Tuple[Optional[float], str]:
+    """Run ``step`` once; return (peak bytes beyond its persistent results, note).
+    ``step`` returns (output, bytes of the gradients it allocated)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        y, grad_bytes = step()
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device) - base
+        return max(0.0, peak - y.numel() * y.element_size() - grad_bytes), "cuda max_memory_allocated"
+    _malloc_trim()
+    rss0 = _proc_status("VmRSS")
+    if rss0 is None or not _reset_hwm():
+        return None, "unavailable (needs Linux /proc/self/clear_refs)"
+    y, grad_bytes = step()
+    hwm = _proc_status("VmHWM")
+    return max(0.0, hwm - rss0 - y.numel() * y.element_size() - grad_bytes), "RSS high-water mark"
+
+
+def _first_call(shape, dtype_name: str, threads: Optional[int]) -> Dict[str, Any]:
+    """Import + first forward+backward of FastKANLayer(backend='torch') in a fresh interpreter."""
+    b, i, o, G, k = shape
+    code = (
+        "import time; t0 = time.perf_counter()\n"
+        "import torch\n"
+        + (f"torch.set_num_threads({threads})\n" if threads else "")
+        + "from kanfast import FastKANLayer\n"
+        "t1 = time.perf_counter()\n"
+        f"layer = FastKANLayer({i}, {o}, grid_size={G}, spline_order={k}, backend='torch', dtype=torch.{dtype_name})\n"
+        f"x = (torch.rand({b}, {i}, dtype=torch.{dtype_name}) * 2 - 1).requires_grad_(True)\n"
+        "t2 = time.perf_counter()\n"
+        "layer(x).sum().backward()\n"
+        "t3 = time.perf_counter()\n"
+        "layer(x).sum().backward()\n"
+        "t4 = time.perf_counter()\n"
+        "print(t1 - t0, t2 - t1, t3 - t2, t4 - t3)\n"
+    )
+    try:
+        res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+        if res.returncode != 0:
+            return {"status": "failed", "error": res.stderr.strip()[-500:]}
+        imp, build, first, second = (float(v) for v in res.stdout.split()[-4:])
+        return {"status": "ok", "shape": list(shape), "import_s": imp, "build_s": build,
+                "first_fwd_bwd_s": first, "second_fwd_bwd_s": second}
+    except (OSError, subprocess.SubprocessError, ValueError) as e:
+        return {"status": "failed", "error": f"{type(e).__name__}: {e}"}
+
+
+# -------------------------------------------------------------------------- core
+def _build_cases(shape, args, device, dtype, backends, peers) -> Tuple[List[_Case], nn.Module]:
+    from kanfast import FastKANLayer
+
+    from .baselines import MaterializedKAN, PeerStatus, compile_module, make_peers, mlp
+
+    b, nin, nout, G, k = shape
+    torch.manual_seed(0)
+    layer = FastKANLayer(nin, nout, grid_size=G, spline_order=k, device=device, dtype=dtype)
+    cases: List[_Case] = []
+    for be in backends:
+        if be == "triton" and device.type != "cuda":
+            cases.append(_Case("kanfast-triton", "kan", status="skipped",
+                               note="CPU run (the Triton backend needs CUDA; its CPU interpreter is for validation)"))
+            continue
+        if be == "triton":
+            try:
+                from kanfast import triton_backend
+
+                if not getattr(triton_backend, "AVAILABLE", False):
+                    cases.append(_Case("kanfast-triton", "kan", status="skipped", note="triton backend not available"))
+                    continue
+            except Exception as e:
+                cases.append(_Case("kanfast-triton", "kan", status="failed", note=f"import: {e}"))
+                continue
+        if be == "reference" and b * nin * (G + k) * (k + 3) > args.max_elements:
+            cases.append(_Case("kanfast-reference", "kan", status="skipped",
+                               note=f"Cox-de Boor table of ~{b * nin * (G + 2 * k):.2e} elements per order exceeds --max-elements"))
+            continue
+        m = FastKANLayer(nin, nout, grid_size=G, spline_order=k, device=device, dtype=dtype)
+        m.load_state_dict(layer.state_dict())
+        m.backend = be
+        cases.append(_Case(f"kanfast-{be}", "kan", m))
+    mat = MaterializedKAN.from_layer(layer)
+    cases.append(_Case("materialized", "baseline", mat))
+    if args.compile:
+        cases.append(_Case("materialized+compile", "baseline", compile_module(MaterializedKAN.from_layer(layer))))
+    cases.append(_Case("mlp", "mlp", mlp(nin, nout, device=device, dtype=dtype)))
+    peer_list = list(peers)
+    built = []
+    if peer_list:
+        built = make_peers(peer_list, nin, nout, G, k, layer.grid_range, device=device, dtype=dtype)
+        if args.compile_peers:
+            built += make_peers(peer_list, nin, nout, G, k, layer.grid_range, device=device, dtype=dtype, compiled=True)
+    for label, mod in built:
+        if isinstance(mod, PeerStatus):
+            cases.append(_Case(label, "peer", status=mod.status, note=mod.reason))
+        elif label.startswith("pykan") and b * nin * nout > args.max_elements:
+            cases.append(_Case(label, "peer", status="skipped",
+                               note=f"pykan materialises (batch, in, out) = {b * nin * nout:.2e}-element tensors, over --max-elements"))
+        else:
+            cases.append(_Case(label, "peer", mod))
+    return cases, layer
+
+
+def _timers(case: _Case, x: torch.Tensor, gy: torch.Tensor, device):
+    mod = case.module
+    params = [p for p in mod.parameters() if p.requires_grad]
+
+    def fwd():
+        with torch.no_grad():
+            return mod(x)
+
+    def fb():
+        for p in params:
+            p.grad = None
+        xg = x.detach().requires_grad_(True)
+        y = mod(xg)
+        y.backward(gy)
+        return y
+
+    def fb_mem():
+        for p in params:
+            p.grad = None
+        xg = x.detach().requires_grad_(True)
+        y = mod(xg)
+        y.backward(gy)
+        grad_bytes = sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None)
+        grad_bytes += xg.grad.numel() * xg.grad.element_size() if xg.grad is not None else 0
+        return y, grad_bytes
+
+    return fwd, fb, fb_mem
+
+
+def _timed(fn, device) -> float:
+    _sync(device)
+    t = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - t
+
+
+def _run_shape(shape, args, device, dtype, backends, peers, progress) -> Tuple[List[Dict[str, Any]], Dict[str, Any]]:
+    b, nin, nout, G, k = shape
+    cases, layer = _build_cases(shape, args, device, dtype, backends, peers)
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    lo, hi = layer.grid_range
+    x = (torch.rand(b, nin, generator=gen, dtype=torch.float64) * (hi - lo) + lo).to(device=device, dtype=dtype)
+    gy = torch.randn(b, nout, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
+    width = nin * (G + k + 1)
+    Dm = torch.randn(b, width, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
+    Wm = torch.randn(nout, width, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
+    floor_fwd, floor_fb = [], []
+
+    def floor_f():
+        torch.matmul(Dm, Wm.t())
+
+    def floor_b():
+        torch.matmul(Dm, Wm.t())
+        torch.matmul(gy.t(), Dm)
+        torch.matmul(gy, Wm)
+
+    # cross-check: our backends and the materialized baseline share parameters
+    check = {}
+    with torch.no_grad():
+        ref = next(c for c in cases if c.label == "materialized").module(x[:256])
+        for c in cases:
+            if c.kind == "kan" and c.status == "ok":
+                try:
+                    check[c.label] = float((c.module(x[:256]) - ref).abs().max())
+                except Exception as e:
+                    c.status, c.note = "failed", f"{type(e).__name__}: {e}"
+    timers = {}
+    for c in cases:
+        if c.status == "ok":
+            timers[c.label] = _timers(c, x, gy, device)
+    for rep in range(args.warmup + args.repeats):
+        timed = rep >= args.warmup
+        t = _timed(floor_f, device)
+        if timed:
+            floor_fwd.append(t)
+        t = _timed(floor_b, device)
+        if timed:
+            floor_fb.append(t)
+        for c in cases:
+            if c.status != "ok":
+                continue
+            fwd, fb, _ = timers[c.label]
+            try:
+                t1 = _timed(fwd, device)
+                t2 = _timed(fb, device)
+            except Exception as e:  # a peer (or compile) failing at run time
+                c.status, c.note = "failed", f"run: {type(e).__name__}: {str(e)[:300]}"
+                continue
+            if timed:
+                c.fwd.append(t1)
+                c.fb.append(t2)
+        progress(1)
+    del Dm, Wm
+    if not args.no_memory:
+        for c in cases:
+            if c.status != "ok":
+                continue
+            try:
+                c.peak_extra, c.memory_note = _peak_extra_bytes(timers[c.label][2], device)
+            except Exception as e:
+                c.memory_note = f"failed: {type(e).__name__}: {e}"
+    fl = dense_flops(b, nin, nout, G, k)
+    mlp_fl = 2 * b * nin * nout
+    med = lambda v: statistics.median(v) * 1e3 if v else None  # noqa: E731
+    fmin = lambda v: min(v) * 1e3 if v else None  # noqa: E731
+    ref_times = {c.label: (med(c.fwd), med(c.fb)) for c in cases if c.fb}
+    mlp_t = ref_times.get("mlp", (None, None))
+    base_t = ref_times.get("materialized", (None, None))
+    floor = {"fwd_ms": med(floor_fwd), "fwd_bwd_ms": med(floor_fb), "fwd_ms_min": fmin(floor_fwd),
+             "fwd_bwd_ms_min": fmin(floor_fb), "flops_fwd": fl, "flops_fwd_bwd": 3 * fl}
+    rows = []
+    for c in cases:
+        r: Dict[str, Any] = {"batch": b, "in": nin, "out": nout, "G": G, "k": k, "impl": c.label, "kind": c.kind,
+                             "status": c.status, "note": c.note}
+        if c.fb:
+            f_ms, fb_ms = med(c.fwd), med(c.fb)
+            flops = mlp_fl if c.kind == "mlp" else fl
+            r.update({
+                "fwd_ms": f_ms, "fwd_ms_min": fmin(c.fwd), "fwd_bwd_ms": fb_ms, "fwd_bwd_ms_min": fmin(c.fb),
+                "fwd_samples_per_s": b / (f_ms / 1e3), "fwd_bwd_samples_per_s": b / (fb_ms / 1e3),
+                "fwd_gflops": flops / (f_ms / 1e3) / 1e9, "fwd_bwd_gflops": 3 * flops / (fb_ms / 1e3) / 1e9,
+                "fwd_vs_mlp": f_ms / mlp_t[0] if mlp_t[0] else None,
+                "fwd_bwd_vs_mlp": fb_ms / mlp_t[1] if mlp_t[1] else None,
+                "fwd_vs_materialized": f_ms / base_t[0] if base_t[0] else None,
+                "fwd_bwd_vs_materialized": fb_ms / base_t[1] if base_t[1] else None,
+                "fwd_vs_floor": f_ms / floor["fwd_ms"] if c.kind != "mlp" else None,
+                "fwd_bwd_vs_floor": fb_ms / floor["fwd_bwd_ms"] if c.kind != "mlp" else None,
+                "fwd_bwd_min_vs_floor_min": fmin(c.fb) / floor["fwd_bwd_ms_min"] if c.kind != "mlp" else None,
+                "peak_extra_mb": c.peak_extra / 2**20 if c.peak_extra is not None else None,
+                "memory_method": c.memory_note,
+                "max_abs_diff_vs_materialized": check.get(c.label),
+            })
+        rows.append(r)
+    floor.update({"batch": b, "in": nin, "out": nout, "G": G, "k": k})
+    return rows, floor
+
+
+def _shapes(args) -> List[Tuple[int, int, int, int, int]]:
+    lists = {"batch": args.batch, "grid_size": args.grid_size}
+    for s in args.sweep:
+        lists.update(SWEEPS[s])
+    outs = args.out_features
+    shapes = []
+    for i, nin in enumerate(args.in_features):
+        for nout in (outs if outs else [nin]):
+            for G in lists["grid_size"]:
+                for k in args.spline_order:
+                    for b in lists["batch"]:
+                        shapes.append((b, nin, nout, G, k))
+    return shapes
+
+
+def _print_table(rows: List[Dict[str, Any]], floors: List[Dict[str, Any]]) -> None:
+    header = ["impl", "fwd ms", "f+b ms", "f+b samp/s", "vs mlp", "vs mat.", "vs floor", "GFLOP/s", "peak MB", "status"]
+
+    def fmt(v, spec):
+        return "" if v is None else format(v, spec)
+
+    groups: Dict[Tuple, List[Dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["batch"], r["in"], r["out"], r["G"], r["k"]), []).append(r)
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:  # plain text
+        Console = None
+    for key, rs in groups.items():
+        fl = next(f for f in floors if (f["batch"], f["in"], f["out"], f["G"], f["k"]) == key)
+        title = (f"batch={key[0]} in={key[1]} out={key[2]} G={key[3]} k={key[4]}  |  dense floor: "
+                 f"fwd {fmt(fl['fwd_ms'], '.2f')} ms, fwd+bwd {fmt(fl['fwd_bwd_ms'], '.2f')} ms")
+        body = []
+        for r in rs:
+            st = r["status"] if r["status"] == "ok" else f"{r['status']}: {r['note']}"
+            body.append([r["impl"], fmt(r.get("fwd_ms"), ".2f"), fmt(r.get("fwd_bwd_ms"), ".2f"),
+                         fmt(r.get("fwd_bwd_samples_per_s"), ".3g"), fmt(r.get("fwd_bwd_vs_mlp"), ".2f"),
+                         fmt(r.get("fwd_bwd_vs_materialized"), ".2f"), fmt(r.get("fwd_bwd_vs_floor"), ".2f"),
+                         fmt(r.get("fwd_bwd_gflops"), ".1f"), fmt(r.get("peak_extra_mb"), ".1f"), st])
+        if Console is not None:
+            t = Table(title=title, title_justify="left")
+            for h in header:
+                t.add_column(h, justify="left" if h in ("impl", "status") else "right", overflow="fold")
+            for row in body:
+                t.add_row(*row)
+            Console(width=max(120, min(200, os.get_terminal_size().columns if sys.stdout.isatty() else 160))).print(t)
+        else:
+            print(title)
+            widths = [max(len(h), *(len(b[j]) for b in body)) for j, h in enumerate(header)]
+            print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
+            for row in body:
+                print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+            print()
+
+
+def _plot(rows: List[Dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if r.get("fwd_bwd_ms") is not None]
+    fig, axes = plt.subplots(2, 2, figsize=(12, 9))
+    for col, (xkey, other) in enumerate((("G", "batch"), ("batch", "G"))):
+        # the most common value of the other axis, so each line varies one thing
+        fixed_vals = [r[other] for r in ok]
+        if not fixed_vals:
+            continue
+        fixed = max(set(fixed_vals), key=fixed_vals.count)
+        sel = [r for r in ok if r[other] == fixed]
+        for row, (ykey, ylabel) in enumerate((("fwd_bwd_ms", "forward+backward time (ms)"),
+                                              ("peak_extra_mb", "fwd+bwd peak extra memory (MiB)"))):
+            ax = axes[row][col]
+            for impl in sorted({r["impl"] for r in sel}):
+                pts = sorted((r[xkey], r[ykey]) for r in sel if r["impl"] == impl and r.get(ykey) is not None)
+                if pts:
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=impl)
+            ax.set_xlabel(xkey)
+            ax.set_ylabel(ylabel)
+            ax.set_xscale("log" if xkey == "batch" else "linear")
+            ax.set_yscale("log")
+            ax.set_title(f"{ylabel.split(' (')[0]} vs {xkey} ({other}={fixed})", fontsize=10)
+            ax.grid(True, which="both", alpha=0.3)
+    handles, labels = [], []
+    for ax in axes.flat:
+        for h, l in zip(*ax.get_legend_handles_labels()):
+            if l not in labels:
+                handles.append(h)
+                labels.append(l)
+    if handles:
+        fig.legend(handles, labels, loc="lower center", ncol=min(5, len(labels)))
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the benchmark described by ``args`` (from :func:`add_arguments`). Returns the exit code
+    (0 on success, 2 on bad arguments)."""
+    from tqdm import tqdm
+
+    dtype = getattr(torch, args.dtype)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("kanfast bench: --device cuda requested but CUDA is not available", file=sys.stderr)
+        return 2
+    if args.repeats < 1 or args.warmup < 0:
+        print("kanfast bench: --repeats must be >= 1 and --warmup >= 0", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    backends = args.backends or (["torch", "reference"] + (["triton"] if device.type == "cuda" else []))
+    bad = [b for b in backends if b not in ("torch", "reference", "triton")]
+    if bad:
+        print(f"kanfast bench: unknown backend(s) {bad}; choose from torch, reference, triton", file=sys.stderr)
+        return 2
+    peers = [] if args.peers in (["none"], []) else args.peers
+    from .baselines import PEERS
+
+    unknown = [p for p in peers if p not in PEERS]
+    if unknown:
+        print(f"kanfast bench: unknown peer(s) {unknown}; known: {sorted(PEERS)}", file=sys.stderr)
+        return 2
+    shapes = _shapes(args)
+    if any(b < 1 or i < 1 or o < 1 or G < 1 for b, i, o, G, _ in shapes):
+        print("kanfast bench: batch, in, out and G must be >= 1", file=sys.stderr)
+        return 2
+    started = _dt.datetime.now(_dt.timezone.utc)
+    meta: Dict[str, Any] = {
+        "date_utc": started.isoformat(timespec="seconds"),
+        "command": ("kanfast bench " + " ".join(args._argv)) if getattr(args, "_argv", None) is not None
+        else " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
+        "argv": sys.argv,
+        "machine": _machine(device),
+        "versions": _versions(),
+        "git": _git_commit(),
+        "device": str(device),
+        "dtype": args.dtype,
+        "repeats": args.repeats,
+        "warmup": args.warmup,
+        "shapes": [dict(zip(("batch", "in", "out", "G", "k"), s)) for s in shapes],
+        "timing": "median (and min) wall-clock over repeats after warm-up, implementations interleaved per repeat; "
+                  "forward under torch.no_grad(); fwd_bwd = forward + backward(gy) with input and parameters requiring grad",
+        "memory": "peak_extra_mb: fwd+bwd peak beyond parameters, gradients, input and output. CPU: resident-set "
+                  "high-water mark (VmHWM reset via /proc/self/clear_refs) over the resident set before the step, after "
+                  "gc + malloc_trim; CUDA: max_memory_allocated",
+        "flops": "dense-equivalent: 2*batch*in*(G+k+1)*out forward, 3x for fwd+bwd (MLP: 2*batch*in*out, 3x)",
+        "floor": "three torch.matmul: (batch x in*(G+k+1)) @ (.. x out) forward; gy^T @ D and gy @ W backward",
+    }
+    rows: List[Dict[str, Any]] = []
+    floors: List[Dict[str, Any]] = []
+    total = len(shapes) * (args.warmup + args.repeats)
+    with tqdm(total=total, disable=args.no_progress, desc="kanfast bench", unit="rep", file=sys.stderr) as bar:
+        for shape in shapes:
+            bar.set_postfix_str("batch={} in={} out={} G={} k={}".format(*shape))
+            r, f = _run_shape(shape, args, device, dtype, backends, peers, bar.update)
+            rows += r
+            floors.append(f)
+    if not args.no_first_call and device.type == "cpu":
+        meta["first_call"] = _first_call(shapes[0], args.dtype, args.threads)
+    meta["machine"]["loadavg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    meta["elapsed_s"] = (_dt.datetime.now(_dt.timezone.utc) - started).total_seconds()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w") as fh:
+        json.dump({"meta": meta, "floors": floors, "results": rows}, fh, indent=1)
+    fields = ["batch", "in", "out", "G", "k", "impl", "kind", "status", "note", "fwd_ms", "fwd_ms_min", "fwd_bwd_ms",
+              "fwd_bwd_ms_min", "fwd_samples_per_s", "fwd_bwd_samples_per_s", "fwd_gflops", "fwd_bwd_gflops",
+              "fwd_vs_mlp", "fwd_bwd_vs_mlp", "fwd_vs_materialized", "fwd_bwd_vs_materialized", "fwd_vs_floor",
+              "fwd_bwd_vs_floor", "fwd_bwd_min_vs_floor_min", "peak_extra_mb", "memory_method",
+              "max_abs_diff_vs_materialized"]
+    with open(out.with_suffix(".csv"), "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow(r)
+        for f in floors:
+            w.writerow({"batch": f["batch"], "in": f["in"], "out": f["out"], "G": f["G"], "k": f["k"],
+                        "impl": "dense-floor", "kind": "floor", "status": "ok", "fwd_ms": f["fwd_ms"],
+                        "fwd_ms_min": f["fwd_ms_min"], "fwd_bwd_ms": f["fwd_bwd_ms"], "fwd_bwd_ms_min": f["fwd_bwd_ms_min"]})
+    if args.plot:
+        _plot(rows, Path(args.plot))
+    if not args.quiet:
+        _print_table(rows, floors)
+        fc = meta.get("first_call")
+        if fc and fc.get("status") == "ok":
+            print(f"first call in a fresh process (torch backend, shape {fc['shape']}): import {fc['import_s']:.2f} s, "
+                  f"first fwd+bwd {fc['first_fwd_bwd_s']:.3f} s, second {fc['second_fwd_bwd_s']:.3f} s")
+        print(f"wrote {out} and {out.with_suffix('.csv')}" + (f" and {args.plot}" if args.plot else ""))
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m kanfast.benchmarks.bench``: the same as ``kanfast bench``."""
+    parser = argparse.ArgumentParser(prog="kanfast bench", description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    args._argv = list(argv) if argv is not None else sys.argv[1:]
+    return run(args)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""Smoke test of the ``kanfast bench`` engine at a tiny size (no timing asserted),
+and the materialized baseline against the layer it copies."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import torch
+
+from kanfast import FastKANLayer
+from kanfast.benchmarks import bench
+from kanfast.benchmarks.baselines import MaterializedKAN, PeerStatus, make_peers, mlp
+
+
+def _args(tmp_path, *extra):
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    argv = ["--batch", "16", "--in", "4", "--out-features", "3", "--grid", "3,5", "-k", "2",
+            "--repeats", "1", "--warmup", "0", "--peers", "none", "--no-progress", "--quiet",
+            "--device", "cpu", "--out", str(tmp_path / "bench.json"), *extra]
+    return parser.parse_args(argv)
+
+
+def test_bench_writes_json_and_csv(tmp_path):
+    args = _args(tmp_path, "--no-first-call", "--plot", str(tmp_path / "bench.png"))
+    assert bench.run(args) == 0
+    data = json.loads((tmp_path / "bench.json").read_text())
+    meta = data["meta"]
+    for key in ("date_utc", "command", "machine", "versions", "git", "dtype", "device", "shapes", "memory", "flops"):
+        assert key in meta, key
+    for key in ("cpu_model", "cpu_count", "torch_threads"):
+        assert key in meta["machine"], key
+    for key in ("python", "torch", "triton"):
+        assert key in meta["versions"], key
+    assert meta["shapes"] == [{"batch": 16, "in": 4, "out": 3, "G": g, "k": 2} for g in (3, 5)]
+    assert len(data["floors"]) == 2 and all(f["fwd_bwd_ms"] > 0 for f in data["floors"])
+    impls = {r["impl"] for r in data["results"]}
+    assert {"kanfast-torch", "kanfast-reference", "materialized", "mlp"} <= impls
+    for r in data["results"]:
+        if r["impl"] == "kanfast-triton":
+            assert r["status"] == "skipped"  # CPU run
+            continue
+        assert r["status"] == "ok", r
+        for key in ("fwd_ms", "fwd_bwd_ms", "fwd_bwd_samples_per_s", "fwd_bwd_vs_mlp", "fwd_bwd_vs_materialized",
+                    "fwd_bwd_gflops", "peak_extra_mb"):
+            assert key in r, key
+        assert r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0
+        if r["kind"] == "kan":
+            assert r["fwd_bwd_vs_floor"] > 0
+            assert r["max_abs_diff_vs_materialized"] < 1e-5  # same parameters, float32
+    csv_text = (tmp_path / "bench.csv").read_text().splitlines()
+    assert csv_text[0].startswith("batch,in,out,G,k,impl") and any("dense-floor" in line for line in csv_text)
+    assert (tmp_path / "bench.png").stat().st_size > 0
+
+
+def test_bench_rejects_bad_arguments(tmp_path, capsys):
+    assert bench.run(_args(tmp_path, "--backends", "torch,cuda-magic")) == 2
+    assert "unknown backend" in capsys.readouterr().err
+    assert bench.run(_args(tmp_path, "--peers", "nosuchkan")) == 2
+    with pytest.raises(SystemExit):
+        _args(tmp_path, "--batch", "x")
+
+
+@pytest.mark.parametrize("k", [0, 1, 3])
+def test_materialized_baseline_matches_layer(k):
+    torch.manual_seed(0)
+    layer = FastKANLayer(5, 4, grid_size=6, spline_order=k, dtype=torch.float64)
+    base = MaterializedKAN.from_layer(layer)
+    x = torch.rand(40, 5, dtype=torch.float64) * 2.4 - 1.2  # includes the extension region
+    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    ya, yb = layer(xa), base(xb)
+    torch.testing.assert_close(yb, ya, rtol=0, atol=1e-12)
+    gy = torch.randn_like(ya)
+    ya.backward(gy)
+    yb.backward(gy)
+    torch.testing.assert_close(xb.grad, xa.grad, rtol=0, atol=1e-11)
+    for name in ("base_weight", "spline_weight", "spline_scaler"):
+        torch.testing.assert_close(getattr(base, name).grad, getattr(layer, name).grad, rtol=0, atol=1e-11)
+
+
+def test_mlp_and_peer_statuses():
+    m = mlp(6, 2)
+    assert m(torch.zeros(3, 6)).shape == (3, 2)
+    with pytest.raises(ValueError, match="unknown peer"):
+        make_peers(["nosuchkan"], 4, 3, 5, 3)
+    for label, mod in make_peers(["flashkan", "inkan"], 4, 3, 5, 2):  # both are cubic-only
+        assert isinstance(mod, PeerStatus) and mod.status in ("missing", "unsupported"), (label, mod)
