@@ -44,7 +44,14 @@ def uniform_grid(
 def basis_matrix(x: torch.Tensor, grid: torch.Tensor, spline_order: int) -> torch.Tensor:
     """Dense basis ``(N, in, G + k)`` of 2-D ``x`` (N, in) via the fast local
     evaluation. Used for least-squares fits (grid update/extension), not for the
-    forward pass."""
+    forward pass. When autograd must see through it (x requires grad, grad mode
+    on: e.g. activation-based regularisation), the differentiable Cox-de Boor
+    formulation (:func:`kanfast.reference.b_spline_basis`) is used instead: the fast
+    evaluation writes into preallocated buffers."""
+    if x.requires_grad and torch.is_grad_enabled():
+        from .reference import b_spline_basis
+
+        return b_spline_basis(x, grid.to(x.dtype), spline_order)
     n_basis = grid.shape[1] - spline_order - 1
     uniform = grid_is_uniform(grid)
     D, _, _, _ = torch_backend._dense_block(x, grid.to(x.dtype), spline_order, n_basis, uniform, False, False)
