@@ -276,7 +276,7 @@ class FastKANLayer(nn.Module):
         self._grid_key = (g.data_ptr(), g._version, g.dtype, tuple(g.shape), g.device)
 
     def _uniform_flag(self) -> bool:
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() and getattr(self, "_grid_uniform", None) is not None:
             return self._grid_uniform  # a Python constant for the compiler (guarded)
         g = self.grid
         if getattr(self, "_grid_key", None) != (g.data_ptr(), g._version, g.dtype, tuple(g.shape), g.device):
