@@ -88,7 +88,7 @@ def _grads_by_autograd(grad_y, pairs, fn):
 
 # --------------------------------------------------------------------- torch
 def _torch_forward(x, grid, coef, base_weight, k, uniform):
-    if hasattr(torch_backend, "_forward"):  # split-weight engine: no packing copy
+    if hasattr(torch_backend, "_forward"):  # the backend's split-weight engine, when present: no packing copy
         nout, nin, nb = coef.shape
         coef2 = coef.reshape(nout, nin * nb).contiguous()
         base = None if base_weight is None else base_weight.contiguous()
@@ -189,7 +189,7 @@ kan_fwd.register_autograd(_kan_fwd_backward, setup_context=_setup_context)
 
 
 # -------------------------------------------------------------------- triton
-_TRITON_OPS = None  # (fwd_op, bwd_op) once registered, False when unavailable
+_TRITON_OPS = None  # (fwd_op, triton_backend module) once registered, False when unavailable
 
 
 def _register_triton_ops():
