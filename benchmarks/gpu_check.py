@@ -232,10 +232,10 @@ def benchmark(device: str, dtypes, batches, widths, grids, budget_s: float, k: i
     rows = []
     compiled_mat = torch.compile(materialized, dynamic=True) if device == "cuda" else None
     deadline = T_START + budget_s
-    for dtype in dtypes:
-        esize = torch.finfo(dtype).bits // 8
-        for G in grids:
-            for width in widths:
+    for G in grids:
+        for width in widths:
+            for dtype in dtypes:
+                esize = torch.finfo(dtype).bits // 8
                 for batch in batches:  # smallest batch first: autotuning happens there (key has no batch)
                     nin = nout = width
                     K1 = G + k + 1

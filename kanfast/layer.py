@@ -15,7 +15,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import torch_backend
-from .torch_backend import grid_is_uniform, kan_linear_torch
+from .ops import kan_linear_op
+from .torch_backend import grid_is_uniform
 
 __all__ = ["FastKANLayer", "KAN", "BACKENDS", "uniform_grid", "basis_matrix", "solve_coefficients"]
 
@@ -43,7 +44,14 @@ def uniform_grid(
 def basis_matrix(x: torch.Tensor, grid: torch.Tensor, spline_order: int) -> torch.Tensor:
     """Dense basis ``(N, in, G + k)`` of 2-D ``x`` (N, in) via the fast local
     evaluation. Used for least-squares fits (grid update/extension), not for the
-    forward pass."""
+    forward pass. When autograd must see through it (x requires grad, grad mode
+    on: e.g. activation-based regularisation), the differentiable Cox-de Boor
+    formulation (:func:`kanfast.reference.b_spline_basis`) is used instead: the fast
+    evaluation writes into preallocated buffers."""
+    if x.requires_grad and torch.is_grad_enabled():
+        from .reference import b_spline_basis
+
+        return b_spline_basis(x, grid.to(x.dtype), spline_order)
     n_basis = grid.shape[1] - spline_order - 1
     uniform = grid_is_uniform(grid)
     D, _, _, _ = torch_backend._dense_block(x, grid.to(x.dtype), spline_order, n_basis, uniform, False, False)
@@ -169,7 +177,16 @@ class FastKANLayer(nn.Module):
         self.spline_weight = nn.Parameter(torch.empty(out_features, in_features, grid_size + spline_order, **factory))
         if enable_standalone_scale_spline:
             self.spline_scaler = nn.Parameter(torch.empty(out_features, in_features, **factory))
+        # Paper workflow (kanfast.workflow / kanfast.symbolic), all off by default and
+        # absent from the state_dict while off: per-edge 0/1 mask ``(out, in)`` on the
+        # numeric (base + spline) edge functions; symbolic branch added to the output;
+        # keep the last forward's 2-D input for activation-based regularisation.
+        self.register_buffer("edge_mask", None)
+        self.add_module("symbolic", None)
+        self.keep_input = False
+        self.last_input: Optional[torch.Tensor] = None
         self.reset_parameters()
+        self.refresh_grid_cache()
 
     # ------------------------------------------------------------------ setup
     @property
@@ -246,8 +263,83 @@ class FastKANLayer(nn.Module):
             return "triton"
         return "torch"
 
+    # Uniform-knot detection is a data-dependent decision (``.item()``); it is made
+    # here in Python, when the grid changes, and handed to the kernels as a flag so
+    # compiled graphs contain no sync and no graph break.
+    def refresh_grid_cache(self) -> None:
+        """Recompute the cached "knots equally spaced" flag from ``grid``. Called
+        automatically after ``update_grid``/``extend_grid``/``load_state_dict``/
+        ``.to()``; call it yourself after editing ``grid`` in place inside a
+        compiled region."""
+        g = self.grid
+        self._grid_uniform = bool(grid_is_uniform(g.detach()))
+        self._grid_key = (g.data_ptr(), g._version, g.dtype, tuple(g.shape), g.device)
+
+    def _uniform_flag(self) -> bool:
+        if torch.compiler.is_compiling() and getattr(self, "_grid_uniform", None) is not None:
+            return self._grid_uniform  # a Python constant for the compiler (guarded)
+        g = self.grid
+        if getattr(self, "_grid_key", None) != (g.data_ptr(), g._version, g.dtype, tuple(g.shape), g.device):
+            self.refresh_grid_cache()
+        return self._grid_uniform
+
+    def _apply(self, fn, recurse=True):
+        # model.half()/bfloat16(): fp16 has 10 mantissa bits, so knots of a fine grid
+        # (or a grid far from 0) would collapse onto each other and B_j become 0/0.
+        # The grid buffer therefore stays float32 when the layer goes to a 16-bit
+        # dtype; the forward computes in float32 and returns the 16-bit dtype.
+        old = self.grid
+        super()._apply(fn, recurse)
+        if self.grid.dtype in (torch.float16, torch.bfloat16) and old.dtype not in (torch.float16, torch.bfloat16):
+            self.grid = old.detach().to(device=self.grid.device, dtype=torch.float32)
+        self.refresh_grid_cache()
+        return self
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        # a checkpoint of a pruned / symbolic layer carries the optional workflow state:
+        # create the slots so it loads into a freshly built layer of the same shape
+        w = self.base_weight
+        if self.edge_mask is None and prefix + "edge_mask" in state_dict:
+            self.edge_mask = torch.ones_like(w).detach()
+        if self.symbolic is None and prefix + "symbolic.affine" in state_dict:
+            from .symbolic import SymbolicBranch
+
+            self.symbolic = SymbolicBranch(self.in_features, self.out_features, device=w.device, dtype=w.dtype)
+        key = prefix + "grid"
+        if key in state_dict and state_dict[key].dim() == 2 and state_dict[key].shape != self.grid.shape:
+            n = state_dict[key].shape[-1]
+            error_msgs.append(
+                f"grid size mismatch for {prefix or 'layer '}grid: the checkpoint has knots of shape "
+                f"{tuple(state_dict[key].shape)} (grid_size G = {n - 2 * self.spline_order - 1} at spline_order "
+                f"{self.spline_order}), this layer has {tuple(self.grid.shape)} (grid_size {self.grid_size}); build the "
+                f"layer with the checkpoint's grid_size (and in_features), or extend_grid() before saving"
+            )
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        self.refresh_grid_cache()
+
+    def _compute_dtypes(self, x: torch.Tensor, backend: str):
+        """(compute dtype, output dtype, autocast on).
+
+        torch/reference backends compute in float32 at least (16-bit inputs, weights
+        and autocast regions). The Triton kernels take 16-bit operands themselves
+        (float32 knots, float32 accumulation), so they get the autocast dtype (or
+        x's). The output has the autocast dtype under autocast, else x's dtype."""
+        autocast = torch.is_autocast_enabled(x.device.type)
+        out = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
+        if backend == "triton" and x.dtype != torch.float64:
+            comp = out
+        else:
+            comp = torch.promote_types(torch.promote_types(x.dtype, self.base_weight.dtype), torch.float32)
+        return comp, out, autocast
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Args: x ``(..., in_features)``. Returns ``(..., out_features)``.
+
+        Precision: float16/bfloat16 inputs or weights, and autocast regions
+        (``torch.autocast("cuda"|"cpu", dtype=float16|bfloat16)``), evaluate the
+        bases on float32 knots and accumulate in float32 (torch backend: all in
+        float32; Triton kernels: 16-bit operands); the result has the autocast
+        dtype (under autocast) or x's dtype.
 
         Raises:
             ValueError: last dimension is not ``in_features``.
@@ -256,26 +348,47 @@ class FastKANLayer(nn.Module):
         """
         self._check_input(x)
         backend = self.resolve_backend(x)
+        comp, out_dtype, autocast = self._compute_dtypes(x, backend)
+        if autocast:
+            with torch.autocast(x.device.type, enabled=False):
+                y = self._forward_impl(x, comp, backend)
+        else:
+            y = self._forward_impl(x, comp, backend)
+        return y.to(out_dtype)
+
+    def _forward_impl(self, x: torch.Tensor, comp: torch.dtype, backend: str) -> torch.Tensor:
         lead = x.shape[:-1]
+        x = x.to(comp)
+        # knots never go below float32 (the Triton kernels read float32 knots themselves)
+        grid = self.grid.to(torch.promote_types(comp, torch.float32))
+        x2 = x.reshape(-1, self.in_features)
+        if self.keep_input:
+            self.last_input = x2
+        mask = self.edge_mask
+        base_weight = self.base_weight if mask is None else self.base_weight * mask
+        base_weight = base_weight.to(comp)
         if backend == "reference":
             from .reference import kan_linear_reference
 
-            scaler = self.spline_scaler if self.enable_standalone_scale_spline else None
-            return kan_linear_reference(
-                x, self.grid, self.base_weight, self.spline_weight, scaler, self.spline_order, self.base_activation
+            scaler = self.spline_scaler.to(comp) if self.enable_standalone_scale_spline else None
+            spline_weight = self.spline_weight if mask is None else self.spline_weight * mask.unsqueeze(-1)
+            y = kan_linear_reference(
+                x2, grid, base_weight, spline_weight.to(comp), scaler, self.spline_order, self.base_activation
             )
-        x2 = x.reshape(-1, self.in_features)
-        fused_silu = type(self.base_activation) is nn.SiLU
-        coef = self.scaled_spline_weight
-        base_w = self.base_weight if fused_silu else None
-        if backend == "triton":
-            from .triton_backend import kan_linear_triton
-
-            y = kan_linear_triton(x2, self.grid, coef, base_w, self.spline_order)
         else:
-            y = kan_linear_torch(x2, self.grid, coef, base_w, self.spline_order)
-        if not fused_silu:
-            y = y + F.linear(self.base_activation(x2), self.base_weight)
+            fused_silu = type(self.base_activation) is nn.SiLU
+            coef = self.scaled_spline_weight
+            if mask is not None:
+                coef = coef * mask.unsqueeze(-1)
+            y = kan_linear_op(
+                x2, grid, coef.to(comp), base_weight if fused_silu else None, self.spline_order,
+                self._uniform_flag(), backend,
+            )
+            if not fused_silu:
+                y = y + F.linear(self.base_activation(x2), base_weight)
+        if self.symbolic is not None:
+            wdt = self.base_weight.dtype
+            y = y + self.symbolic(x2 if x2.dtype == wdt else x2.to(wdt)).to(y.dtype)
         return y.reshape(*lead, self.out_features)
 
     # ------------------------------------------------------------ grid update
@@ -301,15 +414,18 @@ class FastKANLayer(nn.Module):
             self.
         """
         self._check_input(x)
-        x = x.reshape(-1, self.in_features)
+        # 16-bit layers keep float32 knots: fit in (at least) float32 too
+        comp = torch.promote_types(self.grid.dtype, self.spline_weight.dtype)
+        x = x.reshape(-1, self.in_features).to(comp)
         if x.shape[0] == 0:
             raise ValueError("update_grid needs at least one sample; got an empty batch")
         if not torch.isfinite(x).all():
             raise ValueError("update_grid needs finite samples; x contains NaN or inf")
         G, k = self.grid_size, self.spline_order
-        old_curves = torch.einsum("nij,oij->nio", basis_matrix(x, self.grid, k), self.scaled_spline_weight)
+        old_curves = torch.einsum("nij,oij->nio", basis_matrix(x, self.grid, k), self.scaled_spline_weight.to(comp))
         new_grid = adaptive_grid(x, G, k, self.grid_eps, margin).to(self.grid.dtype)
         self.grid.copy_(new_grid)
+        self.refresh_grid_cache()
         coef = solve_coefficients(basis_matrix(x, self.grid, k), old_curves)
         self._set_scaled_spline_weight(coef)
         return self
@@ -324,8 +440,8 @@ class FastKANLayer(nn.Module):
         ``x`` they adapt to the samples as in :meth:`update_grid`. The new
         coefficients are the least-squares fit of the old spline term on
         ``max(64, 4 (G' + k))`` points per feature spread over the old interior range
-        (plus ``x`` when given). When the new grid refines the old one the fit is
-        exact to rounding.
+        (with ``x``: over the samples' range, plus the samples). When the new grid
+        refines the old one the fit is exact to rounding.
 
         ``spline_weight`` and ``grid`` are replaced by tensors of the new size: build
         the optimizer again afterwards.
@@ -344,15 +460,18 @@ class FastKANLayer(nn.Module):
         hi = self.grid[:, -k - 1].to(torch.float64)
         n_pts = max(64, 4 * (new_grid_size + k))
         u = torch.linspace(0, 1, n_pts, dtype=torch.float64, device=device).unsqueeze(1)
-        pts = (lo + u * (hi - lo) * (1 - 1e-9)).to(dtype)  # (n_pts, in), stays inside [lo, hi)
         if x is not None:
             self._check_input(x)
             xs = x.detach().reshape(-1, self.in_features).to(dtype)
             if xs.shape[0] == 0 or not torch.isfinite(xs).all():
                 raise ValueError("extend_grid needs finite samples and a non-empty batch")
-            pts = torch.cat([pts, xs], dim=0)
-        wdt = self.spline_weight.dtype
-        old = torch.einsum("nij,oij->nio", basis_matrix(pts.to(wdt), self.grid, k), self.scaled_spline_weight)
+            # fit where the new (sample-adapted) grid lives: the samples' range, not the old grid's
+            s_lo, s_hi = xs.amin(0).to(torch.float64), xs.amax(0).to(torch.float64)
+            pts = torch.cat([(s_lo + u * (s_hi - s_lo)).to(dtype), xs], dim=0)
+        else:
+            pts = (lo + u * (hi - lo) * (1 - 1e-9)).to(dtype)  # (n_pts, in), stays inside [lo, hi)
+        wdt = torch.promote_types(self.grid.dtype, self.spline_weight.dtype)  # float32 knots of 16-bit layers
+        old = torch.einsum("nij,oij->nio", basis_matrix(pts.to(wdt), self.grid, k), self.scaled_spline_weight.to(wdt))
         if x is not None:
             new_grid = adaptive_grid(xs, new_grid_size, k, self.grid_eps, margin)
         else:
@@ -361,8 +480,9 @@ class FastKANLayer(nn.Module):
             new_grid = lo.unsqueeze(1) + steps.unsqueeze(0) * h.unsqueeze(1)
         self.grid = new_grid.to(dtype).contiguous()
         self.grid_size = new_grid_size
+        self.refresh_grid_cache()
         coef = solve_coefficients(basis_matrix(pts.to(wdt), self.grid, k), old)
-        self.spline_weight = nn.Parameter(torch.zeros_like(coef))
+        self.spline_weight = nn.Parameter(torch.zeros_like(coef, dtype=self.base_weight.dtype))
         self._set_scaled_spline_weight(coef)
         return self
 
@@ -517,6 +637,52 @@ class KAN(nn.Module):
         self.grid_size = new_grid_size
         return self
 
-    def regularization_loss(self, regularize_activation: float = 1.0, regularize_entropy: float = 1.0) -> torch.Tensor:
-        """Sum of the layers' coefficient-based sparsification losses."""
-        return sum(layer.regularization_loss(regularize_activation, regularize_entropy) for layer in self.layers)
+    @property
+    def keep_inputs(self) -> bool:
+        """When True every layer keeps the 2-D input of its last forward
+        (``layer.last_input``), for ``regularization_loss(mode="activation")``."""
+        return all(layer.keep_input for layer in self.layers)
+
+    @keep_inputs.setter
+    def keep_inputs(self, value: bool) -> None:
+        for layer in self.layers:
+            layer.keep_input = bool(value)
+            if not value:
+                layer.last_input = None
+
+    def regularization_loss(
+        self,
+        regularize_activation: float = 1.0,
+        regularize_entropy: float = 1.0,
+        *,
+        mode: str = "coef",
+        x: Optional[torch.Tensor] = None,
+        lamb_l1: float = 1.0,
+        lamb_entropy: float = 2.0,
+        sample_size: Optional[int] = None,
+    ) -> torch.Tensor:
+        """Sparsification loss summed over the layers.
+
+        ``mode="coef"`` (default): efficient-kan's cheap surrogate from the
+        coefficients, weighted by ``regularize_activation`` / ``regularize_entropy``.
+        ``mode="activation"``: the paper's definition (Liu et al. 2024 sec. 2.5,
+        eq. 2.17-2.20) from the edge activations on ``x`` (or on the inputs kept by
+        the last forward, see :attr:`keep_inputs`), weighted by ``lamb_l1`` /
+        ``lamb_entropy``; see :func:`kanfast.workflow.activation_regularization`.
+        """
+        if mode == "coef":
+            return sum(layer.regularization_loss(regularize_activation, regularize_entropy) for layer in self.layers)
+        if mode == "activation":
+            from .workflow import activation_regularization
+
+            return activation_regularization(
+                self, x, lamb_l1=lamb_l1, lamb_entropy=lamb_entropy, sample_size=sample_size
+            )
+        raise ValueError(f"regularization_loss: mode must be 'coef' or 'activation', got {mode!r}")
+
+    def prune(self, x: torch.Tensor, node_threshold: float = 1e-2, edge_threshold: float = 3e-2) -> "KAN":
+        """A new, smaller KAN without the unimportant hidden nodes, with per-edge
+        masks on weak edges (Liu et al. 2024 sec. 2.5.2); see :func:`kanfast.workflow.prune`."""
+        from .workflow import prune
+
+        return prune(self, x, node_threshold=node_threshold, edge_threshold=edge_threshold)

@@ -19,6 +19,11 @@ environment variable ``KANFAST_TRITON_FP32=ieee`` for IEEE fp32 products (CPU
 runs are always IEEE). float16/bfloat16 multiply in their own dtype and accumulate in fp32;
 the output has the input's dtype.
 
+Determinism: no atomics; the backward is bit-identical run to run in a process.
+Across processes the autotuner may pick other tile sizes (another summation
+order): ``torch.use_deterministic_algorithms(True)`` pins each kernel to its
+first config, so results are then bit-identical across processes as well.
+
 Ops registered with :mod:`torch.library` (``custom_op``, so the kernels stay
 opaque to ``torch.compile`` and ``fullgraph=True`` traces through them):
 ``kanfast::kan_linear_triton_fwd`` and ``kanfast::kan_linear_triton_bwd``.
@@ -201,6 +206,19 @@ def _row_major(x: torch.Tensor) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------- launchers
+def _launch(kernel, grid_fn, *args, **kwargs):
+    """Launch an autotuned kernel. Under ``torch.use_deterministic_algorithms(True)`` the
+    first (fixed) config is used instead of the autotuned one, so results are
+    bit-identical across processes too (autotuning may pick different tile sizes,
+    hence a different summation order, in different processes)."""
+    if torch.are_deterministic_algorithms_enabled() and hasattr(kernel, "configs"):
+        cfg = kernel.configs[0]
+        meta = {**kwargs, **cfg.kwargs}
+        kernel.fn[grid_fn(meta)](*args, **meta, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    else:
+        kernel[grid_fn](*args, **kwargs)
+
+
 def _forward(x, grid, coef, base_weight, k, ieee):
     N, nin = x.shape
     nout, _, nb = coef.shape
@@ -219,7 +237,8 @@ def _forward(x, grid, coef, base_weight, k, ieee):
     def grid_fn(meta):
         return (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(nout, meta["BLOCK_O"]))
 
-    km.kan_fwd_kernel[grid_fn](
+    _launch(
+        km.kan_fwd_kernel, grid_fn,
         x, tp, t0, tn, h, w, wb, y,
         N, nin, nout, nb, n_knots, _n_steps(n_knots),
         x.stride(0), x.stride(1), s_wbo, s_wbi, y.stride(0), y.stride(1),
@@ -274,7 +293,8 @@ def _backward(grad_y, x, grid, coef, base_weight, k, ieee, need_x, need_coef, ne
         def grid_x(meta):
             return (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(nin, meta["BLOCK_I"]))
 
-        km.kan_bwd_x_kernel[grid_x](
+        _launch(
+            km.kan_bwd_x_kernel, grid_x,
             x, tp, t0, tn, h, wt, wb, grad_y, gx,
             N, nin, nout, nb, n_knots, steps,
             x.stride(0), x.stride(1), s_wbo, s_wbi, grad_y.stride(0), grad_y.stride(1), gx.stride(0), gx.stride(1),
@@ -291,7 +311,8 @@ def _backward(grad_y, x, grid, coef, base_weight, k, ieee, need_x, need_coef, ne
         def grid_w(meta):
             return (triton.cdiv(nin, meta["BLOCK_I"]) * triton.cdiv(nout, meta["BLOCK_O"]), triton.cdiv(n_j, meta["J_PER"]), splits)
 
-        km.kan_bwd_w_kernel[grid_w](
+        _launch(
+            km.kan_bwd_w_kernel, grid_w,
             x, tp, t0, tn, h, grad_y, part,
             N, nin, nout, nb, n_knots, steps, rows,
             x.stride(0), x.stride(1), grad_y.stride(0), grad_y.stride(1),
@@ -398,8 +419,9 @@ def kan_linear_triton(
             module setting, see :func:`set_fp32_precision`). Ignored on CPU (IEEE).
 
     Returns:
-        ``(N, out_features)`` in x's dtype; differentiable w.r.t. x, coef, base_weight
-        (once: the backward is not itself differentiable).
+        ``(N, out_features)`` in x's dtype (under autocast: the autocast dtype, x and the
+        weights being cast to it as for ``F.linear``); differentiable w.r.t. x, coef,
+        base_weight (once: the backward is not itself differentiable).
 
     Raises:
         ValueError: shapes that do not fit, k or G + k beyond the kernel limits.
@@ -424,6 +446,13 @@ def kan_linear_triton(
         raise ValueError(f"the triton kernels support G + k <= {MAX_N_BASIS} bases, got {nb}")
     if base_weight is not None and tuple(base_weight.shape) != (nout, nin):
         raise ValueError(f"base_weight must be (out, in) = {(nout, nin)}, got {tuple(base_weight.shape)}")
+    dev = x.device.type
+    if x.dtype != torch.float64 and torch.is_autocast_enabled(dev):
+        # like F.linear under autocast: x and the weights in the autocast dtype (knots stay as they are)
+        dt = torch.get_autocast_dtype(dev)
+        x = x.to(dt)
+        coef = coef.to(dt)
+        base_weight = None if base_weight is None else base_weight.to(dt)
     if x.dtype == torch.bfloat16 and x.device.type == "cpu":
         raise TypeError(
             "kan_linear_triton: bfloat16 cannot run through Triton's interpreter on CPU (its tl.dot "

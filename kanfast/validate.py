@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
-import sys
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
@@ -126,7 +124,7 @@ def available_backends(device: str) -> List[str]:
     try:
         from . import triton_backend
 
-        if triton_backend.AVAILABLE and (device.startswith("cuda") or os.environ.get("TRITON_INTERPRET") == "1"):
+        if triton_backend.AVAILABLE:  # on CPU tensors: Triton's interpreter (slow, small cases only)
             backends.append("triton")
     except Exception:
         pass
@@ -135,24 +133,43 @@ def available_backends(device: str) -> List[str]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="device of the backends under test (reference runs on CPU in float64)")
-    parser.add_argument("--dtype", default="float64", choices=list(DTYPES), help="dtype of the backends under test")
+    parser.add_argument("--dtype", nargs="+", default=["float64", "float32"], choices=list(DTYPES), help="dtype(s) of the backends under test")
     parser.add_argument("--backends", nargs="+", default=None, help="backends to check (default: all available)")
     parser.add_argument("--quick", action="store_true", help="a quarter of the cases")
     parser.add_argument("--seed", type=int, default=0)
 
 
 def run(args) -> int:
+    dtypes = [args.dtype] if isinstance(args.dtype, str) else list(args.dtype)
+    status = 0
+    for name in dtypes:
+        status |= _run_dtype(args, DTYPES[name])
+    return status
+
+
+def _run_dtype(args, dtype: torch.dtype) -> int:
     device = args.device
-    dtype = DTYPES[args.dtype]
-    if device == "cpu" and "triton" not in sys.modules:
-        # Triton kernels on CPU tensors run in Triton's interpreter, which must be chosen before import.
-        os.environ.setdefault("TRITON_INTERPRET", "1")
     backends = args.backends or available_backends(device)
     tol = TOLERANCES[dtype]
+    if "triton" in backends and dtype == torch.float32:
+        # exactness check: IEEE fp32 products (the GPU default is TF32, ~1e-3 relative)
+        from . import triton_backend
+
+        previous = triton_backend.get_fp32_precision()
+        triton_backend.set_fp32_precision("ieee")
+        print("triton float32 products: IEEE (TF32 is the default for training; see kanfast.triton_backend)")
+        try:
+            return _run_cases(backends, device, dtype, tol, args)
+        finally:
+            triton_backend.set_fp32_precision(previous)
+    return _run_cases(backends, device, dtype, tol, args)
+
+
+def _run_cases(backends, device, dtype, tol, args) -> int:
     cases = default_cases(args.quick)
     if device == "cpu" and "triton" in backends:
         cases = [c for c in cases if c.in_features * c.out_features <= 300] or cases[:2]
-    print(f"kanfast validate: backends={backends} device={device} dtype={args.dtype} rel tol={tol:g} ({len(cases)} cases each)")
+    print(f"kanfast validate: backends={backends} device={device} dtype={str(dtype).replace('torch.', '')} rel tol={tol:g} ({len(cases)} cases each)")
     names = ["y", "grad_x", "grad_base_weight", "grad_spline_weight", "grad_spline_scaler"]
     header = f"{'backend':8s} {'case':58s} " + " ".join(f"{n:>18s}" for n in names)
     print(header)

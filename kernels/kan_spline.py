@@ -73,8 +73,7 @@ def _configs(kind):
     # ptxas for sm_90 (k = 3, fp32 and bf16): the first entry of each list spills in
     # neither dtype, and each list keeps several spill-free options.
     if kind == "fwd":
-        shapes = [(64, 32, 128, 8, 3), (64, 16, 64, 4, 2), (32, 32, 64, 4, 3), (128, 16, 128, 8, 3),
-                  (64, 32, 64, 4, 3), (128, 32, 64, 8, 3)]
+        shapes = [(64, 32, 128, 8, 3), (64, 16, 64, 4, 2), (32, 32, 64, 4, 3), (128, 16, 128, 8, 3)]
     elif kind == "bwd_x":  # (BLOCK_N, BLOCK_I, BLOCK_O, J_PER, warps, stages)
         shapes = [(64, 32, 32, 1, 8, 3), (64, 32, 32, 2, 8, 3), (64, 32, 32, 4, 8, 3), (64, 32, 64, 2, 8, 3),
                   (128, 32, 32, 2, 8, 3)]
@@ -231,7 +230,7 @@ def kan_fwd_kernel(
     """y (N, OUT) = sum_i,j B_j(x) W[j, i, :] (+ silu(x) @ base_weight^T); W (NB, IN, OUT)."""
     pid_n = tl.program_id(0)
     pid_o = tl.program_id(1)
-    o_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    o_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     o_o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
     m_n = o_n < N
     m_o = o_o < OUT
@@ -276,7 +275,7 @@ def kan_bwd_x_kernel(
     """grad_x (N, IN) = sum_j (grad_y @ Wt[j]) * dB_j/dx (+ (grad_y @ base_weight) * silu'(x)); Wt (NB, OUT, IN)."""
     pid_n = tl.program_id(0)
     pid_i = tl.program_id(1)
-    o_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    o_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     o_i = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
     m_n = o_n < N
     m_i = o_i < IN

@@ -1,0 +1,295 @@
+"""The KAN layer as registered ``torch.library`` custom ops.
+
+Why: ``torch.compile`` cannot trace into an ``autograd.Function`` whose forward
+does data-dependent Python work (chunk loops, ``.item()``), and an opaque call is
+a graph break. Registering the backends as custom ops with a fake (meta) kernel
+and an autograd formula lets Dynamo/AOTAutograd treat one KAN layer as a single
+node of known output shape, with ``fullgraph=True`` and dynamic batch sizes.
+
+Ops (namespace ``kanfast``), all on 2-D input ``x: (N, in)``, knots
+``grid: (in, G + 2k + 1)``, scaled spline coefficients ``coef: (out, in, G + k)``
+and an optional SiLU base weight ``base_weight: (out, in)``:
+
+* ``kanfast::kan_fwd(x, grid, coef, base_weight?, spline_order, uniform) -> y (N, out)``:
+  the fast torch backend (:mod:`kanfast.torch_backend`; grid in x's dtype);
+* ``kanfast::kan_bwd(grad_y, x, grid, coef, base_weight?, spline_order, uniform,
+  need_x, need_coef, need_base) -> (grad_x, grad_coef, grad_base)``: its
+  backward; a gradient that is not needed comes back as an empty ``(0,)`` tensor;
+* ``kanfast::kan_triton_fwd(x, grid, coef, base_weight?, spline_order, ieee) -> y``:
+  the Triton kernels (``kanfast::kan_linear_triton_fwd/bwd`` of
+  :mod:`kanfast.triton_backend`) under an autograd formula that stays
+  differentiable with ``create_graph=True`` (the backend's own registration is
+  first-order only). It takes 16-bit operands with float32 knots and float32
+  accumulation.
+
+The ``uniform`` flag (closed-form interval search for equally spaced knots) is
+an op argument decided by the caller in Python, so no ``.item()`` runs inside a
+compiled graph; :class:`kanfast.FastKANLayer` computes it when its grid is set.
+
+Higher-order derivatives (physics-informed losses on dy/dx, d2y/dx2): the fast
+backward kernels are not themselves differentiable. When autograd calls the
+backward with ``create_graph=True`` (grad mode on inside backward) the gradient
+is instead computed by autograd through :func:`kan_linear_differentiable`, a
+plain-torch Cox-de Boor formulation (``O(G + k)`` work and an ``(N, in, G + k)``
+basis per call), so second and higher derivatives are exact, never zero or
+None. A first-order backward (the training loop) always takes the fast kernel.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from . import torch_backend
+from .reference import b_spline_basis
+
+__all__ = ["kan_fwd", "kan_bwd", "kan_linear_op", "kan_linear_differentiable", "triton_ops_available"]
+
+Tensor = torch.Tensor
+
+
+def kan_linear_differentiable(
+    x: Tensor, grid: Tensor, coef: Tensor, base_weight: Optional[Tensor], spline_order: int
+) -> Tensor:
+    """Differentiable-to-any-order formulation (plain torch autograd, Cox-de Boor).
+
+    Args: x ``(N, in)``, grid ``(in, G + 2k + 1)``, coef ``(out, in, G + k)``,
+    base_weight ``(out, in)`` or None. Computes in at least float32 (16-bit knots
+    would collapse) and returns ``(N, out)`` in x's dtype.
+    """
+    comp = torch.promote_types(x.dtype, torch.float32)
+    xc = x.to(comp)
+    basis = b_spline_basis(xc, grid.to(comp), spline_order)  # (N, in, G + k)
+    y = torch.einsum("nij,oij->no", basis, coef.to(comp))
+    if base_weight is not None:
+        y = y + F.linear(F.silu(xc), base_weight.to(comp))
+    return y.to(x.dtype)
+
+
+def _grads_by_autograd(grad_y, pairs, fn):
+    """create_graph=True path: gradients of ``fn()`` (built from the tensors of
+    ``pairs`` = [(tensor, needed), ...]) by autograd, kept in the graph; None where
+    not needed, zeros where unused."""
+    wanted = [t for t, need in pairs if need]
+    with torch.enable_grad():
+        y = fn()
+        grads = list(torch.autograd.grad(y, wanted, grad_y, create_graph=True, allow_unused=True))
+    out = []
+    for t, need in pairs:
+        if not need:
+            out.append(None)
+            continue
+        g = grads.pop(0)
+        out.append(torch.zeros_like(t) if g is None else g)
+    return out
+
+
+# --------------------------------------------------------------------- torch
+def _torch_forward(x, grid, coef, base_weight, k, uniform):
+    if hasattr(torch_backend, "_forward"):  # the backend's split-weight engine, when present: no packing copy
+        nout, nin, nb = coef.shape
+        coef2 = coef.reshape(nout, nin * nb).contiguous()
+        base = None if base_weight is None else base_weight.contiguous()
+        return torch_backend._forward(x, grid, coef2, base, k, uniform)
+    weight = coef if base_weight is None else torch.cat([coef, base_weight.unsqueeze(-1)], dim=-1)
+    return torch_backend.forward_2d(x, grid, weight.contiguous(), k, coef.shape[-1], base_weight is not None, uniform)
+
+
+def _torch_backward(grad_y, x, grid, coef, base_weight, k, uniform, need_x, need_c, need_b):
+    """(grad_x, grad_coef, grad_base), None where not needed."""
+    nout, nin, nb = coef.shape
+    has_base = base_weight is not None
+    if hasattr(torch_backend, "_backward"):
+        coef2 = coef.reshape(nout, nin * nb).contiguous()
+        base = None if base_weight is None else base_weight.contiguous()
+        gx, gc, gb = torch_backend._backward(grad_y, x, grid, coef2, base, k, uniform, need_x, need_c, need_b)
+        return gx, (gc.view(nout, nin, nb) if gc is not None else None), (gb if need_b else None)
+    weight = coef if not has_base else torch.cat([coef, base_weight.unsqueeze(-1)], dim=-1)
+    need_w = need_c or need_b
+    gx, gw = torch_backend.backward_2d(
+        grad_y, x, grid, weight.contiguous(), k, nb, has_base, uniform, need_x=need_x, need_w=need_w
+    )
+    # separate storage for each returned gradient (custom-op outputs may not alias)
+    gc = (gw[..., :nb].clone() if has_base else gw) if need_c else None
+    gb = gw[..., nb].clone() if (need_b and has_base) else None
+    return gx, gc, gb
+
+
+@torch.library.custom_op("kanfast::kan_fwd", mutates_args=())
+def kan_fwd(
+    x: Tensor, grid: Tensor, coef: Tensor, base_weight: Optional[Tensor], spline_order: int, uniform: bool
+) -> Tensor:
+    return _torch_forward(x.contiguous(), grid.contiguous(), coef, base_weight, spline_order, uniform)
+
+
+@kan_fwd.register_fake
+def _kan_fwd_fake(x, grid, coef, base_weight, spline_order, uniform):
+    return x.new_empty(x.shape[0], coef.shape[0])
+
+
+@torch.library.custom_op("kanfast::kan_bwd", mutates_args=())
+def kan_bwd(
+    grad_y: Tensor,
+    x: Tensor,
+    grid: Tensor,
+    coef: Tensor,
+    base_weight: Optional[Tensor],
+    spline_order: int,
+    uniform: bool,
+    need_x: bool,
+    need_coef: bool,
+    need_base: bool,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    need_base = need_base and base_weight is not None
+    gx, gc, gb = _torch_backward(
+        grad_y.contiguous(), x.contiguous(), grid.contiguous(), coef, base_weight, spline_order, uniform,
+        need_x, need_coef, need_base,
+    )
+    # outputs must not alias inputs and must be tensors: empty where not needed
+    return (
+        gx if need_x else x.new_empty(0),
+        gc if need_coef else coef.new_empty(0),
+        gb if need_base else coef.new_empty(0),
+    )
+
+
+@kan_bwd.register_fake
+def _kan_bwd_fake(grad_y, x, grid, coef, base_weight, spline_order, uniform, need_x, need_coef, need_base):
+    gx = x.new_empty(x.shape) if need_x else x.new_empty(0)
+    gc = coef.new_empty(coef.shape) if need_coef else coef.new_empty(0)
+    gb = base_weight.new_empty(base_weight.shape) if (need_base and base_weight is not None) else coef.new_empty(0)
+    return gx, gc, gb
+
+
+def _setup_context(ctx, inputs, output):
+    x, grid, coef, base_weight, spline_order, flag = inputs
+    ctx.save_for_backward(x, grid, coef, base_weight)
+    ctx.cfg = (spline_order, flag)
+
+
+def _kan_fwd_backward(ctx, grad_y):
+    x, grid, coef, base_weight = ctx.saved_tensors
+    spline_order, uniform = ctx.cfg
+    need_x, _, need_c, need_b = ctx.needs_input_grad[:4]
+    need_b = need_b and base_weight is not None
+    if torch.is_grad_enabled():  # backward(create_graph=True): keep the gradient differentiable
+        gx, gc, gb = _grads_by_autograd(
+            grad_y,
+            [(x, need_x), (coef, need_c), (base_weight, need_b)],
+            lambda: kan_linear_differentiable(x, grid, coef, base_weight, spline_order),
+        )
+    else:
+        gx, gc, gb = kan_bwd(grad_y, x, grid, coef, base_weight, spline_order, uniform, need_x, need_c, need_b)
+    return (gx if need_x else None), None, (gc if need_c else None), (gb if need_b else None), None, None
+
+
+kan_fwd.register_autograd(_kan_fwd_backward, setup_context=_setup_context)
+
+
+# -------------------------------------------------------------------- triton
+_TRITON_OPS = None  # (fwd_op, triton_backend module) once registered, False when unavailable
+
+
+def _register_triton_ops():
+    """Register ``kanfast::kan_triton_fwd`` around the Triton backend's registered
+    kernels ``kanfast::kan_linear_triton_fwd/bwd`` (:mod:`kanfast.triton_backend`),
+    with an autograd formula that is differentiable under ``create_graph=True``.
+    Returns ``(fwd_op, triton_backend_module)`` or None when Triton is unavailable."""
+    global _TRITON_OPS
+    if _TRITON_OPS is not None:
+        return _TRITON_OPS or None
+    try:
+        from . import triton_backend as tb
+
+        raw_fwd = torch.ops.kanfast.kan_linear_triton_fwd.default
+        raw_bwd = torch.ops.kanfast.kan_linear_triton_bwd.default
+    except Exception:  # triton missing or broken
+        _TRITON_OPS = False
+        return None
+
+    @torch.library.custom_op("kanfast::kan_triton_fwd", mutates_args=())
+    def tfwd(
+        x: Tensor, grid: Tensor, coef: Tensor, base_weight: Optional[Tensor], spline_order: int, ieee: bool
+    ) -> Tensor:
+        return raw_fwd(x, grid, coef, base_weight, spline_order, ieee)
+
+    @tfwd.register_fake
+    def _(x, grid, coef, base_weight, spline_order, ieee):
+        return x.new_empty(x.shape[0], coef.shape[0])
+
+    def backward(ctx, grad_y):
+        x, grid, coef, base_weight = ctx.saved_tensors
+        spline_order, ieee = ctx.cfg
+        need_x, _, need_c, need_b = ctx.needs_input_grad[:4]
+        need_b = need_b and base_weight is not None
+        if torch.is_grad_enabled():  # create_graph=True: route to the differentiable path
+            gx, gc, gb = _grads_by_autograd(
+                grad_y,
+                [(x, need_x), (coef, need_c), (base_weight, need_b)],
+                lambda: kan_linear_differentiable(x, grid, coef, base_weight, spline_order),
+            )
+        else:
+            gx, gc, gb = raw_bwd(grad_y, x, grid, coef, base_weight, spline_order, ieee, need_x, need_c, need_b)
+        return (gx if need_x else None), None, (gc if need_c else None), (gb if need_b else None), None, None
+
+    tfwd.register_autograd(backward, setup_context=_setup_context)
+    _TRITON_OPS = (tfwd, tb)
+    return _TRITON_OPS
+
+
+def triton_ops_available() -> bool:
+    """True when ``kanfast::kan_triton_fwd`` is registered (Triton importable)."""
+    return _register_triton_ops() is not None
+
+
+def _kan_linear_triton_op(x, grid, coef, base_weight, spline_order):
+    ops = _register_triton_ops()
+    if ops is None:
+        raise RuntimeError("backend 'triton' needs triton (pip install triton) and kanfast.triton_backend")
+    tfwd, tb = ops
+    k = int(spline_order)
+    if k > tb.MAX_SPLINE_ORDER or coef.shape[-1] > tb.MAX_N_BASIS:
+        raise ValueError(
+            f"the triton kernels support spline_order <= {tb.MAX_SPLINE_ORDER} and G + k <= {tb.MAX_N_BASIS}; "
+            f"got k={k}, G + k={coef.shape[-1]} (use backend='torch')"
+        )
+    if x.dtype == torch.bfloat16 and x.device.type == "cpu":
+        raise TypeError(
+            "backend 'triton': bfloat16 cannot run through Triton's interpreter on CPU; use backend='torch' "
+            "on CPU, or CUDA tensors"
+        )
+    coef = coef.to(x.dtype)
+    base_weight = None if base_weight is None else base_weight.to(x.dtype)
+    ieee = tb.get_fp32_precision() == "ieee" or x.device.type != "cuda"
+    return tfwd(x, grid, coef, base_weight, k, ieee)
+
+
+# ------------------------------------------------------------------ dispatch
+def kan_linear_op(
+    x: Tensor,
+    grid: Tensor,
+    coef: Tensor,
+    base_weight: Optional[Tensor],
+    spline_order: int,
+    uniform: bool,
+    backend: str = "torch",
+) -> Tensor:
+    """One KAN layer on 2-D input through the registered ops.
+
+    Args:
+        x: ``(N, in)``; grid ``(in, G + 2k + 1)`` (cast to x's dtype for the torch
+        backend; the Triton kernels read float32 knots whatever x's dtype);
+        coef: ``(out, in, G + k)`` scaled spline weights; base_weight ``(out, in)``
+        or None (spline term only); spline_order ``k``; uniform: knots equally
+        spaced (a Python bool, decided by the caller); backend ``"torch"`` or
+        ``"triton"``.
+
+    Returns:
+        ``(N, out)`` in x's dtype, differentiable (to any order) w.r.t. x, coef,
+        base_weight.
+    """
+    if backend == "triton" and x.dtype != torch.float64:  # float64: the torch path (as kan_linear_triton does)
+        return _kan_linear_triton_op(x, grid, coef, base_weight, spline_order)
+    return kan_fwd(x, grid.to(x.dtype), coef, base_weight, int(spline_order), bool(uniform))

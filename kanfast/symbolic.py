@@ -1,0 +1,555 @@
+"""Symbolic regression on KAN edges (Liu et al. 2024, arXiv:2404.19756, sec. 2.5.1).
+
+Every edge ``phi_{l,j,i}`` (layer ``l``, input node ``i``, output node ``j``,
+pykan's ``(l, i, j)`` convention) can be *fixed* to a formula
+``c * f(a * x + b) + d`` with ``f`` from :data:`SYMBOLIC_LIB`. A fixed edge is
+evaluated by a :class:`SymbolicBranch` beside the spline (the layer adds the
+branch's output to its own and masks the numeric edge out), so the affine
+parameters ``(a, b, c, d)`` stay trainable.
+
+    fits = suggest_symbolic(model, 0, 0, 0, x=x_train)   # ranked by R^2
+    auto_symbolic(model, x=x_train)                      # fix every edge
+    symbolic_formula(model)                              # sympy expressions
+
+Fitting follows pykan's recipe: a grid search over ``(a, b)`` (zoomed in a few
+times around the best point) with the closed-form linear regression for
+``(c, d)``; the quality of a fit is its coefficient of determination ``R^2``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+__all__ = [
+    "SYMBOLIC_LIB",
+    "SymbolicFunction",
+    "SymbolicFit",
+    "SymbolicBranch",
+    "fit_affine",
+    "suggest_symbolic",
+    "pick_best",
+    "fix_symbolic",
+    "unfix_symbolic",
+    "auto_symbolic",
+    "symbolic_formula",
+]
+
+
+@dataclass(frozen=True)
+class SymbolicFunction:
+    """A candidate edge function.
+
+    Attributes:
+        name: library key (``"sin"``, ``"x^2"`` ...).
+        fn: exact torch function, used for fitting (values outside the domain are
+            NaN/inf and disqualify an ``(a, b)`` pair).
+        safe_fn: the same function on its domain, clamped outside it (used by the
+            forward, so training the affine parameters cannot produce NaN).
+        sympy_fn: ``sympy expression -> sympy expression``.
+        complexity: simplicity penalty used by :func:`pick_best` (0 = simplest).
+    """
+
+    name: str
+    fn: Callable[[torch.Tensor], torch.Tensor]
+    safe_fn: Callable[[torch.Tensor], torch.Tensor]
+    sympy_fn: Callable
+    complexity: float
+
+
+def _sympy():
+    try:
+        import sympy
+    except ImportError as e:  # pragma: no cover - sympy is a dependency
+        raise ImportError("kanfast.symbolic needs sympy: pip install sympy") from e
+    return sympy
+
+
+def _recip_safe(x):
+    tiny = 1e-6
+    return 1.0 / torch.where(x.abs() < tiny, torch.full_like(x, tiny).copysign(x), x)
+
+
+class _LazySympy:
+    """sympy is imported on first use (keeps ``import kanfast`` light)."""
+
+    def __getattr__(self, name):
+        return getattr(_sympy(), name)
+
+
+def _lib() -> Dict[str, SymbolicFunction]:
+    sp = _LazySympy()
+    entries = [
+        ("x", lambda x: x, lambda x: x, lambda s: s, 1),
+        ("x^2", lambda x: x**2, lambda x: x**2, lambda s: s**2, 2),
+        ("x^3", lambda x: x**3, lambda x: x**3, lambda s: s**3, 3),
+        ("x^4", lambda x: x**4, lambda x: x**4, lambda s: s**4, 4),
+        ("1/x", lambda x: 1.0 / x, _recip_safe, lambda s: 1 / s, 3),
+        ("sqrt", torch.sqrt, lambda x: torch.sqrt(x.clamp_min(1e-12)), lambda s: sp.sqrt(s), 3),
+        ("exp", torch.exp, lambda x: torch.exp(x.clamp_max(80.0)), lambda s: sp.exp(s), 3),
+        ("log", torch.log, lambda x: torch.log(x.clamp_min(1e-12)), lambda s: sp.log(s), 3),
+        ("sin", torch.sin, torch.sin, lambda s: sp.sin(s), 3),
+        ("tan", torch.tan, torch.tan, lambda s: sp.tan(s), 4),
+        ("tanh", torch.tanh, torch.tanh, lambda s: sp.tanh(s), 4),
+        ("abs", torch.abs, torch.abs, lambda s: sp.Abs(s), 3),
+        ("sgn", torch.sign, torch.sign, lambda s: sp.sign(s), 3),
+        ("arcsin", torch.arcsin, lambda x: torch.arcsin(x.clamp(-1 + 1e-7, 1 - 1e-7)), lambda s: sp.asin(s), 4),
+        ("arctan", torch.arctan, torch.arctan, lambda s: sp.atan(s), 4),
+        ("gaussian", lambda x: torch.exp(-(x**2)), lambda x: torch.exp(-(x**2)), lambda s: sp.exp(-(s**2)), 4),
+        ("0", torch.zeros_like, torch.zeros_like, lambda s: sp.Integer(0), 0),
+    ]
+    return {n: SymbolicFunction(n, f, g, s, c) for n, f, g, s, c in entries}
+
+
+#: The candidate functions of Liu et al. 2024 sec. 2.5.1 (pykan's default library).
+SYMBOLIC_LIB: Dict[str, SymbolicFunction] = _lib()
+
+
+def _resolve_lib(lib: Optional[Iterable[str]]) -> List[SymbolicFunction]:
+    if lib is None:
+        return list(SYMBOLIC_LIB.values())
+    out = []
+    for name in lib:
+        if name not in SYMBOLIC_LIB:
+            raise ValueError(f"unknown symbolic function {name!r}; choose from {sorted(SYMBOLIC_LIB)}")
+        out.append(SYMBOLIC_LIB[name])
+    if not out:
+        raise ValueError("the symbolic library is empty")
+    return out
+
+
+@dataclass
+class SymbolicFit:
+    """One candidate fit ``y ~ c * f(a * x + b) + d`` of an edge."""
+
+    name: str
+    r2: float
+    complexity: float
+    params: Tuple[float, float, float, float]  # a, b, c, d
+
+
+# --------------------------------------------------------------------- fitting
+def _r2_table(post: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """R^2 of the best ``c * post + d`` for every row of ``post`` (..., N); -inf where post is not finite."""
+    finite = torch.isfinite(post).all(-1)
+    p = torch.where(torch.isfinite(post), post, torch.zeros_like(post))
+    pc = p - p.mean(-1, keepdim=True)
+    yc = y - y.mean()
+    syy = (yc * yc).sum()
+    spp = (pc * pc).sum(-1)
+    spy = (pc * yc).sum(-1)
+    ok = finite & (spp > 1e-24 * p.abs().amax(-1).clamp_min(1.0) ** 2 * post.shape[-1])
+    r2 = torch.where(ok, spy**2 / (spp * syy).clamp_min(1e-300), torch.zeros_like(spp))
+    return torch.where(finite, r2, torch.full_like(r2, -math.inf))
+
+
+def fit_affine(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    fun: SymbolicFunction,
+    a_range: Tuple[float, float] = (-10.0, 10.0),
+    b_range: Tuple[float, float] = (-10.0, 10.0),
+    grid_number: int = 41,
+    iterations: int = 3,
+) -> SymbolicFit:
+    """Fit ``y ~ c * f(a x + b) + d`` (pykan's recipe: grid search over ``(a, b)``,
+    zoomed ``iterations`` times around the best cell, least squares for ``(c, d)``).
+
+    Args:
+        x, y: ``(N,)`` samples of the edge's input and output (N >= 2), any float dtype
+            (computed in float64).
+        fun: the candidate function.
+        a_range, b_range: initial search ranges.
+        grid_number: points per axis of the grid search.
+
+    Returns:
+        :class:`SymbolicFit`; ``r2 = -inf`` when ``f`` is undefined (NaN/inf) for every
+        ``(a, b)`` tried, and ``r2 = 0`` for the constant function ``"0"``.
+    """
+    x = x.detach().reshape(-1).to("cpu", torch.float64)  # small 1-D problem: CPU, whatever the model's device
+    y = y.detach().reshape(-1).to("cpu", torch.float64)
+    if x.numel() != y.numel() or x.numel() < 2:
+        raise ValueError(f"fit_affine needs x and y of the same length >= 2, got {x.numel()} and {y.numel()}")
+    ymean = float(y.mean())
+    if float(((y - ymean) ** 2).sum()) == 0.0:  # a constant edge: c = 0, every f is exact
+        return SymbolicFit(fun.name, 1.0, fun.complexity, (1.0, 0.0, 0.0, ymean))
+    if fun.name == "0":
+        return SymbolicFit("0", 0.0, fun.complexity, (0.0, 0.0, 0.0, ymean))
+    a_lo, a_hi = a_range
+    b_lo, b_hi = b_range
+    best_a, best_b, best_r2 = 0.0, 0.0, -math.inf
+    for _ in range(iterations):
+        a_vals = torch.linspace(a_lo, a_hi, grid_number, dtype=torch.float64)
+        b_vals = torch.linspace(b_lo, b_hi, grid_number, dtype=torch.float64)
+        with torch.no_grad(), torch.autograd.set_grad_enabled(False):
+            post = fun.fn(a_vals[:, None, None] * x + b_vals[None, :, None])  # (Na, Nb, N)
+            r2 = _r2_table(post, y)
+        # a == 0 makes f constant: a degenerate fit, never preferred
+        r2 = torch.where(a_vals[:, None] == 0, torch.full_like(r2, -math.inf), r2)
+        flat = int(torch.argmax(torch.nan_to_num(r2, nan=-math.inf)))
+        ia, ib = divmod(flat, grid_number)
+        if float(r2[ia, ib]) > best_r2 or best_r2 == -math.inf:
+            best_a, best_b, best_r2 = float(a_vals[ia]), float(b_vals[ib]), float(r2[ia, ib])
+        da = (a_hi - a_lo) / (grid_number - 1)
+        db = (b_hi - b_lo) / (grid_number - 1)
+        a_lo, a_hi = best_a - da, best_a + da
+        b_lo, b_hi = best_b - db, best_b + db
+    if best_r2 == -math.inf:
+        return SymbolicFit(fun.name, -math.inf, fun.complexity, (1.0, 0.0, 0.0, ymean))
+    post = fun.fn(best_a * x + best_b)
+    A = torch.stack([post, torch.ones_like(post)], dim=1)
+    c, d = torch.linalg.lstsq(A, y.unsqueeze(1), driver="gelsd").solution.reshape(-1).tolist()
+    resid = y - (c * post + d)
+    r2 = 1.0 - float((resid**2).sum() / ((y - ymean) ** 2).sum())
+    return SymbolicFit(fun.name, r2, fun.complexity, (best_a, best_b, c, d))
+
+
+# ------------------------------------------------------------ model plumbing
+def _layer_inputs(model, x: Optional[torch.Tensor]) -> List[torch.Tensor]:
+    """2-D inputs of every layer: from ``x`` (one forward) or the kept ``last_input``."""
+    layers = list(model.layers)
+    if x is not None:
+        with torch.no_grad():
+            h = x.reshape(-1, layers[0].in_features)
+            ins = []
+            for layer in layers:
+                ins.append(h)
+                h = layer(h)
+        return ins
+    ins = [layer.last_input for layer in layers]
+    if any(t is None for t in ins):
+        raise ValueError(
+            "no samples: pass x=(N, in_features) or run a forward with model.keep_inputs = True first"
+        )
+    return [t.detach() for t in ins]
+
+
+def _check_edge(model, l: int, i: int, j: int):
+    n = len(model.layers)
+    if not 0 <= l < n:
+        raise IndexError(f"layer index l={l} out of range for a KAN with {n} layers")
+    layer = model.layers[l]
+    if not 0 <= i < layer.in_features:
+        raise IndexError(f"input node i={i} out of range for layer {l} (in_features={layer.in_features})")
+    if not 0 <= j < layer.out_features:
+        raise IndexError(f"output node j={j} out of range for layer {l} (out_features={layer.out_features})")
+    return layer
+
+
+def _numeric_edge(layer, xi: torch.Tensor, i: int, j: int) -> torch.Tensor:
+    """The numeric edge function phi_{j,i} (base + spline) at the samples ``xi`` (N,)."""
+    from .layer import basis_matrix
+
+    grid = layer.grid[i : i + 1]
+    D = basis_matrix(xi.unsqueeze(1), grid, layer.spline_order)[:, 0]  # (N, nb)
+    w = layer.scaled_spline_weight[j, i]
+    return D @ w + layer.base_weight[j, i] * layer.base_activation(xi)
+
+
+def suggest_symbolic(
+    model,
+    l: int,
+    i: int,
+    j: int,
+    x: Optional[torch.Tensor] = None,
+    lib: Optional[Iterable[str]] = None,
+    a_range: Tuple[float, float] = (-10.0, 10.0),
+    b_range: Tuple[float, float] = (-10.0, 10.0),
+    grid_number: int = 41,
+    iterations: int = 3,
+    max_samples: int = 1024,
+) -> List[SymbolicFit]:
+    """Fit every library function to the numeric edge ``(l, i, j)`` (layer ``l``,
+    from input node ``i`` to output node ``j``), ranked by ``R^2`` (best first).
+
+    Args:
+        model: a :class:`kanfast.KAN`.
+        x: ``(N, in_features)`` model inputs; the edge is sampled at the activations
+            that reach layer ``l``. Without ``x``, the inputs kept by the last forward
+            (``model.keep_inputs = True``) are used.
+        lib: names from :data:`SYMBOLIC_LIB` (default: all).
+        max_samples: at most this many (evenly spaced, sorted) samples are fitted.
+
+    Returns:
+        list of :class:`SymbolicFit` sorted by ``r2`` descending (``-inf`` last);
+        :func:`pick_best` chooses among them with a simplicity preference.
+
+    Raises:
+        IndexError: ``l``, ``i`` or ``j`` out of range. ValueError: no samples.
+    """
+    layer = _check_edge(model, l, i, j)
+    funs = _resolve_lib(lib)
+    return _suggest_on_samples(layer, _layer_inputs(model, x)[l][:, i], i, j, funs, a_range, b_range,
+                               grid_number, iterations, max_samples)
+
+
+def _suggest_on_samples(layer, xi, i, j, funs, a_range=(-10.0, 10.0), b_range=(-10.0, 10.0), grid_number=41,
+                        iterations=3, max_samples=1024):
+    xi = torch.sort(xi[torch.isfinite(xi)]).values
+    if xi.numel() < 2:
+        raise ValueError("suggest_symbolic needs at least 2 finite samples of the edge input")
+    if xi.numel() > max_samples:
+        xi = xi[torch.linspace(0, xi.numel() - 1, max_samples).round().long()]
+    with torch.no_grad():
+        yi = _numeric_edge(layer, xi, i, j)
+    fits = [fit_affine(xi, yi, f, a_range, b_range, grid_number, iterations) for f in funs]
+    fits.sort(key=lambda f: -f.r2 if math.isfinite(f.r2) else math.inf)
+    return fits
+
+
+def pick_best(fits: Sequence[SymbolicFit], weight_simple: float = 1.0) -> SymbolicFit:
+    """Choose a fit trading accuracy for simplicity: minimise
+    ``log10(max(1 - R^2, 1e-10)) + weight_simple * complexity``, i.e. one unit of
+    complexity costs ``weight_simple`` decades of unexplained variance (ties: higher
+    R^2). ``weight_simple=0`` picks the highest R^2."""
+    valid = [f for f in fits if math.isfinite(f.r2)]
+    if not valid:
+        raise ValueError("no valid symbolic fit (every candidate undefined on the samples)")
+
+    def score(f):
+        return (math.log10(max(1.0 - f.r2, 1e-10)) + weight_simple * f.complexity, -f.r2)
+
+    return min(valid, key=score)
+
+
+# ------------------------------------------------------------ symbolic branch
+class SymbolicBranch(nn.Module):
+    """Per-edge symbolic functions of one layer: ``y_j += c f(a x_i + b) + d`` for
+    every fixed edge ``(j, i)``.
+
+    Attributes:
+        affine: parameter ``(out, in, 4)`` of ``(a, b, c, d)``.
+        mask: buffer ``(out, in)``: 1 where the edge is symbolic.
+        names: ``out x in`` nested list of function names (``None`` when unfixed);
+            saved in the state_dict as extra state.
+
+    Shapes: forward ``(N, in) -> (N, out)``; :meth:`edge_values` ``(N, in) -> (N, in, out)``.
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, device=None, dtype=None):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.affine = nn.Parameter(torch.zeros(out_features, in_features, 4, device=device, dtype=dtype))
+        self.register_buffer("mask", torch.zeros(out_features, in_features, device=device, dtype=dtype))
+        self.names: List[List[Optional[str]]] = [[None] * in_features for _ in range(out_features)]
+
+    def get_extra_state(self):
+        return {"names": [list(r) for r in self.names]}
+
+    def set_extra_state(self, state):
+        self.names = [list(r) for r in state["names"]]
+
+    def _groups(self):
+        groups: Dict[str, Tuple[List[int], List[int]]] = {}
+        for j, row in enumerate(self.names):
+            for i, n in enumerate(row):
+                if n is not None and float(self.mask[j, i]) != 0.0:
+                    groups.setdefault(n, ([], []))
+                    groups[n][0].append(j)
+                    groups[n][1].append(i)
+        return groups
+
+    def _group_values(self, x: torch.Tensor, name: str, js, is_):
+        dev = x.device
+        jt = torch.tensor(js, device=dev)
+        it = torch.tensor(is_, device=dev)
+        p = self.affine[jt, it].to(x.dtype)  # (E, 4)
+        m = self.mask[jt, it].to(x.dtype)
+        xs = x[:, it]  # (N, E)
+        v = p[:, 2] * SYMBOLIC_LIB[name].safe_fn(p[:, 0] * xs + p[:, 1]) + p[:, 3]
+        return v * m, jt, it
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x.new_zeros(x.shape[0], self.out_features)
+        for name, (js, is_) in self._groups().items():
+            v, jt, _ = self._group_values(x, name, js, is_)
+            y = y.index_add(1, jt, v)
+        return y
+
+    def edge_values(self, x: torch.Tensor) -> torch.Tensor:
+        """Every symbolic edge's value ``(N, in, out)`` (0 where not symbolic)."""
+        out = x.new_zeros(x.shape[0], self.in_features, self.out_features)
+        for name, (js, is_) in self._groups().items():
+            v, jt, it = self._group_values(x, name, js, is_)
+            idx = it * self.out_features + jt
+            out = out.reshape(x.shape[0], -1).index_add(1, idx, v).reshape_as(out)
+        return out
+
+    def select(self, out_idx: torch.Tensor, in_idx: torch.Tensor) -> "SymbolicBranch":
+        """A branch on the sub-network of rows ``out_idx`` and columns ``in_idx``."""
+        new = SymbolicBranch(len(in_idx), len(out_idx), device=self.mask.device, dtype=self.mask.dtype)
+        with torch.no_grad():
+            new.affine.copy_(self.affine[out_idx][:, in_idx])
+            new.mask.copy_(self.mask[out_idx][:, in_idx])
+        new.names = [[self.names[int(j)][int(i)] for i in in_idx] for j in out_idx]
+        return new
+
+
+def _ensure_branch(layer) -> SymbolicBranch:
+    if layer.symbolic is None:
+        w = layer.base_weight
+        layer.symbolic = SymbolicBranch(layer.in_features, layer.out_features, device=w.device, dtype=w.dtype)
+    if layer.edge_mask is None:
+        layer.edge_mask = torch.ones_like(layer.base_weight, requires_grad=False).detach()
+    return layer.symbolic
+
+
+@torch.no_grad()
+def fix_symbolic(
+    model,
+    l: int,
+    i: int,
+    j: int,
+    name: str,
+    x: Optional[torch.Tensor] = None,
+    fit_params: bool = True,
+    params: Optional[Sequence[float]] = None,
+    **fit_kwargs,
+) -> float:
+    """Freeze edge ``(l, i, j)`` to ``c * f(a x + b) + d`` with ``f = SYMBOLIC_LIB[name]``.
+
+    The numeric (base + spline) edge is masked out (``layer.edge_mask[j, i] = 0``)
+    and the layer's :class:`SymbolicBranch` evaluates the formula instead.
+
+    Args:
+        fit_params: fit ``(a, b, c, d)`` to the numeric edge on the samples (from
+            ``x`` or the kept inputs, as :func:`suggest_symbolic`); otherwise use
+            ``params`` (default ``(1, 0, 1, 0)``).
+        fit_kwargs: passed to :func:`fit_affine`.
+
+    Returns:
+        the fit's ``R^2`` (``nan`` when not fitted).
+    """
+    layer = _check_edge(model, l, i, j)
+    fun = _resolve_lib([name])[0]
+    if fit_params:
+        fits = suggest_symbolic(model, l, i, j, x=x, lib=[name], **fit_kwargs)
+        fit = fits[0]
+        if not math.isfinite(fit.r2):
+            raise ValueError(f"{name!r} is undefined on the samples of edge ({l}, {i}, {j})")
+        p, r2 = fit.params, fit.r2
+    else:
+        p, r2 = tuple(params) if params is not None else (1.0, 0.0, 1.0, 0.0), math.nan
+        if len(p) != 4:
+            raise ValueError(f"params must be (a, b, c, d), got {params!r}")
+    branch = _ensure_branch(layer)
+    branch.affine[j, i] = torch.tensor(p, dtype=branch.affine.dtype, device=branch.affine.device)
+    branch.mask[j, i] = 1.0
+    branch.names[j][i] = fun.name
+    layer.edge_mask[j, i] = 0.0
+    return r2
+
+
+@torch.no_grad()
+def unfix_symbolic(model, l: int, i: int, j: int) -> None:
+    """Give edge ``(l, i, j)`` back to the numeric (spline) function."""
+    layer = _check_edge(model, l, i, j)
+    if layer.symbolic is not None:
+        layer.symbolic.mask[j, i] = 0.0
+        layer.symbolic.names[j][i] = None
+    if layer.edge_mask is not None:
+        layer.edge_mask[j, i] = 1.0
+
+
+def auto_symbolic(
+    model,
+    x: Optional[torch.Tensor] = None,
+    lib: Optional[Iterable[str]] = None,
+    weight_simple: float = 1.0,
+    verbose: bool = False,
+    **fit_kwargs,
+) -> Dict[Tuple[int, int, int], SymbolicFit]:
+    """Fix every active numeric edge to its best formula (:func:`suggest_symbolic`
+    then :func:`pick_best`), layer by layer. Edges already symbolic, or masked out
+    (pruned), are left as they are.
+
+    Args:
+        x: ``(N, in_features)`` samples (or the kept inputs, see :func:`suggest_symbolic`).
+            With ``x``, each layer is fitted on the activations of the model as it
+            is after the previous layers were fixed.
+        lib: candidate names (default: all of :data:`SYMBOLIC_LIB`).
+        weight_simple: see :func:`pick_best`.
+        verbose: print one line per edge.
+
+    Returns:
+        ``{(l, i, j): chosen SymbolicFit}``.
+    """
+    chosen = {}
+    funs = _resolve_lib(lib)
+    for l, layer in enumerate(model.layers):
+        inputs = None  # this layer's input, after the previous layers were fixed
+        for j in range(layer.out_features):
+            for i in range(layer.in_features):
+                if layer.edge_mask is not None and float(layer.edge_mask[j, i]) == 0.0:
+                    continue
+                if layer.symbolic is not None and float(layer.symbolic.mask[j, i]) != 0.0:
+                    continue
+                if inputs is None:
+                    inputs = _layer_inputs(model, x)[l]
+                fits = _suggest_on_samples(layer, inputs[:, i], i, j, funs, **fit_kwargs)
+                best = pick_best(fits, weight_simple)
+                fix_symbolic(model, l, i, j, best.name, fit_params=False, params=best.params)
+                chosen[(l, i, j)] = best
+                if verbose:
+                    print(f"fixing ({l},{i},{j}) with {best.name}, r2={best.r2:.6f}")
+    return chosen
+
+
+def symbolic_formula(
+    model,
+    var_names: Optional[Sequence[str]] = None,
+    digits: Optional[int] = None,
+    simplify: bool = False,
+):
+    """The model as sympy expressions (one per output), once every active edge is
+    symbolic (Liu et al. 2024 sec. 2.5.1).
+
+    Args:
+        var_names: input symbol names (default ``x_1 .. x_n``).
+        digits: round the constants to this many significant digits (default: full).
+        simplify: run ``sympy.simplify`` on the result (slow on big formulas).
+
+    Returns:
+        list of sympy expressions, ``len == out_features`` of the last layer.
+
+    Raises:
+        ValueError: an active edge is still numeric (run :func:`auto_symbolic` or
+        :func:`fix_symbolic` first).
+    """
+    sp = _sympy()
+    n_in = model.layers[0].in_features
+    if var_names is None:
+        var_names = [f"x_{k + 1}" for k in range(n_in)]
+    if len(var_names) != n_in:
+        raise ValueError(f"var_names needs {n_in} names, got {len(var_names)}")
+
+    def num(v: float):
+        v = float(v)
+        return sp.Float(v, digits) if digits is not None else sp.Float(v)
+
+    exprs = list(sp.symbols(list(var_names), real=True)) if n_in > 1 else [sp.Symbol(var_names[0], real=True)]
+    for l, layer in enumerate(model.layers):
+        outs = []
+        for j in range(layer.out_features):
+            acc = sp.Integer(0)
+            for i in range(layer.in_features):
+                sym_on = layer.symbolic is not None and float(layer.symbolic.mask[j, i]) != 0.0
+                num_on = layer.edge_mask is None or float(layer.edge_mask[j, i]) != 0.0
+                if num_on:
+                    raise ValueError(
+                        f"edge ({l}, {i}, {j}) is still numeric; fix it (auto_symbolic/fix_symbolic) or prune it first"
+                    )
+                if sym_on:
+                    a, b, c, d = layer.symbolic.affine[j, i].tolist()
+                    f = SYMBOLIC_LIB[layer.symbolic.names[j][i]]
+                    acc = acc + num(c) * f.sympy_fn(num(a) * exprs[i] + num(b)) + num(d)
+            outs.append(acc)
+        exprs = outs
+    if simplify:
+        exprs = [sp.simplify(e) for e in exprs]
+    return exprs
