@@ -42,11 +42,10 @@ backward (saved: ``x``, the knots, ``W`` and ``base_weight``). The transient
 memory is one dense block of at most ``CHUNK_ELEMENTS`` elements (plus
 ``grad_D`` of the same size in backward), ``O(k)`` per-element temporaries of
 ``rows_per_chunk * in <= ROW_ELEMENTS`` elements, and the weight gradient; i.e.
-about ``2 * CHUNK_ELEMENTS + (2k + 16) * ROW_ELEMENTS`` elements (~35 MiB in
+about ``2 * CHUNK_ELEMENTS + (2k + 16) * ROW_ELEMENTS`` elements (~27 MiB in
 float32 at the defaults, k = 3) plus one weight-sized buffer, whatever the
 batch size. Measured fwd+bwd peak beyond parameters, gradients, input and
-output at batch 4096, in = out = 256: 51 MiB at G = 5, 41 MiB at G = 50
-(``benchmarks/results``).
+output at batch 4096, in = out = 256: see ``benchmarks/results`` (flat in G).
 
 Double backward is supported by autograd only through the reference/einsum
 formulation; this Function's backward is not itself differentiable
@@ -76,10 +75,11 @@ __all__ = [
 
 #: Largest dense basis block (elements) materialised at once, per chunk of rows.
 CHUNK_ELEMENTS = 1 << 21
-#: Target number of (row, feature) elements per chunk. On one thread 2**14..2**18
-#: time the same (2-core AMD EPYC); the larger value means 4x fewer
-#: fork-join points per call, which matters when the cores are shared.
-ROW_ELEMENTS = 1 << 18
+#: Target number of (row, feature) elements per chunk. Measured on a quiet 2-core
+#: AMD EPYC (batch 4096, in=out=256, G=5, fwd+bwd / dense floor): 2**14: 1.79,
+#: 2**15: 1.50, 2**16: 1.37, 2**17: 1.33, 2**18: 1.43 on two threads (1.34, 1.26,
+#: 1.21, 1.23, 1.25 on one): fewer fork-joins vs cache-resident gathers.
+ROW_ELEMENTS = 1 << 17
 
 
 def grid_is_uniform(grid: torch.Tensor) -> bool:
