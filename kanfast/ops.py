@@ -169,20 +169,47 @@ def _setup_context(ctx, inputs, output):
     ctx.cfg = (spline_order, flag)
 
 
-def _kan_fwd_backward(ctx, grad_y):
-    x, grid, coef, base_weight = ctx.saved_tensors
-    spline_order, uniform = ctx.cfg
-    need_x, _, need_c, need_b = ctx.needs_input_grad[:4]
-    need_b = need_b and base_weight is not None
-    if torch.is_grad_enabled():  # backward(create_graph=True): keep the gradient differentiable
-        gx, gc, gb = _grads_by_autograd(
-            grad_y,
-            [(x, need_x), (coef, need_c), (base_weight, need_b)],
-            lambda: kan_linear_differentiable(x, grid, coef, base_weight, spline_order),
-        )
-    else:
-        gx, gc, gb = kan_bwd(grad_y, x, grid, coef, base_weight, spline_order, uniform, need_x, need_c, need_b)
-    return (gx if need_x else None), None, (gc if need_c else None), (gb if need_b else None), None, None
+def _make_backward(fast_backward):
+    """Autograd formula shared by the custom op and the eager Function: the fast
+    backward for a first-order pass, autograd through the differentiable
+    formulation under ``create_graph=True`` (grad mode on inside backward)."""
+
+    def backward(ctx, grad_y):
+        x, grid, coef, base_weight = ctx.saved_tensors
+        spline_order, uniform = ctx.cfg
+        need_x, _, need_c, need_b = ctx.needs_input_grad[:4]
+        need_b = need_b and base_weight is not None
+        if torch.is_grad_enabled():  # backward(create_graph=True): keep the gradient differentiable
+            gx, gc, gb = _grads_by_autograd(
+                grad_y,
+                [(x, need_x), (coef, need_c), (base_weight, need_b)],
+                lambda: kan_linear_differentiable(x, grid, coef, base_weight, spline_order),
+            )
+        else:
+            gx, gc, gb = fast_backward(grad_y, x, grid, coef, base_weight, spline_order, uniform, need_x, need_c, need_b)
+        return (gx if need_x else None), None, (gc if need_c else None), (gb if need_b else None), None, None
+
+    return backward
+
+
+def _torch_backward_eager(grad_y, x, grid, coef, base_weight, k, uniform, need_x, need_c, need_b):
+    return _torch_backward(grad_y.contiguous(), x.contiguous(), grid.contiguous(), coef, base_weight, k, uniform, need_x, need_c, need_b)
+
+
+_kan_fwd_backward = _make_backward(kan_bwd)
+
+
+class _EagerTorchKAN(torch.autograd.Function):
+    """Eager twin of ``kanfast::kan_fwd``: the same forward and autograd formula
+    without the custom-op dispatcher, whose first call imports torch._dynamo
+    (about a second) and which costs tens of microseconds per call."""
+
+    @staticmethod
+    def forward(ctx, x, grid, coef, base_weight, spline_order, uniform):
+        _setup_context(ctx, (x, grid, coef, base_weight, spline_order, uniform), None)
+        return _torch_forward(x.contiguous(), grid.contiguous(), coef, base_weight, spline_order, uniform)
+
+    backward = staticmethod(_make_backward(_torch_backward_eager))
 
 
 kan_fwd.register_autograd(_kan_fwd_backward, setup_context=_setup_context)
@@ -292,4 +319,7 @@ def kan_linear_op(
     """
     if backend == "triton" and x.dtype != torch.float64:  # float64: the torch path (as kan_linear_triton does)
         return _kan_linear_triton_op(x, grid, coef, base_weight, spline_order)
-    return kan_fwd(x, grid.to(x.dtype), coef, base_weight, int(spline_order), bool(uniform))
+    grid = grid.to(x.dtype)
+    if torch.compiler.is_compiling():  # one opaque graph node for Dynamo/AOTAutograd
+        return kan_fwd(x, grid, coef, base_weight, int(spline_order), bool(uniform))
+    return _EagerTorchKAN.apply(x, grid, coef, base_weight, int(spline_order), bool(uniform))
