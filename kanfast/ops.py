@@ -246,20 +246,8 @@ def _register_triton_ops():
     def _(x, grid, coef, base_weight, spline_order, ieee):
         return x.new_empty(x.shape[0], coef.shape[0])
 
-    def backward(ctx, grad_y):
-        x, grid, coef, base_weight = ctx.saved_tensors
-        spline_order, ieee = ctx.cfg
-        need_x, _, need_c, need_b = ctx.needs_input_grad[:4]
-        need_b = need_b and base_weight is not None
-        if torch.is_grad_enabled():  # create_graph=True: route to the differentiable path
-            gx, gc, gb = _grads_by_autograd(
-                grad_y,
-                [(x, need_x), (coef, need_c), (base_weight, need_b)],
-                lambda: kan_linear_differentiable(x, grid, coef, base_weight, spline_order),
-            )
-        else:
-            gx, gc, gb = raw_bwd(grad_y, x, grid, coef, base_weight, spline_order, ieee, need_x, need_c, need_b)
-        return (gx if need_x else None), None, (gc if need_c else None), (gb if need_b else None), None, None
+    # the same formula as the torch op: kernels first-order, differentiable path under create_graph
+    backward = _make_backward(raw_bwd)
 
     tfwd.register_autograd(backward, setup_context=_setup_context)
     _TRITON_OPS = (tfwd, tb)

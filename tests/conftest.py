@@ -28,3 +28,12 @@ def assert_close(a: torch.Tensor, b: torch.Tensor, rtol: float, name: str = "") 
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def one_thread():
+    """Run the test with torch on one thread (restored afterwards)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

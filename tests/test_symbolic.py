@@ -17,12 +17,8 @@ from kanfast.workflow import fit_lbfgs
 DT = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# tiny tensors: one thread is fastest and avoids oversubscription on shared CI cores
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_library_is_the_papers():

@@ -22,13 +22,8 @@ from kanfast.reference import b_spline_basis, kan_linear_reference
 DT = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny tensors: one thread is fastest and avoids oversubscription on shared CI cores
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# tiny tensors: one thread is fastest and avoids oversubscription on shared CI cores
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _randomise(model_or_layer, seed=0, scale=0.5):
