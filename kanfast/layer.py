@@ -8,6 +8,7 @@ checkpoints load unchanged.
 from __future__ import annotations
 
 import math
+import operator
 from typing import Iterable, Optional, Sequence, Tuple, Type
 
 import torch
@@ -79,9 +80,20 @@ def solve_coefficients(basis: torch.Tensor, values: torch.Tensor) -> torch.Tenso
 
 
 def _check_positive_int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    """``value`` as a Python int (numpy and torch integers accepted), or ValueError naming ``name``."""
+    try:
+        ivalue = operator.index(value)
+    except TypeError:
+        ivalue = None
+    if isinstance(value, bool) or ivalue is None or ivalue < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value
+    return int(ivalue)
+
+
+def _check_margin(margin) -> float:
+    if not (isinstance(margin, (int, float)) and math.isfinite(margin) and margin >= 0):
+        raise ValueError(f"margin must be a finite number >= 0, got {margin!r}")
+    return float(margin)
 
 
 class FastKANLayer(nn.Module):
@@ -146,14 +158,17 @@ class FastKANLayer(nn.Module):
         dtype=None,
     ):
         super().__init__()
-        _check_positive_int("in_features", in_features, 1)
-        _check_positive_int("out_features", out_features, 1)
-        _check_positive_int("grid_size", grid_size, 1)
-        _check_positive_int("spline_order", spline_order, 0)
+        in_features = _check_positive_int("in_features", in_features, 1)
+        out_features = _check_positive_int("out_features", out_features, 1)
+        grid_size = _check_positive_int("grid_size", grid_size, 1)
+        spline_order = _check_positive_int("spline_order", spline_order, 0)
         if len(grid_range) != 2 or not (float(grid_range[0]) < float(grid_range[1])):
             raise ValueError(f"grid_range must be (lo, hi) with lo < hi, got {tuple(grid_range)!r}")
         if not all(math.isfinite(float(v)) for v in grid_range):
             raise ValueError(f"grid_range must be finite, got {tuple(grid_range)!r}")
+        for name, v in (("scale_noise", scale_noise), ("scale_base", scale_base), ("scale_spline", scale_spline)):
+            if not math.isfinite(float(v)):
+                raise ValueError(f"{name} must be finite, got {v!r}")
         if not 0.0 <= float(grid_eps) <= 1.0:
             raise ValueError(f"grid_eps must be in [0, 1], got {grid_eps!r}")
         factory = {"device": device, "dtype": dtype}
@@ -421,6 +436,7 @@ class FastKANLayer(nn.Module):
             raise ValueError("update_grid needs at least one sample; got an empty batch")
         if not torch.isfinite(x).all():
             raise ValueError("update_grid needs finite samples; x contains NaN or inf")
+        margin = _check_margin(margin)
         G, k = self.grid_size, self.spline_order
         old_curves = torch.einsum("nij,oij->nio", basis_matrix(x, self.grid, k), self.scaled_spline_weight.to(comp))
         new_grid = adaptive_grid(x, G, k, self.grid_eps, margin).to(self.grid.dtype)
@@ -454,6 +470,7 @@ class FastKANLayer(nn.Module):
             self.
         """
         _check_positive_int("new_grid_size", new_grid_size, 1)
+        margin = _check_margin(margin)
         k = self.spline_order
         dtype, device = self.grid.dtype, self.grid.device
         lo = self.grid[:, k].to(torch.float64)

@@ -284,7 +284,12 @@ def prune(
 
     Returns:
         the pruned copy (same backend, options and device).
+
+    Raises:
+        ValueError: x is empty or not finite (magnitudes would be NaN).
     """
+    if x.numel() == 0 or not torch.isfinite(x).all():
+        raise ValueError("prune needs a non-empty batch of finite samples; x is empty or contains NaN or inf")
     nodes, edges = prune_masks(model, x, node_threshold, edge_threshold)
     kept = [layer.last_input for layer in model.layers]
     try:  # kept activations may be non-leaf graph tensors, which deepcopy refuses

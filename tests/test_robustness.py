@@ -216,3 +216,35 @@ def test_constructor_errors(kwargs, name):
         FastKANLayer(**{"in_features": 4, "out_features": 3, **kwargs})
     with pytest.raises(ValueError, match=name):
         KAN([kwargs.get("in_features", 4), 3], **{k: v for k, v in kwargs.items() if k != "in_features"})
+
+
+def test_bad_arguments_are_named():
+    import numpy as np
+
+    assert KAN(list(np.array([3, 4, 2]))).layers[0].in_features == 3  # numpy integers are integers
+    layer = FastKANLayer(3, 2)
+    x = torch.rand(16, 3) * 2 - 1
+    for margin in (float("nan"), float("inf"), -0.1):
+        with pytest.raises(ValueError, match="margin"):
+            layer.update_grid(x, margin=margin)
+        with pytest.raises(ValueError, match="margin"):
+            layer.extend_grid(4, x, margin=margin)
+    with pytest.raises(ValueError, match="scale_noise"):
+        FastKANLayer(3, 2, scale_noise=float("nan"))
+    bad = x.clone()
+    bad[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="finite"):
+        KAN([3, 4, 2]).prune(bad)
+
+
+def test_torch_func_transforms_refuse_rather_than_guess():
+    """torch.func transforms are not supported by the fast backends' autograd Function: they must
+    raise (never return wrong values); backend="reference" supports them."""
+    layer = make_layer("torch", "cpu", dtype=torch.float64)
+    x = torch.randn(4, dtype=torch.float64)
+    with pytest.raises(RuntimeError):
+        torch.func.jacrev(layer)(x)
+    ref = copy.deepcopy(layer)
+    ref.backend = "reference"
+    J = torch.func.jacrev(ref)(x)
+    assert J.shape == (3, 4) and torch.isfinite(J).all()
