@@ -76,8 +76,8 @@ def _int_list(text: str) -> List[int]:
         vals = [int(v) for v in str(text).split(",") if v.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
-    if not vals or any(v < 0 for v in vals):
-        raise argparse.ArgumentTypeError(f"expected non-negative integers, got {text!r}")
+    if not vals or any(v < 1 for v in vals):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
     return vals
 
 
@@ -596,6 +596,13 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if args.repeats < 1 or args.warmup < 0:
         print("kanfast bench: --repeats must be >= 1 and --warmup >= 0", file=sys.stderr)
+        return 2
+    if args.threads is not None and args.threads < 1:
+        print(f"kanfast bench: --threads must be >= 1, got {args.threads}", file=sys.stderr)
+        return 2
+    if str(args.out).isdigit():
+        print(f"kanfast bench: --out is the JSON output path, got {str(args.out)!r}; "
+              "for the layer width use --out-features", file=sys.stderr)
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -51,6 +51,19 @@ def _int_list(text: str) -> List[int]:
     return vals
 
 
+def _at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}")
+        if v < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {v}")
+        return v
+
+    return parse
+
+
 def add_toy_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the ``kanfast fit toy`` options to ``parser`` (returned)."""
     parser.add_argument("--function", choices=sorted(TOY_FUNCTIONS), default="paper",
@@ -73,8 +86,8 @@ def add_toy_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     parser.add_argument("--lib", type=lambda s: [v for v in s.split(",") if v], default=None,
                         help="symbolic candidates, comma-separated (default: the whole library)")
     parser.add_argument("--symbolic-steps", type=int, default=50, help="LBFGS steps on the affine params after fixing")
-    parser.add_argument("--n-train", type=int, default=1000)
-    parser.add_argument("--n-test", type=int, default=1000)
+    parser.add_argument("--n-train", type=_at_least(16), default=1000, help="training points (>= 16)")
+    parser.add_argument("--n-test", type=_at_least(1), default=1000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (tiny models run fastest on 1; 0 keeps torch's default)")

@@ -11,6 +11,7 @@ the dtype's tolerance is a mismatch (exit status 1).
 from __future__ import annotations
 
 import argparse
+import sys
 import copy
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
@@ -136,12 +137,21 @@ def available_backends(device: str) -> List[str]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="device of the backends under test (reference runs on CPU in float64)")
     parser.add_argument("--dtype", nargs="+", default=["float64", "float32"], choices=list(DTYPES), help="dtype(s) of the backends under test")
-    parser.add_argument("--backends", nargs="+", default=None, help="backends to check (default: all available)")
+    parser.add_argument("--backends", nargs="+", default=None, choices=["torch", "triton", "reference"],
+                        help="backends to check (default: all available)")
     parser.add_argument("--quick", action="store_true", help="a quarter of the cases")
     parser.add_argument("--seed", type=int, default=0)
 
 
 def run(args) -> int:
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as exc:
+        print(f"kanfast validate: bad --device {args.device!r}: {exc}", file=sys.stderr)
+        return 2
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("kanfast validate: --device cuda requested but CUDA is not available", file=sys.stderr)
+        return 2
     dtypes = [args.dtype] if isinstance(args.dtype, str) else list(args.dtype)
     status = 0
     for name in dtypes:

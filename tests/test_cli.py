@@ -51,3 +51,25 @@ def test_fit_digits_short_schedule(capsys):
 def test_console_script_runs():
     out = subprocess.run([sys.executable, "-m", "kanfast.cli", "validate", "--backends", "torch", "--quick"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["bench", "--out", "4"],  # --out is the JSON path, not out_features
+        ["bench", "--threads", "-1"],
+        ["validate", "--device", "foo"],
+        ["validate", "--device", "cuda:99"] if not __import__("torch").cuda.is_available() else ["validate", "--device", "foo"],
+    ],
+)
+def test_bad_arguments_exit_2_with_a_message(argv, capsys):
+    assert main(argv) == 2
+    assert "kanfast" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["bench", "--batch", "0"], ["validate", "--backends", "foo"], ["fit", "toy", "--n-train", "0"]])
+def test_bad_arguments_rejected_by_the_parser(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    assert "error" in capsys.readouterr().err
