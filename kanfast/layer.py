@@ -220,11 +220,17 @@ class FastKANLayer(nn.Module):
         return self.grid_size + self.spline_order
 
     def reset_parameters(self) -> None:
-        """efficient-kan's initialisation: Kaiming-uniform base weights; spline
-        weights fitted (least squares) to small random curves sampled at the grid
-        points; Kaiming-uniform spline scalers."""
+        """efficient-kan's initialisation: uniform knots on ``grid_range``; Kaiming-uniform
+        base weights; spline weights fitted (least squares) to small random curves
+        sampled at the grid points; Kaiming-uniform spline scalers. On the ``meta``
+        device only shapes exist: after ``to_empty(device=...)`` call this again."""
         nn.init.kaiming_uniform_(self.base_weight, a=math.sqrt(5) * self.scale_base)
+        if self.spline_weight.is_meta:  # deferred init: shapes only; call reset_parameters() after to_empty()
+            return
         with torch.no_grad():
+            # the knots too: uniform on grid_range (also what a to_empty() layer needs)
+            self.grid.copy_(uniform_grid(self.in_features, self.grid_size, self.spline_order, self.grid_range))
+            self.refresh_grid_cache()
             G, k = self.grid_size, self.spline_order
             noise = (torch.rand(G + 1, self.in_features, self.out_features) - 0.5) * self.scale_noise / G
             noise = noise.to(device=self.grid.device, dtype=self.spline_weight.dtype)
@@ -287,6 +293,9 @@ class FastKANLayer(nn.Module):
         ``.to()``; call it yourself after editing ``grid`` in place inside a
         compiled region."""
         g = self.grid
+        if g.is_meta:  # deferred init (e.g. FSDP): no values yet; decided once the grid is materialised
+            self._grid_uniform, self._grid_key = None, None
+            return
         self._grid_uniform = bool(grid_is_uniform(g.detach()))
         self._grid_key = (g.data_ptr(), g._version, g.dtype, tuple(g.shape), g.device)
 

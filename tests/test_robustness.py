@@ -248,3 +248,20 @@ def test_torch_func_transforms_refuse_rather_than_guess():
     ref.backend = "reference"
     J = torch.func.jacrev(ref)(x)
     assert J.shape == (3, 4) and torch.isfinite(J).all()
+
+
+def test_meta_device_deferred_init():
+    """FSDP-style deferred init: build on meta, to_empty, reset_parameters -> a working layer."""
+    with torch.device("meta"):
+        model = KAN([4, 3, 2])
+    assert model.layers[0].grid.is_meta
+    model.to_empty(device="cpu")
+    for layer in model.layers:
+        layer.reset_parameters()
+    fresh = KAN([4, 3, 2])
+    for a, b in zip(model.layers, fresh.layers):
+        assert torch.equal(a.grid, b.grid)
+    x = torch.rand(7, 4) * 2 - 1
+    ref = copy.deepcopy(model)
+    ref.backend = "reference"
+    torch.testing.assert_close(model(x), ref(x), rtol=1e-5, atol=1e-6)
