@@ -331,6 +331,7 @@ def export_onnx(model: nn.Module, x: torch.Tensor, path: Union[str, os.PathLike]
 
     Raises:
         ImportError: the ``onnx`` package is missing (``pip install kanfast[test]``).
+        NotImplementedError: the model has symbolic edges (``fix_symbolic``).
     """
     try:
         import onnx  # noqa: F401
@@ -343,6 +344,13 @@ def export_onnx(model: nn.Module, x: torch.Tensor, path: Union[str, os.PathLike]
     kwargs.setdefault("dynamo", False)
     import warnings
 
+    if any(type(m).get_extra_state is not nn.Module.get_extra_state for m in model.modules()):
+        # symbolic branches (kanfast.fix_symbolic) keep their formulas as non-tensor extra state and
+        # scatter per edge; the TorchScript exporter takes neither correctly
+        raise NotImplementedError(
+            "export_onnx does not support models with symbolic edges (fix_symbolic/auto_symbolic); "
+            "export before fixing formulas, or use kanfast.symbolic_formula(model) for the closed form"
+        )
     with _backend(model, "reference"), torch.no_grad(), warnings.catch_warnings():
         # shape checks in Python are constants for a fixed in_features: harmless tracer warnings
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)

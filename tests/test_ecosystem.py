@@ -310,3 +310,15 @@ def test_autocast_fp16_through_triton_kernels_cpu_interpreter():
     assert y.dtype == torch.float16 and layer.grid.dtype == torch.float32
     expect = ref_layer(layer, x.half().float())
     torch.testing.assert_close(y.double(), expect.detach(), rtol=1e-2, atol=1e-2)
+
+
+def test_export_onnx_refuses_symbolic_edges(tmp_path):
+    import kanfast
+
+    pytest.importorskip("onnx")
+    torch.manual_seed(0)
+    model = KAN([2, 2, 1])
+    x = torch.rand(64, 2) * 2 - 1
+    kanfast.fix_symbolic(model, 0, 0, 0, "sin", x)
+    with pytest.raises(NotImplementedError, match="symbolic"):
+        kanfast.export_onnx(model.eval(), x[:2], tmp_path / "k.onnx")
