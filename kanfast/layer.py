@@ -229,7 +229,10 @@ class FastKANLayer(nn.Module):
             return
         with torch.no_grad():
             # the knots too: uniform on grid_range (also what a to_empty() layer needs)
-            self.grid.copy_(uniform_grid(self.in_features, self.grid_size, self.spline_order, self.grid_range))
+            self.grid.copy_(
+                uniform_grid(self.in_features, self.grid_size, self.spline_order, self.grid_range,
+                             device=self.grid.device, dtype=self.grid.dtype)
+            )
             self.refresh_grid_cache()
             G, k = self.grid_size, self.spline_order
             noise = (torch.rand(G + 1, self.in_features, self.out_features) - 0.5) * self.scale_noise / G

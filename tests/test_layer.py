@@ -250,3 +250,11 @@ def test_no_basis_tensor_saved_for_backward():
 
     walk(y.grad_fn, set())
     assert max(sizes) < 32 * 8 * (5 + 3), sizes
+
+
+def test_knots_are_built_in_the_layer_dtype():
+    """A float64 layer gets float64 knots (not float32-rounded ones): -2.2 .. 2.2 in steps of 0.4."""
+    layer = FastKANLayer(3, 2, dtype=torch.float64)
+    want = torch.arange(-3, 9, dtype=torch.float64) * 0.4 - 1.0
+    assert layer.grid.dtype == torch.float64
+    assert torch.equal(layer.grid[1], want)
