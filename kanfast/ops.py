@@ -88,33 +88,19 @@ def _grads_by_autograd(grad_y, pairs, fn):
 
 # --------------------------------------------------------------------- torch
 def _torch_forward(x, grid, coef, base_weight, k, uniform):
-    if hasattr(torch_backend, "_forward"):  # the backend's split-weight engine, when present: no packing copy
-        nout, nin, nb = coef.shape
-        coef2 = coef.reshape(nout, nin * nb).contiguous()
-        base = None if base_weight is None else base_weight.contiguous()
-        return torch_backend._forward(x, grid, coef2, base, k, uniform)
-    weight = coef if base_weight is None else torch.cat([coef, base_weight.unsqueeze(-1)], dim=-1)
-    return torch_backend.forward_2d(x, grid, weight.contiguous(), k, coef.shape[-1], base_weight is not None, uniform)
+    nout, nin, nb = coef.shape
+    base = None if base_weight is None else base_weight.contiguous()
+    return torch_backend._forward(x, grid, coef.reshape(nout, nin * nb).contiguous(), base, k, uniform)
 
 
 def _torch_backward(grad_y, x, grid, coef, base_weight, k, uniform, need_x, need_c, need_b):
     """(grad_x, grad_coef, grad_base), None where not needed."""
     nout, nin, nb = coef.shape
-    has_base = base_weight is not None
-    if hasattr(torch_backend, "_backward"):
-        coef2 = coef.reshape(nout, nin * nb).contiguous()
-        base = None if base_weight is None else base_weight.contiguous()
-        gx, gc, gb = torch_backend._backward(grad_y, x, grid, coef2, base, k, uniform, need_x, need_c, need_b)
-        return gx, (gc.view(nout, nin, nb) if gc is not None else None), (gb if need_b else None)
-    weight = coef if not has_base else torch.cat([coef, base_weight.unsqueeze(-1)], dim=-1)
-    need_w = need_c or need_b
-    gx, gw = torch_backend.backward_2d(
-        grad_y, x, grid, weight.contiguous(), k, nb, has_base, uniform, need_x=need_x, need_w=need_w
+    base = None if base_weight is None else base_weight.contiguous()
+    gx, gc, gb = torch_backend._backward(
+        grad_y, x, grid, coef.reshape(nout, nin * nb).contiguous(), base, k, uniform, need_x, need_c, need_b
     )
-    # separate storage for each returned gradient (custom-op outputs may not alias)
-    gc = (gw[..., :nb].clone() if has_base else gw) if need_c else None
-    gb = gw[..., nb].clone() if (need_b and has_base) else None
-    return gx, gc, gb
+    return gx, (gc.view(nout, nin, nb) if gc is not None else None), (gb if need_b else None)
 
 
 @torch.library.custom_op("kanfast::kan_fwd", mutates_args=())
@@ -265,16 +251,8 @@ def _kan_linear_triton_op(x, grid, coef, base_weight, spline_order):
         raise RuntimeError("backend 'triton' needs triton (pip install triton) and kanfast.triton_backend")
     tfwd, tb = ops
     k = int(spline_order)
-    if k > tb.MAX_SPLINE_ORDER or coef.shape[-1] > tb.MAX_N_BASIS:
-        raise ValueError(
-            f"the triton kernels support spline_order <= {tb.MAX_SPLINE_ORDER} and G + k <= {tb.MAX_N_BASIS}; "
-            f"got k={k}, G + k={coef.shape[-1]} (use backend='torch')"
-        )
-    if x.dtype == torch.bfloat16 and x.device.type == "cpu":
-        raise TypeError(
-            "backend 'triton': bfloat16 cannot run through Triton's interpreter on CPU; use backend='torch' "
-            "on CPU, or CUDA tensors"
-        )
+    tb.check_arguments(x, grid, coef, base_weight, k)
+    tb.check_dtype_device(x)
     coef = coef.to(x.dtype)
     base_weight = None if base_weight is None else base_weight.to(x.dtype)
     ieee = tb.get_fp32_precision() == "ieee" or x.device.type != "cuda"

@@ -389,6 +389,36 @@ def _backward_fn(ctx, grad_y):
 _fwd_op.register_autograd(_backward_fn, setup_context=_setup_context)
 
 
+def check_arguments(x: torch.Tensor, grid: torch.Tensor, coef: torch.Tensor, base_weight: Optional[torch.Tensor], k: int) -> None:
+    """Shapes, spline order and basis count the kernels accept (ValueError/TypeError naming the problem)."""
+    if x.dim() != 2:
+        raise ValueError(f"kan_linear_triton expects x of shape (N, in_features), got {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"kan_linear_triton expects a floating-point x, got {x.dtype}")
+    if coef.dim() != 3 or grid.dim() != 2:
+        raise ValueError(f"coef must be (out, in, G + k) and grid (in, G + 2k + 1); got {tuple(coef.shape)}, {tuple(grid.shape)}")
+    nout, nin, nb = coef.shape
+    if x.shape[1] != nin or grid.shape[0] != nin:
+        raise ValueError(f"in_features mismatch: x {tuple(x.shape)}, grid {tuple(grid.shape)}, coef {tuple(coef.shape)}")
+    if k < 0 or grid.shape[1] != nb + k + 1 or nb < 1:
+        raise ValueError(f"grid with {grid.shape[1]} knots does not fit {nb} bases of order {k} (need G + 2k + 1 knots)")
+    if k > MAX_SPLINE_ORDER:
+        raise ValueError(f"the triton kernels support spline_order <= {MAX_SPLINE_ORDER}, got {k} (use backend='torch')")
+    if nb > MAX_N_BASIS:
+        raise ValueError(f"the triton kernels support G + k <= {MAX_N_BASIS} bases, got {nb} (use backend='torch')")
+    if base_weight is not None and tuple(base_weight.shape) != (nout, nin):
+        raise ValueError(f"base_weight must be (out, in) = {(nout, nin)}, got {tuple(base_weight.shape)}")
+
+
+def check_dtype_device(x: torch.Tensor) -> None:
+    """bfloat16 cannot run on CPU tensors (TypeError)."""
+    if x.dtype == torch.bfloat16 and x.device.type == "cpu":
+        raise TypeError(
+            "kan_linear_triton: bfloat16 cannot run through Triton's interpreter on CPU (its tl.dot "
+            "misreads bfloat16 operands); use backend='torch' on CPU, or CUDA tensors"
+        )
+
+
 # ----------------------------------------------------------------- entry point
 def kan_linear_triton(
     x: torch.Tensor,
@@ -428,24 +458,8 @@ def kan_linear_triton(
         TypeError: non-floating input; bfloat16 on CPU (the interpreter cannot run it).
         RuntimeError: triton unavailable, or a device other than CUDA/CPU.
     """
-    if x.dim() != 2:
-        raise ValueError(f"kan_linear_triton expects x of shape (N, in_features), got {tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise TypeError(f"kan_linear_triton expects a floating-point x, got {x.dtype}")
     k = int(spline_order)
-    if coef.dim() != 3 or grid.dim() != 2:
-        raise ValueError(f"coef must be (out, in, G + k) and grid (in, G + 2k + 1); got {tuple(coef.shape)}, {tuple(grid.shape)}")
-    nout, nin, nb = coef.shape
-    if x.shape[1] != nin or grid.shape[0] != nin:
-        raise ValueError(f"in_features mismatch: x {tuple(x.shape)}, grid {tuple(grid.shape)}, coef {tuple(coef.shape)}")
-    if k < 0 or grid.shape[1] != nb + k + 1 or nb < 1:
-        raise ValueError(f"grid with {grid.shape[1]} knots does not fit {nb} bases of order {k} (need G + 2k + 1 knots)")
-    if k > MAX_SPLINE_ORDER:
-        raise ValueError(f"the triton kernels support spline_order <= {MAX_SPLINE_ORDER}, got {k}")
-    if nb > MAX_N_BASIS:
-        raise ValueError(f"the triton kernels support G + k <= {MAX_N_BASIS} bases, got {nb}")
-    if base_weight is not None and tuple(base_weight.shape) != (nout, nin):
-        raise ValueError(f"base_weight must be (out, in) = {(nout, nin)}, got {tuple(base_weight.shape)}")
+    check_arguments(x, grid, coef, base_weight, k)
     dev = x.device.type
     if x.dtype != torch.float64 and torch.is_autocast_enabled(dev):
         # like F.linear under autocast: x and the weights in the autocast dtype (knots stay as they are)
@@ -453,11 +467,7 @@ def kan_linear_triton(
         x = x.to(dt)
         coef = coef.to(dt)
         base_weight = None if base_weight is None else base_weight.to(dt)
-    if x.dtype == torch.bfloat16 and x.device.type == "cpu":
-        raise TypeError(
-            "kan_linear_triton: bfloat16 cannot run through Triton's interpreter on CPU (its tl.dot "
-            "misreads bfloat16 operands); use backend='torch' on CPU, or CUDA tensors"
-        )
+    check_dtype_device(x)
     if x.dtype == torch.float64:
         return kan_linear_torch(x, grid, coef.to(x.dtype), None if base_weight is None else base_weight.to(x.dtype), k)
     if coef.dtype != x.dtype:  # autocast or mixed call: compute in the input's dtype
