@@ -62,6 +62,7 @@ def _worker(rank, world, init_file, out_dir):
             {"grads": grads, "after": after, "state": {k: v.clone() for k, v in model.state_dict().items()}},
             os.path.join(out_dir, f"rank{rank}.pt"),
         )
+        dist.barrier()  # no rank tears gloo down while the other still talks (else a sporadic SIGABRT)
     finally:
         dist.destroy_process_group()
 
@@ -131,6 +132,7 @@ def _fsdp_worker(rank, world, init_file, out_dir):
         y = model(x[rank * half : (rank + 1) * half])
         full = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in model.state_dict().items()}
         torch.save({"raised": raised, "state": full, "y": y.detach()}, os.path.join(out_dir, f"fsdp{rank}.pt"))
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
