@@ -74,7 +74,7 @@ __all__ = [
 ]
 
 #: Largest dense basis block (elements) materialised at once, per chunk of rows.
-CHUNK_ELEMENTS = 1 << 21
+CHUNK_ELEMENTS = 1 << 22
 #: Target number of (row, feature) elements per chunk. Measured on a quiet 2-core
 #: AMD EPYC (batch 4096, in=out=256, G=5, fwd+bwd / dense floor): 2**14: 1.79,
 #: 2**15: 1.50, 2**16: 1.37, 2**17: 1.33, 2**18: 1.43 on two threads (1.34, 1.26,
@@ -115,18 +115,16 @@ def _cardinal_pieces(k: int) -> Tuple[Tuple[float, ...], ...]:
     return tuple(out)
 
 
-def _poly(powers: List[torch.Tensor], coefs: Tuple[float, ...], out: torch.Tensor) -> torch.Tensor:
-    """out = sum_p coefs[p] powers[p] (element-wise; ``powers[p] = f^p``, p >= 1),
-    one op per non-zero coefficient."""
-    terms = [p for p in range(len(coefs) - 1, 0, -1) if coefs[p] != 0.0]
-    if not terms:
-        return out.fill_(coefs[0])
-    torch.mul(powers[terms[0]], coefs[terms[0]], out=out)
-    for p in terms[1:]:
-        out.add_(powers[p], alpha=coefs[p])
-    if coefs[0] != 0.0:
-        out.add_(coefs[0])
-    return out
+def _poly_cols(powers: List[torch.Tensor], cols: List[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
+    """out (k+1, E) = sum_p cols[p] (k+1, 1) * powers[p] (1, E), ``powers[p] = f^p`` (p >= 1):
+    the k+1 local polynomials in one op per power."""
+    d = len(cols) - 1
+    if d == 0:
+        return out.copy_(cols[0].expand_as(out))
+    torch.mul(cols[d], powers[d], out=out)
+    for p in range(d - 1, 0, -1):
+        out.addcmul_(cols[p], powers[p])
+    return out.add_(cols[0])
 
 
 class _Grid:
@@ -145,8 +143,11 @@ class _Grid:
         if uniform:
             h = (self.tn - self.t0) / (self.n - 1)
             self.inv_h = 1.0 / h
-            self.pieces = _cardinal_pieces(k)
-            self.dpieces = tuple(tuple((p + 1) * c[p + 1] for p in range(k)) or (0.0,) for c in self.pieces)
+            pieces = _cardinal_pieces(k)
+            # column p: coefficient of f^p in each of the k+1 local bases, (k+1, 1) for
+            # broadcasting over a (k+1, rows*in) block (one op per power, not per basis)
+            self.cols = [grid.new_tensor([c[p] for c in pieces]).view(-1, 1) for p in range(k + 1)]
+            self.dcols = [grid.new_tensor([(p + 1) * c[p + 1] for c in pieces]).view(-1, 1) for p in range(k)]
         else:
             self.padded = _pad_knots(grid, k).contiguous()
             self.pflat = self.padded.reshape(-1)
@@ -170,7 +171,15 @@ def _pad_knots(grid: torch.Tensor, k: int) -> torch.Tensor:
     return torch.cat([left, grid, right], dim=1)
 
 
-def _spans(x: torch.Tensor, g: _Grid) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+def _all_inside(x: torch.Tensor, g: _Grid) -> bool:
+    """Every row of x (N, in) inside its feature's knots [t_0, t_last) (False for NaN)."""
+    if x.shape[0] == 0:
+        return True
+    xmin, xmax = x.amin(0), x.amax(0)  # (aminmax(dim=0) is 20x slower on CPU)
+    return bool((xmin >= g.t0).all()) and bool((xmax < g.tn).all())
+
+
+def _spans(x: torch.Tensor, g: _Grid, all_inside: Optional[bool] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Span index ``m`` (rows, in), ``n - 1`` for inputs outside the knots, and
     (uniform knots) the local coordinate ``f`` in [0, 1] up to rounding.
 
@@ -179,8 +188,7 @@ def _spans(x: torch.Tensor, g: _Grid) -> Tuple[torch.Tensor, Optional[torch.Tens
     n = g.n
     if g.uniform and g.k >= 2:
         u = (x - g.t0).mul_(g.inv_h)
-        xmin, xmax = x.amin(0), x.amax(0)  # (aminmax(dim=0) is 20x slower on CPU)
-        if not (bool((xmin >= g.t0).all()) and bool((xmax < g.tn).all())):  # also NaN
+        if not (all_inside if all_inside is not None else _all_inside(x, g)):
             outside = torch.lt(x, g.tn).logical_not_().logical_or_(x < g.t0)
             u.masked_fill_(outside, float(n - 1))
         # an inside input whose u rounds up to n - 1 lands on the sentinel span: its
@@ -222,16 +230,19 @@ def _values(x, m, f, g: _Grid, need_val: bool, need_deriv: bool, deriv_scaled: b
     V = torch.empty(shape, dtype=x.dtype, device=x.device) if need_val else None
     dV = torch.empty(shape, dtype=x.dtype, device=x.device) if need_deriv else None
     if g.uniform:
-        powers = [None, f]
+        fv = f.reshape(1, -1)
+        powers = [None, fv]
         for _ in range(2, k + 1):
-            powers.append(powers[-1] * f)
-        for r in range(k + 1):
-            if need_val:
-                _poly(powers, g.pieces[r], V[r])
-            if need_deriv:
-                _poly(powers, g.dpieces[r], dV[r]) if k > 0 else dV[r].zero_()
+            powers.append(powers[-1] * fv)
+        if need_val:
+            _poly_cols(powers, g.cols, V.view(k + 1, -1))
+        if need_deriv:
+            if k == 0:
+                dV.zero_()
+            else:
+                _poly_cols(powers, g.dcols, dV.view(k + 1, -1))
                 if deriv_scaled:
-                    dV[r].mul_(g.inv_h)
+                    dV.mul_(g.inv_h)
         return V, dV
     # non-uniform: de Boor on the padded knots (spans m = n - 1 read valid padded knots)
     mc = m.clamp(max=g.n - 2)
@@ -273,31 +284,30 @@ def _values(x, m, f, g: _Grid, need_val: bool, need_deriv: bool, deriv_scaled: b
     return V, dV
 
 
-def _slot_index(m: torch.Tensor, g: _Grid, blk: "_Block", rows: int) -> Tuple[List[torch.Tensor], Optional[torch.Tensor]]:
-    """Flat positions in the chunk's dense block of the k+1 values of every input.
+def _slot_index(m: torch.Tensor, g: _Grid, blk: "_Block", rows: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Flat position in ``blk.flat`` of the first of the k+1 values of every input.
 
-    ``blk.base`` (rows, in) is the flat position of basis 0 of each (row, feature).
-    Returns ``(lin, invalid)``. Common case
-    (every input of the chunk on an interior span): ``lin`` is ``[p]`` with
-    ``p = base + m - k`` (rows*in,), slot r at ``p + r`` (read/written through
-    views shifted by r), ``invalid`` None. Otherwise ``lin`` holds k+1 explicit
-    positions, slots of bases that do not exist (extension spans, sentinel span
-    n-1) clamped onto a real basis of the same feature, and ``invalid``
-    (k+1, rows, in) bool marks them: their values must be 0 and they must be
-    accumulated (``index_add_``), never copied.
+    Returns ``(lin, invalid)``: ``lin`` (rows*in,) int64, slot r of an input at
+    ``lin + r`` (read/written through ``blk.flat[r:]``). Common case (every input
+    of the chunk on an interior span): ``invalid`` is None and all positions are
+    distinct and inside the chunk's block. Otherwise ``invalid`` (k+1, rows*in)
+    bool marks the slots of bases that do not exist (extension spans, sentinel
+    span n-1): their positions fall on a neighbouring feature's bases or in the
+    buffer's slack, so their values must be 0 and they must be accumulated
+    (``scatter_add_``), never copied; reads there must be masked.
     """
     k, nb = g.k, g.nb
     lo, hi = torch.aminmax(m)
-    if float(lo) >= k and float(hi) <= nb - 1:
-        if m.is_floating_point() and blk.base_f is not None:
-            return [torch.add(blk.base_f[:rows], m).long().view(-1)], None
-        return [torch.add(blk.base[:rows], m.long()).sub_(k).view(-1)], None
-    m = m.long()
-    base = blk.base[:rows]
-    idx = torch.stack([m + (r - k) for r in range(k + 1)])
-    invalid = (idx < 0).logical_or_(idx >= nb)
-    idx.clamp_(0, nb - 1).add_(base)
-    return [idx[r].view(-1) for r in range(k + 1)], invalid
+    interior = float(lo) >= k and float(hi) <= nb - 1
+    if m.is_floating_point() and blk.base_f is not None:
+        lin = torch.add(blk.base_f[:rows], m).long().view(-1)
+    else:
+        lin = torch.add(blk.base[:rows], m.long()).view(-1)
+    if interior:
+        return lin, None
+    mv = m.reshape(1, -1)
+    invalid = torch.lt(mv, blk.lo_bound).logical_or_(torch.gt(mv, blk.hi_bound))
+    return lin, invalid
 
 
 def local_bases(
@@ -352,38 +362,52 @@ def _chunk_rows(nin: int, width: int) -> int:
 
 
 class _Block:
-    """Reusable dense block (cap, in * nb) of bases in one flat buffer with k
-    elements of slack, so that the views shifted by r = 0..k used for slot r stay
-    in bounds. Row layout ``(in, nb)``, matching ``coef.reshape(out, in * nb)``."""
+    """Reusable dense block (cap, in * nb) of bases in one flat buffer.
+
+    Row layout ``(in, nb)``, matching ``coef.reshape(out, in * nb)``. The block
+    starts at offset k of ``flat`` and is followed by 2k + 1 elements of slack,
+    so that every slot position ``first + r`` of an input on any span (extension
+    spans and the sentinel span n - 1 included) is in bounds without clamping:
+    a slot of a basis that does not exist lands on a neighbouring feature's
+    position (or in the slack) and carries the value 0. The slack is zeroed once
+    and only ever receives zeros."""
 
     def __init__(self, cap: int, nin: int, nb: int, k: int, like: torch.Tensor):
-        self.flat = torch.empty(cap * nin * nb + k, dtype=like.dtype, device=like.device)
+        self.flat = torch.zeros(cap * nin * nb + 3 * k + 1, dtype=like.dtype, device=like.device)
         self.nin, self.nb, self.k = nin, nb, k
+        # flat position of slot 0 (basis m - k) is base + m: the -k of "first basis = m - k"
+        # cancels the offset k of the block.
         self.base = (
             torch.arange(cap, device=like.device).mul_(nin * nb).unsqueeze(1)
             + torch.arange(nin, device=like.device).mul_(nb)
         )
-        # float copy (exact: cap * in * nb < 1/eps) for the float-span path, with the
-        # -k of "first basis = m - k" folded in; the int64 one serves otherwise.
-        exact = cap * nin * nb + k < 1.0 / torch.finfo(like.dtype).eps
-        self.base_f = (self.base - k).to(like.dtype) if exact else None
+        # float copy (exact: cap * in * nb < 1/eps) for the float-span path; int64 otherwise.
+        exact = self.flat.numel() < 1.0 / torch.finfo(like.dtype).eps
+        self.base_f = self.base.to(like.dtype) if exact else None
+        r = torch.arange(k + 1, device=like.device).view(-1, 1)
+        self.lo_bound = k - r  # slot r exists iff k - r <= m <= nb - 1 + k - r
+        self.hi_bound = nb - 1 + k - r
 
     def rows(self, rows: int) -> torch.Tensor:
-        return self.flat[: rows * self.nin * self.nb].view(rows, self.nin * self.nb)
+        k = self.k
+        return self.flat[k : k + rows * self.nin * self.nb].view(rows, self.nin * self.nb)
 
 
 def _fill_block(blk: _Block, rows: int, V, lin, invalid) -> torch.Tensor:
-    """The chunk's dense block of bases: zero, then add the k+1 values at their positions."""
+    """The chunk's dense block of bases: zero, then write the k+1 values at their positions.
+
+    ``scatter_`` on 1-D views is parallel on CPU (``index_add_`` is not)."""
     D = blk.rows(rows)
     D.zero_()
     k = blk.k
-    if invalid is not None:  # clamped slots carry 0 and may collide with real ones
+    V = V.view(k + 1, -1)
+    if invalid is not None:  # slots of missing bases carry 0 and may hit a neighbour's position
         V.masked_fill_(invalid, 0.0)
         for r in range(k + 1):
-            blk.flat.index_add_(0, lin[r], V[r].view(-1))
-    else:  # distinct positions in a zeroed block: add == copy, and index_add_ is the fastest
+            blk.flat[r:].scatter_add_(0, lin, V[r])
+    else:  # distinct positions inside the block
         for r in range(k + 1):
-            blk.flat[r:].index_add_(0, lin[0], V[r].view(-1))
+            blk.flat[r:].scatter_(0, lin, V[r])
     return D
 
 
@@ -398,10 +422,11 @@ def _forward(x, grid, coef2, base_weight, spline_order, uniform):
     blk = _Block(min(step, N), nin, g.nb, g.k, x)
     ct = coef2.t()
     bt = base_weight.t() if base_weight is not None else None
+    inside = _all_inside(x, g) if g.uniform else None  # one check for all chunks
     for s in range(0, N, step):
         xc = x[s : s + step]
         rows = xc.shape[0]
-        m, f = _spans(xc, g)
+        m, f = _spans(xc, g, inside)
         V, _ = _values(xc, m, f, g, True, False)
         lin, invalid = _slot_index(m, g, blk, rows)
         D = _fill_block(blk, rows, V, lin, invalid)
@@ -426,8 +451,8 @@ def _backward(grad_y, x, grid, coef2, base_weight, spline_order, uniform, need_x
     grad_y = grad_y.contiguous()
     step = _chunk_rows(nin, nb + 1)
     cap = min(step, N)
-    blk = _Block(cap, nin, nb, k, x)
-    gblk = _Block(cap, nin, nb, k, x) if need_x else None
+    blk = _Block(cap, nin, nb, k, x)  # holds the bases, then grad_D: one block in flight
+    inside = _all_inside(x, g) if g.uniform and (need_x or need_c) else None
     for s in range(0, N, step):
         xc = x[s : s + step]
         gy = grad_y[s : s + step]
@@ -436,23 +461,22 @@ def _backward(grad_y, x, grid, coef2, base_weight, spline_order, uniform, need_x
             grad_b.addmm_(gy.t(), F.silu(xc))
         if not (need_x or need_c):
             continue
-        m, f = _spans(xc, g)
+        m, f = _spans(xc, g, inside)
         V, dV = _values(xc, m, f, g, need_c, need_x, deriv_scaled=not g.uniform)
         lin, invalid = _slot_index(m, g, blk, rows)
         if need_c:
             grad_c.addmm_(gy.t(), _fill_block(blk, rows, V, lin, invalid))
         if need_x:
-            gD = gblk.rows(rows)
-            torch.mm(gy, coef2, out=gD)
-            if invalid is not None:
-                dV.masked_fill_(invalid, 0.0)
-                gl = [gblk.flat.index_select(0, lin[r]) for r in range(k + 1)]
-            else:
-                gl = [gblk.flat[r:].index_select(0, lin[0]) for r in range(k + 1)]
+            torch.mm(gy, coef2, out=blk.rows(rows))
+            gl = [blk.flat[r:].index_select(0, lin) for r in range(k + 1)]
+            dV = dV.view(k + 1, -1)
             gx = grad_x[s : s + step].view(-1)
-            torch.mul(gl[0], dV[0].view(-1), out=gx)
+            if invalid is not None:  # reads at missing bases may be a neighbour's (any) value
+                for r in range(k + 1):
+                    gl[r].masked_fill_(invalid[r], 0.0)
+            torch.mul(gl[0], dV[0], out=gx)
             for r in range(1, k + 1):
-                gx.addcmul_(gl[r], dV[r].view(-1))
+                gx.addcmul_(gl[r], dV[r])
             gx = gx.view(rows, nin)
             if g.uniform:
                 gx.mul_(g.inv_h)
