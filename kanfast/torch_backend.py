@@ -14,24 +14,26 @@ Algorithm (forward, per chunk of rows; only ``x`` is saved for backward):
      ``k``), evaluated by Horner with ``O(k^2)`` element-wise ops and no knot
      gathers. Other knots: de Boor's triangular scheme (NURBS Book, alg. A2.2)
      on gathered knots;
-  3. those values are written (``index_add_`` into a zeroed block, through 1-D
-     views shifted by the slot number) into a dense ``(chunk, in * (G + k))``
-     block reused across chunks; one GEMM against ``W.reshape(out, in*(G+k))``
-     plus one small GEMM ``silu(x) @ base_weight^T`` give ``y``: together exactly
-     the dense-GEMM floor ``batch x in*(G+k+1) x out``. Chunks whose inputs all
-     sit on interior spans (the common case) take a path without any masking;
-     otherwise slots of bases that do not exist (extension spans, the sentinel
-     span) are clamped onto real ones with value 0.
+  3. those values are written (``scatter_`` through 1-D views of one flat
+     buffer shifted by the slot number: parallel on CPU, unlike ``index_add_``)
+     into a zeroed dense ``(chunk, in * (G + k))`` block reused across chunks;
+     one GEMM against ``W.reshape(out, in*(G+k))`` plus one small GEMM
+     ``silu(x) @ base_weight^T`` give ``y``: together exactly the dense-GEMM floor
+     ``batch x in*(G+k+1) x out``. Chunks whose inputs all sit on interior spans
+     (the common case) write distinct positions and need no masking; otherwise
+     the slots of bases that do not exist (extension spans, the sentinel span)
+     carry the value 0 and are accumulated (``scatter_add_``) unclamped: they land
+     on a neighbouring feature's position or in the buffer's slack, adding 0.
 
 Backward recomputes steps 1-3 per chunk and issues the two remaining GEMMs:
 ``grad_W += grad_y^T @ D`` (accumulated chunk by chunk in a fixed order:
-deterministic) and ``grad_D = grad_y @ W``, of which only the ``k + 1`` entries
-at the non-zero bases (plus the silu column) are gathered and contracted with
-the basis derivatives
+deterministic), then ``grad_D = grad_y @ W`` into the same block, of which only
+the ``k + 1`` entries at the non-zero bases are gathered (``index_select``;
+reads at missing bases masked to 0) and contracted with the basis derivatives
 
     dB_{j,k}/dx = k * (B_{j,k-1} / (t_{j+k} - t_j) - B_{j+1,k-1} / (t_{j+k+1} - t_{j+1})).
 
-Why no sparse path: on CPU an index op (gather/scatter) costs ~3 ns per element
+Why no sparse path: on CPU an index op (gather/scatter) costs ~1-3 ns per element
 against ~0.1 ns for a contiguous element-wise op and ~0.01 ns per multiply-add
 inside a GEMM, so contracting only the ``k + 1`` non-zero bases by gathers of
 ``W`` is slower than the dense GEMM at every grid size measured (G = 5..50,
@@ -39,13 +41,15 @@ inside a GEMM, so contracting only the ``k + 1`` non-zero bases by gathers of
 
 Memory bound: nothing of size (batch, in, G + k) lives between forward and
 backward (saved: ``x``, the knots, ``W`` and ``base_weight``). The transient
-memory is one dense block of at most ``CHUNK_ELEMENTS`` elements (plus
-``grad_D`` of the same size in backward), ``O(k)`` per-element temporaries of
-``rows_per_chunk * in <= ROW_ELEMENTS`` elements, and the weight gradient; i.e.
-about ``2 * CHUNK_ELEMENTS + (2k + 16) * ROW_ELEMENTS`` elements (~27 MiB in
-float32 at the defaults, k = 3) plus one weight-sized buffer, whatever the
-batch size. Measured fwd+bwd peak beyond parameters, gradients, input and
-output at batch 4096, in = out = 256: see ``benchmarks/results`` (flat in G).
+memory is one dense block of at most ``CHUNK_ELEMENTS`` elements (the bases,
+then ``grad_D`` in backward), about ``4k + 10`` work buffers of
+``rows_per_chunk * in <= ROW_ELEMENTS`` elements allocated once per call and
+reused by every chunk (fresh allocations per chunk cost page faults), and the
+weight gradient; i.e. at most ``CHUNK_ELEMENTS + (4k + 10) * ROW_ELEMENTS``
+elements (28 MiB in float32 at the defaults, k = 3; 15 MiB at in = 256, G = 5)
+plus one weight-sized buffer, whatever the batch size. Measured fwd+bwd peak beyond parameters,
+gradients, input and output at batch 4096, in = out = 256: see
+``benchmarks/results`` (flat in G).
 
 Double backward is supported by autograd only through the reference/einsum
 formulation; this Function's backward is not itself differentiable
@@ -74,11 +78,12 @@ __all__ = [
 ]
 
 #: Largest dense basis block (elements) materialised at once, per chunk of rows.
+#: 2**22 keeps >= 256 rows per chunk at in=256 up to G=60 (smaller GEMMs lose speed).
 CHUNK_ELEMENTS = 1 << 22
 #: Target number of (row, feature) elements per chunk. Measured on a quiet 2-core
-#: AMD EPYC (batch 4096, in=out=256, G=5, fwd+bwd / dense floor): 2**14: 1.79,
-#: 2**15: 1.50, 2**16: 1.37, 2**17: 1.33, 2**18: 1.43 on two threads (1.34, 1.26,
-#: 1.21, 1.23, 1.25 on one): fewer fork-joins vs cache-resident gathers.
+#: AMD EPYC (batch 4096, in=out=256, fwd+bwd engine / dense floor, median of 7):
+#: G=5: 2**15: 1.44, 2**16: 1.30, 2**17: 1.29, 2**18: 1.35, 2**19: 1.68;
+#: G=20: 1.18, 1.10, 1.10, 1.12, 1.12 (fewer fork-joins vs cache-resident work).
 ROW_ELEMENTS = 1 << 17
 
 
@@ -179,15 +184,23 @@ def _all_inside(x: torch.Tensor, g: _Grid) -> bool:
     return bool((xmin >= g.t0).all()) and bool((xmax < g.tn).all())
 
 
-def _spans(x: torch.Tensor, g: _Grid, all_inside: Optional[bool] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+def _spans(
+    x: torch.Tensor, g: _Grid, all_inside: Optional[bool] = None, blk: Optional["_Block"] = None
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Span index ``m`` (rows, in), ``n - 1`` for inputs outside the knots, and
     (uniform knots) the local coordinate ``f`` in [0, 1] up to rounding.
 
     ``m`` is int64, except on the uniform ``k >= 2`` path where it is the float
-    ``floor`` (exact small integers), which saves int64 passes."""
+    ``floor`` (exact small integers), which saves int64 passes. ``blk``: take the
+    outputs' memory from its scratch buffers."""
     n = g.n
     if g.uniform and g.k >= 2:
-        u = (x - g.t0).mul_(g.inv_h)
+        if blk is not None:
+            u = torch.sub(x, g.t0, out=blk.scratch("u", x.numel()).view(x.shape)).mul_(g.inv_h)
+            mf = blk.scratch("mf", x.numel()).view(x.shape)
+        else:
+            u = (x - g.t0).mul_(g.inv_h)
+            mf = torch.empty_like(u)
         if not (all_inside if all_inside is not None else _all_inside(x, g)):
             outside = torch.lt(x, g.tn).logical_not_().logical_or_(x < g.t0)
             u.masked_fill_(outside, float(n - 1))
@@ -195,7 +208,7 @@ def _spans(x: torch.Tensor, g: _Grid, all_inside: Optional[bool] = None) -> Tupl
         # bases there are 0 up to rounding. Values and first derivatives are
         # continuous for k >= 2, so a span off by one for an input within rounding
         # of a knot changes nothing beyond rounding either.
-        mf = torch.floor(u)
+        torch.floor(u, out=mf)
         return mf, u.sub_(mf)
     outside = torch.lt(x, g.tn).logical_not_().logical_or_(x < g.t0)  # NaN -> outside
     if g.uniform:
@@ -222,18 +235,27 @@ def _correct_span(x, m, g: _Grid, inside):
     return m
 
 
-def _values(x, m, f, g: _Grid, need_val: bool, need_deriv: bool, deriv_scaled: bool = True):
+def _values(x, m, f, g: _Grid, need_val: bool, need_deriv: bool, deriv_scaled: bool = True, blk=None):
     """Non-zero bases (k+1, rows, in) of every input on its span, and d/dx
-    (for uniform knots without the 1/h factor when ``deriv_scaled`` is False)."""
+    (for uniform knots without the 1/h factor when ``deriv_scaled`` is False).
+    ``blk``: take the outputs' memory from its scratch buffers."""
     k = g.k
     shape = (k + 1,) + tuple(x.shape)
-    V = torch.empty(shape, dtype=x.dtype, device=x.device) if need_val else None
-    dV = torch.empty(shape, dtype=x.dtype, device=x.device) if need_deriv else None
+    E = (k + 1) * x.numel()
+
+    def out(name):
+        if blk is not None:
+            return blk.scratch(name, E).view(shape)
+        return torch.empty(shape, dtype=x.dtype, device=x.device)
+
+    V = out("V") if need_val else None
+    dV = out("dV") if need_deriv else None
     if g.uniform:
         fv = f.reshape(1, -1)
         powers = [None, fv]
-        for _ in range(2, k + 1):
-            powers.append(powers[-1] * fv)
+        for p in range(2, k + 1):
+            o = blk.scratch(f"f^{p}", fv.numel()).view(fv.shape) if blk is not None else None
+            powers.append(torch.mul(powers[-1], fv, out=o) if o is not None else powers[-1] * fv)
         if need_val:
             _poly_cols(powers, g.cols, V.view(k + 1, -1))
         if need_deriv:
@@ -300,7 +322,9 @@ def _slot_index(m: torch.Tensor, g: _Grid, blk: "_Block", rows: int) -> Tuple[to
     lo, hi = torch.aminmax(m)
     interior = float(lo) >= k and float(hi) <= nb - 1
     if m.is_floating_point() and blk.base_f is not None:
-        lin = torch.add(blk.base_f[:rows], m).long().view(-1)
+        E = m.numel()
+        linf = torch.add(blk.base_f[:rows], m, out=blk.scratch("linf", E).view(m.shape))
+        lin = blk.scratch("lin", E, torch.int64).copy_(linf.view(-1))
     else:
         lin = torch.add(blk.base[:rows], m.long()).view(-1)
     if interior:
@@ -388,9 +412,20 @@ class _Block:
         self.lo_bound = k - r  # slot r exists iff k - r <= m <= nb - 1 + k - r
         self.hi_bound = nb - 1 + k - r
 
+        self._scratch = {}
+
     def rows(self, rows: int) -> torch.Tensor:
         k = self.k
         return self.flat[k : k + rows * self.nin * self.nb].view(rows, self.nin * self.nb)
+
+    def scratch(self, name: str, n: int, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """A 1-D work buffer of ``n`` elements, allocated at the first (largest) chunk
+        and reused by the next ones: fresh allocations of this size cost page faults."""
+        buf = self._scratch.get(name)
+        if buf is None or buf.numel() < n:
+            buf = torch.empty(n, dtype=dtype or self.flat.dtype, device=self.flat.device)
+            self._scratch[name] = buf
+        return buf[:n]
 
 
 def _fill_block(blk: _Block, rows: int, V, lin, invalid) -> torch.Tensor:
@@ -426,14 +461,14 @@ def _forward(x, grid, coef2, base_weight, spline_order, uniform):
     for s in range(0, N, step):
         xc = x[s : s + step]
         rows = xc.shape[0]
-        m, f = _spans(xc, g, inside)
-        V, _ = _values(xc, m, f, g, True, False)
+        m, f = _spans(xc, g, inside, blk)
+        V, _ = _values(xc, m, f, g, True, False, blk=blk)
         lin, invalid = _slot_index(m, g, blk, rows)
         D = _fill_block(blk, rows, V, lin, invalid)
         yc = y[s : s + step]
         torch.mm(D, ct, out=yc)
         if bt is not None:
-            yc.addmm_(F.silu(xc), bt)
+            yc.addmm_(_silu(xc, blk), bt)
     return y
 
 
@@ -458,22 +493,24 @@ def _backward(grad_y, x, grid, coef2, base_weight, spline_order, uniform, need_x
         gy = grad_y[s : s + step]
         rows = xc.shape[0]
         if need_b:
-            grad_b.addmm_(gy.t(), F.silu(xc))
+            grad_b.addmm_(gy.t(), _silu(xc, blk))
         if not (need_x or need_c):
             continue
-        m, f = _spans(xc, g, inside)
-        V, dV = _values(xc, m, f, g, need_c, need_x, deriv_scaled=not g.uniform)
+        m, f = _spans(xc, g, inside, blk)
+        V, dV = _values(xc, m, f, g, need_c, need_x, deriv_scaled=not g.uniform, blk=blk)
         lin, invalid = _slot_index(m, g, blk, rows)
         if need_c:
             grad_c.addmm_(gy.t(), _fill_block(blk, rows, V, lin, invalid))
         if need_x:
             torch.mm(gy, coef2, out=blk.rows(rows))
-            gl = [blk.flat[r:].index_select(0, lin) for r in range(k + 1)]
+            E = lin.numel()
+            gl = blk.scratch("gl", (k + 1) * E).view(k + 1, E)
+            for r in range(k + 1):
+                torch.index_select(blk.flat[r:], 0, lin, out=gl[r])
             dV = dV.view(k + 1, -1)
             gx = grad_x[s : s + step].view(-1)
             if invalid is not None:  # reads at missing bases may be a neighbour's (any) value
-                for r in range(k + 1):
-                    gl[r].masked_fill_(invalid[r], 0.0)
+                gl.masked_fill_(invalid, 0.0)
             torch.mul(gl[0], dV[0], out=gx)
             for r in range(1, k + 1):
                 gx.addcmul_(gl[r], dV[r])
@@ -481,8 +518,13 @@ def _backward(grad_y, x, grid, coef2, base_weight, spline_order, uniform, need_x
             if g.uniform:
                 gx.mul_(g.inv_h)
             if has_base:
-                gx.add_(torch.ops.aten.silu_backward(torch.mm(gy, base_weight), xc))
+                gs = torch.mm(gy, base_weight, out=blk.scratch("gs", xc.numel()).view(xc.shape))
+                gx.add_(torch.ops.aten.silu_backward.grad_input(gs, xc, grad_input=blk.scratch("ds", xc.numel()).view(xc.shape)))
     return grad_x, grad_c, grad_b
+
+
+def _silu(x: torch.Tensor, blk: _Block) -> torch.Tensor:
+    return torch.ops.aten.silu.out(x, out=blk.scratch("silu", x.numel()).view(x.shape))
 
 
 def _split_weight(weight, n_basis, has_base):
