@@ -1,6 +1,8 @@
 """Fast pure-torch KAN backend: the CPU engine.
 
-Algorithm (forward, per chunk of rows; only ``x`` is saved for backward):
+Algorithm (forward, per chunk of rows and, within it, per group of input
+features: a K-slice of the GEMM of at most ``BLOCK_WIDTH`` columns, so that the
+dense block stays the same size whatever G; only ``x`` is saved for backward):
 
   1. interval ("span") index ``m`` of every input on its knots. Uniform knots:
      closed form ``floor((x - t_0) / h)`` (for ``k <= 1``, whose values or
@@ -41,13 +43,13 @@ inside a GEMM, so contracting only the ``k + 1`` non-zero bases by gathers of
 
 Memory bound: nothing of size (batch, in, G + k) lives between forward and
 backward (saved: ``x``, the knots, ``W`` and ``base_weight``). The transient
-memory is one dense block of at most ``CHUNK_ELEMENTS`` elements (the bases,
-then ``grad_D`` in backward), about ``4k + 10`` work buffers of
-``rows_per_chunk * in <= ROW_ELEMENTS`` elements allocated once per call and
-reused by every chunk (fresh allocations per chunk cost page faults), and the
-weight gradient; i.e. at most ``CHUNK_ELEMENTS + (4k + 10) * ROW_ELEMENTS``
-elements (28 MiB in float32 at the defaults, k = 3; 15 MiB at in = 256, G = 5)
-plus one weight-sized buffer, whatever the batch size. Measured fwd+bwd peak beyond parameters,
+memory is one dense block of at most ``CHUNK_ELEMENTS`` elements (the bases of
+one feature group, then its ``grad_D`` in backward), about ``4k + 10`` work
+buffers of at most ``rows_per_chunk * in <= ROW_ELEMENTS`` elements allocated
+once per call and reused by every chunk and group (fresh allocations per chunk
+cost page faults), and the weight gradient; i.e. at most
+``CHUNK_ELEMENTS + (4k + 10) * ROW_ELEMENTS`` elements (19 MiB in float32 at the
+defaults, k = 3) plus weight-sized buffers, whatever the batch size and G. Measured fwd+bwd peak beyond parameters,
 gradients, input and output at batch 4096, in = out = 256: see
 ``benchmarks/results`` (flat in G).
 
@@ -74,12 +76,19 @@ __all__ = [
     "grid_is_uniform",
     "local_bases",
     "CHUNK_ELEMENTS",
+    "BLOCK_WIDTH",
     "ROW_ELEMENTS",
 ]
 
-#: Largest dense basis block (elements) materialised at once, per chunk of rows.
-#: 2**22 keeps >= 256 rows per chunk at in=256 up to G=60 (smaller GEMMs lose speed).
-CHUNK_ELEMENTS = 1 << 22
+#: Largest dense basis block (elements) materialised at once: at most
+#: ``rows_per_chunk * BLOCK_WIDTH`` with the default ROW_ELEMENTS at in = 256.
+CHUNK_ELEMENTS = 1 << 21
+#: Widest K of one GEMM: the input features are split into groups of at most
+#: BLOCK_WIDTH / (G + k) features, each a K-slice of the dense GEMM. The block
+#: then no longer grows with G (memory flat in G) while the rows per chunk, the
+#: GEMM's M, stay large (a block capped by shrinking M instead made G=50 1.4x
+#: slower at 151 rows than at 303).
+BLOCK_WIDTH = 4096
 #: Target number of (row, feature) elements per chunk. Measured on a quiet 2-core
 #: AMD EPYC (batch 4096, in=out=256, fwd+bwd engine / dense floor, median of 7):
 #: G=5: 2**15: 1.44, 2**16: 1.30, 2**17: 1.29, 2**18: 1.35, 2**19: 1.68;
@@ -381,8 +390,29 @@ def _dense_block(x, grid, k, n_basis, uniform, has_base, need_deriv):
     return D, idx_c, valid, dvals
 
 
-def _chunk_rows(nin: int, width: int) -> int:
-    return max(1, min(ROW_ELEMENTS // max(1, nin), CHUNK_ELEMENTS // max(1, nin * width)))
+def _feature_groups(nin: int, nb: int) -> List[Tuple[int, int]]:
+    """Contiguous feature ranges [f0, f1) of near-equal size with (f1 - f0) * nb <= BLOCK_WIDTH
+    (one feature at least)."""
+    ng = max(1, -(-nin * nb // BLOCK_WIDTH))
+    size = -(-nin // ng)
+    return [(f0, min(nin, f0 + size)) for f0 in range(0, nin, size)]
+
+
+class _Plan:
+    """Per-call chunking: rows per chunk, feature groups, their knots and work blocks
+    (the groups share one buffer)."""
+
+    def __init__(self, x: torch.Tensor, grid: torch.Tensor, k: int, uniform: bool):
+        N, nin = x.shape
+        nb = grid.shape[1] - k - 1
+        self.groups = _feature_groups(nin, nb)
+        fg = self.groups[0][1] - self.groups[0][0]
+        self.step = max(1, min(ROW_ELEMENTS // max(1, nin), CHUNK_ELEMENTS // max(1, fg * nb)))
+        cap = min(self.step, N)
+        self.grids = [_Grid(grid[f0:f1], k, uniform) for f0, f1 in self.groups]
+        first = _Block(cap, fg, nb, k, x)
+        self.blocks = [first if f1 - f0 == fg else _Block(cap, f1 - f0, nb, k, x, share=first) for f0, f1 in self.groups]
+        self.k, self.nb = k, nb
 
 
 class _Block:
@@ -393,11 +423,16 @@ class _Block:
     so that every slot position ``first + r`` of an input on any span (extension
     spans and the sentinel span n - 1 included) is in bounds without clamping:
     a slot of a basis that does not exist lands on a neighbouring feature's
-    position (or in the slack) and carries the value 0. The slack is zeroed once
-    and only ever receives zeros."""
+    position (or in the slack, or past a narrower group's rows) and carries the
+    value 0: it is only ever added there, and reads there are masked. ``share``:
+    a block of a wider feature group whose buffer and scratch this one reuses."""
 
-    def __init__(self, cap: int, nin: int, nb: int, k: int, like: torch.Tensor):
-        self.flat = torch.zeros(cap * nin * nb + 3 * k + 1, dtype=like.dtype, device=like.device)
+    def __init__(self, cap: int, nin: int, nb: int, k: int, like: torch.Tensor, share: Optional["_Block"] = None):
+        size = cap * nin * nb + 3 * k + 1
+        if share is not None and share.flat.numel() >= size:  # same buffer and scratch, narrower rows
+            self.flat, self._scratch = share.flat, share._scratch
+        else:
+            self.flat, self._scratch = torch.zeros(size, dtype=like.dtype, device=like.device), {}
         self.nin, self.nb, self.k = nin, nb, k
         # flat position of slot 0 (basis m - k) is base + m: the -k of "first basis = m - k"
         # cancels the offset k of the block.
@@ -411,8 +446,6 @@ class _Block:
         r = torch.arange(k + 1, device=like.device).view(-1, 1)
         self.lo_bound = k - r  # slot r exists iff k - r <= m <= nb - 1 + k - r
         self.hi_bound = nb - 1 + k - r
-
-        self._scratch = {}
 
     def rows(self, rows: int) -> torch.Tensor:
         k = self.k
@@ -447,35 +480,43 @@ def _fill_block(blk: _Block, rows: int, V, lin, invalid) -> torch.Tensor:
 
 
 def _forward(x, grid, coef2, base_weight, spline_order, uniform):
-    """y (N, out) = D(x) @ coef2^T [+ silu(x) @ base_weight^T], chunked.
-    x (N, in); coef2 (out, in * nb) contiguous; base_weight (out, in) or None."""
-    g = _Grid(grid, spline_order, uniform)
+    """y (N, out) = D(x) @ coef2^T [+ silu(x) @ base_weight^T], chunked over rows and
+    K-split over feature groups. x (N, in); coef2 (out, in * nb) contiguous; base_weight
+    (out, in) or None."""
+    plan = _Plan(x, grid, spline_order, uniform)
+    nb, step = plan.nb, plan.step
     nout = coef2.shape[0]
-    N, nin = x.shape
+    N = x.shape[0]
     y = torch.empty(N, nout, dtype=x.dtype, device=x.device)
-    step = _chunk_rows(nin, g.nb + 1)
-    blk = _Block(min(step, N), nin, g.nb, g.k, x)
-    ct = coef2.t()
     bt = base_weight.t() if base_weight is not None else None
-    inside = _all_inside(x, g) if g.uniform else None  # one check for all chunks
+    # per group: the K-slice of coef2 (a strided view: no copy), its knots, one inside-check for all chunks
+    parts = [
+        (f0, f1, g, blk, coef2[:, f0 * nb : f1 * nb].t(), _all_inside(x[:, f0:f1], g) if g.uniform else None)
+        for (f0, f1), g, blk in zip(plan.groups, plan.grids, plan.blocks)
+    ]
     for s in range(0, N, step):
-        xc = x[s : s + step]
-        rows = xc.shape[0]
-        m, f = _spans(xc, g, inside, blk)
-        V, _ = _values(xc, m, f, g, True, False, blk=blk)
-        lin, invalid = _slot_index(m, g, blk, rows)
-        D = _fill_block(blk, rows, V, lin, invalid)
+        xs = x[s : s + step]
+        rows = xs.shape[0]
         yc = y[s : s + step]
-        torch.mm(D, ct, out=yc)
+        for i, (f0, f1, g, blk, ct, inside) in enumerate(parts):
+            xc = xs[:, f0:f1]
+            m, f = _spans(xc, g, inside, blk)
+            V, _ = _values(xc, m, f, g, True, False, blk=blk)
+            lin, invalid = _slot_index(m, g, blk, rows)
+            D = _fill_block(blk, rows, V, lin, invalid)
+            if i == 0:
+                torch.mm(D, ct, out=yc)
+            else:
+                yc.addmm_(D, ct)
         if bt is not None:
-            yc.addmm_(_silu(xc, blk), bt)
+            yc.addmm_(_silu(xs, plan.blocks[0]), bt)
     return y
 
 
 def _backward(grad_y, x, grid, coef2, base_weight, spline_order, uniform, need_x, need_c, need_b):
     """(grad_x, grad_coef2 (out, in*nb), grad_base (out, in)) of :func:`_forward`, each or None."""
-    g = _Grid(grid, spline_order, uniform)
-    k, nb = g.k, g.nb
+    plan = _Plan(x, grid, spline_order, uniform)
+    k, nb, step = plan.k, plan.nb, plan.step
     N, nin = x.shape
     nout = coef2.shape[0]
     has_base = base_weight is not None
@@ -484,42 +525,49 @@ def _backward(grad_y, x, grid, coef2, base_weight, spline_order, uniform, need_x
     grad_c = torch.zeros(nout, nin * nb, dtype=coef2.dtype, device=coef2.device) if need_c else None
     grad_b = torch.zeros(nout, nin, dtype=coef2.dtype, device=coef2.device) if need_b else None
     grad_y = grad_y.contiguous()
-    step = _chunk_rows(nin, nb + 1)
-    cap = min(step, N)
-    blk = _Block(cap, nin, nb, k, x)  # holds the bases, then grad_D: one block in flight
-    inside = _all_inside(x, g) if g.uniform and (need_x or need_c) else None
+    parts = [
+        (f0, f1, g, blk, coef2[:, f0 * nb : f1 * nb], grad_c[:, f0 * nb : f1 * nb] if need_c else None,
+         _all_inside(x[:, f0:f1], g) if g.uniform and (need_x or need_c) else None)
+        for (f0, f1), g, blk in zip(plan.groups, plan.grids, plan.blocks)
+    ]
+    work = plan.blocks[0]
     for s in range(0, N, step):
-        xc = x[s : s + step]
+        xs = x[s : s + step]
         gy = grad_y[s : s + step]
-        rows = xc.shape[0]
+        rows = xs.shape[0]
         if need_b:
-            grad_b.addmm_(gy.t(), _silu(xc, blk))
+            grad_b.addmm_(gy.t(), _silu(xs, work))
         if not (need_x or need_c):
             continue
-        m, f = _spans(xc, g, inside, blk)
-        V, dV = _values(xc, m, f, g, need_c, need_x, deriv_scaled=not g.uniform, blk=blk)
-        lin, invalid = _slot_index(m, g, blk, rows)
-        if need_c:
-            grad_c.addmm_(gy.t(), _fill_block(blk, rows, V, lin, invalid))
-        if need_x:
-            torch.mm(gy, coef2, out=blk.rows(rows))
+        for f0, f1, g, blk, cg, gc, inside in parts:  # one block in flight: the bases, then grad_D
+            xc = xs[:, f0:f1]
+            m, f = _spans(xc, g, inside, blk)
+            V, dV = _values(xc, m, f, g, need_c, need_x, deriv_scaled=not g.uniform, blk=blk)
+            lin, invalid = _slot_index(m, g, blk, rows)
+            if need_c:
+                gc.addmm_(gy.t(), _fill_block(blk, rows, V, lin, invalid))
+            if not need_x:
+                continue
+            torch.mm(gy, cg, out=blk.rows(rows))
             E = lin.numel()
             gl = blk.scratch("gl", (k + 1) * E).view(k + 1, E)
             for r in range(k + 1):
                 torch.index_select(blk.flat[r:], 0, lin, out=gl[r])
-            dV = dV.view(k + 1, -1)
-            gx = grad_x[s : s + step].view(-1)
+            dV = dV.view(k + 1, rows, f1 - f0)
+            gl = gl.view(k + 1, rows, f1 - f0)
             if invalid is not None:  # reads at missing bases may be a neighbour's (any) value
-                gl.masked_fill_(invalid, 0.0)
+                gl.masked_fill_(invalid.view(k + 1, rows, f1 - f0), 0.0)
+            gx = grad_x[s : s + step, f0:f1]
             torch.mul(gl[0], dV[0], out=gx)
             for r in range(1, k + 1):
                 gx.addcmul_(gl[r], dV[r])
-            gx = gx.view(rows, nin)
             if g.uniform:
                 gx.mul_(g.inv_h)
-            if has_base:
-                gs = torch.mm(gy, base_weight, out=blk.scratch("gs", xc.numel()).view(xc.shape))
-                gx.add_(torch.ops.aten.silu_backward.grad_input(gs, xc, grad_input=blk.scratch("ds", xc.numel()).view(xc.shape)))
+        if need_x and has_base:
+            shape, n = xs.shape, xs.numel()
+            gs = torch.mm(gy, base_weight, out=work.scratch("gs", n).view(shape))
+            ds = torch.ops.aten.silu_backward.grad_input(gs, xs, grad_input=work.scratch("ds", n).view(shape))
+            grad_x[s : s + step].add_(ds)
     return grad_x, grad_c, grad_b
 
 

@@ -33,8 +33,12 @@ def _compare(layer, x, tol=1e-12):
 
 
 @pytest.mark.parametrize("k,G,updated,base", list(itertools.product([0, 1, 2, 3, 5], [1, 5, 12], [False, True], [True, False])))
-def test_matches_reference(k, G, updated, base, monkeypatch):
+@pytest.mark.parametrize("split", [False, True], ids=["one-group", "feature-groups"])
+def test_matches_reference(k, G, updated, base, split, monkeypatch):
     monkeypatch.setattr(torch_backend, "ROW_ELEMENTS", 7 * 23)  # several chunks, a ragged last one
+    if split:  # K-split into feature groups of 3, 3 and a ragged 1 sharing one buffer
+        monkeypatch.setattr(torch_backend, "BLOCK_WIDTH", 3 * (G + k))
+        assert torch_backend._feature_groups(7, G + k) == [(0, 3), (3, 6), (6, 7)]
     torch.manual_seed(k * 100 + G)
     layer = FastKANLayer(7, 4, grid_size=G, spline_order=k, dtype=torch.float64,
                          base_activation=torch.nn.SiLU if base else torch.nn.GELU)
