@@ -404,12 +404,14 @@ class FastKANLayer(nn.Module):
             )
         else:
             fused_silu = type(self.base_activation) is nn.SiLU
-            coef = self.scaled_spline_weight
+            # the op forms spline_weight * (spline_scaler * mask) itself: no scaled copy is
+            # saved for backward (one weight-sized temporary per fwd+bwd instead of three)
+            scale = self.spline_scaler if self.enable_standalone_scale_spline else None
             if mask is not None:
-                coef = coef * mask.unsqueeze(-1)
+                scale = mask if scale is None else scale * mask
             y = kan_linear_op(
-                x2, grid, coef.to(comp), base_weight if fused_silu else None, self.spline_order,
-                self._uniform_flag(), backend,
+                x2, grid, self.spline_weight.to(comp), base_weight if fused_silu else None, self.spline_order,
+                self._uniform_flag(), backend, None if scale is None else scale.to(comp),
             )
             if not fused_silu:
                 y = y + F.linear(self.base_activation(x2), base_weight)

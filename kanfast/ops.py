@@ -10,11 +10,16 @@ Ops (namespace ``kanfast``), all on 2-D input ``x: (N, in)``, knots
 ``grid: (in, G + 2k + 1)``, scaled spline coefficients ``coef: (out, in, G + k)``
 and an optional SiLU base weight ``base_weight: (out, in)``:
 
-* ``kanfast::kan_fwd(x, grid, coef, base_weight?, spline_order, uniform) -> y (N, out)``:
-  the fast torch backend (:mod:`kanfast.torch_backend`; grid in x's dtype);
+* ``kanfast::kan_fwd(x, grid, coef, base_weight?, spline_order, uniform, scale?) -> y (N, out)``:
+  the fast torch backend (:mod:`kanfast.torch_backend`; grid in x's dtype). With
+  ``scale: (out, in)`` the coefficients are ``coef * scale[..., None]`` (efficient-kan's
+  ``spline_weight * spline_scaler``), formed inside the op: the scaled tensor is
+  neither saved for backward nor given a gradient of its own, so a layer's
+  fwd+bwd holds one weight-sized temporary instead of three;
 * ``kanfast::kan_bwd(grad_y, x, grid, coef, base_weight?, spline_order, uniform,
-  need_x, need_coef, need_base) -> (grad_x, grad_coef, grad_base)``: its
-  backward; a gradient that is not needed comes back as an empty ``(0,)`` tensor;
+  need_x, need_coef, need_base, scale?, need_scale) -> (grad_x, grad_coef, grad_base,
+  grad_scale)``: its backward; a gradient that is not needed comes back as an
+  empty ``(0,)`` tensor;
 * ``kanfast::kan_triton_fwd(x, grid, coef, base_weight?, spline_order, ieee) -> y``:
   the Triton kernels (``kanfast::kan_linear_triton_fwd/bwd`` of
   :mod:`kanfast.triton_backend`) under an autograd formula that stays
@@ -87,31 +92,34 @@ def _grads_by_autograd(grad_y, pairs, fn):
 
 
 # --------------------------------------------------------------------- torch
-def _torch_forward(x, grid, coef, base_weight, k, uniform):
+def _torch_forward(x, grid, coef, base_weight, k, uniform, scale=None):
     nout, nin, nb = coef.shape
     base = None if base_weight is None else base_weight.contiguous()
-    return torch_backend._forward(x, grid, coef.reshape(nout, nin * nb).contiguous(), base, k, uniform)
+    sc = None if scale is None else scale.contiguous()
+    return torch_backend._forward(x, grid, coef.reshape(nout, nin * nb).contiguous(), base, k, uniform, sc)
 
 
-def _torch_backward(grad_y, x, grid, coef, base_weight, k, uniform, need_x, need_c, need_b):
-    """(grad_x, grad_coef, grad_base), None where not needed."""
+def _torch_backward(grad_y, x, grid, coef, base_weight, k, uniform, need_x, need_c, need_b, scale=None, need_s=False):
+    """(grad_x, grad_coef, grad_base, grad_scale), None where not needed."""
     nout, nin, nb = coef.shape
     base = None if base_weight is None else base_weight.contiguous()
-    gx, gc, gb = torch_backend._backward(
-        grad_y, x, grid, coef.reshape(nout, nin * nb).contiguous(), base, k, uniform, need_x, need_c, need_b
+    sc = None if scale is None else scale.contiguous()
+    gx, gc, gb, gs = torch_backend._backward(
+        grad_y, x, grid, coef.reshape(nout, nin * nb).contiguous(), base, k, uniform, need_x, need_c, need_b, sc, need_s
     )
-    return gx, (gc.view(nout, nin, nb) if gc is not None else None), (gb if need_b else None)
+    return gx, (gc.view(nout, nin, nb) if gc is not None else None), (gb if need_b else None), gs
 
 
 @torch.library.custom_op("kanfast::kan_fwd", mutates_args=())
 def kan_fwd(
-    x: Tensor, grid: Tensor, coef: Tensor, base_weight: Optional[Tensor], spline_order: int, uniform: bool
+    x: Tensor, grid: Tensor, coef: Tensor, base_weight: Optional[Tensor], spline_order: int, uniform: bool,
+    scale: Optional[Tensor] = None,
 ) -> Tensor:
-    return _torch_forward(x.contiguous(), grid.contiguous(), coef, base_weight, spline_order, uniform)
+    return _torch_forward(x.contiguous(), grid.contiguous(), coef, base_weight, spline_order, uniform, scale)
 
 
 @kan_fwd.register_fake
-def _kan_fwd_fake(x, grid, coef, base_weight, spline_order, uniform):
+def _kan_fwd_fake(x, grid, coef, base_weight, spline_order, uniform, scale=None):
     return x.new_empty(x.shape[0], coef.shape[0])
 
 
@@ -127,62 +135,82 @@ def kan_bwd(
     need_x: bool,
     need_coef: bool,
     need_base: bool,
-) -> Tuple[Tensor, Tensor, Tensor]:
+    scale: Optional[Tensor] = None,
+    need_scale: bool = False,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     need_base = need_base and base_weight is not None
-    gx, gc, gb = _torch_backward(
+    need_scale = need_scale and scale is not None
+    gx, gc, gb, gs = _torch_backward(
         grad_y.contiguous(), x.contiguous(), grid.contiguous(), coef, base_weight, spline_order, uniform,
-        need_x, need_coef, need_base,
+        need_x, need_coef, need_base, scale, need_scale,
     )
     # outputs must not alias inputs and must be tensors: empty where not needed
     return (
         gx if need_x else x.new_empty(0),
         gc if need_coef else coef.new_empty(0),
         gb if need_base else coef.new_empty(0),
+        gs if need_scale else coef.new_empty(0),
     )
 
 
 @kan_bwd.register_fake
-def _kan_bwd_fake(grad_y, x, grid, coef, base_weight, spline_order, uniform, need_x, need_coef, need_base):
+def _kan_bwd_fake(grad_y, x, grid, coef, base_weight, spline_order, uniform, need_x, need_coef, need_base,
+                  scale=None, need_scale=False):
     gx = x.new_empty(x.shape) if need_x else x.new_empty(0)
     gc = coef.new_empty(coef.shape) if need_coef else coef.new_empty(0)
     gb = base_weight.new_empty(base_weight.shape) if (need_base and base_weight is not None) else coef.new_empty(0)
-    return gx, gc, gb
+    gs = scale.new_empty(scale.shape) if (need_scale and scale is not None) else coef.new_empty(0)
+    return gx, gc, gb, gs
 
 
 def _setup_context(ctx, inputs, output):
-    x, grid, coef, base_weight, spline_order, flag = inputs
-    ctx.save_for_backward(x, grid, coef, base_weight)
-    ctx.cfg = (spline_order, flag)
+    x, grid, coef, base_weight, spline_order, flag = inputs[:6]
+    scale = inputs[6] if len(inputs) > 6 else None
+    ctx.save_for_backward(x, grid, coef, base_weight, scale)
+    ctx.cfg = (spline_order, flag, len(inputs))
 
 
 def _make_backward(fast_backward):
-    """Autograd formula shared by the custom op and the eager Function: the fast
+    """Autograd formula shared by the custom ops and the eager Function: the fast
     backward for a first-order pass, autograd through the differentiable
-    formulation under ``create_graph=True`` (grad mode on inside backward)."""
+    formulation under ``create_graph=True`` (grad mode on inside backward).
+    ``fast_backward(grad_y, x, grid, coef, base_weight, k, flag, need_x, need_c,
+    need_b[, scale, need_scale])`` returns 3 gradients, or 4 for an op with a scale."""
 
     def backward(ctx, grad_y):
-        x, grid, coef, base_weight = ctx.saved_tensors
-        spline_order, uniform = ctx.cfg
+        x, grid, coef, base_weight, scale = ctx.saved_tensors
+        spline_order, flag, n_inputs = ctx.cfg
         need_x, _, need_c, need_b = ctx.needs_input_grad[:4]
         need_b = need_b and base_weight is not None
+        need_s = n_inputs > 6 and scale is not None and ctx.needs_input_grad[6]
+        gs = None
         if torch.is_grad_enabled():  # backward(create_graph=True): keep the gradient differentiable
-            gx, gc, gb = _grads_by_autograd(
+            gx, gc, gb, gs = _grads_by_autograd(
                 grad_y,
-                [(x, need_x), (coef, need_c), (base_weight, need_b)],
-                lambda: kan_linear_differentiable(x, grid, coef, base_weight, spline_order),
+                [(x, need_x), (coef, need_c), (base_weight, need_b), (scale, need_s)],
+                lambda: kan_linear_differentiable(
+                    x, grid, coef if scale is None else coef * scale.unsqueeze(-1), base_weight, spline_order
+                ),
             )
         else:
-            gx, gc, gb = fast_backward(grad_y, x, grid, coef, base_weight, spline_order, uniform, need_x, need_c, need_b)
-        return (gx if need_x else None), None, (gc if need_c else None), (gb if need_b else None), None, None
+            extra = (scale, need_s) if n_inputs > 6 else ()
+            gx, gc, gb, *rest = fast_backward(
+                grad_y, x, grid, coef, base_weight, spline_order, flag, need_x, need_c, need_b, *extra
+            )
+            gs = rest[0] if rest else None
+        grads = [(gx if need_x else None), None, (gc if need_c else None), (gb if need_b else None), None, None]
+        if n_inputs > 6:
+            grads.append(gs if need_s else None)
+        return tuple(grads)
 
     return backward
 
 
-def _torch_backward_eager(grad_y, x, grid, coef, base_weight, k, uniform, need_x, need_c, need_b):
-    return _torch_backward(grad_y.contiguous(), x.contiguous(), grid.contiguous(), coef, base_weight, k, uniform, need_x, need_c, need_b)
-
-
-_kan_fwd_backward = _make_backward(kan_bwd)
+def _torch_backward_eager(grad_y, x, grid, coef, base_weight, k, uniform, need_x, need_c, need_b, scale=None, need_s=False):
+    return _torch_backward(
+        grad_y.contiguous(), x.contiguous(), grid.contiguous(), coef, base_weight, k, uniform, need_x, need_c, need_b,
+        scale, need_s,
+    )
 
 
 class _EagerTorchKAN(torch.autograd.Function):
@@ -191,14 +219,14 @@ class _EagerTorchKAN(torch.autograd.Function):
     (about a second) and which costs tens of microseconds per call."""
 
     @staticmethod
-    def forward(ctx, x, grid, coef, base_weight, spline_order, uniform):
-        _setup_context(ctx, (x, grid, coef, base_weight, spline_order, uniform), None)
-        return _torch_forward(x.contiguous(), grid.contiguous(), coef, base_weight, spline_order, uniform)
+    def forward(ctx, x, grid, coef, base_weight, spline_order, uniform, scale):
+        _setup_context(ctx, (x, grid, coef, base_weight, spline_order, uniform, scale), None)
+        return _torch_forward(x.contiguous(), grid.contiguous(), coef, base_weight, spline_order, uniform, scale)
 
     backward = staticmethod(_make_backward(_torch_backward_eager))
 
 
-kan_fwd.register_autograd(_kan_fwd_backward, setup_context=_setup_context)
+kan_fwd.register_autograd(_make_backward(kan_bwd), setup_context=_setup_context)
 
 
 # -------------------------------------------------------------------- triton
@@ -268,24 +296,29 @@ def kan_linear_op(
     spline_order: int,
     uniform: bool,
     backend: str = "torch",
+    scale: Optional[Tensor] = None,
 ) -> Tensor:
     """One KAN layer on 2-D input through the registered ops.
 
     Args:
         x: ``(N, in)``; grid ``(in, G + 2k + 1)`` (cast to x's dtype for the torch
         backend; the Triton kernels read float32 knots whatever x's dtype);
-        coef: ``(out, in, G + k)`` scaled spline weights; base_weight ``(out, in)``
+        coef: ``(out, in, G + k)`` spline weights; base_weight ``(out, in)``
         or None (spline term only); spline_order ``k``; uniform: knots equally
         spaced (a Python bool, decided by the caller); backend ``"torch"`` or
-        ``"triton"``.
+        ``"triton"``; scale: ``(out, in)`` or None, the coefficients used are
+        ``coef * scale[..., None]`` (formed inside the torch op, see the module
+        docstring).
 
     Returns:
         ``(N, out)`` in x's dtype, differentiable (to any order) w.r.t. x, coef,
-        base_weight.
+        base_weight and scale.
     """
     if backend == "triton" and x.dtype != torch.float64:  # float64: the torch path (as kan_linear_triton does)
+        if scale is not None:
+            coef = coef * scale.unsqueeze(-1)
         return _kan_linear_triton_op(x, grid, coef, base_weight, spline_order)
     grid = grid.to(x.dtype)
     if torch.compiler.is_compiling():  # one opaque graph node for Dynamo/AOTAutograd
-        return kan_fwd(x, grid, coef, base_weight, int(spline_order), bool(uniform))
-    return _EagerTorchKAN.apply(x, grid, coef, base_weight, int(spline_order), bool(uniform))
+        return kan_fwd(x, grid, coef, base_weight, int(spline_order), bool(uniform), scale)
+    return _EagerTorchKAN.apply(x, grid, coef, base_weight, int(spline_order), bool(uniform), scale)

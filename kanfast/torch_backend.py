@@ -479,72 +479,80 @@ def _fill_block(blk: _Block, rows: int, V, lin, invalid) -> torch.Tensor:
     return D
 
 
-def _forward(x, grid, coef2, base_weight, spline_order, uniform):
-    """y (N, out) = D(x) @ coef2^T [+ silu(x) @ base_weight^T], chunked over rows and
-    K-split over feature groups. x (N, in); coef2 (out, in * nb) contiguous; base_weight
-    (out, in) or None."""
+def _group_weight(coef2, scale, f0: int, f1: int, nb: int) -> torch.Tensor:
+    """Columns [f0*nb, f1*nb) of the coefficient matrix (out, in*nb), times ``scale``
+    (out, in) per (out, feature) when given: one feature group's K-slice (a strided
+    view without scale, else a group-sized product: the scaled weight is never
+    materialised whole)."""
+    w = coef2[:, f0 * nb : f1 * nb]
+    if scale is None:
+        return w
+    nout = coef2.shape[0]
+    return (w.view(nout, f1 - f0, nb) * scale[:, f0:f1, None]).view(nout, -1)
+
+
+def _forward(x, grid, coef2, base_weight, spline_order, uniform, scale=None):
+    """y (N, out) = D(x) @ W^T [+ silu(x) @ base_weight^T], K-split over feature
+    groups, chunked over rows. x (N, in); coef2 (out, in * nb) with W = coef2, or
+    ``coef2 * scale`` per (out, feature) when ``scale`` (out, in) is given;
+    base_weight (out, in) or None."""
     plan = _Plan(x, grid, spline_order, uniform)
     nb, step = plan.nb, plan.step
     nout = coef2.shape[0]
     N = x.shape[0]
     y = torch.empty(N, nout, dtype=x.dtype, device=x.device)
-    bt = base_weight.t() if base_weight is not None else None
-    # per group: the K-slice of coef2 (a strided view: no copy), its knots, one inside-check for all chunks
-    parts = [
-        (f0, f1, g, blk, coef2[:, f0 * nb : f1 * nb].t(), _all_inside(x[:, f0:f1], g) if g.uniform else None)
-        for (f0, f1), g, blk in zip(plan.groups, plan.grids, plan.blocks)
-    ]
-    for s in range(0, N, step):
-        xs = x[s : s + step]
-        rows = xs.shape[0]
-        yc = y[s : s + step]
-        for i, (f0, f1, g, blk, ct, inside) in enumerate(parts):
-            xc = xs[:, f0:f1]
+    for i, ((f0, f1), g, blk) in enumerate(zip(plan.groups, plan.grids, plan.blocks)):
+        ct = _group_weight(coef2, scale, f0, f1, nb).t()
+        inside = _all_inside(x[:, f0:f1], g) if g.uniform else None  # one check for all chunks
+        for s in range(0, N, step):
+            xc = x[s : s + step, f0:f1]
+            rows = xc.shape[0]
             m, f = _spans(xc, g, inside, blk)
             V, _ = _values(xc, m, f, g, True, False, blk=blk)
             lin, invalid = _slot_index(m, g, blk, rows)
             D = _fill_block(blk, rows, V, lin, invalid)
             if i == 0:
-                torch.mm(D, ct, out=yc)
+                torch.mm(D, ct, out=y[s : s + step])
             else:
-                yc.addmm_(D, ct)
-        if bt is not None:
-            yc.addmm_(_silu(xs, plan.blocks[0]), bt)
+                y[s : s + step].addmm_(D, ct)
+    if base_weight is not None:
+        bt = base_weight.t()
+        for s in range(0, N, step):
+            xs = x[s : s + step]
+            y[s : s + step].addmm_(_silu(xs, plan.blocks[0]), bt)
     return y
 
 
-def _backward(grad_y, x, grid, coef2, base_weight, spline_order, uniform, need_x, need_c, need_b):
-    """(grad_x, grad_coef2 (out, in*nb), grad_base (out, in)) of :func:`_forward`, each or None."""
+def _backward(grad_y, x, grid, coef2, base_weight, spline_order, uniform, need_x, need_c, need_b, scale=None, need_s=False):
+    """(grad_x, grad_coef2 (out, in*nb), grad_base (out, in), grad_scale (out, in)) of
+    :func:`_forward`, each or None."""
     plan = _Plan(x, grid, spline_order, uniform)
     k, nb, step = plan.k, plan.nb, plan.step
     N, nin = x.shape
     nout = coef2.shape[0]
     has_base = base_weight is not None
     need_b = need_b and has_base
+    need_s = need_s and scale is not None
     grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device) if need_x else None  # contiguous
-    grad_c = torch.zeros(nout, nin * nb, dtype=coef2.dtype, device=coef2.device) if need_c else None
+    # gradient w.r.t. W, turned group by group into the gradient w.r.t. coef2 (times scale)
+    grad_c = torch.zeros(nout, nin * nb, dtype=coef2.dtype, device=coef2.device) if (need_c or need_s) else None
     grad_b = torch.zeros(nout, nin, dtype=coef2.dtype, device=coef2.device) if need_b else None
+    grad_s = torch.empty(nout, nin, dtype=coef2.dtype, device=coef2.device) if need_s else None
     grad_y = grad_y.contiguous()
-    parts = [
-        (f0, f1, g, blk, coef2[:, f0 * nb : f1 * nb], grad_c[:, f0 * nb : f1 * nb] if need_c else None,
-         _all_inside(x[:, f0:f1], g) if g.uniform and (need_x or need_c) else None)
-        for (f0, f1), g, blk in zip(plan.groups, plan.grids, plan.blocks)
-    ]
-    work = plan.blocks[0]
-    for s in range(0, N, step):
-        xs = x[s : s + step]
-        gy = grad_y[s : s + step]
-        rows = xs.shape[0]
-        if need_b:
-            grad_b.addmm_(gy.t(), _silu(xs, work))
-        if not (need_x or need_c):
-            continue
-        for f0, f1, g, blk, cg, gc, inside in parts:  # one block in flight: the bases, then grad_D
-            xc = xs[:, f0:f1]
+    for (f0, f1), g, blk in zip(plan.groups, plan.grids, plan.blocks):
+        if not (need_x or grad_c is not None):
+            break
+        cg = _group_weight(coef2, scale, f0, f1, nb) if need_x else None
+        gc = grad_c[:, f0 * nb : f1 * nb] if grad_c is not None else None
+        inside = _all_inside(x[:, f0:f1], g) if g.uniform else None
+        for s in range(0, N, step):  # one block in flight: the bases, then grad_D
+            xc = x[s : s + step, f0:f1]
+            gy = grad_y[s : s + step]
+            rows = xc.shape[0]
             m, f = _spans(xc, g, inside, blk)
-            V, dV = _values(xc, m, f, g, need_c, need_x, deriv_scaled=not g.uniform, blk=blk)
+            V, dV = _values(xc, m, f, g, gc is not None, need_x, deriv_scaled=not g.uniform, blk=blk)
             lin, invalid = _slot_index(m, g, blk, rows)
-            if need_c:
+            if gc is not None:
                 gc.addmm_(gy.t(), _fill_block(blk, rows, V, lin, invalid))
             if not need_x:
                 continue
@@ -563,12 +571,25 @@ def _backward(grad_y, x, grid, coef2, base_weight, spline_order, uniform, need_x
                 gx.addcmul_(gl[r], dV[r])
             if g.uniform:
                 gx.mul_(g.inv_h)
-        if need_x and has_base:
-            shape, n = xs.shape, xs.numel()
-            gs = torch.mm(gy, base_weight, out=work.scratch("gs", n).view(shape))
-            ds = torch.ops.aten.silu_backward.grad_input(gs, xs, grad_input=work.scratch("ds", n).view(shape))
-            grad_x[s : s + step].add_(ds)
-    return grad_x, grad_c, grad_b
+        if scale is not None and gc is not None:  # chain rule through W = coef2 * scale, in place
+            gcv = gc.view(nout, f1 - f0, nb)
+            if need_s:
+                torch.sum(gcv * coef2[:, f0 * nb : f1 * nb].view(nout, f1 - f0, nb), -1, out=grad_s[:, f0:f1])
+            if need_c:
+                gcv.mul_(scale[:, f0:f1, None])
+    if need_b or (need_x and has_base):
+        work = plan.blocks[0]
+        for s in range(0, N, step):
+            xs = x[s : s + step]
+            gy = grad_y[s : s + step]
+            if need_b:
+                grad_b.addmm_(gy.t(), _silu(xs, work))
+            if need_x:
+                shape, n = xs.shape, xs.numel()
+                gs = torch.mm(gy, base_weight, out=work.scratch("gs", n).view(shape))
+                ds = torch.ops.aten.silu_backward.grad_input(gs, xs, grad_input=work.scratch("ds", n).view(shape))
+                grad_x[s : s + step].add_(ds)
+    return grad_x, (grad_c if need_c else None), grad_b, grad_s
 
 
 def _silu(x: torch.Tensor, blk: _Block) -> torch.Tensor:
@@ -592,7 +613,7 @@ def forward_2d(x, grid, weight, spline_order, n_basis, has_base, uniform):
 def backward_2d(grad_y, x, grid, weight, spline_order, n_basis, has_base, uniform, need_x=True, need_w=True):
     """Gradients (grad_x (N, in) or None, grad_weight (out, in, n_basis + has_base) or None) of forward_2d."""
     coef2, base = _split_weight(weight, n_basis, has_base)
-    gx, gc, gb = _backward(grad_y, x, grid, coef2, base, spline_order, uniform, need_x, need_w, need_w)
+    gx, gc, gb, _ = _backward(grad_y, x, grid, coef2, base, spline_order, uniform, need_x, need_w, need_w)
     gw = None
     if need_w:
         gw = gc.view(weight.shape[0], weight.shape[1], n_basis)
@@ -619,7 +640,7 @@ class _KANLinearTorch(torch.autograd.Function):
         x, grid, coef2, base_weight = ctx.saved_tensors
         spline_order, uniform, cshape = ctx.cfg
         need_x, _, need_c, need_b = ctx.needs_input_grad[:4]
-        gx, gc, gb = _backward(grad_y, x, grid, coef2, base_weight, spline_order, uniform, need_x, need_c, need_b)
+        gx, gc, gb, _ = _backward(grad_y, x, grid, coef2, base_weight, spline_order, uniform, need_x, need_c, need_b)
         return gx, None, gc.view(cshape) if gc is not None else None, gb, None, None
 
 

@@ -55,10 +55,15 @@ def _sample_args():
 def test_opcheck_registered_ops():
     for x, grid, coef, base, k, uniform in _sample_args():
         torch.library.opcheck(kan_fwd, (x, grid, coef, base, k, uniform))
+        scale = (torch.rand(coef.shape[:2]) + 0.5).requires_grad_()  # coef * scale[..., None] inside the op
+        torch.library.opcheck(kan_fwd, (x, grid, coef, base, k, uniform, scale))
         gy = torch.randn(x.shape[0], coef.shape[0])
         b = None if base is None else base.detach()
         for need_x, need_c, need_b in ((True, True, True), (False, True, False), (True, False, True)):
             torch.library.opcheck(kan_bwd, (gy, x.detach(), grid, coef.detach(), b, k, uniform, need_x, need_c, need_b))
+            for need_s in (True, False):
+                args = (gy, x.detach(), grid, coef.detach(), b, k, uniform, need_x, need_c, need_b, scale.detach(), need_s)
+                torch.library.opcheck(kan_bwd, args)
 
 
 def test_compile_fullgraph_dynamic_no_recompile_per_batch_size():

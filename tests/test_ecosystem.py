@@ -167,6 +167,11 @@ def test_gradgradcheck_torch_op_float64():
         f = lambda x, c, b: kan_linear_op(x, grid, c, b, 3, layer._uniform_flag(), "torch")  # noqa: E731
         assert torch.autograd.gradcheck(f, (x, coef, base))
         assert torch.autograd.gradgradcheck(f, (x, coef, base))
+        # coefficients scaled inside the op (spline_weight * spline_scaler): gradients of both
+        scale = (torch.rand(2, 3, dtype=torch.float64) + 0.5).requires_grad_()
+        fs = lambda x, c, b, s: kan_linear_op(x, grid, c, b, 3, layer._uniform_flag(), "torch", s)  # noqa: E731
+        assert torch.autograd.gradcheck(fs, (x, coef, base, scale))
+        assert torch.autograd.gradgradcheck(fs, (x, coef, base, scale))
 
 
 def test_pinn_derivatives_match_scipy_and_backprop():
