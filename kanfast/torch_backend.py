@@ -1,8 +1,8 @@
 """Fast pure-torch KAN backend: the CPU engine.
 
-Algorithm (forward, per chunk of rows and, within it, per group of input
-features: a K-slice of the GEMM of at most ``BLOCK_WIDTH`` columns, so that the
-dense block stays the same size whatever G; only ``x`` is saved for backward):
+Algorithm (forward, per group of input features, a K-slice of the GEMM of at
+most ``BLOCK_WIDTH`` columns so that the dense block stays the same size whatever
+G, and within it per chunk of rows; only ``x`` is saved for backward):
 
   1. interval ("span") index ``m`` of every input on its knots. Uniform knots:
      closed form ``floor((x - t_0) / h)`` (for ``k <= 1``, whose values or
@@ -13,9 +13,9 @@ dense block stays the same size whatever G; only ``x`` is saved for backward):
   2. the ``k + 1`` non-zero bases ``B_{m-k..m}``. Uniform knots: the pieces of
      the cardinal B-spline are fixed polynomials of the local coordinate
      ``f = (x - t_m) / h`` (coefficients computed exactly, in rationals, once per
-     ``k``), evaluated by Horner with ``O(k^2)`` element-wise ops and no knot
-     gathers. Other knots: de Boor's triangular scheme (NURBS Book, alg. A2.2)
-     on gathered knots;
+     ``k``), evaluated for all k+1 bases at once (one broadcast op per power of
+     ``f``) with no knot gathers. Other knots: de Boor's triangular scheme
+     (NURBS Book, alg. A2.2) on gathered knots;
   3. those values are written (``scatter_`` through 1-D views of one flat
      buffer shifted by the slot number: parallel on CPU, unlike ``index_add_``)
      into a zeroed dense ``(chunk, in * (G + k))`` block reused across chunks;
@@ -42,14 +42,18 @@ inside a GEMM, so contracting only the ``k + 1`` non-zero bases by gathers of
 ``benchmarks/results``). The dense block is kept, but built cheaply.
 
 Memory bound: nothing of size (batch, in, G + k) lives between forward and
-backward (saved: ``x``, the knots, ``W`` and ``base_weight``). The transient
-memory is one dense block of at most ``CHUNK_ELEMENTS`` elements (the bases of
-one feature group, then its ``grad_D`` in backward), about ``4k + 10`` work
+backward (saved: ``x``, the knots and the coefficients; given a ``scale``, as
+for ``spline_weight * spline_scaler``, the scaled ``W`` is formed one feature
+group at a time and never whole, and ``grad_W`` becomes the coefficients'
+gradient in place). The transient memory is one dense block of at most
+``CHUNK_ELEMENTS`` elements (the bases of one feature group, then its
+``grad_D`` in backward), about ``4k + 10`` work
 buffers of at most ``rows_per_chunk * in <= ROW_ELEMENTS`` elements allocated
 once per call and reused by every chunk and group (fresh allocations per chunk
 cost page faults), and the weight gradient; i.e. at most
 ``CHUNK_ELEMENTS + (4k + 10) * ROW_ELEMENTS`` elements (19 MiB in float32 at the
-defaults, k = 3) plus weight-sized buffers, whatever the batch size and G. Measured fwd+bwd peak beyond parameters,
+defaults, k = 3), one feature group's scaled weight, and the weight gradient,
+whatever the batch size and G. Measured fwd+bwd peak beyond parameters,
 gradients, input and output at batch 4096, in = out = 256: see
 ``benchmarks/results`` (flat in G).
 
