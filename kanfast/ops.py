@@ -7,7 +7,7 @@ and an autograd formula lets Dynamo/AOTAutograd treat one KAN layer as a single
 node of known output shape, with ``fullgraph=True`` and dynamic batch sizes.
 
 Ops (namespace ``kanfast``), all on 2-D input ``x: (N, in)``, knots
-``grid: (in, G + 2k + 1)``, scaled spline coefficients ``coef: (out, in, G + k)``
+``grid: (in, G + 2k + 1)``, spline coefficients ``coef: (out, in, G + k)``
 and an optional SiLU base weight ``base_weight: (out, in)``:
 
 * ``kanfast::kan_fwd(x, grid, coef, base_weight?, spline_order, uniform, scale?) -> y (N, out)``:
