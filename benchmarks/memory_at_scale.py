@@ -15,6 +15,7 @@ implementation would hold.
 from __future__ import annotations
 
 import argparse
+import sys
 import datetime
 import json
 import os
@@ -88,7 +89,7 @@ def main(argv=None) -> int:
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "threads": torch.get_num_threads()},
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": "python -m kanfast.benchmarks.memory_at_scale " + " ".join(argv or []),
+        "command": " ".join(["python -m kanfast.benchmarks.memory_at_scale", *(sys.argv[1:] if argv is None else argv)]),
     }
     mb = 1e6
     print(
