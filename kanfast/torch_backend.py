@@ -407,6 +407,9 @@ class _Plan:
     (the groups share one buffer)."""
 
     def __init__(self, x: torch.Tensor, grid: torch.Tensor, k: int, uniform: bool):
+        # the caller's flag may be stale (a grid edited through .data, or a compiled graph
+        # that baked it in): verify it, so the closed form never runs on uneven knots
+        uniform = uniform and grid_is_uniform(grid)
         N, nin = x.shape
         nb = grid.shape[1] - k - 1
         self.groups = _feature_groups(nin, nb)
@@ -567,8 +570,11 @@ def _backward(grad_y, x, grid, coef2, base_weight, spline_order, uniform, need_x
                 torch.index_select(blk.flat[r:], 0, lin, out=gl[r])
             dV = dV.view(k + 1, rows, f1 - f0)
             gl = gl.view(k + 1, rows, f1 - f0)
-            if invalid is not None:  # reads at missing bases may be a neighbour's (any) value
-                gl.masked_fill_(invalid.view(k + 1, rows, f1 - f0), 0.0)
+            if invalid is not None:  # reads at missing bases may be a neighbour's (any) value, and
+                # their derivatives may be 0/0 (an outside input evaluated on a zero-length end span)
+                inv = invalid.view(k + 1, rows, f1 - f0)
+                gl.masked_fill_(inv, 0.0)
+                dV.masked_fill_(inv, 0.0)
             gx = grad_x[s : s + step, f0:f1]
             torch.mul(gl[0], dV[0], out=gx)
             for r in range(1, k + 1):

@@ -148,3 +148,19 @@ def test_compile_under_autocast_matches_eager():
     assert yc.dtype == ye.dtype == torch.bfloat16
     torch.testing.assert_close(yc, ye, rtol=1e-2, atol=1e-2)
     assert cnt.frame_count == 1
+
+
+def test_compiled_layer_after_grid_edit_matches_reference():
+    """The compiled graph bakes the 'uniform knots' flag in; the op verifies it, so a grid
+    edited outside the compiled region (no refresh_grid_cache) still gives the right values."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    x = torch.randn(20, 3, dtype=torch.float64)
+    layer = kanfast.FastKANLayer(3, 2, grid_size=5, dtype=torch.float64, backend="torch")
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    compiled(x)
+    with torch.no_grad():
+        layer.grid[:, 5] += 0.15
+    y = compiled(x)
+    layer.backend = "reference"
+    torch.testing.assert_close(y, layer(x), rtol=1e-10, atol=1e-12)

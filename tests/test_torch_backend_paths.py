@@ -90,3 +90,30 @@ def test_non_contiguous_input():
     layer = FastKANLayer(5, 3, dtype=torch.float64)
     x = torch.randn(5, 40, dtype=torch.float64).t()  # (40, 5), transposed strides
     _compare(layer, x)
+
+
+@pytest.mark.parametrize("k", [2, 3, 4])
+def test_clamped_end_knots_give_finite_input_gradient(k):
+    """Repeated end knots (a clamped knot vector): inputs outside or on the last knot are
+    evaluated on a zero-length span (0/0 bases); their grad_x must still equal the reference."""
+    torch.manual_seed(0)
+    layer = FastKANLayer(1, 1, grid_size=2, spline_order=k, dtype=torch.float64)
+    inner = torch.linspace(-1.0, 1.0, 2 + 1, dtype=torch.float64)
+    knots = torch.cat([inner[:1].repeat(k), inner, inner[-1:].repeat(k)])
+    with torch.no_grad():
+        layer.grid.copy_(knots.unsqueeze(0))
+    x = torch.tensor([[-1.5], [-1.0], [0.5], [1.0], [2.0]], dtype=torch.float64)
+    _compare(layer, x)
+
+
+def test_stale_uniform_flag_is_verified():
+    """A grid edited behind the layer's back (through .data: no version bump) must not keep
+    the closed form for uniform knots."""
+    torch.manual_seed(0)
+    x = torch.randn(20, 3, dtype=torch.float64)
+    layer = FastKANLayer(3, 2, grid_size=5, dtype=torch.float64)
+    layer(x)  # caches "uniform"
+    g = layer.grid.clone()
+    g[:, 5] += 0.15
+    layer.grid.data.copy_(g)
+    _compare(layer, x)
