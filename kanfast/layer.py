@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import operator
+import sys
 from typing import Iterable, Optional, Sequence, Tuple, Type
 
 import torch
@@ -291,11 +292,15 @@ class FastKANLayer(nn.Module):
     # here in Python, when the grid changes, and handed to the kernels as a flag so
     # compiled graphs contain no sync and no graph break.
     def refresh_grid_cache(self) -> None:
-        """Recompute the cached "knots equally spaced" flag from ``grid``. Called
-        automatically after ``update_grid``/``extend_grid``/``load_state_dict``/
-        ``.to()``; call it yourself after editing ``grid`` in place inside a
-        compiled region."""
+        """Recompute the cached "knots equally spaced" flag from ``grid`` and drop the
+        Triton kernels' cached knot tables. Called automatically after
+        ``update_grid``/``extend_grid``/``load_state_dict``/``.to()``; call it yourself
+        after editing ``grid`` in place inside a compiled region or through
+        ``grid.data`` (no version bump)."""
         g = self.grid
+        tb = sys.modules.get("kanfast.triton_backend")
+        if tb is not None:
+            tb.forget_grid(g)
         if g.is_meta:  # deferred init (e.g. FSDP): no values yet; decided once the grid is materialised
             self._grid_uniform, self._grid_key = None, None
             return

@@ -181,6 +181,12 @@ def _grid_info(grid: torch.Tensor, k: int):
     return info
 
 
+def forget_grid(grid: torch.Tensor) -> None:
+    """Drop the cached knot tables of ``grid`` (after it was written without a version
+    bump, e.g. through ``grid.data``); :meth:`FastKANLayer.refresh_grid_cache` calls it."""
+    _GRID_CACHE.pop(id(grid), None)
+
+
 def _knot_tables(grid: torch.Tensor, k: int):
     """fp32 (padded knots (in, n + 2k), t0 (in,), t_last (in,), h (in,)) for the kernels."""
     g = grid.detach().to(torch.float32).contiguous()
