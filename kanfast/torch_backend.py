@@ -486,6 +486,16 @@ def _fill_block(blk: _Block, rows: int, V, lin, invalid) -> torch.Tensor:
     return D
 
 
+def _chunk_bases(xc, g: _Grid, inside, blk: _Block, need_val: bool, need_deriv: bool):
+    """Steps 1-2 and the slot positions for one chunk of one feature group: ``(V, dV,
+    lin, invalid)`` (see :func:`_values` and :func:`_slot_index`); on uniform knots
+    dV lacks the 1/h factor (applied once to grad_x)."""
+    m, f = _spans(xc, g, inside, blk)
+    V, dV = _values(xc, m, f, g, need_val, need_deriv, deriv_scaled=not g.uniform, blk=blk)
+    lin, invalid = _slot_index(m, g, blk, xc.shape[0])
+    return V, dV, lin, invalid
+
+
 def _group_weight(coef2, scale, f0: int, f1: int, nb: int) -> torch.Tensor:
     """Columns [f0*nb, f1*nb) of the coefficient matrix (out, in*nb), times ``scale``
     (out, in) per (out, feature) when given: one feature group's K-slice (a strided
@@ -514,9 +524,7 @@ def _forward(x, grid, coef2, base_weight, spline_order, uniform, scale=None):
         for s in range(0, N, step):
             xc = x[s : s + step, f0:f1]
             rows = xc.shape[0]
-            m, f = _spans(xc, g, inside, blk)
-            V, _ = _values(xc, m, f, g, True, False, blk=blk)
-            lin, invalid = _slot_index(m, g, blk, rows)
+            V, _, lin, invalid = _chunk_bases(xc, g, inside, blk, True, False)
             D = _fill_block(blk, rows, V, lin, invalid)
             if i == 0:
                 torch.mm(D, ct, out=y[s : s + step])
@@ -556,9 +564,7 @@ def _backward(grad_y, x, grid, coef2, base_weight, spline_order, uniform, need_x
             xc = x[s : s + step, f0:f1]
             gy = grad_y[s : s + step]
             rows = xc.shape[0]
-            m, f = _spans(xc, g, inside, blk)
-            V, dV = _values(xc, m, f, g, gc is not None, need_x, deriv_scaled=not g.uniform, blk=blk)
-            lin, invalid = _slot_index(m, g, blk, rows)
+            V, dV, lin, invalid = _chunk_bases(xc, g, inside, blk, gc is not None, need_x)
             if gc is not None:
                 gc.addmm_(gy.t(), _fill_block(blk, rows, V, lin, invalid))
             if not need_x:
