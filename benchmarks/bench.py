@@ -25,8 +25,10 @@ gradients, the input (and its gradient) and the output.
     minus the output and the gradients allocated in the step.
   * CPU (Linux): the process's resident-set high-water mark (``VmHWM``, reset by
     writing 5 to ``/proc/self/clear_refs``) minus the resident set just before
-    the step, after ``gc.collect()`` and glibc ``malloc_trim(0)`` so that memory
-    freed earlier is not silently reused; minus the output and gradient bytes.
+    the step, after ``gc.collect()``, glibc ``malloc_trim(0)`` and
+    :func:`kanfast.torch_backend.release_buffers` (the work buffers the torch
+    backend keeps between calls) so that memory freed or kept earlier is not
+    silently reused; minus the output and gradient bytes.
     It counts every byte the step touches (library workspaces included), at page
     granularity. Elsewhere the column is empty.
 
@@ -249,6 +251,12 @@ def _peak_extra_bytes(step: Callable[[], Tuple[torch.Tensor, int]], device: torc
         torch.cuda.synchronize(device)
         peak = torch.cuda.max_memory_allocated(device) - base
         return max(0.0, peak - y.numel() * y.element_size() - grad_bytes), "cuda max_memory_allocated"
+    # kanfast's CPU engine keeps its work buffers between calls: free them, so that the
+    # step allocates (and this counts) them again, as a first call would
+    from kanfast.torch_backend import release_buffers
+
+    release_buffers()
+    gc.collect()
     _malloc_trim()
     rss0 = _proc_status("VmRSS")
     if rss0 is None or not _reset_hwm():
@@ -640,7 +648,8 @@ def run(args: argparse.Namespace) -> int:
                   "forward under torch.no_grad(); fwd_bwd = forward + backward(gy) with input and parameters requiring grad",
         "memory": "peak_extra_mb: fwd+bwd peak beyond parameters, gradients, input and output. CPU: resident-set "
                   "high-water mark (VmHWM reset via /proc/self/clear_refs) over the resident set before the step, after "
-                  "gc + malloc_trim; CUDA: max_memory_allocated",
+                  "gc + malloc_trim + kanfast.torch_backend.release_buffers() (so kept work buffers are counted); "
+                  "CUDA: max_memory_allocated",
         "flops": "dense-equivalent: 2*batch*in*(G+k+1)*out forward, 3x for fwd+bwd (MLP: 2*batch*in*out, 3x)",
         "floor": "three torch.matmul: (batch x in*(G+k+1)) @ (.. x out) forward; gy^T @ D and gy @ W backward",
     }

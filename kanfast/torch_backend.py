@@ -5,7 +5,9 @@ most ``BLOCK_WIDTH`` columns so that the dense block stays the same size whateve
 G, and within it per chunk of rows; only ``x`` is saved for backward):
 
   1. interval ("span") index ``m`` of every input on its knots. Uniform knots:
-     closed form ``floor((x - t_0) / h)`` (for ``k <= 1``, whose values or
+     closed form ``floor((x - t_0) / h)`` (an int64 truncation and ``frac``; whether
+     every span of a feature group is interior is decided once per call from the
+     per-feature min and max, through the same float ops) (for ``k <= 1``, whose values or
      slopes jump at knots, corrected against the stored knots so that an input
      sitting exactly on a knot takes the same span as the reference); other
      knots: ``searchsorted``. Inputs outside ``[t_0, t_last)`` (and NaN/inf)
@@ -35,6 +37,18 @@ reads at missing bases masked to 0) and contracted with the basis derivatives
 
     dB_{j,k}/dx = k * (B_{j,k-1} / (t_{j+k} - t_j) - B_{j+1,k-1} / (t_{j+k+1} - t_{j+1})).
 
+On uniform knots the derivatives are polynomials of ``f`` too, so the contraction
+is regrouped by powers (``S = d^T @ gathered``, a (k, k+1) GEMM) and the k+1
+derivative rows are never formed.
+
+Threads (:mod:`kanfast.cpu_workers`): a large call is split into independent
+parts, one per thread, each running single-threaded ops: forward by blocks of
+rows, backward by blocks of input features (disjoint gradient columns, no
+reduction). Odd-numbered parts start with a half-size chunk, so that two
+workers side by side are half a chunk out of phase and one's memory-bound basis
+work overlaps the other's GEMM (measured: 1.17x -> 1.13x the floor at G = 5).
+Each thread keeps its work buffers between calls (:func:`release_buffers`).
+
 Why no sparse path: on CPU an index op (gather/scatter) costs ~1-3 ns per element
 against ~0.1 ns for a contiguous element-wise op and ~0.01 ns per multiply-add
 inside a GEMM, so contracting only the ``k + 1`` non-zero bases by gathers of
@@ -48,12 +62,12 @@ group at a time and never whole, and ``grad_W`` becomes the coefficients'
 gradient in place). The transient memory is one dense block of at most
 ``CHUNK_ELEMENTS`` elements (the bases of one feature group, then its
 ``grad_D`` in backward), about ``4k + 10`` work
-buffers of at most ``rows_per_chunk * in <= ROW_ELEMENTS`` elements allocated
-once per call and reused by every chunk and group (fresh allocations per chunk
-cost page faults), and the weight gradient; i.e. at most
-``CHUNK_ELEMENTS + (4k + 10) * ROW_ELEMENTS`` elements (19 MiB in float32 at the
-defaults, k = 3), one feature group's scaled weight, and the weight gradient,
-whatever the batch size and G. Measured fwd+bwd peak beyond parameters,
+buffers of at most ``rows_per_chunk * in <= ROW_ELEMENTS`` elements reused by
+every chunk, group and call (fresh allocations cost page faults), and the
+weight gradient; i.e. at most ``CHUNK_ELEMENTS + (4k + 10) * ROW_ELEMENTS``
+elements per thread running the engine (19 MiB in float32 at the defaults,
+k = 3; the CPU workers each have their own), one feature group's scaled
+weight, and the weight gradient, whatever the batch size and G. Measured fwd+bwd peak beyond parameters,
 gradients, input and output at batch 4096, in = out = 256: see
 ``benchmarks/results`` (flat in G).
 
@@ -65,6 +79,8 @@ formulation; this Function's backward is not itself differentiable
 from __future__ import annotations
 
 import functools
+import threading
+import weakref
 from fractions import Fraction
 from math import comb, factorial
 from typing import List, Optional, Tuple
@@ -72,6 +88,8 @@ from typing import List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
+
+from . import cpu_workers
 
 __all__ = [
     "kan_linear_torch",
@@ -82,6 +100,7 @@ __all__ = [
     "CHUNK_ELEMENTS",
     "BLOCK_WIDTH",
     "ROW_ELEMENTS",
+    "release_buffers",
 ]
 
 #: Largest dense basis block (elements) materialised at once: at most
@@ -145,6 +164,29 @@ def _poly_cols(powers: List[torch.Tensor], cols: List[torch.Tensor], out: torch.
     return out.add_(cols[0])
 
 
+_columns_cache: dict = {}
+
+
+def _piece_columns(k: int, dtype: torch.dtype, device: torch.device):
+    """``(cols, dcols, dmat)``: column p of ``cols`` (k+1, 1) holds the coefficient of f^p in
+    each of the k+1 local bases (of :func:`_cardinal_pieces`), for broadcasting over a
+    (k+1, rows*in) block: one op per power, not per basis; ``dcols`` those of d/df,
+    and ``dmat`` (k, k+1) the same as a matrix (``dmat[p, r]``).
+    Built once per (k, dtype, device)."""
+    key = (k, dtype, device)
+    out = _columns_cache.get(key)
+    if out is None:
+        pieces = _cardinal_pieces(k)
+        cols = [torch.tensor([c[p] for c in pieces], dtype=dtype, device=device).view(-1, 1) for p in range(k + 1)]
+        dcols = [
+            torch.tensor([(p + 1) * c[p + 1] for c in pieces], dtype=dtype, device=device).view(-1, 1) for p in range(k)
+        ]
+        # dmat (k, k+1): dmat[p, r] = coefficient of f^p in d/df of local basis r
+        dmat = torch.cat(dcols, dim=1).t().contiguous() if k else torch.zeros(0, 1, dtype=dtype, device=device)
+        out = _columns_cache[key] = (cols, dcols, dmat)
+    return out
+
+
 class _Grid:
     """Per-call constants of the knot vectors (built once per forward/backward)."""
 
@@ -156,16 +198,13 @@ class _Grid:
         self.grid = grid
         self.t0 = grid[:, 0].contiguous()
         self.tn = grid[:, -1].contiguous()
-        self.flat = grid.contiguous().reshape(-1)
-        self.row_base = torch.arange(grid.shape[0], device=grid.device) * self.n
+        if not (uniform and k >= 2):  # knot lookups of the other paths
+            self.flat = grid.contiguous().reshape(-1)
+            self.row_base = torch.arange(grid.shape[0], device=grid.device) * self.n
         if uniform:
             h = (self.tn - self.t0) / (self.n - 1)
             self.inv_h = 1.0 / h
-            pieces = _cardinal_pieces(k)
-            # column p: coefficient of f^p in each of the k+1 local bases, (k+1, 1) for
-            # broadcasting over a (k+1, rows*in) block (one op per power, not per basis)
-            self.cols = [grid.new_tensor([c[p] for c in pieces]).view(-1, 1) for p in range(k + 1)]
-            self.dcols = [grid.new_tensor([(p + 1) * c[p + 1] for c in pieces]).view(-1, 1) for p in range(k)]
+            self.cols, self.dcols, self.dmat = _piece_columns(k, grid.dtype, grid.device)
         else:
             self.padded = _pad_knots(grid, k).contiguous()
             self.pflat = self.padded.reshape(-1)
@@ -191,38 +230,53 @@ def _pad_knots(grid: torch.Tensor, k: int) -> torch.Tensor:
 
 def _all_inside(x: torch.Tensor, g: _Grid) -> bool:
     """Every row of x (N, in) inside its feature's knots [t_0, t_last) (False for NaN)."""
+    return _column_check(x, g)[0]
+
+
+def _column_check(x: torch.Tensor, g: _Grid) -> Tuple[bool, bool]:
+    """``(inside, interior)`` for x (N, in) on the group's knots: every input inside
+    [t_0, t_last) (False for NaN); and, on the uniform ``k >= 2`` path, every span
+    ``m`` interior (``k <= m <= nb - 1``: all k+1 bases exist), from the per-feature
+    min and max through the same float ops as :func:`_spans` (monotone in x, so
+    they bound every row's ``m``)."""
     if x.shape[0] == 0:
-        return True
+        return True, True
     xmin, xmax = x.amin(0), x.amax(0)  # (aminmax(dim=0) is 20x slower on CPU)
-    return bool((xmin >= g.t0).all()) and bool((xmax < g.tn).all())
+    inside = bool((xmin >= g.t0).all()) and bool((xmax < g.tn).all())
+    interior = False
+    if inside and g.uniform and g.k >= 2:
+        lo = torch.sub(xmin, g.t0).mul_(g.inv_h).floor_()
+        hi = torch.sub(xmax, g.t0).mul_(g.inv_h).floor_()
+        interior = bool((lo >= g.k).all()) and bool((hi <= g.nb - 1).all())
+    return inside, interior
 
 
 def _spans(
     x: torch.Tensor, g: _Grid, all_inside: Optional[bool] = None, blk: Optional["_Block"] = None
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Span index ``m`` (rows, in), ``n - 1`` for inputs outside the knots, and
+    """Span index ``m`` (rows, in) int64, ``n - 1`` for inputs outside the knots, and
     (uniform knots) the local coordinate ``f`` in [0, 1] up to rounding.
-
-    ``m`` is int64, except on the uniform ``k >= 2`` path where it is the float
-    ``floor`` (exact small integers), which saves int64 passes. ``blk``: take the
-    outputs' memory from its scratch buffers."""
+    ``blk``: take the outputs' memory from its scratch buffers."""
     n = g.n
     if g.uniform and g.k >= 2:
+        E = x.numel()
         if blk is not None:
-            u = torch.sub(x, g.t0, out=blk.scratch("u", x.numel()).view(x.shape)).mul_(g.inv_h)
-            mf = blk.scratch("mf", x.numel()).view(x.shape)
+            u = torch.sub(x, g.t0, out=blk.scratch("u", E).view(x.shape)).mul_(g.inv_h)
+            m = blk.scratch("m", E, torch.int64).view(x.shape)
         else:
             u = (x - g.t0).mul_(g.inv_h)
-            mf = torch.empty_like(u)
+            m = torch.empty(x.shape, dtype=torch.int64, device=x.device)
         if not (all_inside if all_inside is not None else _all_inside(x, g)):
             outside = torch.lt(x, g.tn).logical_not_().logical_or_(x < g.t0)
             u.masked_fill_(outside, float(n - 1))
-        # an inside input whose u rounds up to n - 1 lands on the sentinel span: its
+        # u >= 0 here (x >= t_0, or the sentinel n - 1), so truncation is floor: the
+        # int64 copy truncates, and frac is u - floor(u), both exact.
+        # An inside input whose u rounds up to n - 1 lands on the sentinel span: its
         # bases there are 0 up to rounding. Values and first derivatives are
         # continuous for k >= 2, so a span off by one for an input within rounding
         # of a knot changes nothing beyond rounding either.
-        torch.floor(u, out=mf)
-        return mf, u.sub_(mf)
+        m.copy_(u)
+        return m, u.frac_()
     outside = torch.lt(x, g.tn).logical_not_().logical_or_(x < g.t0)  # NaN -> outside
     if g.uniform:
         u = (x - g.t0).mul_(g.inv_h).masked_fill_(outside, float(n - 1))
@@ -269,6 +323,8 @@ def _values(x, m, f, g: _Grid, need_val: bool, need_deriv: bool, deriv_scaled: b
         for p in range(2, k + 1):
             o = blk.scratch(f"f^{p}", fv.numel()).view(fv.shape) if blk is not None else None
             powers.append(torch.mul(powers[-1], fv, out=o) if o is not None else powers[-1] * fv)
+        if blk is not None:
+            blk.powers = powers  # f^p (1, E), reused by the backward's grad_x
         if need_val:
             _poly_cols(powers, g.cols, V.view(k + 1, -1))
         if need_deriv:
@@ -319,7 +375,9 @@ def _values(x, m, f, g: _Grid, need_val: bool, need_deriv: bool, deriv_scaled: b
     return V, dV
 
 
-def _slot_index(m: torch.Tensor, g: _Grid, blk: "_Block", rows: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+def _slot_index(
+    m: torch.Tensor, g: _Grid, blk: "_Block", rows: int, interior: bool = False
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Flat position in ``blk.flat`` of the first of the k+1 values of every input.
 
     Returns ``(lin, invalid)``: ``lin`` (rows*in,) int64, slot r of an input at
@@ -332,14 +390,10 @@ def _slot_index(m: torch.Tensor, g: _Grid, blk: "_Block", rows: int) -> Tuple[to
     (``scatter_add_``), never copied; reads there must be masked.
     """
     k, nb = g.k, g.nb
-    lo, hi = torch.aminmax(m)
-    interior = float(lo) >= k and float(hi) <= nb - 1
-    if m.is_floating_point() and blk.base_f is not None:
-        E = m.numel()
-        linf = torch.add(blk.base_f[:rows], m, out=blk.scratch("linf", E).view(m.shape))
-        lin = blk.scratch("lin", E, torch.int64).copy_(linf.view(-1))
-    else:
-        lin = torch.add(blk.base[:rows], m.long()).view(-1)
+    if not interior:  # (known for the whole call, or checked on this chunk)
+        lo, hi = torch.aminmax(m)
+        interior = float(lo) >= k and float(hi) <= nb - 1
+    lin = torch.add(blk.base[:rows], m, out=blk.scratch("lin", m.numel(), torch.int64).view(m.shape)).view(-1)
     if interior:
         return lin, None
     mv = m.reshape(1, -1)
@@ -404,12 +458,12 @@ def _feature_groups(nin: int, nb: int) -> List[Tuple[int, int]]:
 
 class _Plan:
     """Per-call chunking: rows per chunk, feature groups, their knots and work blocks
-    (the groups share one buffer)."""
+    (the groups share one buffer). ``uniform`` must already be verified
+    (:func:`grid_is_uniform`). Each CPU worker runs its own plan with the full
+    per-chunk budgets (halving them per worker was slower: smaller GEMMs, more
+    ops per element)."""
 
     def __init__(self, x: torch.Tensor, grid: torch.Tensor, k: int, uniform: bool):
-        # the caller's flag may be stale (a grid edited through .data, or a compiled graph
-        # that baked it in): verify it, so the closed form never runs on uneven knots
-        uniform = uniform and grid_is_uniform(grid)
         N, nin = x.shape
         nb = grid.shape[1] - k - 1
         self.groups = _feature_groups(nin, nb)
@@ -422,6 +476,44 @@ class _Plan:
         self.k, self.nb = k, nb
 
 
+class _Buffers(dict):
+    """One thread's work buffers, kept from call to call (see :func:`release_buffers`)."""
+
+    # identity, not contents, for the WeakSet of all threads' buffers
+    __hash__ = object.__hash__
+    __eq__ = object.__eq__
+    __ne__ = object.__ne__
+
+
+_local = threading.local()
+_all_buffers: "weakref.WeakSet[_Buffers]" = weakref.WeakSet()  # every thread's (dropped with the thread)
+_buffers_lock = threading.Lock()
+
+
+def _thread_buffers() -> _Buffers:
+    bufs = getattr(_local, "buffers", None)
+    if bufs is None:
+        bufs = _local.buffers = _Buffers()
+        with _buffers_lock:
+            _all_buffers.add(bufs)
+    return bufs
+
+
+def release_buffers() -> None:
+    """Free the work buffers the torch backend keeps between calls.
+
+    Each thread that runs the engine (the caller, or the CPU workers of
+    :mod:`kanfast.cpu_workers`) keeps its largest dense block and work buffers
+    (at most ``CHUNK_ELEMENTS + (4k + 12) * ROW_ELEMENTS`` elements per dtype:
+    about 21 MiB in float32 at k = 3) so that the next call does not pay for
+    fresh pages again (page faults cost ~2 ms per call at batch 4096, in = 256 on
+    a 2-core VM). A thread's buffers go when the thread ends. Safe to call at any
+    time: a call in flight keeps the buffers it holds."""
+    with _buffers_lock:
+        for bufs in list(_all_buffers):
+            bufs.clear()
+
+
 class _Block:
     """Reusable dense block (cap, in * nb) of bases in one flat buffer.
 
@@ -431,25 +523,31 @@ class _Block:
     spans and the sentinel span n - 1 included) is in bounds without clamping:
     a slot of a basis that does not exist lands on a neighbouring feature's
     position (or in the slack, or past a narrower group's rows) and carries the
-    value 0: it is only ever added there, and reads there are masked. ``share``:
-    a block of a wider feature group whose buffer and scratch this one reuses."""
+    value 0: it is only ever added there, and reads there are masked (the block
+    is zeroed before each fill; the slack may hold anything). The buffers come
+    from the calling thread's cache (:func:`release_buffers`). ``share``: a block
+    of a wider feature group whose buffer this one reuses."""
 
     def __init__(self, cap: int, nin: int, nb: int, k: int, like: torch.Tensor, share: Optional["_Block"] = None):
-        size = cap * nin * nb + 3 * k + 1
-        if share is not None and share.flat.numel() >= size:  # same buffer and scratch, narrower rows
-            self.flat, self._scratch = share.flat, share._scratch
-        else:
-            self.flat, self._scratch = torch.zeros(size, dtype=like.dtype, device=like.device), {}
         self.nin, self.nb, self.k = nin, nb, k
+        self.dtype, self.device = like.dtype, like.device
+        self.powers: Optional[List[torch.Tensor]] = None  # the last chunk's f^p (uniform knots)
+        self._bufs = share._bufs if share is not None else _thread_buffers()
+        self.flat = self.scratch("flat", cap * nin * nb + 3 * k + 1)
         # flat position of slot 0 (basis m - k) is base + m: the -k of "first basis = m - k"
         # cancels the offset k of the block.
-        self.base = (
-            torch.arange(cap, device=like.device).mul_(nin * nb).unsqueeze(1)
-            + torch.arange(nin, device=like.device).mul_(nb)
-        )
-        # float copy (exact: cap * in * nb < 1/eps) for the float-span path; int64 otherwise.
-        exact = self.flat.numel() < 1.0 / torch.finfo(like.dtype).eps
-        self.base_f = self.base.to(like.dtype) if exact else None
+        key = ("base", cap, nin, nb, like.device)
+        base = self._bufs.get(key)
+        if base is None:
+            base = (
+                torch.arange(cap, device=like.device).mul_(nin * nb).unsqueeze(1)
+                + torch.arange(nin, device=like.device).mul_(nb)
+            )
+            stale = [kk for kk in self._bufs if kk[0] == "base"]
+            for old in stale[: max(0, len(stale) - 3)]:  # a few shapes per thread (groups of a call)
+                del self._bufs[old]
+            self._bufs[key] = base
+        self.base = base
         r = torch.arange(k + 1, device=like.device).view(-1, 1)
         self.lo_bound = k - r  # slot r exists iff k - r <= m <= nb - 1 + k - r
         self.hi_bound = nb - 1 + k - r
@@ -459,12 +557,13 @@ class _Block:
         return self.flat[k : k + rows * self.nin * self.nb].view(rows, self.nin * self.nb)
 
     def scratch(self, name: str, n: int, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-        """A 1-D work buffer of ``n`` elements, allocated at the first (largest) chunk
-        and reused by the next ones: fresh allocations of this size cost page faults."""
-        buf = self._scratch.get(name)
+        """A 1-D work buffer of ``n`` elements from the thread's cache, grown to the
+        largest size asked for: fresh allocations of this size cost page faults."""
+        key = (name, dtype or self.dtype, self.device)
+        buf = self._bufs.get(key)
         if buf is None or buf.numel() < n:
-            buf = torch.empty(n, dtype=dtype or self.flat.dtype, device=self.flat.device)
-            self._scratch[name] = buf
+            self._bufs.pop(key, None)  # free the smaller one first
+            buf = self._bufs[key] = torch.empty(n, dtype=key[1], device=self.device)
         return buf[:n]
 
 
@@ -486,45 +585,97 @@ def _fill_block(blk: _Block, rows: int, V, lin, invalid) -> torch.Tensor:
     return D
 
 
-def _chunk_bases(xc, g: _Grid, inside, blk: _Block, need_val: bool, need_deriv: bool):
+def _chunk_bases(xc, g: _Grid, check, blk: _Block, need_val: bool, need_deriv: bool):
     """Steps 1-2 and the slot positions for one chunk of one feature group: ``(V, dV,
-    lin, invalid)`` (see :func:`_values` and :func:`_slot_index`); on uniform knots
-    dV lacks the 1/h factor (applied once to grad_x)."""
+    lin, invalid)`` (see :func:`_values` and :func:`_slot_index`); ``check`` the
+    call's ``(inside, interior)`` from :func:`_column_check` (``(None, False)``:
+    check per chunk); on uniform knots dV lacks the 1/h factor."""
+    inside, interior = check
     m, f = _spans(xc, g, inside, blk)
     V, dV = _values(xc, m, f, g, need_val, need_deriv, deriv_scaled=not g.uniform, blk=blk)
-    lin, invalid = _slot_index(m, g, blk, xc.shape[0])
+    lin, invalid = _slot_index(m, g, blk, xc.shape[0], interior)
     return V, dV, lin, invalid
 
 
-def _group_weight(coef2, scale, f0: int, f1: int, nb: int) -> torch.Tensor:
+def _uniform_grad_x(gx, gl, powers, g: _Grid, blk: _Block) -> None:
+    """gx (rows, f) = sum_r gl[r] dB_r/dx on uniform knots, without forming dB: with
+    ``dB_r/dx = inv_h sum_p d[r][p] f^p``, ``gx = inv_h sum_p f^p S_p`` where
+    ``S = d^T @ gl`` ((k, k+1) @ (k+1, E): one small-K GEMM), so the k+1 derivative
+    rows are never evaluated. gl (k+1, E) the gathered grad_D (0 at missing bases)."""
+    k = g.k
+    if k == 0:
+        gx.zero_()
+        return
+    E = gl.shape[1]
+    S = torch.mm(g.dmat, gl, out=blk.scratch("S", k * E).view(k, E)).view((k,) + tuple(gx.shape))
+    if k == 1:
+        torch.mul(S[0], g.inv_h, out=gx)
+        return
+    torch.addcmul(S[0], S[1], powers[1].view(gx.shape), out=gx)
+    for p in range(2, k):
+        gx.addcmul_(S[p], powers[p].view(gx.shape))
+    gx.mul_(g.inv_h)
+
+
+def _group_weight(coef2, scale, f0: int, f1: int, nb: int, blk: _Block) -> torch.Tensor:
     """Columns [f0*nb, f1*nb) of the coefficient matrix (out, in*nb), times ``scale``
     (out, in) per (out, feature) when given: one feature group's K-slice (a strided
-    view without scale, else a group-sized product: the scaled weight is never
-    materialised whole)."""
+    view without scale, else a group-sized product in ``blk``'s work buffer "W":
+    the scaled weight is never materialised whole)."""
     w = coef2[:, f0 * nb : f1 * nb]
     if scale is None:
         return w
-    nout = coef2.shape[0]
-    return (w.view(nout, f1 - f0, nb) * scale[:, f0:f1, None]).view(nout, -1)
+    nout, shape = coef2.shape[0], (coef2.shape[0], f1 - f0, nb)
+    out = blk.scratch("W", w.numel()).view(shape)
+    return torch.mul(w.view(shape), scale[:, f0:f1, None], out=out).view(nout, -1)
+
+
+def _chunks(N: int, step: int, stagger: bool):
+    """``(start, rows)`` of the row chunks; ``stagger``: a half-size first chunk, so that
+    two workers running side by side are half a chunk out of phase: one's memory-bound
+    basis work then overlaps the other's GEMM instead of competing with its own."""
+    s = 0
+    if stagger and step > 1 and N > step:
+        yield 0, step // 2
+        s = step // 2
+    while s < N:
+        yield s, step
+        s += step
 
 
 def _forward(x, grid, coef2, base_weight, spline_order, uniform, scale=None):
-    """y (N, out) = D(x) @ W^T [+ silu(x) @ base_weight^T], K-split over feature
-    groups, chunked over rows. x (N, in); coef2 (out, in * nb) with W = coef2, or
-    ``coef2 * scale`` per (out, feature) when ``scale`` (out, in) is given;
-    base_weight (out, in) or None."""
+    """y (N, out) = D(x) @ W^T [+ silu(x) @ base_weight^T]. x (N, in); coef2 (out, in * nb)
+    with W = coef2, or ``coef2 * scale`` per (out, feature) when ``scale`` (out, in) is
+    given; base_weight (out, in) or None. Large calls are split by rows across the CPU
+    workers (:mod:`kanfast.cpu_workers`)."""
+    # the caller's flag may be stale (a grid edited through .data, or a compiled graph
+    # that baked it in): verify it, so the closed form never runs on uneven knots
+    uniform = uniform and grid_is_uniform(grid)
+    N, nin = x.shape
+    nb = grid.shape[1] - spline_order - 1
+    y = torch.empty(N, coef2.shape[0], dtype=x.dtype, device=x.device)
+    parts = cpu_workers.split(N, cpu_workers.worker_count(N * nin * (nb + 1), x, grid, coef2, base_weight, scale))
+
+    def rows(r0, r1):
+        stagger = parts.index((r0, r1)) % 2 == 1
+        _forward_rows(y[r0:r1], x[r0:r1], grid, coef2, base_weight, spline_order, uniform, scale, stagger)
+
+    cpu_workers.run(rows, parts)
+    return y
+
+
+def _forward_rows(y, x, grid, coef2, base_weight, spline_order, uniform, scale, stagger=False):
+    """:func:`_forward` of the rows of x into y, K-split over feature groups, chunked over rows."""
     plan = _Plan(x, grid, spline_order, uniform)
     nb, step = plan.nb, plan.step
-    nout = coef2.shape[0]
     N = x.shape[0]
-    y = torch.empty(N, nout, dtype=x.dtype, device=x.device)
     for i, ((f0, f1), g, blk) in enumerate(zip(plan.groups, plan.grids, plan.blocks)):
-        ct = _group_weight(coef2, scale, f0, f1, nb).t()
-        inside = _all_inside(x[:, f0:f1], g) if g.uniform else None  # one check for all chunks
-        for s in range(0, N, step):
+        ct = _group_weight(coef2, scale, f0, f1, nb, blk).t()
+        check = _column_check(x[:, f0:f1], g) if g.uniform else (None, False)  # once for all chunks
+        for s, step in _chunks(N, plan.step, stagger):
             xc = x[s : s + step, f0:f1]
             rows = xc.shape[0]
-            V, _, lin, invalid = _chunk_bases(xc, g, inside, blk, True, False)
+            V, _, lin, invalid = _chunk_bases(xc, g, check, blk, True, False)
             D = _fill_block(blk, rows, V, lin, invalid)
             if i == 0:
                 torch.mm(D, ct, out=y[s : s + step])
@@ -532,18 +683,19 @@ def _forward(x, grid, coef2, base_weight, spline_order, uniform, scale=None):
                 y[s : s + step].addmm_(D, ct)
     if base_weight is not None:
         bt = base_weight.t()
-        for s in range(0, N, step):
+        for s, step in _chunks(N, plan.step, stagger):
             xs = x[s : s + step]
             y[s : s + step].addmm_(_silu(xs, plan.blocks[0]), bt)
-    return y
 
 
 def _backward(grad_y, x, grid, coef2, base_weight, spline_order, uniform, need_x, need_c, need_b, scale=None, need_s=False):
     """(grad_x, grad_coef2 (out, in*nb), grad_base (out, in), grad_scale (out, in)) of
-    :func:`_forward`, each or None."""
-    plan = _Plan(x, grid, spline_order, uniform)
-    k, nb, step = plan.k, plan.nb, plan.step
+    :func:`_forward`, each or None. Large calls are split by input features (disjoint
+    gradient columns) across the CPU workers."""
+    uniform = uniform and grid_is_uniform(grid)
+    k = spline_order
     N, nin = x.shape
+    nb = grid.shape[1] - k - 1
     nout = coef2.shape[0]
     has_base = base_weight is not None
     need_b = need_b and has_base
@@ -554,17 +706,46 @@ def _backward(grad_y, x, grid, coef2, base_weight, spline_order, uniform, need_x
     grad_b = torch.zeros(nout, nin, dtype=coef2.dtype, device=coef2.device) if need_b else None
     grad_s = torch.empty(nout, nin, dtype=coef2.dtype, device=coef2.device) if need_s else None
     grad_y = grad_y.contiguous()
+    work = N * nin * (nb + 1)
+    parts = cpu_workers.split(nin, cpu_workers.worker_count(work, grad_y, x, grid, coef2, base_weight, scale))
+
+    def cols(f0, f1):
+        def sl(t):
+            return None if t is None else t[:, f0:f1]
+
+        _backward_features(
+            grad_y, x[:, f0:f1], grid[f0:f1], coef2[:, f0 * nb : f1 * nb], sl(base_weight), k, uniform, sl(scale),
+            sl(grad_x), None if grad_c is None else grad_c[:, f0 * nb : f1 * nb], sl(grad_b), sl(grad_s),
+            need_c, parts.index((f0, f1)) % 2 == 1,
+        )
+
+    cpu_workers.run(cols, parts)
+    return grad_x, (grad_c if need_c else None), grad_b, grad_s
+
+
+def _backward_features(
+    grad_y, x, grid, coef2, base_weight, k, uniform, scale, grad_x, grad_c, grad_b, grad_s, need_c, stagger=False
+):
+    """:func:`_backward` for a block of input features: x (N, f), grid (f, n), coef2
+    (out, f * nb), base_weight and scale (out, f) or None; writes the gradients
+    into the given views (None: not needed): grad_x (N, f), grad_c (out, f * nb),
+    grad_b and grad_s (out, f)."""
+    plan = _Plan(x, grid, k, uniform)
+    nb, step = plan.nb, plan.step
+    N = x.shape[0]
+    nout = coef2.shape[0]
+    need_x = grad_x is not None
     for (f0, f1), g, blk in zip(plan.groups, plan.grids, plan.blocks):
         if not (need_x or grad_c is not None):
             break
-        cg = _group_weight(coef2, scale, f0, f1, nb) if need_x else None
+        cg = _group_weight(coef2, scale, f0, f1, nb, blk) if need_x else None
         gc = grad_c[:, f0 * nb : f1 * nb] if grad_c is not None else None
-        inside = _all_inside(x[:, f0:f1], g) if g.uniform else None
-        for s in range(0, N, step):  # one block in flight: the bases, then grad_D
+        check = _column_check(x[:, f0:f1], g) if g.uniform else (None, False)
+        for s, step in _chunks(N, plan.step, stagger):  # one block in flight: the bases, then grad_D
             xc = x[s : s + step, f0:f1]
             gy = grad_y[s : s + step]
             rows = xc.shape[0]
-            V, dV, lin, invalid = _chunk_bases(xc, g, inside, blk, gc is not None, need_x)
+            V, dV, lin, invalid = _chunk_bases(xc, g, check, blk, gc is not None, need_x and not g.uniform)
             if gc is not None:
                 gc.addmm_(gy.t(), _fill_block(blk, rows, V, lin, invalid))
             if not need_x:
@@ -574,38 +755,39 @@ def _backward(grad_y, x, grid, coef2, base_weight, spline_order, uniform, need_x
             gl = blk.scratch("gl", (k + 1) * E).view(k + 1, E)
             for r in range(k + 1):
                 torch.index_select(blk.flat[r:], 0, lin, out=gl[r])
+            if invalid is not None:  # reads at missing bases may be a neighbour's (any) value
+                gl.masked_fill_(invalid, 0.0)
+            gx = grad_x[s : s + step, f0:f1]
+            if g.uniform:
+                _uniform_grad_x(gx, gl, blk.powers, g, blk)
+                continue
             dV = dV.view(k + 1, rows, f1 - f0)
             gl = gl.view(k + 1, rows, f1 - f0)
-            if invalid is not None:  # reads at missing bases may be a neighbour's (any) value, and
-                # their derivatives may be 0/0 (an outside input evaluated on a zero-length end span)
-                inv = invalid.view(k + 1, rows, f1 - f0)
-                gl.masked_fill_(inv, 0.0)
-                dV.masked_fill_(inv, 0.0)
-            gx = grad_x[s : s + step, f0:f1]
+            if invalid is not None:  # their derivatives may be 0/0 (an outside input evaluated
+                dV.masked_fill_(invalid.view(k + 1, rows, f1 - f0), 0.0)  # on a zero-length end span)
             torch.mul(gl[0], dV[0], out=gx)
             for r in range(1, k + 1):
                 gx.addcmul_(gl[r], dV[r])
-            if g.uniform:
-                gx.mul_(g.inv_h)
         if scale is not None and gc is not None:  # chain rule through W = coef2 * scale, in place
             gcv = gc.view(nout, f1 - f0, nb)
-            if need_s:
-                torch.sum(gcv * coef2[:, f0 * nb : f1 * nb].view(nout, f1 - f0, nb), -1, out=grad_s[:, f0:f1])
+            if grad_s is not None:
+                prod = blk.scratch("W", gcv.numel()).view(gcv.shape)  # (the scaled weight is done with)
+                torch.mul(gcv, coef2[:, f0 * nb : f1 * nb].view(nout, f1 - f0, nb), out=prod)
+                torch.sum(prod, -1, out=grad_s[:, f0:f1])
             if need_c:
                 gcv.mul_(scale[:, f0:f1, None])
-    if need_b or (need_x and has_base):
+    if grad_b is not None or (need_x and base_weight is not None):
         work = plan.blocks[0]
-        for s in range(0, N, step):
+        for s, step in _chunks(N, plan.step, stagger):
             xs = x[s : s + step]
             gy = grad_y[s : s + step]
-            if need_b:
+            if grad_b is not None:
                 grad_b.addmm_(gy.t(), _silu(xs, work))
-            if need_x:
+            if need_x and base_weight is not None:
                 shape, n = xs.shape, xs.numel()
                 gs = torch.mm(gy, base_weight, out=work.scratch("gs", n).view(shape))
                 ds = torch.ops.aten.silu_backward.grad_input(gs, xs, grad_input=work.scratch("ds", n).view(shape))
                 grad_x[s : s + step].add_(ds)
-    return grad_x, (grad_c if need_c else None), grad_b, grad_s
 
 
 def _silu(x: torch.Tensor, blk: _Block) -> torch.Tensor:

@@ -1,0 +1,214 @@
+"""The CPU worker split (kanfast.cpu_workers) against the reference oracle.
+
+Tiny shapes with the size rule turned off (``MIN_ELEMENTS = 1``) and 3 threads, so
+that calls really are split (forward by rows, backward by features, uneven parts,
+a staggered first chunk) and every gradient is compared in float64."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+
+from kanfast import FastKANLayer, cpu_workers, torch_backend
+from kanfast.reference import kan_linear_reference
+
+pytestmark = pytest.mark.skipif(not cpu_workers._uses_openmp(), reason="workers need torch's OpenMP backend")
+
+
+@pytest.fixture
+def workers(monkeypatch):
+    """Force the worker path (3 parts) and record the parts of every split call."""
+    monkeypatch.setattr(cpu_workers, "MIN_ELEMENTS", 1)
+    monkeypatch.setattr(torch_backend, "ROW_ELEMENTS", 5 * 7)  # several chunks per part
+    n = torch.get_num_threads()
+    torch.set_num_threads(3)
+    calls = []
+    real = cpu_workers.run
+
+    def spy(fn, ranges):
+        calls.append(list(ranges))
+        return real(fn, ranges)
+
+    monkeypatch.setattr(cpu_workers, "run", spy)
+    yield calls
+    torch.set_num_threads(n)
+
+
+def _ref(layer, x):
+    return kan_linear_reference(
+        x, layer.grid, layer.base_weight, layer.spline_weight, layer.spline_scaler, layer.spline_order
+    ).detach()
+
+
+def _grads(layer, x, backend, seed=1):
+    layer.backend = backend
+    layer.zero_grad(set_to_none=True)
+    xx = x.clone().requires_grad_(True)
+    y = layer(xx)
+    gy = torch.randn(y.shape, dtype=y.dtype, generator=torch.Generator().manual_seed(seed))
+    y.backward(gy)
+    return [y.detach(), xx.grad] + [p.grad for p in layer.parameters()]
+
+
+def _compare(layer, x, tol=1e-12):
+    ref = _grads(layer, x, "reference")
+    got = _grads(layer, x, "torch")
+    for a, b in zip(ref, got):
+        assert torch.equal(torch.isnan(a), torch.isnan(b))
+        fin = torch.isfinite(a) & torch.isfinite(b)
+        torch.testing.assert_close(b[fin], a[fin], rtol=0, atol=tol)
+
+
+@pytest.mark.parametrize("k", [0, 1, 2, 3])
+@pytest.mark.parametrize("grid", ["uniform", "updated"])
+@pytest.mark.parametrize("inputs", ["interior", "wide"])
+def test_split_call_matches_reference(workers, k, grid, inputs):
+    torch.manual_seed(k)
+    layer = FastKANLayer(7, 5, grid_size=4, spline_order=k, dtype=torch.float64)
+    with torch.no_grad():  # scale and mask in play (the op's scale input and its gradient)
+        layer.spline_scaler.uniform_(0.5, 1.5)
+    if grid == "updated":
+        layer.update_grid(torch.randn(100, 7, dtype=torch.float64))
+    if inputs == "interior":  # every input on an interior span: the unmasked fast path
+        lo, hi = layer.grid[:, k], layer.grid[:, -k - 1]
+        x = lo + (hi - lo) * torch.rand(23, 7, dtype=torch.float64) * 0.999
+    else:  # the extension region, outside the knots, on knots, NaN/inf
+        x = torch.cat([torch.randn(20, 7, dtype=torch.float64) * 1.5, layer.grid.t()[:3]])
+        x[0, 0], x[1, 1], x[2, 2] = float("nan"), float("inf"), -float("inf")
+    _compare(layer, x)
+    assert workers and all(len(r) == 3 for r in workers), workers  # forward and backward split 3 ways
+
+
+def test_interior_bounds_at_the_edges(workers):
+    """The per-call "every span interior" claim (scatter without masks) at its edges."""
+    layer = FastKANLayer(4, 3, grid_size=5, spline_order=3, dtype=torch.float64)
+    lo, hi = layer.grid[:, 3], layer.grid[:, -4]  # t_k and t_{G+k}
+    mid = (lo + hi) / 2 + torch.zeros(9, 4, dtype=torch.float64)
+    g = torch_backend._Grid(layer.grid.detach(), 3, True)
+    on_lo = torch.cat([lo.unsqueeze(0), mid])  # exactly on t_k: interior
+    assert torch_backend._column_check(on_lo, g) == (True, True)
+    _compare(layer, on_lo)
+    # one ulp below t_{G+k}: may round onto span G+k (not interior), either way exact
+    _compare(layer, torch.cat([torch.nextafter(hi, torch.full_like(hi, -1e9)).unsqueeze(0), mid]))
+    # half a span below t_k (span k - 1): its first slot is a basis that does not exist,
+    # whose position is the previous feature's last basis (0 there for a mid-range input),
+    # so claiming "interior" would write a non-zero value there
+    below = lo - 0.5 * (hi - lo) / 5
+    mixed = torch.cat([torch.where(torch.arange(4) % 2 == 1, below, (lo + hi) / 2).unsqueeze(0), mid])
+    assert torch_backend._column_check(mixed, g) == (True, False)
+    _compare(layer, mixed)
+
+
+def test_split_matches_inline_and_repeats_bitwise(workers, monkeypatch):
+    layer = FastKANLayer(9, 6, grid_size=7, dtype=torch.float32)
+    x = torch.rand(40, 9) * 2 - 1
+    first = _grads(layer, x, "torch")
+    again = _grads(layer, x, "torch")
+    for a, b in zip(first, again):  # same split, same order of operations
+        assert torch.equal(a, b)
+    monkeypatch.setattr(cpu_workers, "MIN_ELEMENTS", 1 << 60)
+    n_split = len(workers)
+    inline = _grads(layer, x, "torch")
+    assert len(workers) == n_split or all(len(r) == 1 for r in workers[n_split:])
+    for a, b in zip(first, inline):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_thread_counts_untouched(workers):
+    layer = FastKANLayer(5, 4, dtype=torch.float64)
+    before = torch.get_num_threads()
+    layer(torch.randn(30, 5, dtype=torch.float64)).sum().backward()
+    assert torch.get_num_threads() == before == 3
+    seen = []
+    t = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    t.start()
+    t.join()
+    assert seen == [3]  # the process-wide default new threads copy is the caller's again
+
+
+def test_inference_mode_and_no_grad(workers):
+    layer = FastKANLayer(6, 4, dtype=torch.float64)
+    x = torch.randn(25, 6, dtype=torch.float64)
+    ref = _ref(layer, x)
+    with torch.inference_mode():
+        y = layer(x)
+    assert y.is_inference()
+    torch.testing.assert_close(y, ref, rtol=0, atol=1e-12)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), ref, rtol=0, atol=1e-12)
+    assert len(workers) == 2
+
+
+def test_worker_error_propagates(workers, monkeypatch):
+    layer = FastKANLayer(6, 4, dtype=torch.float64)
+    x = torch.randn(25, 6, dtype=torch.float64)
+    real = torch_backend._forward_rows
+
+    def failing(y, x, *args):
+        if x.shape[0] < 9:  # the last (smallest) part
+            raise RuntimeError("boom in a worker")
+        return real(y, x, *args)
+
+    monkeypatch.setattr(torch_backend, "_forward_rows", failing)
+    with pytest.raises(RuntimeError, match="boom in a worker"):
+        layer(x)
+    monkeypatch.setattr(torch_backend, "_forward_rows", real)
+    ref = _ref(layer, x)
+    torch.testing.assert_close(layer(x), ref, rtol=0, atol=1e-12)  # the pool still works
+
+
+def test_dispatch_mode_runs_inline(workers):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class PassThrough(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    layer = FastKANLayer(6, 4, dtype=torch.float64)
+    x = torch.randn(25, 6, dtype=torch.float64)
+    with PassThrough():
+        y = layer(x)
+    assert all(len(r) == 1 for r in workers)  # the mode's state is thread-local: no split
+    ref = _ref(layer, x)
+    torch.testing.assert_close(y, ref, rtol=0, atol=1e-12)
+
+
+_FORK_SCRIPT = r"""
+import os, sys, torch
+from kanfast import FastKANLayer, cpu_workers
+from kanfast.reference import kan_linear_reference
+torch.set_num_threads(3)
+cpu_workers.MIN_ELEMENTS = 1
+layer = FastKANLayer(6, 4, dtype=torch.float64)
+x = torch.linspace(-0.9, 0.9, 25 * 6, dtype=torch.float64).view(25, 6)
+layer(x)
+assert cpu_workers._pool is not None
+# libgomp's own thread team does not survive fork either (a child's first parallel op
+# would wait for threads that do not exist): release it, that is not what is tested
+cpu_workers._release_caller_team()
+r, w = os.pipe()
+pid = os.fork()
+if pid == 0:
+    assert cpu_workers._pool is None  # the parent's threads are not here
+    y = layer(x)
+    ref = kan_linear_reference(x, layer.grid, layer.base_weight, layer.spline_weight, layer.spline_scaler, 3)
+    os.write(w, repr(float((y - ref).abs().max())).encode() + (b" pool" if cpu_workers._pool else b""))
+    os._exit(0)
+os.close(w)
+msg = os.read(r, 200).decode()
+_, status = os.waitpid(pid, 0)
+print(msg, status)
+"""
+
+
+def test_forked_child_gets_its_own_pool():
+    """A child forked while the pool exists runs split calls on a pool of its own (in a
+    fresh interpreter: forking pytest, with whatever threads earlier tests left, is not)."""
+    out = subprocess.run([sys.executable, "-c", _FORK_SCRIPT], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    err, pool, status = out.stdout.split()
+    assert float(err) < 1e-12 and pool == "pool" and status == "0"
