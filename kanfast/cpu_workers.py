@@ -52,11 +52,12 @@ __all__ = ["MIN_ELEMENTS", "worker_count", "split", "run"]
 
 #: Dense work (rows x in x (G + k + 1) elements) each worker must get: a call is split
 #: into ``min(torch.get_num_threads(), work // MIN_ELEMENTS)`` parts. Measured on a
-#: 2-core VM (fwd+bwd, in = 256, G = 5; workers vs torch's intra-op threads): 1.2M
-#: elements 0.94x, 2.4M 1.00x (forward alone 1.39x), 4.7M 1.26x, 9.4M ~1.3x. Below it
-#: the workers' Python work serialises on the GIL and releasing the caller's OpenMP
-#: team costs more than it saves.
-MIN_ELEMENTS = 1 << 20
+#: 2-core VM, fwd+bwd, workers against torch's intra-op threads: 1.2M elements 0.94x,
+#: 2.4M 1.00x in a tight loop but 0.7x inside ``kanfast bench`` (batch 2048, in = 128,
+#: G = 5: other work between calls makes releasing the caller's OpenMP team cost up
+#: to a few ms), 4.7M 1.26x, 9.4M ~1.3x. Small calls also serialise the workers'
+#: Python on the GIL.
+MIN_ELEMENTS = 1 << 22
 
 _lock = threading.Lock()
 _pool: Optional[ThreadPoolExecutor] = None
