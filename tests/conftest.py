@@ -25,6 +25,29 @@ def assert_close(a: torch.Tensor, b: torch.Tensor, rtol: float, name: str = "") 
     assert err <= rtol, f"{name}: relative RMS error {err:.3e} > {rtol:.1e} (max abs {mx:.3e})"
 
 
+def backend_grads(layer, x: torch.Tensor, backend: str, seed: int = 1):
+    """``[y, grad_x, *parameter grads]`` of ``layer`` (backend switched to ``backend``) on
+    ``x`` for a fixed random ``grad_y``."""
+    layer.backend = backend
+    layer.zero_grad(set_to_none=True)
+    xx = x.clone().requires_grad_(True)
+    y = layer(xx)
+    gy = torch.randn(y.shape, dtype=y.dtype, generator=torch.Generator().manual_seed(seed))
+    y.backward(gy)
+    return [y.detach(), xx.grad] + [p.grad for p in layer.parameters()]
+
+
+def compare_to_reference(layer, x: torch.Tensor, tol: float = 1e-12) -> None:
+    """The torch backend's output and every gradient equal the reference backend's
+    (NaN where it has NaN, absolute ``tol`` elsewhere)."""
+    ref = backend_grads(layer, x, "reference")
+    got = backend_grads(layer, x, "torch")
+    for a, b in zip(ref, got):
+        assert torch.equal(torch.isnan(a), torch.isnan(b))
+        fin = torch.isfinite(a) & torch.isfinite(b)
+        torch.testing.assert_close(b[fin], a[fin], rtol=0, atol=tol)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

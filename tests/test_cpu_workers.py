@@ -13,6 +13,7 @@ import threading
 import pytest
 import torch
 
+from conftest import backend_grads, compare_to_reference
 from kanfast import FastKANLayer, cpu_workers, torch_backend
 from kanfast.reference import kan_linear_reference
 
@@ -44,25 +45,6 @@ def _ref(layer, x):
     ).detach()
 
 
-def _grads(layer, x, backend, seed=1):
-    layer.backend = backend
-    layer.zero_grad(set_to_none=True)
-    xx = x.clone().requires_grad_(True)
-    y = layer(xx)
-    gy = torch.randn(y.shape, dtype=y.dtype, generator=torch.Generator().manual_seed(seed))
-    y.backward(gy)
-    return [y.detach(), xx.grad] + [p.grad for p in layer.parameters()]
-
-
-def _compare(layer, x, tol=1e-12):
-    ref = _grads(layer, x, "reference")
-    got = _grads(layer, x, "torch")
-    for a, b in zip(ref, got):
-        assert torch.equal(torch.isnan(a), torch.isnan(b))
-        fin = torch.isfinite(a) & torch.isfinite(b)
-        torch.testing.assert_close(b[fin], a[fin], rtol=0, atol=tol)
-
-
 @pytest.mark.parametrize("k", [0, 1, 2, 3])
 @pytest.mark.parametrize("grid", ["uniform", "updated"])
 @pytest.mark.parametrize("inputs", ["interior", "wide"])
@@ -79,7 +61,7 @@ def test_split_call_matches_reference(workers, k, grid, inputs):
     else:  # the extension region, outside the knots, on knots, NaN/inf
         x = torch.cat([torch.randn(20, 7, dtype=torch.float64) * 1.5, layer.grid.t()[:3]])
         x[0, 0], x[1, 1], x[2, 2] = float("nan"), float("inf"), -float("inf")
-    _compare(layer, x)
+    compare_to_reference(layer, x)
     assert workers and all(len(r) == 3 for r in workers), workers  # forward and backward split 3 ways
 
 
@@ -91,28 +73,28 @@ def test_interior_bounds_at_the_edges(workers):
     g = torch_backend._Grid(layer.grid.detach(), 3, True)
     on_lo = torch.cat([lo.unsqueeze(0), mid])  # exactly on t_k: interior
     assert torch_backend._column_check(on_lo, g) == (True, True)
-    _compare(layer, on_lo)
+    compare_to_reference(layer, on_lo)
     # one ulp below t_{G+k}: may round onto span G+k (not interior), either way exact
-    _compare(layer, torch.cat([torch.nextafter(hi, torch.full_like(hi, -1e9)).unsqueeze(0), mid]))
+    compare_to_reference(layer, torch.cat([torch.nextafter(hi, torch.full_like(hi, -1e9)).unsqueeze(0), mid]))
     # half a span below t_k (span k - 1): its first slot is a basis that does not exist,
     # whose position is the previous feature's last basis (0 there for a mid-range input),
     # so claiming "interior" would write a non-zero value there
     below = lo - 0.5 * (hi - lo) / 5
     mixed = torch.cat([torch.where(torch.arange(4) % 2 == 1, below, (lo + hi) / 2).unsqueeze(0), mid])
     assert torch_backend._column_check(mixed, g) == (True, False)
-    _compare(layer, mixed)
+    compare_to_reference(layer, mixed)
 
 
 def test_split_matches_inline_and_repeats_bitwise(workers, monkeypatch):
     layer = FastKANLayer(9, 6, grid_size=7, dtype=torch.float32)
     x = torch.rand(40, 9) * 2 - 1
-    first = _grads(layer, x, "torch")
-    again = _grads(layer, x, "torch")
+    first = backend_grads(layer, x, "torch")
+    again = backend_grads(layer, x, "torch")
     for a, b in zip(first, again):  # same split, same order of operations
         assert torch.equal(a, b)
     monkeypatch.setattr(cpu_workers, "MIN_ELEMENTS", 1 << 60)
     n_split = len(workers)
-    inline = _grads(layer, x, "torch")
+    inline = backend_grads(layer, x, "torch")
     assert len(workers) == n_split or all(len(r) == 1 for r in workers[n_split:])
     for a, b in zip(first, inline):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -10,26 +10,8 @@ import itertools
 import pytest
 import torch
 
+from conftest import compare_to_reference
 from kanfast import FastKANLayer, torch_backend
-
-
-def _grads(layer, x, backend):
-    layer.backend = backend
-    layer.zero_grad(set_to_none=True)
-    xx = x.clone().requires_grad_(True)
-    y = layer(xx)
-    gy = torch.randn(y.shape, dtype=y.dtype, generator=torch.Generator().manual_seed(1))
-    y.backward(gy)
-    return [y.detach(), xx.grad] + [p.grad for p in layer.parameters()]
-
-
-def _compare(layer, x, tol=1e-12):
-    ref = _grads(layer, x, "reference")
-    got = _grads(layer, x, "torch")
-    for a, b in zip(ref, got):
-        assert torch.equal(torch.isnan(a), torch.isnan(b))
-        fin = torch.isfinite(a) & torch.isfinite(b)
-        torch.testing.assert_close(b[fin], a[fin], rtol=0, atol=tol)
 
 
 @pytest.mark.parametrize("k,G,updated,base", list(itertools.product([0, 1, 2, 3, 5], [1, 5, 12], [False, True], [True, False])))
@@ -50,8 +32,8 @@ def test_matches_reference(k, G, updated, base, split, monkeypatch):
     odd = torch.zeros(3, 7, dtype=torch.float64)
     odd[0, 0], odd[1, 1], odd[2, 2] = float("nan"), float("inf"), -float("inf")
     special = torch.cat([knots, odd])
-    _compare(layer, inner)
-    _compare(layer, torch.cat([inner, wide, special]))
+    compare_to_reference(layer, inner)
+    compare_to_reference(layer, torch.cat([inner, wide, special]))
 
 
 def test_uniform_paths_flagged():
@@ -89,7 +71,7 @@ def test_non_contiguous_input():
     torch.manual_seed(0)
     layer = FastKANLayer(5, 3, dtype=torch.float64)
     x = torch.randn(5, 40, dtype=torch.float64).t()  # (40, 5), transposed strides
-    _compare(layer, x)
+    compare_to_reference(layer, x)
 
 
 @pytest.mark.parametrize("k", [2, 3, 4])
@@ -103,7 +85,7 @@ def test_clamped_end_knots_give_finite_input_gradient(k):
     with torch.no_grad():
         layer.grid.copy_(knots.unsqueeze(0))
     x = torch.tensor([[-1.5], [-1.0], [0.5], [1.0], [2.0]], dtype=torch.float64)
-    _compare(layer, x)
+    compare_to_reference(layer, x)
 
 
 def test_stale_uniform_flag_is_verified():
@@ -116,4 +98,4 @@ def test_stale_uniform_flag_is_verified():
     g = layer.grid.clone()
     g[:, 5] += 0.15
     layer.grid.data.copy_(g)
-    _compare(layer, x)
+    compare_to_reference(layer, x)
