@@ -37,6 +37,9 @@ another's output, so results are bit-repeatable for a given thread count.
 
 Fork safety: a child process forked while the pool exists starts its own pool
 at its first large call (threads do not survive ``fork``).
+
+Profiling: ``torch.profiler`` started in the caller records the caller's ops
+only, not the workers'.
 """
 
 from __future__ import annotations
