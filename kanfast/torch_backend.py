@@ -61,12 +61,12 @@ for ``spline_weight * spline_scaler``, the scaled ``W`` is formed one feature
 group at a time and never whole, and ``grad_W`` becomes the coefficients'
 gradient in place). The transient memory is one dense block of at most
 ``CHUNK_ELEMENTS`` elements (the bases of one feature group, then its
-``grad_D`` in backward), about ``4k + 10`` work
+``grad_D`` in backward), about ``5k + 10`` work
 buffers of at most ``rows_per_chunk * in <= ROW_ELEMENTS`` elements reused by
 every chunk, group and call (fresh allocations cost page faults), and the
-weight gradient; i.e. at most ``CHUNK_ELEMENTS + (4k + 10) * ROW_ELEMENTS``
-elements per thread running the engine (19 MiB in float32 at the defaults,
-k = 3; the CPU workers each have their own), one feature group's scaled
+weight gradient; i.e. at most ``CHUNK_ELEMENTS + (5k + 10) * ROW_ELEMENTS``
+elements per thread running the engine (an int64 buffer counting as two; about
+21 MiB in float32 at the defaults, k = 3; the CPU workers each have their own), one feature group's scaled
 weight, and the weight gradient, whatever the batch size and G. Measured fwd+bwd peak beyond parameters,
 gradients, input and output at batch 4096, in = out = 256: see
 ``benchmarks/results`` (flat in G).
@@ -504,8 +504,8 @@ def release_buffers() -> None:
 
     Each thread that runs the engine (the caller, or the CPU workers of
     :mod:`kanfast.cpu_workers`) keeps its largest dense block and work buffers
-    (at most ``CHUNK_ELEMENTS + (4k + 12) * ROW_ELEMENTS`` elements per dtype:
-    about 21 MiB in float32 at k = 3) so that the next call does not pay for
+    (at most ``CHUNK_ELEMENTS + (5k + 10) * ROW_ELEMENTS`` elements per dtype, an int64
+    buffer counting as two: about 21 MiB in float32 at k = 3) so that the next call does not pay for
     fresh pages again (page faults cost ~2 ms per call at batch 4096, in = 256 on
     a 2-core VM). A thread's buffers go when the thread ends. Safe to call at any
     time: a call in flight keeps the buffers it holds."""
