@@ -176,15 +176,20 @@ def _piece_columns(k: int, dtype: torch.dtype, device: torch.device):
     key = (k, dtype, device)
     out = _columns_cache.get(key)
     if out is None:
-        pieces = _cardinal_pieces(k)
-        cols = [torch.tensor([c[p] for c in pieces], dtype=dtype, device=device).view(-1, 1) for p in range(k + 1)]
-        dcols = [
-            torch.tensor([(p + 1) * c[p + 1] for c in pieces], dtype=dtype, device=device).view(-1, 1) for p in range(k)
-        ]
-        # dmat (k, k+1): dmat[p, r] = coefficient of f^p in d/df of local basis r
-        dmat = torch.cat(dcols, dim=1).t().contiguous() if k else torch.zeros(0, 1, dtype=dtype, device=device)
-        out = _columns_cache[key] = (cols, dcols, dmat)
+        return _columns_cache.setdefault(key, _make_piece_columns(k, dtype, device))
     return out
+
+
+@torch.inference_mode(False)  # cached across calls: never inference tensors
+def _make_piece_columns(k: int, dtype: torch.dtype, device: torch.device):
+    pieces = _cardinal_pieces(k)
+    cols = [torch.tensor([c[p] for c in pieces], dtype=dtype, device=device).view(-1, 1) for p in range(k + 1)]
+    dcols = [
+        torch.tensor([(p + 1) * c[p + 1] for c in pieces], dtype=dtype, device=device).view(-1, 1) for p in range(k)
+    ]
+    # dmat (k, k+1): dmat[p, r] = coefficient of f^p in d/df of local basis r
+    dmat = torch.cat(dcols, dim=1).t().contiguous() if k else torch.zeros(0, 1, dtype=dtype, device=device)
+    return cols, dcols, dmat
 
 
 class _Grid:
@@ -539,13 +544,14 @@ class _Block:
         key = ("base", cap, nin, nb, like.device)
         base = self._bufs.get(key)
         if base is None:
-            base = (
-                torch.arange(cap, device=like.device).mul_(nin * nb).unsqueeze(1)
-                + torch.arange(nin, device=like.device).mul_(nb)
-            )
-            stale = [kk for kk in self._bufs if kk[0] == "base"]
+            with torch.inference_mode(False):  # kept across calls: never an inference tensor
+                base = (
+                    torch.arange(cap, device=like.device).mul_(nin * nb).unsqueeze(1)
+                    + torch.arange(nin, device=like.device).mul_(nb)
+                )
+            stale = [kk for kk in list(self._bufs) if kk[0] == "base"]  # (release_buffers may clear it)
             for old in stale[: max(0, len(stale) - 3)]:  # a few shapes per thread (groups of a call)
-                del self._bufs[old]
+                self._bufs.pop(old, None)
             self._bufs[key] = base
         self.base = base
         r = torch.arange(k + 1, device=like.device).view(-1, 1)
@@ -563,7 +569,9 @@ class _Block:
         buf = self._bufs.get(key)
         if buf is None or buf.numel() < n:
             self._bufs.pop(key, None)  # free the smaller one first
-            buf = self._bufs[key] = torch.empty(n, dtype=key[1], device=self.device)
+            with torch.inference_mode(False):  # kept across calls: a buffer made under inference
+                # mode would refuse the in-place writes of a later ordinary call
+                buf = self._bufs[key] = torch.empty(n, dtype=key[1], device=self.device)
         return buf[:n]
 
 

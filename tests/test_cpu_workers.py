@@ -24,6 +24,7 @@ pytestmark = pytest.mark.skipif(not cpu_workers._uses_openmp(), reason="workers 
 def workers(monkeypatch):
     """Force the worker path (3 parts) and record the parts of every split call."""
     monkeypatch.setattr(cpu_workers, "MIN_ELEMENTS", 1)
+    monkeypatch.setattr(cpu_workers, "_usable_cpus", lambda: 64)  # 3 parts on a 2-core machine too
     monkeypatch.setattr(torch_backend, "ROW_ELEMENTS", 5 * 7)  # several chunks per part
     n = torch.get_num_threads()
     torch.set_num_threads(3)
@@ -169,15 +170,15 @@ layer = FastKANLayer(6, 4, dtype=torch.float64)
 x = torch.linspace(-0.9, 0.9, 25 * 6, dtype=torch.float64).view(25, 6)
 layer(x)
 assert cpu_workers._pool is not None
-# libgomp's own thread team does not survive fork either (a child's first parallel op
-# would wait for threads that do not exist): release it, that is not what is tested
-cpu_workers._release_caller_team()
+ref = kan_linear_reference(x, layer.grid, layer.base_weight, layer.spline_weight, layer.spline_scaler, 3)
+torch.randn(1 << 20).mul(2).sum()  # this thread's OpenMP team is alive at the fork
 r, w = os.pipe()
 pid = os.fork()
 if pid == 0:
+    # (a child's own parallel ops would wait for the parent's OpenMP team threads, which do
+    # not exist here: libgomp is not fork-safe; the split call must not add to that)
     assert cpu_workers._pool is None  # the parent's threads are not here
     y = layer(x)
-    ref = kan_linear_reference(x, layer.grid, layer.base_weight, layer.spline_weight, layer.spline_scaler, 3)
     os.write(w, repr(float((y - ref).abs().max())).encode() + (b" pool" if cpu_workers._pool else b""))
     os._exit(0)
 os.close(w)
@@ -190,7 +191,69 @@ print(msg, status)
 def test_forked_child_gets_its_own_pool():
     """A child forked while the pool exists runs split calls on a pool of its own (in a
     fresh interpreter: forking pytest, with whatever threads earlier tests left, is not)."""
-    out = subprocess.run([sys.executable, "-c", _FORK_SCRIPT], capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, "-c", _FORK_SCRIPT], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     err, pool, status = out.stdout.split()
     assert float(err) < 1e-12 and pool == "pool" and status == "0"
+
+
+def test_inference_mode_then_ordinary_calls(workers, monkeypatch):
+    """Work buffers are kept between calls: ones first made under inference mode must not
+    turn into inference tensors (a later ordinary call writes into them)."""
+    layer = FastKANLayer(8, 4, dtype=torch.float64)
+    for split in (True, False):
+        monkeypatch.setattr(cpu_workers, "MIN_ELEMENTS", 1 if split else 1 << 60)
+        torch_backend.release_buffers()
+        with torch.inference_mode():
+            layer(torch.rand(64, 8, dtype=torch.float64))
+        x = torch.rand(80, 8, dtype=torch.float64)  # larger: buffers grow outside inference mode too
+        compare_to_reference(layer, x)
+
+
+def test_jit_trace_and_profiler_run_inline(workers):
+    """Both record the calling thread only: such calls are not split."""
+    layer = FastKANLayer(7, 5)
+    x = torch.rand(30, 7)
+    traced = torch.jit.trace(layer, x, check_trace=False)
+    torch.testing.assert_close(traced(x), layer(x))
+    n = len(workers)
+    with torch.profiler.profile() as prof:
+        layer(x.requires_grad_()).sum().backward()
+    assert all(len(r) == 1 for r in workers[n:])
+    assert any("mm" in e.name for e in prof.events())
+
+
+def test_bound_caller_runs_inline(workers, monkeypatch):
+    """Workers inherit the caller's CPU affinity (OMP_PROC_BIND pins it to one core)."""
+    monkeypatch.setattr(cpu_workers, "_usable_cpus", lambda: 1)
+    layer = FastKANLayer(6, 4, dtype=torch.float64)
+    compare_to_reference(layer, torch.rand(20, 6, dtype=torch.float64))
+    assert all(len(r) == 1 for r in workers)
+
+
+def test_concurrent_callers_with_different_thread_counts(workers):
+    """Two user threads with 2 and 3 torch threads: correct results, no error, and the pool
+    grows once instead of being replaced by each caller in turn."""
+    layer = FastKANLayer(6, 4, dtype=torch.float64)
+    x = torch.rand(40, 6, dtype=torch.float64)
+    ref = _ref(layer, x)
+    errors, pools = [], set()
+
+    def caller(n):
+        torch.get_num_threads()
+        torch.set_num_threads(n)
+        try:
+            for _ in range(15):
+                torch.testing.assert_close(layer(x).detach(), ref, rtol=0, atol=1e-12)
+                pools.add(id(cpu_workers._pool))
+        except Exception as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=caller, args=(n,)) for n in (2, 3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    torch.set_num_threads(3)
+    assert not errors, errors
+    assert len(pools) <= 3 and cpu_workers._pool_size >= 3
