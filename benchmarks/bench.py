@@ -241,6 +241,11 @@ def _reset_hwm() -> bool:
 def _peak_extra_bytes(step: Callable[[], Tuple[torch.Tensor, int]], device: torch.device) -> Tuple[Optional[float], str]:
     """Run ``step`` once; return (peak bytes beyond its persistent results, note).
     ``step`` returns (output, bytes of the gradients it allocated)."""
+    # kanfast's CPU engine keeps its work buffers between calls: free them, so that the
+    # step allocates (and this counts) them again, as a first call would
+    from kanfast.torch_backend import release_buffers
+
+    release_buffers()
     gc.collect()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -251,12 +256,6 @@ def _peak_extra_bytes(step: Callable[[], Tuple[torch.Tensor, int]], device: torc
         torch.cuda.synchronize(device)
         peak = torch.cuda.max_memory_allocated(device) - base
         return max(0.0, peak - y.numel() * y.element_size() - grad_bytes), "cuda max_memory_allocated"
-    # kanfast's CPU engine keeps its work buffers between calls: free them, so that the
-    # step allocates (and this counts) them again, as a first call would
-    from kanfast.torch_backend import release_buffers
-
-    release_buffers()
-    gc.collect()
     _malloc_trim()
     rss0 = _proc_status("VmRSS")
     if rss0 is None or not _reset_hwm():

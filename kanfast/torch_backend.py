@@ -308,9 +308,10 @@ def _correct_span(x, m, g: _Grid, inside):
 
 
 def _values(x, m, f, g: _Grid, need_val: bool, need_deriv: bool, deriv_scaled: bool = True, blk=None):
-    """Non-zero bases (k+1, rows, in) of every input on its span, and d/dx
-    (for uniform knots without the 1/h factor when ``deriv_scaled`` is False).
-    ``blk``: take the outputs' memory from its scratch buffers."""
+    """``(V, dV, powers)``: the non-zero bases (k+1, rows, in) of every input on its
+    span, d/dx (for uniform knots without the 1/h factor when ``deriv_scaled`` is
+    False), and on uniform knots the powers ``f^p`` (1, rows*in) (``powers[p]``,
+    p >= 1; None otherwise). ``blk``: take the outputs' memory from its scratch buffers."""
     k = g.k
     shape = (k + 1,) + tuple(x.shape)
     E = (k + 1) * x.numel()
@@ -328,8 +329,6 @@ def _values(x, m, f, g: _Grid, need_val: bool, need_deriv: bool, deriv_scaled: b
         for p in range(2, k + 1):
             o = blk.scratch(f"f^{p}", fv.numel()).view(fv.shape) if blk is not None else None
             powers.append(torch.mul(powers[-1], fv, out=o) if o is not None else powers[-1] * fv)
-        if blk is not None:
-            blk.powers = powers  # f^p (1, E), reused by the backward's grad_x
         if need_val:
             _poly_cols(powers, g.cols, V.view(k + 1, -1))
         if need_deriv:
@@ -339,7 +338,7 @@ def _values(x, m, f, g: _Grid, need_val: bool, need_deriv: bool, deriv_scaled: b
                 _poly_cols(powers, g.dcols, dV.view(k + 1, -1))
                 if deriv_scaled:
                     dV.mul_(g.inv_h)
-        return V, dV
+        return V, dV, powers
     # non-uniform: de Boor on the padded knots (spans m = n - 1 read valid padded knots)
     mc = m.clamp(max=g.n - 2)
     base = g.prow_base + k + mc  # padded index of t_m
@@ -377,7 +376,7 @@ def _values(x, m, f, g: _Grid, need_val: bool, need_deriv: bool, deriv_scaled: b
                 a = torch.where(den_a > 0, lower[r] / torch.where(den_a > 0, den_a, one), zero)
                 b = torch.where(den_b > 0, lower[r + 1] / torch.where(den_b > 0, den_b, one), zero)
                 torch.mul(a - b, k, out=dV[r])
-    return V, dV
+    return V, dV, None
 
 
 def _slot_index(
@@ -426,7 +425,7 @@ def local_bases(
     """
     g = _Grid(grid, k, uniform)
     m, f = _spans(x, g)
-    V, dV = _values(x, m, f, g, True, need_deriv)
+    V, dV, _ = _values(x, m, f, g, True, need_deriv)
     outside = (m == g.n - 1).unsqueeze(-1)
     vals = V.permute(1, 2, 0).masked_fill(outside, 0.0)
     dvals = dV.permute(1, 2, 0).masked_fill(outside, 0.0) if need_deriv else None
@@ -536,7 +535,6 @@ class _Block:
     def __init__(self, cap: int, nin: int, nb: int, k: int, like: torch.Tensor, share: Optional["_Block"] = None):
         self.nin, self.nb, self.k = nin, nb, k
         self.dtype, self.device = like.dtype, like.device
-        self.powers: Optional[List[torch.Tensor]] = None  # the last chunk's f^p (uniform knots)
         self._bufs = share._bufs if share is not None else _thread_buffers()
         self.flat = self.scratch("flat", cap * nin * nb + 3 * k + 1)
         # flat position of slot 0 (basis m - k) is base + m: the -k of "first basis = m - k"
@@ -595,14 +593,14 @@ def _fill_block(blk: _Block, rows: int, V, lin, invalid) -> torch.Tensor:
 
 def _chunk_bases(xc, g: _Grid, check, blk: _Block, need_val: bool, need_deriv: bool):
     """Steps 1-2 and the slot positions for one chunk of one feature group: ``(V, dV,
-    lin, invalid)`` (see :func:`_values` and :func:`_slot_index`); ``check`` the
+    powers, lin, invalid)`` (see :func:`_values` and :func:`_slot_index`); ``check`` the
     call's ``(inside, interior)`` from :func:`_column_check` (``(None, False)``:
     check per chunk); on uniform knots dV lacks the 1/h factor."""
     inside, interior = check
     m, f = _spans(xc, g, inside, blk)
-    V, dV = _values(xc, m, f, g, need_val, need_deriv, deriv_scaled=not g.uniform, blk=blk)
+    V, dV, powers = _values(xc, m, f, g, need_val, need_deriv, deriv_scaled=not g.uniform, blk=blk)
     lin, invalid = _slot_index(m, g, blk, xc.shape[0], interior)
-    return V, dV, lin, invalid
+    return V, dV, powers, lin, invalid
 
 
 def _uniform_grad_x(gx, gl, powers, g: _Grid, blk: _Block) -> None:
@@ -675,25 +673,25 @@ def _forward(x, grid, coef2, base_weight, spline_order, uniform, scale=None):
 def _forward_rows(y, x, grid, coef2, base_weight, spline_order, uniform, scale, stagger=False):
     """:func:`_forward` of the rows of x into y, K-split over feature groups, chunked over rows."""
     plan = _Plan(x, grid, spline_order, uniform)
-    nb, step = plan.nb, plan.step
+    nb = plan.nb
     N = x.shape[0]
     for i, ((f0, f1), g, blk) in enumerate(zip(plan.groups, plan.grids, plan.blocks)):
         ct = _group_weight(coef2, scale, f0, f1, nb, blk).t()
         check = _column_check(x[:, f0:f1], g) if g.uniform else (None, False)  # once for all chunks
-        for s, step in _chunks(N, plan.step, stagger):
-            xc = x[s : s + step, f0:f1]
+        for s, size in _chunks(N, plan.step, stagger):
+            xc = x[s : s + size, f0:f1]
             rows = xc.shape[0]
-            V, _, lin, invalid = _chunk_bases(xc, g, check, blk, True, False)
+            V, _, _, lin, invalid = _chunk_bases(xc, g, check, blk, True, False)
             D = _fill_block(blk, rows, V, lin, invalid)
             if i == 0:
-                torch.mm(D, ct, out=y[s : s + step])
+                torch.mm(D, ct, out=y[s : s + size])
             else:
-                y[s : s + step].addmm_(D, ct)
+                y[s : s + size].addmm_(D, ct)
     if base_weight is not None:
         bt = base_weight.t()
-        for s, step in _chunks(N, plan.step, stagger):
-            xs = x[s : s + step]
-            y[s : s + step].addmm_(_silu(xs, plan.blocks[0]), bt)
+        for s, size in _chunks(N, plan.step, stagger):
+            xs = x[s : s + size]
+            y[s : s + size].addmm_(_silu(xs, plan.blocks[0]), bt)
 
 
 def _backward(grad_y, x, grid, coef2, base_weight, spline_order, uniform, need_x, need_c, need_b, scale=None, need_s=False):
@@ -739,7 +737,7 @@ def _backward_features(
     into the given views (None: not needed): grad_x (N, f), grad_c (out, f * nb),
     grad_b and grad_s (out, f)."""
     plan = _Plan(x, grid, k, uniform)
-    nb, step = plan.nb, plan.step
+    nb = plan.nb
     N = x.shape[0]
     nout = coef2.shape[0]
     need_x = grad_x is not None
@@ -749,11 +747,11 @@ def _backward_features(
         cg = _group_weight(coef2, scale, f0, f1, nb, blk) if need_x else None
         gc = grad_c[:, f0 * nb : f1 * nb] if grad_c is not None else None
         check = _column_check(x[:, f0:f1], g) if g.uniform else (None, False)
-        for s, step in _chunks(N, plan.step, stagger):  # one block in flight: the bases, then grad_D
-            xc = x[s : s + step, f0:f1]
-            gy = grad_y[s : s + step]
+        for s, size in _chunks(N, plan.step, stagger):  # one block in flight: the bases, then grad_D
+            xc = x[s : s + size, f0:f1]
+            gy = grad_y[s : s + size]
             rows = xc.shape[0]
-            V, dV, lin, invalid = _chunk_bases(xc, g, check, blk, gc is not None, need_x and not g.uniform)
+            V, dV, powers, lin, invalid = _chunk_bases(xc, g, check, blk, gc is not None, need_x and not g.uniform)
             if gc is not None:
                 gc.addmm_(gy.t(), _fill_block(blk, rows, V, lin, invalid))
             if not need_x:
@@ -765,9 +763,9 @@ def _backward_features(
                 torch.index_select(blk.flat[r:], 0, lin, out=gl[r])
             if invalid is not None:  # reads at missing bases may be a neighbour's (any) value
                 gl.masked_fill_(invalid, 0.0)
-            gx = grad_x[s : s + step, f0:f1]
+            gx = grad_x[s : s + size, f0:f1]
             if g.uniform:
-                _uniform_grad_x(gx, gl, blk.powers, g, blk)
+                _uniform_grad_x(gx, gl, powers, g, blk)
                 continue
             dV = dV.view(k + 1, rows, f1 - f0)
             gl = gl.view(k + 1, rows, f1 - f0)
@@ -786,16 +784,16 @@ def _backward_features(
                 gcv.mul_(scale[:, f0:f1, None])
     if grad_b is not None or (need_x and base_weight is not None):
         work = plan.blocks[0]
-        for s, step in _chunks(N, plan.step, stagger):
-            xs = x[s : s + step]
-            gy = grad_y[s : s + step]
+        for s, size in _chunks(N, plan.step, stagger):
+            xs = x[s : s + size]
+            gy = grad_y[s : s + size]
             if grad_b is not None:
                 grad_b.addmm_(gy.t(), _silu(xs, work))
             if need_x and base_weight is not None:
                 shape, n = xs.shape, xs.numel()
                 gs = torch.mm(gy, base_weight, out=work.scratch("gs", n).view(shape))
                 ds = torch.ops.aten.silu_backward.grad_input(gs, xs, grad_input=work.scratch("ds", n).view(shape))
-                grad_x[s : s + step].add_(ds)
+                grad_x[s : s + size].add_(ds)
 
 
 def _silu(x: torch.Tensor, blk: _Block) -> torch.Tensor:
