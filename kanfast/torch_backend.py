@@ -5,7 +5,7 @@ most ``BLOCK_WIDTH`` columns so that the dense block stays the same size whateve
 G, and within it per chunk of rows; only ``x`` is saved for backward):
 
   1. interval ("span") index ``m`` of every input on its knots. Uniform knots:
-     closed form ``floor((x - t_0) / h)`` (an int64 truncation and ``frac``; whether
+     closed form ``floor((x - t_0) / h)`` (a float ``floor``, exact; whether
      every span of a feature group is interior is decided once per call from the
      per-feature min and max, through the same float ops) (for ``k <= 1``, whose values or
      slopes jump at knots, corrected against the stored knots so that an input
@@ -15,31 +15,41 @@ G, and within it per chunk of rows; only ``x`` is saved for backward):
   2. the ``k + 1`` non-zero bases ``B_{m-k..m}``. Uniform knots: the pieces of
      the cardinal B-spline are fixed polynomials of the local coordinate
      ``f = (x - t_m) / h`` (coefficients computed exactly, in rationals, once per
-     ``k``), evaluated for all k+1 bases at once (one broadcast op per power of
-     ``f``) with no knot gathers. Other knots: de Boor's triangular scheme
+     ``k``), evaluated for all k+1 bases at once (Horner's rule, one broadcast
+     op per degree) with no knot gathers. Other knots: de Boor's triangular scheme
      (NURBS Book, alg. A2.2) on gathered knots;
   3. those values are written (``scatter_`` through 1-D views of one flat
      buffer shifted by the slot number: parallel on CPU, unlike ``index_add_``)
-     into a zeroed dense ``(chunk, in * (G + k))`` block reused across chunks;
-     one GEMM against ``W.reshape(out, in*(G+k))`` plus one small GEMM
-     ``silu(x) @ base_weight^T`` give ``y``: together exactly the dense-GEMM floor
-     ``batch x in*(G+k+1) x out``. Chunks whose inputs all sit on interior spans
-     (the common case) write distinct positions and need no masking; otherwise
-     the slots of bases that do not exist (extension spans, the sentinel span)
-     carry the value 0 and are accumulated (``scatter_add_``) unclamped: they land
-     on a neighbouring feature's position or in the buffer's slack, adding 0.
+     into a zeroed dense block reused across chunks, laid out basis-major:
+     ``[silu(x) | B_0 | ... | B_{G+k-1}]``, each a column block of the group's
+     ``in`` features (:class:`_Block`); one GEMM against the weight in the same
+     layout ``[base_weight | W_0 | ...]`` gives ``y``, the SiLU base branch
+     included: exactly the dense-GEMM floor ``batch x in*(G+k+1) x out``, or
+     less: when every input of the group lies inside the grid range (the bases
+     sum to 1 there, the common case), ``sum_j W_j B_j = sum_{j<L} (W_j - W_L) B_j
+     + W_L`` with ``L = G+k-1``, so the last basis's column block is dropped (a
+     K-slice of the basis-major block) and ``sum_i W_L`` is added as a bias: each
+     GEMM does (G+k)/(G+k+1) of the floor's work (8/9 at G=5, k=3). Chunks whose
+     inputs all sit on interior spans write distinct positions and need no
+     masking; otherwise the slots of bases that do not exist (extension spans,
+     the sentinel span) carry the value 0 and are accumulated (``scatter_add_``)
+     unclamped: they land on another column block or in the buffer's slack,
+     adding 0.
 
 Backward recomputes steps 1-3 per chunk and issues the two remaining GEMMs:
-``grad_W += grad_y^T @ D`` (accumulated chunk by chunk in a fixed order:
-deterministic), then ``grad_D = grad_y @ W`` into the same block, of which only
-the ``k + 1`` entries at the non-zero bases are gathered (``index_select``;
-reads at missing bases masked to 0) and contracted with the basis derivatives
+``gW += grad_y^T @ D`` (the gradient w.r.t. ``[base_weight | W]``, accumulated
+chunk by chunk in a fixed order: deterministic; when the last basis was dropped
+its column is ``sum_b grad_y - sum_{j<L} gW_j``, since ``B_L = 1 - sum_{j<L} B_j``),
+then ``grad_D = grad_y @ W`` into the same block: its SiLU column block gives the
+base branch's share of grad_x (``silu_backward``), and of the rest only the
+``k + 1`` entries at the non-zero bases are gathered (``index_select``; reads at
+missing bases masked to 0) and contracted with the basis derivatives
 
     dB_{j,k}/dx = k * (B_{j,k-1} / (t_{j+k} - t_j) - B_{j+1,k-1} / (t_{j+k+1} - t_{j+1})).
 
 On uniform knots the derivatives are polynomials of ``f`` too, so the contraction
-is regrouped by powers (``S = d^T @ gathered``, a (k, k+1) GEMM) and the k+1
-derivative rows are never formed.
+is regrouped by powers (``S = d^T @ gathered``, a (k, k+1) GEMM, then Horner's
+rule) and the k+1 derivative rows are never formed.
 
 Threads (:mod:`kanfast.cpu_workers`): a large call is split into independent
 parts, one per thread, each running single-threaded ops: forward by blocks of
@@ -56,20 +66,19 @@ inside a GEMM, so contracting only the ``k + 1`` non-zero bases by gathers of
 ``benchmarks/results``). The dense block is kept, but built cheaply.
 
 Memory bound: nothing of size (batch, in, G + k) lives between forward and
-backward (saved: ``x``, the knots and the coefficients; given a ``scale``, as
-for ``spline_weight * spline_scaler``, the scaled ``W`` is formed one feature
-group at a time and never whole, and ``grad_W`` becomes the coefficients'
-gradient in place). The transient memory is one dense block of at most
-``CHUNK_ELEMENTS`` elements (the bases of one feature group, then its
-``grad_D`` in backward), about ``5k + 10`` work
-buffers of at most ``rows_per_chunk * in <= ROW_ELEMENTS`` elements reused by
-every chunk, group and call (fresh allocations cost page faults), and the
-weight gradient; i.e. at most ``CHUNK_ELEMENTS + (5k + 10) * ROW_ELEMENTS``
-elements per thread running the engine (an int64 buffer counting as two; about
-21 MiB in float32 at the defaults, k = 3; the CPU workers each have their own), one feature group's scaled
-weight, and the weight gradient, whatever the batch size and G. Measured fwd+bwd peak beyond parameters,
-gradients, input and output at batch 4096, in = out = 256: see
-``benchmarks/results`` (flat in G).
+backward (saved: ``x``, the knots and the coefficients). The transient memory
+per thread running the engine (the caller, or each CPU worker) is one dense
+block of at most about ``CHUNK_ELEMENTS * (G+k+1)/(G+k)`` elements (the bases
+of one feature group and its SiLU column block, then its ``grad_D`` in
+backward), ``3k + 8`` work buffers of at most ``rows_per_chunk * in <=
+ROW_ELEMENTS`` elements (an int64 buffer counting as two), and two buffers the
+size of one feature group's weight (``out * (G+k+1) * group width``: its scaled
+weight in the block's layout, and its weight gradient), all reused by every
+chunk, group and call (fresh allocations cost page faults; see
+:func:`release_buffers`); plus the gradients returned. About 19 MiB at the
+defaults, k = 3, in float32, plus the weight-sized pair, whatever the batch size
+and G. Measured fwd+bwd peak beyond parameters, gradients, input and output at
+batch 4096, in = out = 256: see ``benchmarks/results`` (flat in G).
 
 Double backward is supported by autograd only through the reference/einsum
 formulation; this Function's backward is not itself differentiable
@@ -107,7 +116,7 @@ __all__ = [
 #: ``rows_per_chunk * BLOCK_WIDTH`` with the default ROW_ELEMENTS at in = 256.
 CHUNK_ELEMENTS = 1 << 21
 #: Widest K of one GEMM: the input features are split into groups of at most
-#: BLOCK_WIDTH / (G + k) features, each a K-slice of the dense GEMM. The block
+#: BLOCK_WIDTH / (G + k + 1) features (bases and the SiLU column), each a K-slice of the dense GEMM. The block
 #: then no longer grows with G (memory flat in G) while the rows per chunk, the
 #: GEMM's M, stay large (a block capped by shrinking M instead made G=50 1.4x
 #: slower at 151 rows than at 303).
@@ -152,16 +161,16 @@ def _cardinal_pieces(k: int) -> Tuple[Tuple[float, ...], ...]:
     return tuple(out)
 
 
-def _poly_cols(powers: List[torch.Tensor], cols: List[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
-    """out (k+1, E) = sum_p cols[p] (k+1, 1) * powers[p] (1, E), ``powers[p] = f^p`` (p >= 1):
-    the k+1 local polynomials in one op per power."""
+def _horner(cols: List[torch.Tensor], fv: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out (k+1, E) = sum_p cols[p] (k+1, 1) * fv^p with fv (1, E): the k+1 local
+    polynomials at once, by Horner's rule (one ``addcmul`` per degree, no powers of f)."""
     d = len(cols) - 1
     if d == 0:
         return out.copy_(cols[0].expand_as(out))
-    torch.mul(cols[d], powers[d], out=out)
-    for p in range(d - 1, 0, -1):
-        out.addcmul_(cols[p], powers[p])
-    return out.add_(cols[0])
+    torch.addcmul(cols[d - 1], cols[d], fv, out=out)
+    for p in range(d - 2, -1, -1):
+        torch.addcmul(cols[p], out, fv, out=out)
+    return out
 
 
 _columns_cache: dict = {}
@@ -240,10 +249,11 @@ def _all_inside(x: torch.Tensor, g: _Grid) -> bool:
 
 def _column_check(x: torch.Tensor, g: _Grid) -> Tuple[bool, bool]:
     """``(inside, interior)`` for x (N, in) on the group's knots: every input inside
-    [t_0, t_last) (False for NaN); and, on the uniform ``k >= 2`` path, every span
-    ``m`` interior (``k <= m <= nb - 1``: all k+1 bases exist), from the per-feature
-    min and max through the same float ops as :func:`_spans` (monotone in x, so
-    they bound every row's ``m``)."""
+    [t_0, t_last) (False for NaN); and every span ``m`` interior (``k <= m <= nb - 1``:
+    all k+1 bases exist, and they sum to 1). On the uniform ``k >= 2`` path from the
+    per-feature min and max through the same float ops as :func:`_spans` (monotone in
+    x, so they bound every row's ``m``); on the others (spans taken against the stored
+    knots) from ``t_k <= min`` and ``max < t_nb``."""
     if x.shape[0] == 0:
         return True, True
     xmin, xmax = x.amin(0), x.amax(0)  # (aminmax(dim=0) is 20x slower on CPU)
@@ -253,13 +263,16 @@ def _column_check(x: torch.Tensor, g: _Grid) -> Tuple[bool, bool]:
         lo = torch.sub(xmin, g.t0).mul_(g.inv_h).floor_()
         hi = torch.sub(xmax, g.t0).mul_(g.inv_h).floor_()
         interior = bool((lo >= g.k).all()) and bool((hi <= g.nb - 1).all())
+    elif inside:
+        interior = bool((xmin >= g.grid[:, g.k]).all()) and bool((xmax < g.grid[:, g.nb]).all())
     return inside, interior
 
 
 def _spans(
     x: torch.Tensor, g: _Grid, all_inside: Optional[bool] = None, blk: Optional["_Block"] = None
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Span index ``m`` (rows, in) int64, ``n - 1`` for inputs outside the knots, and
+    """Span index ``m`` (rows, in), ``n - 1`` for inputs outside the knots (int64; on the
+    uniform ``k >= 2`` path integer-valued floats of x's dtype), and
     (uniform knots) the local coordinate ``f`` in [0, 1] up to rounding.
     ``blk``: take the outputs' memory from its scratch buffers."""
     n = g.n
@@ -267,21 +280,20 @@ def _spans(
         E = x.numel()
         if blk is not None:
             u = torch.sub(x, g.t0, out=blk.scratch("u", E).view(x.shape)).mul_(g.inv_h)
-            m = blk.scratch("m", E, torch.int64).view(x.shape)
+            m = blk.scratch("m", E).view(x.shape)
         else:
             u = (x - g.t0).mul_(g.inv_h)
-            m = torch.empty(x.shape, dtype=torch.int64, device=x.device)
+            m = None
         if not (all_inside if all_inside is not None else _all_inside(x, g)):
             outside = torch.lt(x, g.tn).logical_not_().logical_or_(x < g.t0)
             u.masked_fill_(outside, float(n - 1))
-        # u >= 0 here (x >= t_0, or the sentinel n - 1), so truncation is floor: the
-        # int64 copy truncates, and frac is u - floor(u), both exact.
+        # m = floor(u) as a float (exact: an integer < 2^24), and f = u - m, exact.
         # An inside input whose u rounds up to n - 1 lands on the sentinel span: its
         # bases there are 0 up to rounding. Values and first derivatives are
         # continuous for k >= 2, so a span off by one for an input within rounding
         # of a knot changes nothing beyond rounding either.
-        m.copy_(u)
-        return m, u.frac_()
+        m = torch.floor(u, out=m)
+        return m, u.sub_(m)
     outside = torch.lt(x, g.tn).logical_not_().logical_or_(x < g.t0)  # NaN -> outside
     if g.uniform:
         u = (x - g.t0).mul_(g.inv_h).masked_fill_(outside, float(n - 1))
@@ -308,10 +320,10 @@ def _correct_span(x, m, g: _Grid, inside):
 
 
 def _values(x, m, f, g: _Grid, need_val: bool, need_deriv: bool, deriv_scaled: bool = True, blk=None):
-    """``(V, dV, powers)``: the non-zero bases (k+1, rows, in) of every input on its
+    """``(V, dV, f)``: the non-zero bases (k+1, rows, in) of every input on its
     span, d/dx (for uniform knots without the 1/h factor when ``deriv_scaled`` is
-    False), and on uniform knots the powers ``f^p`` (1, rows*in) (``powers[p]``,
-    p >= 1; None otherwise). ``blk``: take the outputs' memory from its scratch buffers."""
+    False), and on uniform knots the local coordinate ``f`` (rows, in) (None
+    otherwise). ``blk``: take the outputs' memory from its scratch buffers."""
     k = g.k
     shape = (k + 1,) + tuple(x.shape)
     E = (k + 1) * x.numel()
@@ -325,20 +337,16 @@ def _values(x, m, f, g: _Grid, need_val: bool, need_deriv: bool, deriv_scaled: b
     dV = out("dV") if need_deriv else None
     if g.uniform:
         fv = f.reshape(1, -1)
-        powers = [None, fv]
-        for p in range(2, k + 1):
-            o = blk.scratch(f"f^{p}", fv.numel()).view(fv.shape) if blk is not None else None
-            powers.append(torch.mul(powers[-1], fv, out=o) if o is not None else powers[-1] * fv)
         if need_val:
-            _poly_cols(powers, g.cols, V.view(k + 1, -1))
+            _horner(g.cols, fv, V.view(k + 1, -1))
         if need_deriv:
             if k == 0:
                 dV.zero_()
             else:
-                _poly_cols(powers, g.dcols, dV.view(k + 1, -1))
+                _horner(g.dcols, fv, dV.view(k + 1, -1))
                 if deriv_scaled:
                     dV.mul_(g.inv_h)
-        return V, dV, powers
+        return V, dV, f
     # non-uniform: de Boor on the padded knots (spans m = n - 1 read valid padded knots)
     mc = m.clamp(max=g.n - 2)
     base = g.prow_base + k + mc  # padded index of t_m
@@ -385,19 +393,29 @@ def _slot_index(
     """Flat position in ``blk.flat`` of the first of the k+1 values of every input.
 
     Returns ``(lin, invalid)``: ``lin`` (rows*in,) int64, slot r of an input at
-    ``lin + r`` (read/written through ``blk.flat[r:]``). Common case (every input
-    of the chunk on an interior span): ``invalid`` is None and all positions are
-    distinct and inside the chunk's block. Otherwise ``invalid`` (k+1, rows*in)
-    bool marks the slots of bases that do not exist (extension spans, sentinel
-    span n-1): their positions fall on a neighbouring feature's bases or in the
-    buffer's slack, so their values must be 0 and they must be accumulated
-    (``scatter_add_``), never copied; reads there must be masked.
+    ``lin + r * in`` (read/written through ``blk.flat[r * in:]``; see :class:`_Block`).
+    Common case (every input of the chunk on an interior span): ``invalid`` is None
+    and all positions are distinct and inside the chunk's block. Otherwise
+    ``invalid`` (k+1, rows*in) bool marks the slots of bases that do not exist
+    (extension spans, sentinel span n-1): their positions fall on another column
+    of the block (or a neighbouring row's, or the slack), so their values must be 0
+    and they must be accumulated (``scatter_add_``), never copied; reads there must
+    be masked.
     """
     k, nb = g.k, g.nb
     if not interior:  # (known for the whole call, or checked on this chunk)
         lo, hi = torch.aminmax(m)
         interior = float(lo) >= k and float(hi) <= nb - 1
-    lin = torch.add(blk.base[:rows], m, out=blk.scratch("lin", m.numel(), torch.int64).view(m.shape)).view(-1)
+    E = m.numel()
+    lin = blk.scratch("lin", E, torch.int64)
+    if m.is_floating_point() and blk.base_f is not None:
+        # base + m * in in floats (integers below 2^24: exact), one conversion to int64
+        # (int64 element-wise ops cost ~5x float32 ones on CPU)
+        linf = torch.add(blk.base_f[:rows], m, alpha=blk.nin, out=blk.scratch("linf", E).view(m.shape))
+        lin.copy_(linf.view(-1))
+    else:
+        mi = m.long() if m.is_floating_point() else m
+        torch.add(blk.base[:rows], mi, alpha=blk.nin, out=lin.view(m.shape))
     if interior:
         return lin, None
     mv = m.reshape(1, -1)
@@ -463,21 +481,24 @@ def _feature_groups(nin: int, nb: int) -> List[Tuple[int, int]]:
 class _Plan:
     """Per-call chunking: rows per chunk, feature groups, their knots and work blocks
     (the groups share one buffer). ``uniform`` must already be verified
-    (:func:`grid_is_uniform`). Each CPU worker runs its own plan with the full
-    per-chunk budgets (halving them per worker was slower: smaller GEMMs, more
-    ops per element)."""
+    (:func:`grid_is_uniform`); ``has_base``: the blocks carry a SiLU column block.
+    Each CPU worker runs its own plan with the full per-chunk budgets (halving them
+    per worker was slower: smaller GEMMs, more ops per element)."""
 
-    def __init__(self, x: torch.Tensor, grid: torch.Tensor, k: int, uniform: bool):
+    def __init__(self, x: torch.Tensor, grid: torch.Tensor, k: int, uniform: bool, has_base: bool):
         N, nin = x.shape
         nb = grid.shape[1] - k - 1
-        self.groups = _feature_groups(nin, nb)
+        off = 1 if has_base else 0
+        self.groups = _feature_groups(nin, nb + off)
         fg = self.groups[0][1] - self.groups[0][0]
-        self.step = max(1, min(ROW_ELEMENTS // max(1, nin), CHUNK_ELEMENTS // max(1, fg * nb)))
+        self.step = max(1, min(ROW_ELEMENTS // max(1, nin), CHUNK_ELEMENTS // max(1, fg * (nb + off))))
         cap = min(self.step, N)
         self.grids = [_Grid(grid[f0:f1], k, uniform) for f0, f1 in self.groups]
-        first = _Block(cap, fg, nb, k, x)
-        self.blocks = [first if f1 - f0 == fg else _Block(cap, f1 - f0, nb, k, x, share=first) for f0, f1 in self.groups]
-        self.k, self.nb = k, nb
+        first = _Block(cap, fg, nb, k, off, x)
+        self.blocks = [
+            first if f1 - f0 == fg else _Block(cap, f1 - f0, nb, k, off, x, share=first) for f0, f1 in self.groups
+        ]
+        self.k, self.nb, self.off = k, nb, off
 
 
 class _Buffers(dict):
@@ -507,9 +528,9 @@ def release_buffers() -> None:
     """Free the work buffers the torch backend keeps between calls.
 
     Each thread that runs the engine (the caller, or the CPU workers of
-    :mod:`kanfast.cpu_workers`) keeps its largest dense block and work buffers
-    (at most ``CHUNK_ELEMENTS + (5k + 10) * ROW_ELEMENTS`` elements per dtype, an int64
-    buffer counting as two: about 21 MiB in float32 at k = 3) so that the next call does not pay for
+    :mod:`kanfast.cpu_workers`) keeps its largest dense block, work buffers and
+    weight-sized buffers (see the module's memory bound: about 19 MiB in float32
+    at k = 3 and in = out = 256, per dtype) so that the next call does not pay for
     fresh pages again (page faults cost ~2 ms per call at batch 4096, in = 256 on
     a 2-core VM). A thread's buffers go when the thread ends. Safe to call at any
     time: a call in flight keeps the buffers it holds."""
@@ -519,46 +540,70 @@ def release_buffers() -> None:
 
 
 class _Block:
-    """Reusable dense block (cap, in * nb) of bases in one flat buffer.
+    """Reusable dense block (cap, C * in) of one feature group in one flat buffer.
 
-    Row layout ``(in, nb)``, matching ``coef.reshape(out, in * nb)``. The block
-    starts at offset k of ``flat`` and is followed by 2k + 1 elements of slack,
-    so that every slot position ``first + r`` of an input on any span (extension
-    spans and the sentinel span n - 1 included) is in bounds without clamping:
-    a slot of a basis that does not exist lands on a neighbouring feature's
-    position (or in the slack, or past a narrower group's rows) and carries the
-    value 0: it is only ever added there, and reads there are masked (the block
-    is zeroed before each fill; the slack may hold anything). The buffers come
-    from the calling thread's cache (:func:`release_buffers`). ``share``: a block
-    of a wider feature group whose buffer this one reuses."""
+    Row layout basis-major: ``C = off + nb`` column blocks of ``in`` columns each,
+    ``[silu(x) | B_0 | B_1 | ... | B_{nb-1}]`` (the SiLU block when ``off = 1``), so
+    that dropping the last basis (see :func:`_reduced_weight`) is a K-slice of the
+    GEMM, and the SiLU base branch is part of the same GEMM. Slot r of an input
+    on span m (basis ``m - k + r``) sits at ``lin + r * in``. The block starts at
+    offset ``k * in`` of ``flat`` and is followed by ``(k + 1) * in`` elements of
+    slack, so that every slot position of an input on any span (extension spans
+    and the sentinel span n - 1 included) is in bounds without clamping: a slot
+    of a basis that does not exist lands on another column block (or a
+    neighbouring row's, or the slack) and carries the value 0: it is only ever
+    added there, and reads there are masked (the block is zeroed before each
+    fill; the slack may hold anything). The buffers come from the calling
+    thread's cache (:func:`release_buffers`). ``share``: a block of a wider
+    feature group whose buffer this one reuses."""
 
-    def __init__(self, cap: int, nin: int, nb: int, k: int, like: torch.Tensor, share: Optional["_Block"] = None):
-        self.nin, self.nb, self.k = nin, nb, k
+    def __init__(
+        self, cap: int, nin: int, nb: int, k: int, off: int, like: torch.Tensor, share: Optional["_Block"] = None
+    ):
+        self.nin, self.nb, self.k, self.off = nin, nb, k, off
+        self.C = off + nb
+        self.R = self.C * nin  # row stride
+        self.lead = k * nin
         self.dtype, self.device = like.dtype, like.device
         self._bufs = share._bufs if share is not None else _thread_buffers()
-        self.flat = self.scratch("flat", cap * nin * nb + 3 * k + 1)
-        # flat position of slot 0 (basis m - k) is base + m: the -k of "first basis = m - k"
-        # cancels the offset k of the block.
-        key = ("base", cap, nin, nb, like.device)
+        size = self.lead + cap * self.R + (k + 1) * nin
+        self.flat = self.scratch("flat", size)
+        # flat position of slot 0 (basis m - k) of feature i in row b:
+        # lead + b * R + (off + m - k) * in + i = base[b, i] + m * in
+        key = ("base", cap, nin, nb, k, off, like.device)
         base = self._bufs.get(key)
         if base is None:
             with torch.inference_mode(False):  # kept across calls: never an inference tensor
                 base = (
-                    torch.arange(cap, device=like.device).mul_(nin * nb).unsqueeze(1)
-                    + torch.arange(nin, device=like.device).mul_(nb)
+                    torch.arange(cap, device=like.device).mul_(self.R).add_(self.lead + (off - k) * nin).unsqueeze(1)
+                    + torch.arange(nin, device=like.device)
                 )
-            stale = [kk for kk in list(self._bufs) if kk[0] == "base"]  # (release_buffers may clear it)
-            for old in stale[: max(0, len(stale) - 3)]:  # a few shapes per thread (groups of a call)
+            stale = [kk for kk in list(self._bufs) if kk[0] in ("base", "base_f")]
+            for old in stale[: max(0, len(stale) - 6)]:  # a few shapes per thread (groups of a call)
                 self._bufs.pop(old, None)
             self._bufs[key] = base
         self.base = base
+        # the same positions as floats (exact below 2^24) for the float span path
+        self.base_f = None
+        limit = {torch.float32: 1 << 24, torch.float64: 1 << 53}.get(like.dtype)
+        if limit is not None and size + (k + 1) * nin < limit:
+            fkey = ("base_f",) + key[1:] + (like.dtype,)
+            base_f = self._bufs.get(fkey)
+            if base_f is None:
+                with torch.inference_mode(False):
+                    base_f = self._bufs[fkey] = base.to(like.dtype)
+            self.base_f = base_f
         r = torch.arange(k + 1, device=like.device).view(-1, 1)
         self.lo_bound = k - r  # slot r exists iff k - r <= m <= nb - 1 + k - r
         self.hi_bound = nb - 1 + k - r
 
     def rows(self, rows: int) -> torch.Tensor:
-        k = self.k
-        return self.flat[k : k + rows * self.nin * self.nb].view(rows, self.nin * self.nb)
+        """The first ``rows`` rows, (rows, C * in)."""
+        return self.flat[self.lead : self.lead + rows * self.R].view(rows, self.R)
+
+    def column(self, rows: int, c: int) -> torch.Tensor:
+        """Column block c of the first ``rows`` rows, (rows, in) strided."""
+        return self.rows(rows).view(rows, self.C, self.nin)[:, c, :]
 
     def scratch(self, name: str, n: int, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """A 1-D work buffer of ``n`` elements from the thread's cache, grown to the
@@ -573,41 +618,44 @@ class _Block:
         return buf[:n]
 
 
-def _fill_block(blk: _Block, rows: int, V, lin, invalid) -> torch.Tensor:
-    """The chunk's dense block of bases: zero, then write the k+1 values at their positions.
-
-    ``scatter_`` on 1-D views is parallel on CPU (``index_add_`` is not)."""
+def _fill_block(blk: _Block, rows: int, xc, V, lin, invalid) -> torch.Tensor:
+    """The chunk's dense block (rows, C * in): zero, write the k+1 values of every input
+    at their positions (``scatter_`` on 1-D views is parallel on CPU, ``index_add_`` is
+    not), then the SiLU column block from ``xc`` (rows, in) when the block has one."""
     D = blk.rows(rows)
     D.zero_()
-    k = blk.k
+    k, step = blk.k, blk.nin
     V = V.view(k + 1, -1)
-    if invalid is not None:  # slots of missing bases carry 0 and may hit a neighbour's position
+    if invalid is not None:  # slots of missing bases carry 0 and may hit another slot's position
         V.masked_fill_(invalid, 0.0)
         for r in range(k + 1):
-            blk.flat[r:].scatter_add_(0, lin, V[r])
+            blk.flat[r * step :].scatter_add_(0, lin, V[r])
     else:  # distinct positions inside the block
         for r in range(k + 1):
-            blk.flat[r:].scatter_(0, lin, V[r])
+            blk.flat[r * step :].scatter_(0, lin, V[r])
+    if blk.off:
+        torch.ops.aten.silu.out(xc, out=blk.column(rows, 0))
     return D
 
 
 def _chunk_bases(xc, g: _Grid, check, blk: _Block, need_val: bool, need_deriv: bool):
     """Steps 1-2 and the slot positions for one chunk of one feature group: ``(V, dV,
-    powers, lin, invalid)`` (see :func:`_values` and :func:`_slot_index`); ``check`` the
+    f, lin, invalid)`` (see :func:`_values` and :func:`_slot_index`); ``check`` the
     call's ``(inside, interior)`` from :func:`_column_check` (``(None, False)``:
     check per chunk); on uniform knots dV lacks the 1/h factor."""
     inside, interior = check
     m, f = _spans(xc, g, inside, blk)
-    V, dV, powers = _values(xc, m, f, g, need_val, need_deriv, deriv_scaled=not g.uniform, blk=blk)
+    V, dV, f = _values(xc, m, f, g, need_val, need_deriv, deriv_scaled=not g.uniform, blk=blk)
     lin, invalid = _slot_index(m, g, blk, xc.shape[0], interior)
-    return V, dV, powers, lin, invalid
+    return V, dV, f, lin, invalid
 
 
-def _uniform_grad_x(gx, gl, powers, g: _Grid, blk: _Block) -> None:
-    """gx (rows, f) = sum_r gl[r] dB_r/dx on uniform knots, without forming dB: with
+def _uniform_grad_x(gx, gl, f, g: _Grid, blk: _Block) -> None:
+    """gx (rows, fw) = sum_r gl[r] dB_r/dx on uniform knots, without forming dB: with
     ``dB_r/dx = inv_h sum_p d[r][p] f^p``, ``gx = inv_h sum_p f^p S_p`` where
-    ``S = d^T @ gl`` ((k, k+1) @ (k+1, E): one small-K GEMM), so the k+1 derivative
-    rows are never evaluated. gl (k+1, E) the gathered grad_D (0 at missing bases)."""
+    ``S = d^T @ gl`` ((k, k+1) @ (k+1, E): one small-K GEMM), summed by Horner's rule,
+    so the k+1 derivative rows are never evaluated. gl (k+1, E) the gathered grad_D
+    (0 at missing bases), f (rows, fw) the local coordinate."""
     k = g.k
     if k == 0:
         gx.zero_()
@@ -617,23 +665,44 @@ def _uniform_grad_x(gx, gl, powers, g: _Grid, blk: _Block) -> None:
     if k == 1:
         torch.mul(S[0], g.inv_h, out=gx)
         return
-    torch.addcmul(S[0], S[1], powers[1].view(gx.shape), out=gx)
-    for p in range(2, k):
-        gx.addcmul_(S[p], powers[p].view(gx.shape))
+    f = f.view(gx.shape)
+    torch.addcmul(S[k - 2], S[k - 1], f, out=gx)
+    for p in range(k - 3, -1, -1):
+        torch.addcmul(S[p], gx, f, out=gx)
     gx.mul_(g.inv_h)
 
 
-def _group_weight(coef2, scale, f0: int, f1: int, nb: int, blk: _Block) -> torch.Tensor:
-    """Columns [f0*nb, f1*nb) of the coefficient matrix (out, in*nb), times ``scale``
-    (out, in) per (out, feature) when given: one feature group's K-slice (a strided
-    view without scale, else a group-sized product in ``blk``'s work buffer "W":
-    the scaled weight is never materialised whole)."""
-    w = coef2[:, f0 * nb : f1 * nb]
+def _group_weight(coef2, base_weight, scale, f0: int, f1: int, nb: int, blk: _Block, reduced: bool):
+    """One feature group's K-slice of the weight in the block's basis-major layout:
+    ``(Wg, bias)`` with ``Wg`` (out, K) = ``[base_weight | W_0 | ... | W_{nb-1}]``
+    (columns of features f0..f1; ``W = coef2 * scale`` per (out, feature) when
+    ``scale`` (out, in) is given; coef2 (out, in * nb) feature-major), written into
+    ``blk``'s work buffer "W" (the scaled weight is never materialised whole).
+
+    ``reduced`` (every input of the group interior, where the bases sum to 1):
+    ``sum_j W_j B_j = sum_{j<L} (W_j - W_L) B_j + W_L`` with ``L = nb - 1``, so the
+    last basis is dropped (K one column block shorter: (G+k)/(G+k+1) of the dense
+    GEMM floor's work) and ``bias`` (out,) = ``sum_i W_L[:, i]`` is returned to be
+    added to the output; else ``bias`` is None."""
+    nout, fw, off = coef2.shape[0], f1 - f0, blk.off
+    C = off + nb
+    Wp = blk.scratch("W", nout * C * fw).view(nout, C, fw)
+    if off:
+        Wp[:, 0, :].copy_(base_weight[:, f0:f1])
+    w = coef2[:, f0 * nb : f1 * nb].view(nout, fw, nb)
+    spl = Wp[:, off:, :].permute(0, 2, 1)  # (out, fw, nb) view of the basis-major blocks
     if scale is None:
-        return w
-    nout, shape = coef2.shape[0], (coef2.shape[0], f1 - f0, nb)
-    out = blk.scratch("W", w.numel()).view(shape)
-    return torch.mul(w.view(shape), scale[:, f0:f1, None], out=out).view(nout, -1)
+        spl.copy_(w)
+    else:
+        torch.mul(w, scale[:, f0:f1, None], out=spl)
+    bias = None
+    K = C * fw
+    if reduced:
+        last = Wp[:, C - 1 : C, :]
+        bias = last.sum((1, 2))
+        Wp[:, off : C - 1, :].sub_(last)
+        K -= fw
+    return Wp.view(nout, C * fw)[:, :K], bias
 
 
 def _chunks(N: int, step: int, stagger: bool):
@@ -672,26 +741,34 @@ def _forward(x, grid, coef2, base_weight, spline_order, uniform, scale=None):
 
 def _forward_rows(y, x, grid, coef2, base_weight, spline_order, uniform, scale, stagger=False):
     """:func:`_forward` of the rows of x into y, K-split over feature groups, chunked over rows."""
-    plan = _Plan(x, grid, spline_order, uniform)
+    plan = _Plan(x, grid, spline_order, uniform, base_weight is not None)
     nb = plan.nb
     N = x.shape[0]
+    bias = None
     for i, ((f0, f1), g, blk) in enumerate(zip(plan.groups, plan.grids, plan.blocks)):
-        ct = _group_weight(coef2, scale, f0, f1, nb, blk).t()
-        check = _column_check(x[:, f0:f1], g) if g.uniform else (None, False)  # once for all chunks
+        check = _column_check(x[:, f0:f1], g)  # once for all chunks
+        wg, b = _group_weight(coef2, base_weight, scale, f0, f1, nb, blk, _reduced(check, nb))
+        if b is not None:
+            bias = b if bias is None else bias.add_(b)
+        K = wg.shape[1]
+        wt = wg.t()
         for s, size in _chunks(N, plan.step, stagger):
             xc = x[s : s + size, f0:f1]
             rows = xc.shape[0]
             V, _, _, lin, invalid = _chunk_bases(xc, g, check, blk, True, False)
-            D = _fill_block(blk, rows, V, lin, invalid)
+            D = _fill_block(blk, rows, xc, V, lin, invalid)[:, :K]
             if i == 0:
-                torch.mm(D, ct, out=y[s : s + size])
+                torch.mm(D, wt, out=y[s : s + size])
             else:
-                y[s : s + size].addmm_(D, ct)
-    if base_weight is not None:
-        bt = base_weight.t()
-        for s, size in _chunks(N, plan.step, stagger):
-            xs = x[s : s + size]
-            y[s : s + size].addmm_(_silu(xs, plan.blocks[0]), bt)
+                y[s : s + size].addmm_(D, wt)
+    if bias is not None:
+        y.add_(bias)
+
+
+def _reduced(check, nb: int) -> bool:
+    """Drop the last basis (partition of unity, :func:`_group_weight`): every input of
+    the group on an interior span, and more than one basis."""
+    return bool(check[1]) and nb >= 2
 
 
 def _backward(grad_y, x, grid, coef2, base_weight, spline_order, uniform, need_x, need_c, need_b, scale=None, need_s=False):
@@ -708,8 +785,8 @@ def _backward(grad_y, x, grid, coef2, base_weight, spline_order, uniform, need_x
     need_s = need_s and scale is not None
     grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device) if need_x else None  # contiguous
     # gradient w.r.t. W, turned group by group into the gradient w.r.t. coef2 (times scale)
-    grad_c = torch.zeros(nout, nin * nb, dtype=coef2.dtype, device=coef2.device) if (need_c or need_s) else None
-    grad_b = torch.zeros(nout, nin, dtype=coef2.dtype, device=coef2.device) if need_b else None
+    grad_c = torch.empty(nout, nin * nb, dtype=coef2.dtype, device=coef2.device) if (need_c or need_s) else None
+    grad_b = torch.empty(nout, nin, dtype=coef2.dtype, device=coef2.device) if need_b else None
     grad_s = torch.empty(nout, nin, dtype=coef2.dtype, device=coef2.device) if need_s else None
     grad_y = grad_y.contiguous()
     work = N * nin * (nb + 1)
@@ -735,69 +812,97 @@ def _backward_features(
     """:func:`_backward` for a block of input features: x (N, f), grid (f, n), coef2
     (out, f * nb), base_weight and scale (out, f) or None; writes the gradients
     into the given views (None: not needed): grad_x (N, f), grad_c (out, f * nb),
-    grad_b and grad_s (out, f)."""
-    plan = _Plan(x, grid, k, uniform)
-    nb = plan.nb
+    grad_b and grad_s (out, f).
+
+    Per feature group, with the block layout of :class:`_Block` and the weight of
+    :func:`_group_weight` (reduced or not, decided for this group's inputs alone):
+    ``gW = grad_y^T @ D`` (the gradient w.r.t. ``[base_weight | W]`` in basis-major
+    layout; when reduced, the last basis's column is ``sum_b grad_y - sum_{j<L} gW_j``,
+    as its basis is ``1 - sum_{j<L} B_j``), then ``grad_D = grad_y @ Wg`` into the
+    same block, of which the SiLU column block gives the base branch's share of
+    grad_x and the k+1 slots of every input the spline's."""
+    plan = _Plan(x, grid, k, uniform, base_weight is not None)
+    nb, off = plan.nb, plan.off
     N = x.shape[0]
     nout = coef2.shape[0]
     need_x = grad_x is not None
+    need_spl = grad_c is not None  # (also for grad_s alone)
+    need_w = need_spl or grad_b is not None
+    if not (need_x or need_w):
+        return
+    colsum = None
     for (f0, f1), g, blk in zip(plan.groups, plan.grids, plan.blocks):
-        if not (need_x or grad_c is not None):
-            break
-        cg = _group_weight(coef2, scale, f0, f1, nb, blk) if need_x else None
-        gc = grad_c[:, f0 * nb : f1 * nb] if grad_c is not None else None
-        check = _column_check(x[:, f0:f1], g) if g.uniform else (None, False)
+        fw = f1 - f0
+        C = off + nb
+        check = _column_check(x[:, f0:f1], g)
+        reduced = _reduced(check, nb)
+        Kx = (C - reduced) * fw  # columns of grad_D (and of the weight)
+        Kw = Kx if need_spl else off * fw  # columns of gW
+        wg = _group_weight(coef2, base_weight, scale, f0, f1, nb, blk, reduced)[0] if need_x else None
+        gW = blk.scratch("gW", nout * C * fw).view(nout, C * fw) if need_w else None
+        first = True
         for s, size in _chunks(N, plan.step, stagger):  # one block in flight: the bases, then grad_D
             xc = x[s : s + size, f0:f1]
             gy = grad_y[s : s + size]
             rows = xc.shape[0]
-            V, dV, powers, lin, invalid = _chunk_bases(xc, g, check, blk, gc is not None, need_x and not g.uniform)
-            if gc is not None:
-                gc.addmm_(gy.t(), _fill_block(blk, rows, V, lin, invalid))
+            V, dV, f, lin, invalid = _chunk_bases(xc, g, check, blk, need_w, need_x and not g.uniform)
+            if need_w:
+                D = _fill_block(blk, rows, xc, V, lin, invalid)[:, :Kw]
+                if first:
+                    torch.mm(gy.t(), D, out=gW[:, :Kw])
+                else:
+                    gW[:, :Kw].addmm_(gy.t(), D)
+                first = False
             if not need_x:
                 continue
-            torch.mm(gy, cg, out=blk.rows(rows))
+            gD = blk.rows(rows)
+            torch.mm(gy, wg, out=gD[:, :Kx])
+            if reduced:  # the dropped basis's slots read 0
+                blk.column(rows, C - 1).zero_()
             E = lin.numel()
             gl = blk.scratch("gl", (k + 1) * E).view(k + 1, E)
             for r in range(k + 1):
-                torch.index_select(blk.flat[r:], 0, lin, out=gl[r])
-            if invalid is not None:  # reads at missing bases may be a neighbour's (any) value
+                torch.index_select(blk.flat[r * fw :], 0, lin, out=gl[r])
+            if invalid is not None:  # reads at missing bases may be any value
                 gl.masked_fill_(invalid, 0.0)
             gx = grad_x[s : s + size, f0:f1]
             if g.uniform:
-                _uniform_grad_x(gx, gl, powers, g, blk)
-                continue
-            dV = dV.view(k + 1, rows, f1 - f0)
-            gl = gl.view(k + 1, rows, f1 - f0)
-            if invalid is not None:  # their derivatives may be 0/0 (an outside input evaluated
-                dV.masked_fill_(invalid.view(k + 1, rows, f1 - f0), 0.0)  # on a zero-length end span)
-            torch.mul(gl[0], dV[0], out=gx)
-            for r in range(1, k + 1):
-                gx.addcmul_(gl[r], dV[r])
-        if scale is not None and gc is not None:  # chain rule through W = coef2 * scale, in place
-            gcv = gc.view(nout, f1 - f0, nb)
-            if grad_s is not None:
-                prod = blk.scratch("W", gcv.numel()).view(gcv.shape)  # (the scaled weight is done with)
-                torch.mul(gcv, coef2[:, f0 * nb : f1 * nb].view(nout, f1 - f0, nb), out=prod)
-                torch.sum(prod, -1, out=grad_s[:, f0:f1])
-            if need_c:
-                gcv.mul_(scale[:, f0:f1, None])
-    if grad_b is not None or (need_x and base_weight is not None):
-        work = plan.blocks[0]
-        for s, size in _chunks(N, plan.step, stagger):
-            xs = x[s : s + size]
-            gy = grad_y[s : s + size]
-            if grad_b is not None:
-                grad_b.addmm_(gy.t(), _silu(xs, work))
-            if need_x and base_weight is not None:
-                shape, n = xs.shape, xs.numel()
-                gs = torch.mm(gy, base_weight, out=work.scratch("gs", n).view(shape))
-                ds = torch.ops.aten.silu_backward.grad_input(gs, xs, grad_input=work.scratch("ds", n).view(shape))
-                grad_x[s : s + size].add_(ds)
-
-
-def _silu(x: torch.Tensor, blk: _Block) -> torch.Tensor:
-    return torch.ops.aten.silu.out(x, out=blk.scratch("silu", x.numel()).view(x.shape))
+                _uniform_grad_x(gx, gl, f, g, blk)
+            else:
+                dV = dV.view(k + 1, rows, fw)
+                gl = gl.view(k + 1, rows, fw)
+                if invalid is not None:  # their derivatives may be 0/0 (an outside input evaluated
+                    dV.masked_fill_(invalid.view(k + 1, rows, fw), 0.0)  # on a zero-length end span)
+                torch.mul(gl[0], dV[0], out=gx)
+                for r in range(1, k + 1):
+                    gx.addcmul_(gl[r], dV[r])
+            if off:  # the base branch: silu'(x) * (grad_y @ base_weight)
+                ds = blk.scratch("ds", rows * fw).view(rows, fw)
+                gx.add_(torch.ops.aten.silu_backward.grad_input(blk.column(rows, 0), xc, grad_input=ds))
+        if not need_w:
+            continue
+        if first:  # no rows
+            gW.zero_()
+        gWv = gW.view(nout, C, fw)
+        if grad_b is not None:
+            grad_b[:, f0:f1].copy_(gWv[:, 0, :])
+        if not need_spl:
+            continue
+        if reduced:
+            if colsum is None:
+                colsum = grad_y.sum(0)
+            torch.sub(colsum[:, None], gWv[:, off : C - 1, :].sum(1), out=gWv[:, C - 1, :])
+        gsp = gWv[:, off:, :].permute(0, 2, 1)  # (out, fw, nb): the gradient w.r.t. W
+        gc = grad_c[:, f0 * nb : f1 * nb].view(nout, fw, nb)
+        if scale is None:
+            gc.copy_(gsp)
+            continue
+        if grad_s is not None:  # chain rule through W = coef2 * scale
+            prod = blk.scratch("W", nout * fw * nb).view(nout, fw, nb)  # (the weight is done with)
+            torch.mul(gsp, coef2[:, f0 * nb : f1 * nb].view(nout, fw, nb), out=prod)
+            torch.sum(prod, -1, out=grad_s[:, f0:f1])
+        if need_c:
+            torch.mul(gsp, scale[:, f0:f1, None], out=gc)
 
 
 def _split_weight(weight, n_basis, has_base):
