@@ -5,12 +5,13 @@ NaN/inf/out-of-range inputs, with and without the fused SiLU base."""
 
 from __future__ import annotations
 
+import copy
 import itertools
 
 import pytest
 import torch
 
-from conftest import compare_to_reference
+from conftest import assert_close, compare_to_reference
 from kanfast import FastKANLayer, torch_backend
 
 
@@ -99,3 +100,65 @@ def test_stale_uniform_flag_is_verified():
     g[:, 5] += 0.15
     layer.grid.data.copy_(g)
     compare_to_reference(layer, x)
+
+
+def _record_reduced(monkeypatch):
+    """Record the ``reduced`` flag of every feature group's weight (forward and backward)."""
+    seen = []
+    real = torch_backend._group_weight
+
+    def spy(coef2, base_weight, scale, f0, f1, nb, blk, reduced):
+        seen.append((f0, f1, reduced))
+        return real(coef2, base_weight, scale, f0, f1, nb, blk, reduced)
+
+    monkeypatch.setattr(torch_backend, "_group_weight", spy)
+    return seen
+
+
+@pytest.mark.parametrize("k,updated", [(1, False), (3, False), (3, True), (4, True)])
+def test_reduced_basis_only_where_every_input_is_interior(k, updated, monkeypatch, one_thread):
+    """The last basis is dropped (partition of unity) per feature group, only when every
+    input of the group lies in the grid range; a group with one input in the extension
+    region keeps all bases. Values and every gradient (the dropped basis's weight
+    included) equal the reference either way."""
+    monkeypatch.setattr(torch_backend, "BLOCK_WIDTH", 3 * (5 + k + 1))  # groups (0,3), (3,6), (6,7)
+    torch.manual_seed(k)
+    layer = FastKANLayer(7, 4, grid_size=5, spline_order=k, dtype=torch.float64)
+    if updated:
+        layer.update_grid(torch.rand(300, 7, dtype=torch.float64) * 1.8 - 0.9)
+    lo, hi = layer.grid[:, k], layer.grid[:, -k - 1]
+    x = lo + torch.rand(50, 7, dtype=torch.float64) * (hi - lo)
+    x[0] = lo  # the first knot of the range is inside it
+    x[1] = hi - 1e-12 * (hi - lo)  # the last span, just below its end
+    x[2:, 1] = hi[1] - torch.rand(48, dtype=torch.float64) * 1e-3  # feature 1: last span only (large grad W_L)
+    x[5, 4] = hi[4] + 0.01 * (hi[4] - lo[4])  # feature 4 (group (3, 6)): one input in the extension region
+    seen = _record_reduced(monkeypatch)
+    compare_to_reference(layer, x)
+    assert {(0, 3, True), (3, 6, False), (6, 7, True)} <= set(seen), seen
+    assert len(seen) == 6  # each group once in forward, once in backward
+
+
+def test_reduced_basis_float32_weight_gradient():
+    """float32: the dropped basis's weight gradient is colsum(grad_y) - sum of the others.
+    Against the float64 reference, also for a basis no input reaches (true gradient 0)."""
+    torch.manual_seed(0)
+    layer = FastKANLayer(16, 8, grid_size=5, spline_order=3)
+    x = torch.rand(3000, 16) * 1.4 - 1.0  # inside [-1, 0.4]: the last span [0.6, 1) never reached
+    gy = torch.randn(3000, 8, dtype=torch.float64)
+
+    def grads(model, xx, backend):
+        model.backend = backend
+        model.zero_grad(set_to_none=True)
+        xx = xx.clone().requires_grad_(True)
+        y = model(xx)
+        y.backward(gy.to(y.dtype))
+        return [y.detach(), xx.grad] + [p.grad for p in model.parameters()]
+
+    got = grads(layer, x, "torch")
+    ref = grads(copy.deepcopy(layer).double(), x.double(), "reference")
+    names = ["y", "grad_x"] + [n for n, _ in layer.named_parameters()]
+    for name, a, b in zip(names, got, ref):
+        assert_close(a, b, 2e-6, name)
+    gw, gw_ref = got[names.index("spline_weight")], ref[names.index("spline_weight")]
+    assert (gw_ref[..., -1] == 0).all()
+    assert (gw[..., -1].abs() <= 1e-5 * gw_ref.abs().amax()).all()  # basis L: zero up to float32 rounding
