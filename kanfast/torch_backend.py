@@ -70,12 +70,12 @@ backward (saved: ``x``, the knots and the coefficients). The transient memory
 per thread running the engine (the caller, or each CPU worker) is one dense
 block of at most about ``CHUNK_ELEMENTS * (G+k+1)/(G+k)`` elements (the bases
 of one feature group and its SiLU column block, then its ``grad_D`` in
-backward), ``3k + 8`` work buffers of at most ``rows_per_chunk * in <=
+backward), ``2k + 6`` work buffers (uniform knots; more on others) of at most ``rows_per_chunk * in <=
 ROW_ELEMENTS`` elements (an int64 buffer counting as two), and two buffers the
 size of one feature group's weight (``out * (G+k+1) * group width``: its scaled
 weight in the block's layout, and its weight gradient), all reused by every
 chunk, group and call (fresh allocations cost page faults; see
-:func:`release_buffers`); plus the gradients returned. About 19 MiB at the
+:func:`release_buffers`); plus the gradients returned. At most about 16 MiB at the
 defaults, k = 3, in float32, plus the weight-sized pair, whatever the batch size
 and G. Measured fwd+bwd peak beyond parameters, gradients, input and output at
 batch 4096, in = out = 256: see ``benchmarks/results`` (flat in G).
@@ -529,7 +529,7 @@ def release_buffers() -> None:
 
     Each thread that runs the engine (the caller, or the CPU workers of
     :mod:`kanfast.cpu_workers`) keeps its largest dense block, work buffers and
-    weight-sized buffers (see the module's memory bound: about 19 MiB in float32
+    weight-sized buffers (see the module's memory bound: at most about 16 MiB in float32
     at k = 3 and in = out = 256, per dtype) so that the next call does not pay for
     fresh pages again (page faults cost ~2 ms per call at batch 4096, in = 256 on
     a 2-core VM). A thread's buffers go when the thread ends. Safe to call at any
@@ -860,7 +860,7 @@ def _backward_features(
             if reduced:  # the dropped basis's slots read 0
                 blk.column(rows, C - 1).zero_()
             E = lin.numel()
-            gl = blk.scratch("gl", (k + 1) * E).view(k + 1, E)
+            gl = blk.scratch("V", (k + 1) * E).view(k + 1, E)
             for r in range(k + 1):
                 torch.index_select(blk.flat[r * fw :], 0, lin, out=gl[r])
             if invalid is not None:  # reads at missing bases may be any value
@@ -877,7 +877,7 @@ def _backward_features(
                 for r in range(1, k + 1):
                     gx.addcmul_(gl[r], dV[r])
             if off:  # the base branch: silu'(x) * (grad_y @ base_weight)
-                ds = blk.scratch("ds", rows * fw).view(rows, fw)
+                ds = blk.scratch("linf", rows * fw).view(rows, fw)
                 gx.add_(torch.ops.aten.silu_backward.grad_input(blk.column(rows, 0), xc, grad_input=ds))
         if not need_w:
             continue
