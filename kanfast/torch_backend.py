@@ -544,7 +544,7 @@ class _Block:
 
     Row layout basis-major: ``C = off + nb`` column blocks of ``in`` columns each,
     ``[silu(x) | B_0 | B_1 | ... | B_{nb-1}]`` (the SiLU block when ``off = 1``), so
-    that dropping the last basis (see :func:`_reduced_weight`) is a K-slice of the
+    that dropping the last basis (see :func:`_group_weight`) is a K-slice of the
     GEMM, and the SiLU base branch is part of the same GEMM. Slot r of an input
     on span m (basis ``m - k + r``) sits at ``lin + r * in``. The block starts at
     offset ``k * in`` of ``flat`` and is followed by ``(k + 1) * in`` elements of
