@@ -162,8 +162,9 @@ def _cardinal_pieces(k: int) -> Tuple[Tuple[float, ...], ...]:
 
 
 def _horner(cols: List[torch.Tensor], fv: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """out (k+1, E) = sum_p cols[p] (k+1, 1) * fv^p with fv (1, E): the k+1 local
-    polynomials at once, by Horner's rule (one ``addcmul`` per degree, no powers of f)."""
+    """out = sum_p cols[p] * fv^p by Horner's rule (one ``addcmul`` per degree, no powers
+    of f; operands broadcast: the k+1 local polynomials with cols[p] (k+1, 1) and fv
+    (1, E), or one polynomial of per-element coefficients)."""
     d = len(cols) - 1
     if d == 0:
         return out.copy_(cols[0].expand_as(out))
@@ -662,14 +663,7 @@ def _uniform_grad_x(gx, gl, f, g: _Grid, blk: _Block) -> None:
         return
     E = gl.shape[1]
     S = torch.mm(g.dmat, gl, out=blk.scratch("S", k * E).view(k, E)).view((k,) + tuple(gx.shape))
-    if k == 1:
-        torch.mul(S[0], g.inv_h, out=gx)
-        return
-    f = f.view(gx.shape)
-    torch.addcmul(S[k - 2], S[k - 1], f, out=gx)
-    for p in range(k - 3, -1, -1):
-        torch.addcmul(S[p], gx, f, out=gx)
-    gx.mul_(g.inv_h)
+    _horner(list(S), f.view(gx.shape), gx).mul_(g.inv_h)
 
 
 def _group_weight(coef2, base_weight, scale, f0: int, f1: int, nb: int, blk: _Block, reduced: bool):
