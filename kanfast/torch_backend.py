@@ -80,9 +80,9 @@ defaults, k = 3, in float32, plus the weight-sized pair, whatever the batch size
 and G. Measured fwd+bwd peak beyond parameters, gradients, input and output at
 batch 4096, in = out = 256: see ``benchmarks/results`` (flat in G).
 
-Double backward is supported by autograd only through the reference/einsum
-formulation; this Function's backward is not itself differentiable
-(``once_differentiable``).
+The engine's backward is first-order; double backward (``create_graph=True``) is
+routed by the autograd formula in :mod:`kanfast.ops` through a differentiable
+formulation.
 """
 
 from __future__ import annotations
@@ -96,14 +96,11 @@ from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
 from . import cpu_workers
 
 __all__ = [
     "kan_linear_torch",
-    "forward_2d",
-    "backward_2d",
     "grid_is_uniform",
     "local_bases",
     "CHUNK_ELEMENTS",
@@ -899,54 +896,6 @@ def _backward_features(
             torch.mul(gsp, scale[:, f0:f1, None], out=gc)
 
 
-def _split_weight(weight, n_basis, has_base):
-    nout, nin, _ = weight.shape
-    coef2 = weight[..., :n_basis].reshape(nout, nin * n_basis).contiguous()
-    base = weight[..., n_basis].contiguous() if has_base else None
-    return coef2, base
-
-
-def forward_2d(x, grid, weight, spline_order, n_basis, has_base, uniform):
-    """y = D(x) @ weight.reshape(out, -1)^T, chunked. x (N, in); weight (out, in, n_basis + has_base)
-    (``[W | base_weight]``, the last column the SiLU base weight when ``has_base``)."""
-    coef2, base = _split_weight(weight, n_basis, has_base)
-    return _forward(x, grid, coef2, base, spline_order, uniform)
-
-
-def backward_2d(grad_y, x, grid, weight, spline_order, n_basis, has_base, uniform, need_x=True, need_w=True):
-    """Gradients (grad_x (N, in) or None, grad_weight (out, in, n_basis + has_base) or None) of forward_2d."""
-    coef2, base = _split_weight(weight, n_basis, has_base)
-    gx, gc, gb, _ = _backward(grad_y, x, grid, coef2, base, spline_order, uniform, need_x, need_w, need_w)
-    gw = None
-    if need_w:
-        gw = gc.view(weight.shape[0], weight.shape[1], n_basis)
-        if has_base:
-            gw = torch.cat([gw, gb.unsqueeze(-1)], dim=-1)
-    return gx, gw
-
-
-class _KANLinearTorch(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, grid, coef, base_weight, spline_order, uniform):
-        x = x.contiguous()
-        nout, nin, nb = coef.shape
-        coef2 = coef.reshape(nout, nin * nb)
-        if not coef2.is_contiguous():
-            coef2 = coef2.contiguous()
-        ctx.save_for_backward(x, grid, coef2, base_weight)
-        ctx.cfg = (spline_order, uniform, coef.shape)
-        return _forward(x, grid, coef2, base_weight, spline_order, uniform)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_y):
-        x, grid, coef2, base_weight = ctx.saved_tensors
-        spline_order, uniform, cshape = ctx.cfg
-        need_x, _, need_c, need_b = ctx.needs_input_grad[:4]
-        gx, gc, gb, _ = _backward(grad_y, x, grid, coef2, base_weight, spline_order, uniform, need_x, need_c, need_b)
-        return gx, None, gc.view(cshape) if gc is not None else None, gb, None, None
-
-
 def kan_linear_torch(
     x: torch.Tensor,
     grid: torch.Tensor,
@@ -967,9 +916,13 @@ def kan_linear_torch(
         uniform: knots equally spaced (detected when None).
 
     Returns:
-        ``(N, out_features)`` in x's dtype; differentiable w.r.t. x, coef, base_weight.
+        ``(N, out_features)`` in x's dtype; differentiable w.r.t. x, coef, base_weight
+        (twice too: ``create_graph=True`` backward goes through a differentiable
+        formulation, as for the layer).
     """
+    from .ops import _EagerTorchKAN  # (ops builds on this module)
+
     grid = grid.to(x.dtype)
     if uniform is None:
         uniform = grid_is_uniform(grid)
-    return _KANLinearTorch.apply(x, grid, coef, base_weight, int(spline_order), bool(uniform))
+    return _EagerTorchKAN.apply(x, grid, coef, base_weight, int(spline_order), bool(uniform), None)

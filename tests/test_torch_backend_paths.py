@@ -13,6 +13,7 @@ import torch
 
 from conftest import assert_close, compare_to_reference
 from kanfast import FastKANLayer, torch_backend
+from kanfast.reference import kan_linear_reference
 
 
 @pytest.mark.parametrize("k,G,updated,base", list(itertools.product([0, 1, 2, 3, 5], [1, 5, 12], [False, True], [True, False])))
@@ -52,20 +53,27 @@ def test_gradcheck(k):
     assert torch.autograd.gradcheck(lambda x, *p: layer(x), (x,) + tuple(layer.parameters()))
 
 
-def test_public_2d_functions_match():
+def test_public_kan_linear_torch_matches_reference():
+    """``kan_linear_torch`` (2-D input, scaled coefficients): values and gradients w.r.t. x,
+    coef and base_weight equal the reference's, second derivatives included."""
     torch.manual_seed(0)
     layer = FastKANLayer(6, 5, grid_size=7, spline_order=3, dtype=torch.float64)
     x = torch.randn(40, 6, dtype=torch.float64)
-    w = torch.cat([layer.scaled_spline_weight, layer.base_weight.unsqueeze(-1)], -1).detach().requires_grad_(True)
-    xx = x.clone().requires_grad_(True)
-    y_ref = torch_backend.kan_linear_torch(xx, layer.grid, w[..., :10], w[..., 10], 3)
-    y = torch_backend.forward_2d(x, layer.grid, w.detach(), 3, 10, True, True)
-    torch.testing.assert_close(y, y_ref.detach(), rtol=0, atol=1e-13)
-    gy = torch.randn_like(y)
-    y_ref.backward(gy)
-    gx, gw = torch_backend.backward_2d(gy, x, layer.grid, w.detach(), 3, 10, True, True)
-    torch.testing.assert_close(gx, xx.grad, rtol=0, atol=1e-13)
-    torch.testing.assert_close(gw, w.grad, rtol=0, atol=1e-13)
+    coef = layer.scaled_spline_weight.detach()
+    bw = layer.base_weight.detach()
+    gy = torch.randn(40, 5, dtype=torch.float64)
+    out = []
+    for fn in (torch_backend.kan_linear_torch, None):
+        xx, cc, bb = (t.clone().requires_grad_(True) for t in (x, coef, bw))
+        if fn is None:
+            y = kan_linear_reference(xx, layer.grid, bb, cc, None, 3)
+        else:
+            y = fn(xx, layer.grid, cc, bb, 3)
+        g = torch.autograd.grad(y, (xx, cc, bb), gy, create_graph=True)
+        gg = torch.autograd.grad(g[0].square().sum(), xx)  # d/dx of |grad_x|^2
+        out.append([y.detach(), *(t.detach() for t in g), gg[0]])
+    for a, b in zip(*out):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
 
 
 def test_non_contiguous_input():
