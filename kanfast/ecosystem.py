@@ -375,6 +375,19 @@ def _gather_rows(x: torch.Tensor, group) -> torch.Tensor:
 
 
 @torch.no_grad()
+def _is_fsdp(module: nn.Module) -> bool:
+    """A module wrapped by FSDP (``fully_shard``, FSDP2) or ``FullyShardedDataParallel``."""
+    try:
+        from torch.distributed.fsdp import FSDPModule  # FSDP2 (torch >= 2.6)
+    except ImportError:
+        FSDPModule = ()
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except ImportError:
+        FullyShardedDataParallel = ()
+    return isinstance(module, FSDPModule) or isinstance(module, FullyShardedDataParallel)
+
+
 def update_grid_distributed(model: nn.Module, x: torch.Tensor, *, group=None, src: int = 0, margin: float = 0.01) -> nn.Module:
     """Grid update (Liu et al. 2024 sec. 2.2) that leaves every rank identical.
 
@@ -402,19 +415,21 @@ def update_grid_distributed(model: nn.Module, x: torch.Tensor, *, group=None, sr
     import torch.distributed as dist
 
     net = model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model
+    layers = list(kan_layers(net))
+    # FSDP: after a forward, FSDP2 may leave the parameters unsharded as plain tensors,
+    # so the parameter type alone does not tell; the wrapper does.
+    sharded = any(type(p.data) is not torch.Tensor for layer in layers for p in layer.parameters(recurse=False))
+    if sharded or any(_is_fsdp(m) for m in model.modules()):
+        raise TypeError(
+            "update_grid_distributed: the model is sharded by FSDP (its KAN layers' parameters are DTensor "
+            "shards, or unsharded views between forward and backward); in-place updates are not written "
+            "back. Load the full state dict (torch.distributed.checkpoint.state_dict.get_model_state_dict(model, "
+            "options=StateDictOptions(full_state_dict=True))) into an unsharded replica, call "
+            "update_grid_distributed on the replica, and set_model_state_dict it back; see docs"
+        )
     distributed = dist.is_available() and dist.is_initialized()
     if distributed:
         x = _gather_rows(x, group)
-    layers = list(kan_layers(net))
-    for layer in layers:
-        if any(type(p.data) is not torch.Tensor for p in layer.parameters(recurse=False)):
-            raise TypeError(
-                "update_grid_distributed: the KAN layers hold sharded (DTensor) parameters (FSDP); "
-                "in-place updates of unsharded views are not written back. Load the full state dict "
-                "(torch.distributed.checkpoint.state_dict.get_model_state_dict(model, "
-                "options=StateDictOptions(full_state_dict=True))) into an unsharded replica, call "
-                "update_grid_distributed on the replica, and set_model_state_dict it back; see docs"
-            )
     # Every rank runs the (deterministic) update on the same global samples, so that
     # wrappers whose forward issues collectives stay in step; the broadcast below then
     # makes the result bitwise identical whatever the device's reduction order.
