@@ -919,9 +919,18 @@ def kan_linear_torch(
         ``(N, out_features)`` in x's dtype; differentiable w.r.t. x, coef, base_weight
         (twice too: ``create_graph=True`` backward goes through a differentiable
         formulation, as for the layer).
+
+    Raises:
+        ValueError: x not 2-D, coef not 3-D, or their in_features differ.
     """
     from .ops import _EagerTorchKAN  # (ops builds on this module)
 
+    if x.dim() != 2 or coef.dim() != 3 or x.shape[1] != coef.shape[1]:
+        raise ValueError(
+            f"kan_linear_torch: expected x (N, in_features) and coef (out_features, in_features, G + k), "
+            f"got x {tuple(x.shape)} and coef {tuple(coef.shape)} (flatten leading dimensions of x first, "
+            f"or use FastKANLayer, which takes (..., in_features))"
+        )
     grid = grid.to(x.dtype)
     if uniform is None:
         uniform = grid_is_uniform(grid)

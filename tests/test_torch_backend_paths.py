@@ -76,6 +76,15 @@ def test_public_kan_linear_torch_matches_reference():
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
 
 
+def test_public_kan_linear_torch_rejects_bad_shapes():
+    layer = FastKANLayer(6, 5, dtype=torch.float64)
+    coef = layer.scaled_spline_weight.detach()
+    with pytest.raises(ValueError, match=r"x \(N, in_features\).*got x \(2, 3, 6\)"):
+        torch_backend.kan_linear_torch(torch.zeros(2, 3, 6, dtype=torch.float64), layer.grid, coef, None, 3)
+    with pytest.raises(ValueError, match=r"got x \(4, 7\)"):
+        torch_backend.kan_linear_torch(torch.zeros(4, 7, dtype=torch.float64), layer.grid, coef, None, 3)
+
+
 def test_non_contiguous_input():
     torch.manual_seed(0)
     layer = FastKANLayer(5, 3, dtype=torch.float64)
