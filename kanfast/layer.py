@@ -97,6 +97,12 @@ def _check_margin(margin) -> float:
     return float(margin)
 
 
+def _under_torch_func(*tensors: torch.Tensor) -> bool:
+    """Any of ``tensors`` wrapped by a torch.func transform (grad/vmap levels)."""
+    is_wrapped = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
+    return is_wrapped is not None and any(is_wrapped(t) for t in tensors)
+
+
 class FastKANLayer(nn.Module):
     r"""A Kolmogorov-Arnold layer: a learnable B-spline plus a SiLU base on every edge.
 
@@ -408,6 +414,12 @@ class FastKANLayer(nn.Module):
                 x2, grid, base_weight, spline_weight.to(comp), scaler, self.spline_order, self.base_activation
             )
         else:
+            if not torch.compiler.is_compiling() and _under_torch_func(x2, self.spline_weight, self.base_weight):
+                raise RuntimeError(
+                    f"FastKANLayer: torch.func transforms (grad, jacrev, vmap, hessian, functional_call "
+                    f"under them) are not supported by backend {backend!r}, whose autograd Function has no "
+                    f"functorch rules; use backend='reference' for them (same parameters, plain torch ops)"
+                )
             fused_silu = type(self.base_activation) is nn.SiLU
             # the op forms spline_weight * (spline_scaler * mask) itself: no scaled copy is
             # saved for backward (one weight-sized temporary per fwd+bwd instead of three)

@@ -242,8 +242,14 @@ def test_torch_func_transforms_refuse_rather_than_guess():
     raise (never return wrong values); backend="reference" supports them."""
     layer = make_layer("torch", "cpu", dtype=torch.float64)
     x = torch.randn(4, dtype=torch.float64)
-    with pytest.raises(RuntimeError):
-        torch.func.jacrev(layer)(x)
+    calls = [
+        lambda: torch.func.jacrev(layer)(x),
+        lambda: torch.func.grad(lambda z: layer(z).sum())(x),
+        lambda: torch.func.vmap(layer)(x.repeat(2, 1)),
+    ]
+    for call in calls:
+        with pytest.raises(RuntimeError, match="torch.func transforms .* backend='reference'"):
+            call()
     ref = copy.deepcopy(layer)
     ref.backend = "reference"
     J = torch.func.jacrev(ref)(x)
