@@ -374,7 +374,6 @@ def _gather_rows(x: torch.Tensor, group) -> torch.Tensor:
     return torch.cat([b[:s] for b, s in zip(buf, sizes)])
 
 
-@torch.no_grad()
 def _is_fsdp(module: nn.Module) -> bool:
     """A module wrapped by FSDP (``fully_shard``, FSDP2) or ``FullyShardedDataParallel``."""
     try:
@@ -388,6 +387,7 @@ def _is_fsdp(module: nn.Module) -> bool:
     return isinstance(module, FSDPModule) or isinstance(module, FullyShardedDataParallel)
 
 
+@torch.no_grad()
 def update_grid_distributed(model: nn.Module, x: torch.Tensor, *, group=None, src: int = 0, margin: float = 0.01) -> nn.Module:
     """Grid update (Liu et al. 2024 sec. 2.2) that leaves every rank identical.
 

@@ -99,7 +99,11 @@ def test_update_grid_distributed_without_process_group_is_local_update():
     x = torch.randn(30, 3, dtype=torch.float64)
     a, b = _model(), _model()
     a.update_grid(x)
-    kanfast.update_grid_distributed(b, x)
+    grad_modes = []
+    hook = b.layers[0].register_forward_pre_hook(lambda mod, args: grad_modes.append(torch.is_grad_enabled()))
+    kanfast.update_grid_distributed(b, x.requires_grad_(True))
+    hook.remove()
+    assert grad_modes == [False]  # no autograd graph through the update's forward
     for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(va, vb), k
 
