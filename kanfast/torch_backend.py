@@ -318,10 +318,10 @@ def _correct_span(x, m, g: _Grid, inside):
 
 
 def _values(x, m, f, g: _Grid, need_val: bool, need_deriv: bool, deriv_scaled: bool = True, blk=None):
-    """``(V, dV, f)``: the non-zero bases (k+1, rows, in) of every input on its
-    span, d/dx (for uniform knots without the 1/h factor when ``deriv_scaled`` is
-    False), and on uniform knots the local coordinate ``f`` (rows, in) (None
-    otherwise). ``blk``: take the outputs' memory from its scratch buffers."""
+    """``(V, dV)``: the non-zero bases (k+1, rows, in) of every input on its span,
+    and d/dx (for uniform knots without the 1/h factor when ``deriv_scaled`` is
+    False); ``f`` the local coordinate of :func:`_spans` (uniform knots).
+    ``blk``: take the outputs' memory from its scratch buffers."""
     k = g.k
     shape = (k + 1,) + tuple(x.shape)
     E = (k + 1) * x.numel()
@@ -344,7 +344,7 @@ def _values(x, m, f, g: _Grid, need_val: bool, need_deriv: bool, deriv_scaled: b
                 _horner(g.dcols, fv, dV.view(k + 1, -1))
                 if deriv_scaled:
                     dV.mul_(g.inv_h)
-        return V, dV, f
+        return V, dV
     # non-uniform: de Boor on the padded knots (spans m = n - 1 read valid padded knots)
     mc = m.clamp(max=g.n - 2)
     base = g.prow_base + k + mc  # padded index of t_m
@@ -382,7 +382,7 @@ def _values(x, m, f, g: _Grid, need_val: bool, need_deriv: bool, deriv_scaled: b
                 a = torch.where(den_a > 0, lower[r] / torch.where(den_a > 0, den_a, one), zero)
                 b = torch.where(den_b > 0, lower[r + 1] / torch.where(den_b > 0, den_b, one), zero)
                 torch.mul(a - b, k, out=dV[r])
-    return V, dV, None
+    return V, dV
 
 
 def _slot_index(
@@ -441,7 +441,7 @@ def local_bases(
     """
     g = _Grid(grid, k, uniform)
     m, f = _spans(x, g)
-    V, dV, _ = _values(x, m, f, g, True, need_deriv)
+    V, dV = _values(x, m, f, g, True, need_deriv)
     outside = (m == g.n - 1).unsqueeze(-1)
     vals = V.permute(1, 2, 0).masked_fill(outside, 0.0)
     dvals = dV.permute(1, 2, 0).masked_fill(outside, 0.0) if need_deriv else None
@@ -638,12 +638,12 @@ def _fill_block(blk: _Block, rows: int, xc, V, lin, invalid) -> torch.Tensor:
 
 def _chunk_bases(xc, g: _Grid, check, blk: _Block, need_val: bool, need_deriv: bool):
     """Steps 1-2 and the slot positions for one chunk of one feature group: ``(V, dV,
-    f, lin, invalid)`` (see :func:`_values` and :func:`_slot_index`); ``check`` the
-    call's ``(inside, interior)`` from :func:`_column_check` (``(None, False)``:
-    check per chunk); on uniform knots dV lacks the 1/h factor."""
+    f, lin, invalid)`` (see :func:`_spans`, :func:`_values` and :func:`_slot_index`;
+    ``f`` None off uniform knots); ``check`` the call's ``(inside, interior)`` from
+    :func:`_column_check`; on uniform knots dV lacks the 1/h factor."""
     inside, interior = check
     m, f = _spans(xc, g, inside, blk)
-    V, dV, f = _values(xc, m, f, g, need_val, need_deriv, deriv_scaled=not g.uniform, blk=blk)
+    V, dV = _values(xc, m, f, g, need_val, need_deriv, deriv_scaled=not g.uniform, blk=blk)
     lin, invalid = _slot_index(m, g, blk, xc.shape[0], interior)
     return V, dV, f, lin, invalid
 
