@@ -167,4 +167,8 @@ def test_paper_example_recovers_formula():
     fn = sympy.lambdify(sympy.symbols("x y", real=True), expr, "numpy")
     pred = torch.as_tensor(fn(xt[:, 0].numpy(), xt[:, 1].numpy()))
     rmse = float(torch.sqrt(torch.mean((pred.reshape(-1) - yt.reshape(-1)) ** 2)))
-    assert rmse < 1e-3, (rmse, expr)
+    # 1e-2: the held-out RMSE of the recovered formula (y in [0.37, 7.4]; a wrong formula is off by
+    # 0.1 or more). How close the last LBFGS run gets depends on rounding: c * exp(a h + b) + d has
+    # a degenerate (b, c) pair, and from some starting points LBFGS crawls (5e-15 on one engine
+    # version, 1.3e-3 on the next, with gradients equal to the reference's to 1e-15 at every stage).
+    assert rmse < 1e-2, (rmse, expr)

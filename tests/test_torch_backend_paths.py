@@ -120,7 +120,8 @@ def test_stale_uniform_flag_is_verified():
 
 
 def _record_reduced(monkeypatch):
-    """Record the ``reduced`` flag of every feature group's weight (forward and backward)."""
+    """Record the ``reduced`` flag of every feature group's weight (forward and backward; the
+    backward's derivative-spline weight is only built for reduced groups)."""
     seen = []
     real = torch_backend._group_weight
 
@@ -128,7 +129,14 @@ def _record_reduced(monkeypatch):
         seen.append((f0, f1, reduced))
         return real(coef2, base_weight, scale, f0, f1, nb, blk, reduced)
 
+    real_d = torch_backend._derivative_weight
+
+    def spy_d(coef2, base_weight, scale, f0, f1, nb, blk, inv_h):  # backward, reduced, uniform knots
+        seen.append((f0, f1, True))
+        return real_d(coef2, base_weight, scale, f0, f1, nb, blk, inv_h)
+
     monkeypatch.setattr(torch_backend, "_group_weight", spy)
+    monkeypatch.setattr(torch_backend, "_derivative_weight", spy_d)
     return seen
 
 
@@ -153,6 +161,24 @@ def test_reduced_basis_only_where_every_input_is_interior(k, updated, monkeypatc
     compare_to_reference(layer, x)
     assert {(0, 3, True), (3, 6, False), (6, 7, True)} <= set(seen), seen
     assert len(seen) == 6  # each group once in forward, once in backward
+
+
+@pytest.mark.parametrize("k,G", [(1, 1), (2, 4), (3, 5), (5, 3)])
+def test_grad_x_through_the_derivative_spline(k, G, monkeypatch, one_thread):
+    """Reduced groups on uniform knots take grad_x from the derivative spline's coefficients
+    ((W_j - W_{j-1}) / h on the order-(k-1) bases); grad_x and every other gradient equal
+    the reference, with the SiLU base branch in the engine and without (spline term only)."""
+    used = []
+    real = torch_backend._derivative_weight
+    monkeypatch.setattr(torch_backend, "_derivative_weight", lambda *a: used.append(a[3:5]) or real(*a))
+    for act in (torch.nn.SiLU, torch.nn.Tanh):  # fused into the engine's GEMMs, or not (spline only)
+        torch.manual_seed(k)
+        layer = FastKANLayer(5, 3, grid_size=G, spline_order=k, base_activation=act, dtype=torch.float64)
+        lo, hi = layer.grid[:, k], layer.grid[:, -k - 1]
+        x = lo + (0.01 + 0.98 * torch.rand(40, 5, dtype=torch.float64)) * (hi - lo)
+        used.clear()
+        compare_to_reference(layer, x)
+        assert used == [(0, 5)], used
 
 
 def test_reduced_basis_float32_weight_gradient():
