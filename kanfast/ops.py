@@ -92,20 +92,23 @@ def _grads_by_autograd(grad_y, pairs, fn):
 
 
 # --------------------------------------------------------------------- torch
-def _torch_forward(x, grid, coef, base_weight, k, uniform, scale=None):
+def _torch_forward(x, grid, coef, base_weight, k, uniform, scale=None, knots=None):
     nout, nin, nb = coef.shape
     base = None if base_weight is None else base_weight.contiguous()
     sc = None if scale is None else scale.contiguous()
-    return torch_backend._forward(x, grid, coef.reshape(nout, nin * nb).contiguous(), base, k, uniform, sc)
+    return torch_backend._forward(x, grid, coef.reshape(nout, nin * nb).contiguous(), base, k, uniform, sc, knots)
 
 
-def _torch_backward(grad_y, x, grid, coef, base_weight, k, uniform, need_x, need_c, need_b, scale=None, need_s=False):
+def _torch_backward(
+    grad_y, x, grid, coef, base_weight, k, uniform, need_x, need_c, need_b, scale=None, need_s=False, knots=None
+):
     """(grad_x, grad_coef, grad_base, grad_scale), None where not needed."""
     nout, nin, nb = coef.shape
     base = None if base_weight is None else base_weight.contiguous()
     sc = None if scale is None else scale.contiguous()
     gx, gc, gb, gs = torch_backend._backward(
-        grad_y, x, grid, coef.reshape(nout, nin * nb).contiguous(), base, k, uniform, need_x, need_c, need_b, sc, need_s
+        grad_y, x, grid, coef.reshape(nout, nin * nb).contiguous(), base, k, uniform, need_x, need_c, need_b, sc,
+        need_s, knots,
     )
     return gx, (gc.view(nout, nin, nb) if gc is not None else None), (gb if need_b else None), gs
 
@@ -194,8 +197,11 @@ def _make_backward(fast_backward):
             )
         else:
             extra = (scale, need_s) if n_inputs > 6 else ()
+            # the eager Function's knot constants, verified in its forward (autograd's version
+            # check guarantees the saved grid was not modified in place since)
+            kw = {"knots": ctx.knots} if getattr(ctx, "knots", None) is not None else {}
             gx, gc, gb, *rest = fast_backward(
-                grad_y, x, grid, coef, base_weight, spline_order, flag, need_x, need_c, need_b, *extra
+                grad_y, x, grid, coef, base_weight, spline_order, flag, need_x, need_c, need_b, *extra, **kw
             )
             gs = rest[0] if rest else None
         grads = [(gx if need_x else None), None, (gc if need_c else None), (gb if need_b else None), None, None]
@@ -206,10 +212,12 @@ def _make_backward(fast_backward):
     return backward
 
 
-def _torch_backward_eager(grad_y, x, grid, coef, base_weight, k, uniform, need_x, need_c, need_b, scale=None, need_s=False):
+def _torch_backward_eager(
+    grad_y, x, grid, coef, base_weight, k, uniform, need_x, need_c, need_b, scale=None, need_s=False, knots=None
+):
     return _torch_backward(
         grad_y.contiguous(), x.contiguous(), grid.contiguous(), coef, base_weight, k, uniform, need_x, need_c, need_b,
-        scale, need_s,
+        scale, need_s, knots,
     )
 
 
@@ -221,7 +229,10 @@ class _EagerTorchKAN(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, grid, coef, base_weight, spline_order, uniform, scale):
         _setup_context(ctx, (x, grid, coef, base_weight, spline_order, uniform, scale), None)
-        return _torch_forward(x.contiguous(), grid.contiguous(), coef, base_weight, spline_order, uniform, scale)
+        grid = grid.contiguous()
+        # the knots' per-call constants (uniformity verified), shared with the backward
+        ctx.knots = torch_backend._Knots(grid, spline_order, uniform)
+        return _torch_forward(x.contiguous(), grid, coef, base_weight, spline_order, uniform, scale, ctx.knots)
 
     backward = staticmethod(_make_backward(_torch_backward_eager))
 

@@ -133,12 +133,17 @@ ROW_ELEMENTS = 1 << 17
 
 def grid_is_uniform(grid: torch.Tensor) -> bool:
     """True when every row of ``grid`` (in, n_knots) is equally spaced to rounding."""
+    return _uniform_spacing(grid) is not None
+
+
+def _uniform_spacing(grid: torch.Tensor) -> Optional[torch.Tensor]:
+    """The spacing h (in, 1) when every row of ``grid`` is equally spaced to rounding, else None."""
     if grid.shape[-1] < 2:
-        return False
+        return None
     d = grid[:, 1:] - grid[:, :-1]
     h = (grid[:, -1:] - grid[:, :1]) / (grid.shape[-1] - 1)
     tol = 16 * torch.finfo(grid.dtype).eps * grid.abs().amax(dim=-1, keepdim=True).clamp_min(1.0)
-    return bool(((d - h).abs() <= tol).all()) and bool((h > 0).all())
+    return h if bool(((d - h).abs() <= tol).all()) and bool((h > 0).all()) else None
 
 
 @functools.lru_cache(maxsize=None)
@@ -208,28 +213,67 @@ def _make_piece_columns(k: int, dtype: torch.dtype, device: torch.device):
     return cols, dcols, dmat, lmat
 
 
-class _Grid:
-    """Per-call constants of the knot vectors (built once per forward/backward)."""
+class _Knots:
+    """Per-call constants of every feature's knot vector, built once by the caller (before
+    the work is split across the CPU workers, and reused by the eager backward) and
+    sliced per feature group (:meth:`part`): on the order of twenty small ops, which
+    cost 10-30 us each between large GEMMs. ``uniform``: the caller's flag, verified here
+    (a grid edited through ``.data``, or a compiled graph that baked the flag in, may
+    have gone stale) unless ``verify`` is False."""
 
-    def __init__(self, grid: torch.Tensor, k: int, uniform: bool):
+    def __init__(self, grid: torch.Tensor, k: int, uniform: bool, verify: bool = True):
         self.k = k
         self.n = grid.shape[1]
         self.nb = self.n - k - 1
-        self.uniform = uniform
         self.grid = grid
+        h = None
+        if uniform:
+            h = _uniform_spacing(grid) if verify else (grid[:, -1:] - grid[:, :1]) / (self.n - 1)
+        self.uniform = h is not None
         self.t0 = grid[:, 0].contiguous()
         self.tn = grid[:, -1].contiguous()
-        if not (uniform and k >= 2):  # knot lookups of the other paths
+        self.flat = self.row_base = self.inv_h = self.pflat = self.prow_base = None
+        if not (self.uniform and k >= 2):  # knot lookups of the other paths
             self.flat = grid.contiguous().reshape(-1)
             self.row_base = torch.arange(grid.shape[0], device=grid.device) * self.n
-        if uniform:
-            h = (self.tn - self.t0) / (self.n - 1)
-            self.inv_h = 1.0 / h
+        if self.uniform:
+            self.inv_h = 1.0 / h.view(-1)
             self.cols, self.dcols, self.dmat, self.lmat = _piece_columns(k, grid.dtype, grid.device)
         else:
-            self.padded = _pad_knots(grid, k).contiguous()
-            self.pflat = self.padded.reshape(-1)
-            self.prow_base = torch.arange(grid.shape[0], device=grid.device) * self.padded.shape[1]
+            padded = _pad_knots(grid, k).contiguous()
+            self.pflat = padded.reshape(-1)
+            self.prow_base = torch.arange(grid.shape[0], device=grid.device) * padded.shape[1]
+
+    def part(self, f0: int, f1: int) -> "_Grid":
+        """The knots of features f0..f1 (views)."""
+        return _Grid(self, f0, f1)
+
+
+class _Grid:
+    """The knots of one block of features: views of the call's :class:`_Knots`. Index
+    tables (``row_base``, ``prow_base``) address the whole grid's flat knots."""
+
+    def __init__(self, kn: _Knots, f0: int, f1: int):
+        self.k, self.n, self.nb, self.uniform = kn.k, kn.n, kn.nb, kn.uniform
+        self.grid = kn.grid[f0:f1]
+        self.t0, self.tn = kn.t0[f0:f1], kn.tn[f0:f1]
+        self.flat, self.pflat = kn.flat, kn.pflat
+        self.row_base = None if kn.row_base is None else kn.row_base[f0:f1]
+        self.prow_base = None if kn.prow_base is None else kn.prow_base[f0:f1]
+        if self.uniform:
+            self.inv_h = kn.inv_h[f0:f1]
+            self.cols, self.dcols, self.dmat, self.lmat = kn.cols, kn.dcols, kn.dmat, kn.lmat
+
+    def part(self, f0: int, f1: int) -> "_Grid":
+        """Features f0..f1 of this block (relative), as a new view."""
+        out = object.__new__(_Grid)
+        out.__dict__.update(self.__dict__)
+        out.grid = self.grid[f0:f1]
+        for name in ("t0", "tn", "row_base", "prow_base", "inv_h"):
+            v = getattr(self, name, None)
+            if v is not None:
+                setattr(out, name, v[f0:f1])
+        return out
 
 
 def _pad_knots(grid: torch.Tensor, k: int) -> torch.Tensor:
@@ -448,7 +492,7 @@ def local_bases(
         slots must be dropped); ``vals`` ``(rows, in, k+1)`` (0 for out-of-range or
         non-finite inputs); ``dvals`` the same shape or None.
     """
-    g = _Grid(grid, k, uniform)
+    g = _Knots(grid, k, uniform, verify=False).part(0, grid.shape[0])
     m, f = _spans(x, g)
     V, dV = _values(x, m, f, g, True, need_deriv)
     outside = (m == g.n - 1).unsqueeze(-1)
@@ -487,20 +531,20 @@ def _feature_groups(nin: int, nb: int) -> List[Tuple[int, int]]:
 
 class _Plan:
     """Per-call chunking: rows per chunk, feature groups, their knots and work blocks
-    (the groups share one buffer). ``uniform`` must already be verified
-    (:func:`grid_is_uniform`); ``has_base``: the blocks carry a SiLU column block.
+    (the groups share one buffer). ``knots``: the knots of x's features (a
+    :class:`_Grid`); ``has_base``: the blocks carry a SiLU column block.
     Each CPU worker runs its own plan with the full per-chunk budgets (halving them
     per worker was slower: smaller GEMMs, more ops per element)."""
 
-    def __init__(self, x: torch.Tensor, grid: torch.Tensor, k: int, uniform: bool, has_base: bool):
+    def __init__(self, x: torch.Tensor, knots: "_Grid", has_base: bool):
         N, nin = x.shape
-        nb = grid.shape[1] - k - 1
+        k, nb = knots.k, knots.nb
         off = 1 if has_base else 0
         self.groups = _feature_groups(nin, nb + off)
         fg = self.groups[0][1] - self.groups[0][0]
         self.step = max(1, min(ROW_ELEMENTS // max(1, nin), CHUNK_ELEMENTS // max(1, fg * (nb + off))))
         cap = min(self.step, N)
-        self.grids = [_Grid(grid[f0:f1], k, uniform) for f0, f1 in self.groups]
+        self.grids = [knots.part(f0, f1) for f0, f1 in self.groups]
         first = _Block(cap, fg, nb, k, off, x)
         self.blocks = [
             first if f1 - f0 == fg else _Block(cap, f1 - f0, nb, k, off, x, share=first) for f0, f1 in self.groups
@@ -744,30 +788,32 @@ def _chunks(N: int, step: int, stagger: bool):
         s += step
 
 
-def _forward(x, grid, coef2, base_weight, spline_order, uniform, scale=None):
+def _forward(x, grid, coef2, base_weight, spline_order, uniform, scale=None, knots: Optional[_Knots] = None):
     """y (N, out) = D(x) @ W^T [+ silu(x) @ base_weight^T]. x (N, in); coef2 (out, in * nb)
     with W = coef2, or ``coef2 * scale`` per (out, feature) when ``scale`` (out, in) is
-    given; base_weight (out, in) or None. Large calls are split by rows across the CPU
-    workers (:mod:`kanfast.cpu_workers`)."""
+    given; base_weight (out, in) or None. ``knots``: the call's :class:`_Knots` of
+    ``grid`` when the caller built them (built here otherwise). Large calls are split
+    by rows across the CPU workers (:mod:`kanfast.cpu_workers`)."""
     # the caller's flag may be stale (a grid edited through .data, or a compiled graph
-    # that baked it in): verify it, so the closed form never runs on uneven knots
-    uniform = uniform and grid_is_uniform(grid)
+    # that baked it in): _Knots verifies it, so the closed form never runs on uneven knots
+    kn = knots if knots is not None else _Knots(grid, spline_order, uniform)
     N, nin = x.shape
-    nb = grid.shape[1] - spline_order - 1
+    nb = kn.nb
     y = torch.empty(N, coef2.shape[0], dtype=x.dtype, device=x.device)
     parts = cpu_workers.split(N, cpu_workers.worker_count(N * nin * (nb + 1), x, grid, coef2, base_weight, scale))
+    whole = kn.part(0, nin)
 
     def rows(r0, r1):
         stagger = parts.index((r0, r1)) % 2 == 1
-        _forward_rows(y[r0:r1], x[r0:r1], grid, coef2, base_weight, spline_order, uniform, scale, stagger)
+        _forward_rows(y[r0:r1], x[r0:r1], whole, coef2, base_weight, scale, stagger)
 
     cpu_workers.run(rows, parts)
     return y
 
 
-def _forward_rows(y, x, grid, coef2, base_weight, spline_order, uniform, scale, stagger=False):
+def _forward_rows(y, x, knots: _Grid, coef2, base_weight, scale, stagger=False):
     """:func:`_forward` of the rows of x into y, K-split over feature groups, chunked over rows."""
-    plan = _Plan(x, grid, spline_order, uniform, base_weight is not None)
+    plan = _Plan(x, knots, base_weight is not None)
     nb = plan.nb
     N = x.shape[0]
     bias = None
@@ -797,14 +843,17 @@ def _reduced(check, nb: int) -> bool:
     return bool(check[1]) and nb >= 2
 
 
-def _backward(grad_y, x, grid, coef2, base_weight, spline_order, uniform, need_x, need_c, need_b, scale=None, need_s=False):
+def _backward(
+    grad_y, x, grid, coef2, base_weight, spline_order, uniform, need_x, need_c, need_b, scale=None, need_s=False,
+    knots: Optional[_Knots] = None,
+):
     """(grad_x, grad_coef2 (out, in*nb), grad_base (out, in), grad_scale (out, in)) of
-    :func:`_forward`, each or None. Large calls are split by input features (disjoint
+    :func:`_forward`, each or None; ``knots`` as for :func:`_forward` (the eager autograd
+    Function passes the forward's). Large calls are split by input features (disjoint
     gradient columns) across the CPU workers."""
-    uniform = uniform and grid_is_uniform(grid)
-    k = spline_order
+    kn = knots if knots is not None else _Knots(grid, spline_order, uniform)
     N, nin = x.shape
-    nb = grid.shape[1] - k - 1
+    nb = kn.nb
     nout = coef2.shape[0]
     has_base = base_weight is not None
     need_b = need_b and has_base
@@ -823,7 +872,7 @@ def _backward(grad_y, x, grid, coef2, base_weight, spline_order, uniform, need_x
             return None if t is None else t[:, f0:f1]
 
         _backward_features(
-            grad_y, x[:, f0:f1], grid[f0:f1], coef2[:, f0 * nb : f1 * nb], sl(base_weight), k, uniform, sl(scale),
+            grad_y, x[:, f0:f1], kn.part(f0, f1), coef2[:, f0 * nb : f1 * nb], sl(base_weight), sl(scale),
             sl(grad_x), None if grad_c is None else grad_c[:, f0 * nb : f1 * nb], sl(grad_b), sl(grad_s),
             need_c, parts.index((f0, f1)) % 2 == 1,
         )
@@ -833,9 +882,9 @@ def _backward(grad_y, x, grid, coef2, base_weight, spline_order, uniform, need_x
 
 
 def _backward_features(
-    grad_y, x, grid, coef2, base_weight, k, uniform, scale, grad_x, grad_c, grad_b, grad_s, need_c, stagger=False
+    grad_y, x, knots: _Grid, coef2, base_weight, scale, grad_x, grad_c, grad_b, grad_s, need_c, stagger=False
 ):
-    """:func:`_backward` for a block of input features: x (N, f), grid (f, n), coef2
+    """:func:`_backward` for a block of input features: x (N, f), knots their :class:`_Grid`, coef2
     (out, f * nb), base_weight and scale (out, f) or None; writes the gradients
     into the given views (None: not needed): grad_x (N, f), grad_c (out, f * nb),
     grad_b and grad_s (out, f).
@@ -847,8 +896,8 @@ def _backward_features(
     as its basis is ``1 - sum_{j<L} B_j``), then ``grad_D = grad_y @ Wg`` into the
     same block, of which the SiLU column block gives the base branch's share of
     grad_x and the k+1 slots of every input the spline's."""
-    plan = _Plan(x, grid, k, uniform, base_weight is not None)
-    nb, off = plan.nb, plan.off
+    plan = _Plan(x, knots, base_weight is not None)
+    k, nb, off = plan.k, plan.nb, plan.off
     N = x.shape[0]
     nout = coef2.shape[0]
     need_x = grad_x is not None

@@ -71,7 +71,7 @@ def test_interior_bounds_at_the_edges(workers):
     layer = FastKANLayer(4, 3, grid_size=5, spline_order=3, dtype=torch.float64)
     lo, hi = layer.grid[:, 3], layer.grid[:, -4]  # t_k and t_{G+k}
     mid = (lo + hi) / 2 + torch.zeros(9, 4, dtype=torch.float64)
-    g = torch_backend._Grid(layer.grid.detach(), 3, True)
+    g = torch_backend._Knots(layer.grid.detach(), 3, True).part(0, 4)
     on_lo = torch.cat([lo.unsqueeze(0), mid])  # exactly on t_k: interior
     assert torch_backend._column_check(on_lo, g) == (True, True)
     compare_to_reference(layer, on_lo)
