@@ -136,12 +136,17 @@ def grid_is_uniform(grid: torch.Tensor) -> bool:
     return _uniform_spacing(grid) is not None
 
 
+def _spacing(grid: torch.Tensor) -> torch.Tensor:
+    """(t_last - t_0) / (n - 1) per row, (in, 1): the spacing of uniform knots."""
+    return (grid[:, -1:] - grid[:, :1]) / (grid.shape[-1] - 1)
+
+
 def _uniform_spacing(grid: torch.Tensor) -> Optional[torch.Tensor]:
     """The spacing h (in, 1) when every row of ``grid`` is equally spaced to rounding, else None."""
     if grid.shape[-1] < 2:
         return None
     d = grid[:, 1:] - grid[:, :-1]
-    h = (grid[:, -1:] - grid[:, :1]) / (grid.shape[-1] - 1)
+    h = _spacing(grid)
     tol = 16 * torch.finfo(grid.dtype).eps * grid.abs().amax(dim=-1, keepdim=True).clamp_min(1.0)
     return h if bool(((d - h).abs() <= tol).all()) and bool((h > 0).all()) else None
 
@@ -228,7 +233,7 @@ class _Knots:
         self.grid = grid
         h = None
         if uniform:
-            h = _uniform_spacing(grid) if verify else (grid[:, -1:] - grid[:, :1]) / (self.n - 1)
+            h = _uniform_spacing(grid) if verify else _spacing(grid)
         self.uniform = h is not None
         self.t0 = grid[:, 0].contiguous()
         self.tn = grid[:, -1].contiguous()
@@ -250,10 +255,11 @@ class _Knots:
 
 
 class _Grid:
-    """The knots of one block of features: views of the call's :class:`_Knots`. Index
+    """The knots of features f0..f1: views of the call's :class:`_Knots`. Index
     tables (``row_base``, ``prow_base``) address the whole grid's flat knots."""
 
     def __init__(self, kn: _Knots, f0: int, f1: int):
+        self._kn, self._f0 = kn, f0
         self.k, self.n, self.nb, self.uniform = kn.k, kn.n, kn.nb, kn.uniform
         self.grid = kn.grid[f0:f1]
         self.t0, self.tn = kn.t0[f0:f1], kn.tn[f0:f1]
@@ -265,15 +271,8 @@ class _Grid:
             self.cols, self.dcols, self.dmat, self.lmat = kn.cols, kn.dcols, kn.dmat, kn.lmat
 
     def part(self, f0: int, f1: int) -> "_Grid":
-        """Features f0..f1 of this block (relative), as a new view."""
-        out = object.__new__(_Grid)
-        out.__dict__.update(self.__dict__)
-        out.grid = self.grid[f0:f1]
-        for name in ("t0", "tn", "row_base", "prow_base", "inv_h"):
-            v = getattr(self, name, None)
-            if v is not None:
-                setattr(out, name, v[f0:f1])
-        return out
+        """Features f0..f1 of this block (relative)."""
+        return _Grid(self._kn, self._f0 + f0, self._f0 + f1)
 
 
 def _pad_knots(grid: torch.Tensor, k: int) -> torch.Tensor:
