@@ -894,7 +894,9 @@ def _backward_features(
     layout; when reduced, the last basis's column is ``sum_b grad_y - sum_{j<L} gW_j``,
     as its basis is ``1 - sum_{j<L} B_j``), then ``grad_D = grad_y @ Wg`` into the
     same block, of which the SiLU column block gives the base branch's share of
-    grad_x and the k+1 slots of every input the spline's."""
+    grad_x and the slots of every input the spline's: k+1 against the bases'
+    derivatives, or, for a reduced group on uniform knots, k against the derivative
+    spline's coefficients (:func:`_derivative_weight`)."""
     plan = _Plan(x, knots, base_weight is not None)
     k, nb, off = plan.k, plan.nb, plan.off
     N = x.shape[0]
