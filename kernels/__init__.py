@@ -1,1 +1,2 @@
-"""Triton device code for kanfast (installed as ``kanfast.kernels``)."""
+"""Device code for kanfast (installed as ``kanfast.kernels``): the fused Triton kernels
+(:mod:`.kan_spline`) and the CPU block kernels in C (:mod:`.cpu_spline`, compiled on first use)."""

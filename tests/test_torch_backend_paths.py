@@ -1,7 +1,8 @@
 """The fast torch backend's internal paths against the reference oracle (float64):
 uniform closed form (interior fast path and the masked path), the k <= 1 exact
 span correction, non-uniform (de Boor) knots, several chunks, knots hit exactly,
-NaN/inf/out-of-range inputs, with and without the fused SiLU base."""
+NaN/inf/out-of-range inputs, with and without the fused SiLU base; each with the
+compiled block kernels and with the pure-torch ops (fixture ``engine``)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,22 @@ import torch
 
 from conftest import assert_close, compare_to_reference
 from kanfast import FastKANLayer, torch_backend
+from kanfast.kernels import cpu_spline
 from kanfast.reference import kan_linear_reference
+
+
+@pytest.fixture(params=["kernels", "torch-ops"], autouse=True)
+def engine(request, monkeypatch):
+    """Every test twice: with the compiled block kernels (uniform knots, k >= 2) and with the
+    pure-torch ops they replace (the path taken without a C compiler)."""
+    if request.param == "kernels":
+        if cpu_spline.load() is None:
+            pytest.skip("the CPU block kernels are not built here (no C compiler?)")
+    else:
+        cpu_spline.load()
+        monkeypatch.setattr(cpu_spline, "_kernels", None)
+    monkeypatch.setattr(torch_backend, "KERNEL_ROW_ELEMENTS", 7 * 23)  # several chunks, a ragged last one
+    return request.param
 
 
 @pytest.mark.parametrize("k,G,updated,base", list(itertools.product([0, 1, 2, 3, 5], [1, 5, 12], [False, True], [True, False])))

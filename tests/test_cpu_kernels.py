@@ -1,0 +1,248 @@
+"""The compiled CPU block kernels (kanfast.kernels.cpu_spline): where they run, their values
+and gradients against the reference oracle and against the pure-torch ops they replace,
+and their build: cache, fallbacks, errors."""
+
+from __future__ import annotations
+
+import itertools
+import os
+
+import pytest
+import torch
+
+from conftest import assert_close, backend_grads, compare_to_reference
+from kanfast import FastKANLayer, torch_backend
+from kanfast.kernels import cpu_spline
+
+needs_kernels = pytest.mark.skipif(cpu_spline.load() is None, reason="the CPU block kernels are not built here")
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    """Count the kernels' launches: ``{"fill": n, "grad_x": n}``."""
+    kern = cpu_spline.load()
+    counts = {"fill": 0, "grad_x": 0}
+    for name in counts:
+        real = getattr(kern, name)
+
+        def wrapped(*a, _real=real, _name=name, **kw):
+            counts[_name] += 1
+            return _real(*a, **kw)
+
+        monkeypatch.setattr(kern, name, wrapped)
+    monkeypatch.setattr(torch_backend, "KERNEL_ROW_ELEMENTS", 5 * 11)  # several chunks
+    return counts
+
+
+@pytest.fixture
+def fresh_load(monkeypatch, tmp_path):
+    """load() from scratch with an empty cache directory; the process's result restored after."""
+    monkeypatch.setenv("KANFAST_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("KANFAST_CPU_KERNEL", raising=False)
+    saved = (cpu_spline._loaded, cpu_spline._kernels)
+    cpu_spline.reset()
+    yield tmp_path / "cache"
+    cpu_spline._loaded, cpu_spline._kernels = saved
+
+
+def _inputs(layer, n, dtype, special=True):
+    k = layer.spline_order
+    lo, hi = layer.grid[:, k], layer.grid[:, -k - 1]
+    inner = lo + torch.rand(n, layer.in_features, dtype=dtype) * (hi - lo)
+    wide = torch.randn(n, layer.in_features, dtype=dtype) * 1.6  # extension region and outside
+    parts = [inner, wide, layer.grid.t().to(dtype)]  # every knot exactly
+    if special:
+        odd = torch.zeros(4, layer.in_features, dtype=dtype)
+        odd[0, 0], odd[1, 1], odd[2, 2], odd[3, 3 % layer.in_features] = float("nan"), float("inf"), -float("inf"), -100
+        parts.append(odd)
+    return inner, torch.cat(parts)
+
+
+@needs_kernels
+@pytest.mark.parametrize("k,G,act", list(itertools.product([2, 3, 4, 5], [1, 5, 12], ["silu", "tanh"])))
+def test_kernels_match_reference_float64(k, G, act, spy):
+    """float64 at 1e-12: interior inputs (reduced groups: derivative-spline grad_x), and
+    inputs in the extension region, outside, on every knot, NaN and +-inf (all bases,
+    the bases' derivatives), with the SiLU base fused and without (spline term only)."""
+    torch.manual_seed(k * 31 + G)
+    layer = FastKANLayer(6, 4, grid_size=G, spline_order=k, dtype=torch.float64,
+                         base_activation=torch.nn.SiLU if act == "silu" else torch.nn.Tanh)
+    inner, mixed = _inputs(layer, 40, torch.float64)
+    compare_to_reference(layer, inner)
+    compare_to_reference(layer, mixed)
+    assert spy["fill"] > 2 and spy["grad_x"] > 2
+
+
+@needs_kernels
+@pytest.mark.parametrize("k", [2, 3, 5])
+def test_kernels_match_reference_float32(k, spy):
+    """float32 against the float64 reference: relative RMS error of the output and of every
+    gradient, and NaN exactly where the reference has NaN (silu(-inf) included)."""
+    torch.manual_seed(k)
+    lay32 = FastKANLayer(9, 5, grid_size=7, spline_order=k)
+    layer = FastKANLayer(9, 5, grid_size=7, spline_order=k, dtype=torch.float64)
+    layer.load_state_dict({n: t.double() for n, t in lay32.state_dict().items()})  # the same values
+    inner, mixed = _inputs(layer, 300, torch.float64)
+
+    def grads(model, x, backend, gy):
+        model.backend = backend
+        model.zero_grad(set_to_none=True)
+        x = x.clone().requires_grad_(True)
+        y = model(x)
+        y.backward(gy.to(y.dtype))
+        return [y.detach(), x.grad] + [p.grad for p in model.parameters()]
+
+    for x in (inner.float().double(), mixed.float().double()):
+        gy = torch.randn(x.shape[0], 5, dtype=torch.float64)
+        ref = grads(layer, x, "reference", gy)
+        got = grads(lay32, x.float(), "torch", gy)
+        for name, a, b in zip(["y", "grad_x", "base_weight", "spline_weight", "spline_scaler"], ref, got):
+            assert torch.equal(torch.isnan(a), torch.isnan(b)), name
+            fin = torch.isfinite(a) & torch.isfinite(b)
+            assert_close(b[fin].double(), a[fin], rtol=2e-6, name=name)
+    assert spy["fill"] > 0 and spy["grad_x"] > 0
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-13), (torch.float32, 2e-6)])
+def test_kernels_equal_the_torch_ops(dtype, tol, monkeypatch):
+    """The kernels and the pure-torch ops they replace give the same output and gradients
+    (feature groups and several chunks, so several launches per call)."""
+    monkeypatch.setattr(torch_backend, "BLOCK_WIDTH", 4 * 9)  # groups of 4 features
+    monkeypatch.setattr(torch_backend, "KERNEL_ROW_ELEMENTS", 7 * 13)
+    monkeypatch.setattr(torch_backend, "ROW_ELEMENTS", 7 * 13)
+    torch.manual_seed(3)
+    layer = FastKANLayer(10, 6, grid_size=5, spline_order=3, dtype=dtype)
+    _, x = _inputs(layer, 80, dtype, special=False)
+    with_kernels = backend_grads(layer, x, "torch")
+    monkeypatch.setattr(cpu_spline, "_kernels", None)
+    torch_ops = backend_grads(layer, x, "torch")
+    for a, b in zip(with_kernels, torch_ops):
+        assert_close(a, b, rtol=tol)
+
+
+@needs_kernels
+def test_where_the_kernels_run(spy):
+    """Uniform knots with k >= 2 only: k <= 1 (spans corrected against the stored knots) and
+    non-uniform knots (de Boor) keep the torch ops, and still match the reference."""
+    x = torch.rand(30, 5, dtype=torch.float64) * 1.8 - 0.9
+    for k, update, used in [(3, False, True), (2, False, True), (1, False, False), (0, False, False), (3, True, False)]:
+        layer = FastKANLayer(5, 3, grid_size=5, spline_order=k, dtype=torch.float64)
+        if update:
+            layer.update_grid(torch.randn(100, 5, dtype=torch.float64))
+        spy["fill"] = spy["grad_x"] = 0
+        compare_to_reference(layer, x)
+        assert (spy["fill"] > 0) == used and (spy["grad_x"] > 0) == used, (k, update, spy)
+
+
+def test_disabled_by_environment(fresh_load, monkeypatch):
+    """KANFAST_CPU_KERNEL=0: nothing is built, the torch ops run, results unchanged."""
+    monkeypatch.setenv("KANFAST_CPU_KERNEL", "0")
+    assert cpu_spline.load() is None
+    assert not fresh_load.exists()
+    layer = FastKANLayer(4, 3, dtype=torch.float64)
+    compare_to_reference(layer, torch.rand(20, 4, dtype=torch.float64) * 2 - 1)
+
+
+def test_no_compiler_warns_and_falls_back(fresh_load, monkeypatch):
+    monkeypatch.setattr(cpu_spline, "_compiler", lambda: None)
+    with pytest.warns(RuntimeWarning, match="no C compiler"):
+        assert cpu_spline.load() is None
+    layer = FastKANLayer(4, 3, dtype=torch.float64)
+    compare_to_reference(layer, torch.rand(20, 4, dtype=torch.float64) * 2 - 1)
+
+
+def test_failing_compiler_warns_and_falls_back(fresh_load, monkeypatch, tmp_path):
+    """A compiler that fails: the warning carries its exit status and stderr; no library is
+    left in the cache."""
+    bad = tmp_path / "badcc"
+    bad.write_text("#!/bin/sh\necho 'cc: fatal error: out of toner' >&2\nexit 3\n")
+    bad.chmod(0o755)
+    monkeypatch.setenv("CC", str(bad))
+    with pytest.warns(RuntimeWarning, match="out of toner"):
+        assert cpu_spline.load() is None
+    assert not list(fresh_load.glob("*.so"))
+
+
+@needs_kernels
+def test_build_is_cached(fresh_load, monkeypatch):
+    """The first load builds into the cache directory; a later process (here: after reset)
+    loads that file without compiling again."""
+    kern = cpu_spline.load()
+    assert kern is not None
+    built = list(fresh_load.glob("cpu_spline_*.so"))
+    assert len(built) == 1
+    cpu_spline.reset()
+
+    def no_build(*a, **kw):
+        raise AssertionError("rebuilt although cached")
+
+    monkeypatch.setattr(cpu_spline, "_build", no_build)
+    assert cpu_spline.load() is not None
+
+
+@needs_kernels
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes to read-only directories")
+def test_unwritable_cache_dir_uses_a_private_temp_dir(fresh_load, monkeypatch, tmp_path):
+    fresh_load.mkdir(parents=True)
+    fresh_load.chmod(0o500)
+    monkeypatch.setattr(cpu_spline.tempfile, "gettempdir", lambda: str(tmp_path))
+    try:
+        assert cpu_spline.load() is not None
+        assert list((tmp_path / f"kanfast-{os.getuid()}").glob("cpu_spline_*.so"))
+    finally:
+        fresh_load.chmod(0o700)
+
+
+@needs_kernels
+def test_kan_linear_torch_without_base(spy):
+    """The functional entry with ``base_weight=None`` (no SiLU block: off = 0)."""
+    torch.manual_seed(0)
+    layer = FastKANLayer(5, 4, grid_size=6, spline_order=3, dtype=torch.float64)
+    coef = (layer.spline_weight * layer.spline_scaler[..., None]).detach().requires_grad_(True)
+    x = (torch.rand(25, 5, dtype=torch.float64) * 2.4 - 1.2).requires_grad_(True)
+    y = torch_backend.kan_linear_torch(x, layer.grid, coef, None, 3)
+    from kanfast.reference import b_spline_basis
+
+    ref = torch.einsum("bij,oij->bo", b_spline_basis(x, layer.grid, 3), coef)
+    torch.testing.assert_close(y, ref, rtol=0, atol=1e-12)
+    gx, gc = torch.autograd.grad(y.sum(), (x, coef))
+    rx, rc = torch.autograd.grad(ref.sum(), (x, coef))
+    torch.testing.assert_close(gx, rx, rtol=0, atol=1e-12)
+    torch.testing.assert_close(gc, rc, rtol=0, atol=1e-12)
+    assert spy["fill"] > 0 and spy["grad_x"] > 0
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype,ulps", [(torch.float32, 4), (torch.float64, 4)])
+def test_silu_and_its_derivative_in_the_kernels(dtype, ulps):
+    """The kernels' own silu (fill) and silu' (grad_x, via exp: Cephes' polynomial for
+    float32) against float64 torch over [-80, 80] (where the results are normal numbers),
+    within a few ulps of x's dtype; silu(-inf) and silu'(-inf) are NaN as in torch."""
+    kern = cpu_spline.load()
+    x = torch.linspace(-80, 80, 160001, dtype=torch.float64)
+    x = torch.cat([x, torch.tensor([0.0, 1e-30, -1e-30, -1.2784645, float("inf"), -float("inf")], dtype=torch.float64)])
+    x = x.to(dtype).view(-1, 1)
+    knots = dict(t0=torch.tensor([-1.0], dtype=dtype), tn=torch.tensor([1.0], dtype=dtype),
+                 inv_h=torch.tensor([1.0], dtype=dtype), n=3, k=2)
+    work = torch.empty(8, dtype=dtype)
+    out = torch.empty_like(x)
+    kern.fill(x, **knots, poly=torch.zeros(3, 3, dtype=dtype), out=out, off=1, C=1, work=work)
+    gx = torch.empty_like(x)
+    kern.grad_x(x, **knots, poly=torch.zeros(2, 2, dtype=dtype), g=torch.ones_like(x), off=1, C=1, gx=gx, work=work)
+    xd = x.double()
+    s = torch.sigmoid(xd)
+    # silu' = s + x s (1 - s): its rounding error scales with its terms (it crosses 0 at
+    # x ~ -1.278, and 1 - s loses digits for large x); torch's own float32 silu_backward
+    # reaches 8.2 eps of that scale here, the kernel the same
+    ds = s * (1 + xd * (1 - s))
+    for name, got, ref, scale, n_eps in (("silu", out, xd * s, (xd * s).abs(), ulps),
+                                         ("silu'", gx, ds, ds.abs() + (xd * s * (1 - s)).abs(), 10)):
+        got = got.double()
+        assert torch.equal(torch.isnan(got), torch.isnan(ref)), name
+        fin = torch.isfinite(ref)
+        torch.testing.assert_close(got[~fin], ref[~fin], rtol=0, atol=0, equal_nan=True, msg=name)
+        big = fin & (ref.abs() > 1e-30)
+        tol = n_eps * torch.finfo(dtype).eps * scale[big]
+        err = (got[big] - ref[big]).abs()
+        assert (err <= tol).all(), f"{name}: max error {float((err / tol).max()):.2f} x the bound"
