@@ -109,6 +109,7 @@ def test_kernels_equal_the_torch_ops(dtype, tol, monkeypatch):
     """The kernels and the pure-torch ops they replace give the same output and gradients
     (feature groups and several chunks, so several launches per call)."""
     monkeypatch.setattr(torch_backend, "BLOCK_WIDTH", 4 * 9)  # groups of 4 features
+    monkeypatch.setattr(torch_backend, "KERNEL_BLOCK_WIDTH", 4 * 9)  # (the kernels' path)
     monkeypatch.setattr(torch_backend, "KERNEL_ROW_ELEMENTS", 7 * 13)
     monkeypatch.setattr(torch_backend, "ROW_ELEMENTS", 7 * 13)
     torch.manual_seed(3)
@@ -246,3 +247,30 @@ def test_silu_and_its_derivative_in_the_kernels(dtype, ulps):
         tol = n_eps * torch.finfo(dtype).eps * scale[big]
         err = (got[big] - ref[big]).abs()
         assert (err <= tol).all(), f"{name}: max error {float((err / tol).max()):.2f} x the bound"
+
+
+@pytest.mark.parametrize("nin,nb,width", [(256, 9, 2048), (256, 54, 2048), (256, 24, 2048), (40, 54, 2048),
+                                          (100, 9, 1000), (7, 9, 27), (300, 54, 4096)])
+def test_aligned_feature_groups(nin, nb, width):
+    """The kernels' feature groups cover every feature once, in order, each within the width;
+    when there are several and the width allows 16 features, all but the last hold a
+    multiple of 16."""
+    groups = torch_backend._feature_groups(nin, nb, width, align=True)
+    assert groups[0][0] == 0 and groups[-1][1] == nin
+    assert all(a[1] == b[0] for a, b in zip(groups, groups[1:]))
+    assert all((f1 - f0) * nb <= width or f1 - f0 == 1 for f0, f1 in groups)
+    if len(groups) > 1 and width // nb >= 16:
+        assert all((f1 - f0) % 16 == 0 for f0, f1 in groups[:-1]), groups
+
+
+@needs_kernels
+def test_kernels_with_aligned_groups_match_reference(spy, monkeypatch):
+    """G = 50 at in = 40: groups of 32 and 8 features on the kernels' path."""
+    monkeypatch.setattr(torch_backend, "KERNEL_BLOCK_WIDTH", 2048)
+    assert torch_backend._feature_groups(40, 54, 2048, align=True) == [(0, 32), (32, 40)]
+    torch.manual_seed(5)
+    layer = FastKANLayer(40, 3, grid_size=50, spline_order=3, dtype=torch.float64)
+    inner, mixed = _inputs(layer, 20, torch.float64)
+    compare_to_reference(layer, inner)
+    compare_to_reference(layer, mixed)
+    assert spy["fill"] > 0 and spy["grad_x"] > 0

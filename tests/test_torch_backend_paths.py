@@ -38,6 +38,7 @@ def test_matches_reference(k, G, updated, base, split, monkeypatch):
     monkeypatch.setattr(torch_backend, "ROW_ELEMENTS", 7 * 23)  # several chunks, a ragged last one
     if split:  # K-split into feature groups of 3, 3 and a ragged 1 sharing one buffer
         monkeypatch.setattr(torch_backend, "BLOCK_WIDTH", 3 * (G + k))
+        monkeypatch.setattr(torch_backend, "KERNEL_BLOCK_WIDTH", 3 * (G + k))  # (the kernels' path)
         assert torch_backend._feature_groups(7, G + k) == [(0, 3), (3, 6), (6, 7)]
     torch.manual_seed(k * 100 + G)
     layer = FastKANLayer(7, 4, grid_size=G, spline_order=k, dtype=torch.float64,
@@ -163,6 +164,7 @@ def test_reduced_basis_only_where_every_input_is_interior(k, updated, monkeypatc
     region keeps all bases. Values and every gradient (the dropped basis's weight
     included) equal the reference either way."""
     monkeypatch.setattr(torch_backend, "BLOCK_WIDTH", 3 * (5 + k + 1))  # groups (0,3), (3,6), (6,7)
+    monkeypatch.setattr(torch_backend, "KERNEL_BLOCK_WIDTH", 3 * (5 + k + 1))  # (the kernels' path)
     torch.manual_seed(k)
     layer = FastKANLayer(7, 4, grid_size=5, spline_order=k, dtype=torch.float64)
     if updated:
