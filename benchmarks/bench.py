@@ -144,7 +144,12 @@ def _git_commit() -> Optional[Dict[str, Any]]:
             return None
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
                                capture_output=True, text=True, timeout=10)
-        return {"sha": sha.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
+        # result files (this run's own output among them, truncated by a shell redirect) do not
+        # change what ran: listed apart
+        paths = [ln[3:] for ln in dirty.stdout.splitlines() if ln.strip()]
+        code = [p for p in paths if not p.startswith("benchmarks/results/")]
+        return {"sha": sha.stdout.strip(), "dirty": bool(code), "dirty_paths": code,
+                "modified_results": len(paths) - len(code)}
     except (OSError, subprocess.SubprocessError):
         return None
 
