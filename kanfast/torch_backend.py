@@ -65,7 +65,7 @@ by comparing each column's basis index with the span: no scatter, no index ever 
 as an address), and backward's gather, contraction with the local polynomials and
 silu' are one more (``grad_x`` from the ``grad_D`` block). They replace ~20 torch ops per
 chunk whose memory passes over the block cost more than the arithmetic; the chunks
-shrink (:data:`KERNEL_ROW_ELEMENTS`) so that the block stays in cache for its GEMM. The
+shrink (:data:`KERNEL_CHUNK_ELEMENTS`) so that the block stays in cache for its GEMM. The
 GEMMs stay torch's (MKL). Measured in-process, paired runs, 2 threads, batch 4096,
 in = out = 256, k = 3, fwd+bwd: G = 5 89.8 -> 79.9 ms, G = 20 238.9 -> 221.9 ms, G = 50
 588.7 -> 535.8 ms. Without a compiler (or with ``KANFAST_CPU_KERNEL=0``) the torch ops
@@ -127,7 +127,8 @@ __all__ = [
     "CHUNK_ELEMENTS",
     "BLOCK_WIDTH",
     "ROW_ELEMENTS",
-    "KERNEL_ROW_ELEMENTS",
+    "KERNEL_CHUNK_ELEMENTS",
+    "KERNEL_BLOCK_WIDTH",
     "release_buffers",
 ]
 
@@ -145,19 +146,20 @@ BLOCK_WIDTH = 4096
 #: G=5: 2**15: 1.44, 2**16: 1.30, 2**17: 1.29, 2**18: 1.35, 2**19: 1.68;
 #: G=20: 1.18, 1.10, 1.10, 1.12, 1.12 (fewer fork-joins vs cache-resident work).
 ROW_ELEMENTS = 1 << 17
-#: The same for the compiled block kernels (:mod:`kanfast.kernels.cpu_spline`), whose work
-#: per chunk is one pass writing the block: smaller chunks keep it in cache for the GEMM.
-#: Measured (same machine, 2 threads, batch 4096, in=out=256, fwd+bwd / floor, paired runs):
-#: G=5: 2**14: 0.925, 2**15: 0.889, 2**16: 0.884, 2**17: 0.90 (2**15 vs 2**16 over 21
-#: pairs: 0.893 vs 0.897); G=20: 0.90, 0.91, 0.90; G=50: 0.89, 0.91, 0.94 (2**15..2**17).
-KERNEL_ROW_ELEMENTS = 1 << 15
-#: BLOCK_WIDTH and CHUNK_ELEMENTS of the kernels' path: its feature groups (aligned, see
+#: The compiled block kernels' path (:mod:`kanfast.kernels.cpu_spline`): a chunk's block
+#: has at most KERNEL_CHUNK_ELEMENTS elements (2 MiB in float32), whatever the layer's width,
+#: so that it stays in cache between the fill and its GEMM while its rows (the GEMM's M) stay
+#: in the hundreds. Measured on the same machine, 2 threads, batch 4096, in=out=256, fwd+bwd
+#: / floor, paired runs, 2**17 / 2**18 / 2**19: G=5 0.960 / 0.938 / 0.916, G=50 1.001 /
+#: 0.942 / 0.932. (Sizing the rows by rows x in instead, as the torch ops' path does, gave
+#: KAN([1152, 4608, 1152]) 28-row chunks.)
+KERNEL_CHUNK_ELEMENTS = 1 << 19
+#: BLOCK_WIDTH of the kernels' path: its feature groups (aligned, see
 #: :func:`_feature_groups`) can be narrower at no cost, which keeps the weight-sized work
 #: buffers (two per thread, ``out x width``) and the block about the same size from G = 5 to
 #: G = 50 (same machine, 2 threads, paired runs, fwd+bwd / floor, widths 4096 / 2048 /
 #: 1024: G=5 0.905 / 0.912 / 0.982, G=20 0.872 / 0.855 / 0.906, G=50 0.965 / 0.973 / 0.970).
 KERNEL_BLOCK_WIDTH = 2048
-KERNEL_CHUNK_ELEMENTS = 1 << 19
 
 
 def grid_is_uniform(grid: torch.Tensor) -> bool:
@@ -579,13 +581,12 @@ class _Plan:
         N, nin = x.shape
         k, nb = knots.k, knots.nb
         off = 1 if has_base else 0
-        if kernels:
-            width, row_elements, chunk_elements = KERNEL_BLOCK_WIDTH, KERNEL_ROW_ELEMENTS, KERNEL_CHUNK_ELEMENTS
-        else:
-            width, row_elements, chunk_elements = BLOCK_WIDTH, ROW_ELEMENTS, CHUNK_ELEMENTS
-        self.groups = _feature_groups(nin, nb + off, width, align=kernels)
+        self.groups = _feature_groups(nin, nb + off, KERNEL_BLOCK_WIDTH if kernels else BLOCK_WIDTH, align=kernels)
         fg = self.groups[0][1] - self.groups[0][0]
-        self.step = max(1, min(row_elements // max(1, nin), chunk_elements // max(1, fg * (nb + off))))
+        if kernels:  # rows by the block's size alone: the kernels' work buffers are per row
+            self.step = max(1, KERNEL_CHUNK_ELEMENTS // max(1, fg * (nb + off)))
+        else:
+            self.step = max(1, min(ROW_ELEMENTS // max(1, nin), CHUNK_ELEMENTS // max(1, fg * (nb + off))))
         cap = min(self.step, N)
         self.grids = [knots.part(f0, f1) for f0, f1 in self.groups]
         first = _Block(cap, fg, nb, k, off, x)

@@ -30,7 +30,7 @@ def spy(monkeypatch):
             return _real(*a, **kw)
 
         monkeypatch.setattr(kern, name, wrapped)
-    monkeypatch.setattr(torch_backend, "KERNEL_ROW_ELEMENTS", 5 * 11)  # several chunks
+    monkeypatch.setattr(torch_backend, "KERNEL_CHUNK_ELEMENTS", 5 * 6 * 9)  # several chunks
     return counts
 
 
@@ -110,7 +110,7 @@ def test_kernels_equal_the_torch_ops(dtype, tol, monkeypatch):
     (feature groups and several chunks, so several launches per call)."""
     monkeypatch.setattr(torch_backend, "BLOCK_WIDTH", 4 * 9)  # groups of 4 features
     monkeypatch.setattr(torch_backend, "KERNEL_BLOCK_WIDTH", 4 * 9)  # (the kernels' path)
-    monkeypatch.setattr(torch_backend, "KERNEL_ROW_ELEMENTS", 7 * 13)
+    monkeypatch.setattr(torch_backend, "KERNEL_CHUNK_ELEMENTS", 7 * 4 * 9)
     monkeypatch.setattr(torch_backend, "ROW_ELEMENTS", 7 * 13)
     torch.manual_seed(3)
     layer = FastKANLayer(10, 6, grid_size=5, spline_order=3, dtype=dtype)

@@ -26,7 +26,7 @@ def workers(monkeypatch):
     monkeypatch.setattr(cpu_workers, "MIN_ELEMENTS", 1)
     monkeypatch.setattr(cpu_workers, "_usable_cpus", lambda: 64)  # 3 parts on a 2-core machine too
     monkeypatch.setattr(torch_backend, "ROW_ELEMENTS", 5 * 7)  # several chunks per part
-    monkeypatch.setattr(torch_backend, "KERNEL_ROW_ELEMENTS", 5 * 7)  # (the compiled block kernels' path)
+    monkeypatch.setattr(torch_backend, "KERNEL_CHUNK_ELEMENTS", 5 * 7 * 9)  # (the compiled block kernels' path)
     n = torch.get_num_threads()
     torch.set_num_threads(3)
     calls = []

@@ -28,7 +28,7 @@ def engine(request, monkeypatch):
     else:
         cpu_spline.load()
         monkeypatch.setattr(cpu_spline, "_kernels", None)
-    monkeypatch.setattr(torch_backend, "KERNEL_ROW_ELEMENTS", 7 * 23)  # several chunks, a ragged last one
+    monkeypatch.setattr(torch_backend, "KERNEL_CHUNK_ELEMENTS", 23 * 7 * 9)  # several chunks, a ragged last one
     return request.param
 
 
