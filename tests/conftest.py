@@ -25,15 +25,17 @@ def assert_close(a: torch.Tensor, b: torch.Tensor, rtol: float, name: str = "") 
     assert err <= rtol, f"{name}: relative RMS error {err:.3e} > {rtol:.1e} (max abs {mx:.3e})"
 
 
-def backend_grads(layer, x: torch.Tensor, backend: str, seed: int = 1):
+def backend_grads(layer, x: torch.Tensor, backend: str, seed: int = 1, gy=None):
     """``[y, grad_x, *parameter grads]`` of ``layer`` (backend switched to ``backend``) on
-    ``x`` for a fixed random ``grad_y``."""
+    ``x`` for a fixed random ``grad_y`` (or ``gy``, cast to y's dtype: the same values
+    across dtypes)."""
     layer.backend = backend
     layer.zero_grad(set_to_none=True)
     xx = x.clone().requires_grad_(True)
     y = layer(xx)
-    gy = torch.randn(y.shape, dtype=y.dtype, generator=torch.Generator().manual_seed(seed))
-    y.backward(gy)
+    if gy is None:
+        gy = torch.randn(y.shape, dtype=y.dtype, generator=torch.Generator().manual_seed(seed))
+    y.backward(gy.to(y.dtype))
     return [y.detach(), xx.grad] + [p.grad for p in layer.parameters()]
 
 

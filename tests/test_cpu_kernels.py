@@ -84,18 +84,10 @@ def test_kernels_match_reference_float32(k, spy):
     layer.load_state_dict({n: t.double() for n, t in lay32.state_dict().items()})  # the same values
     inner, mixed = _inputs(layer, 300, torch.float64)
 
-    def grads(model, x, backend, gy):
-        model.backend = backend
-        model.zero_grad(set_to_none=True)
-        x = x.clone().requires_grad_(True)
-        y = model(x)
-        y.backward(gy.to(y.dtype))
-        return [y.detach(), x.grad] + [p.grad for p in model.parameters()]
-
     for x in (inner.float().double(), mixed.float().double()):
         gy = torch.randn(x.shape[0], 5, dtype=torch.float64)
-        ref = grads(layer, x, "reference", gy)
-        got = grads(lay32, x.float(), "torch", gy)
+        ref = backend_grads(layer, x, "reference", gy=gy)
+        got = backend_grads(lay32, x.float(), "torch", gy=gy)
         for name, a, b in zip(["y", "grad_x", "base_weight", "spline_weight", "spline_scaler"], ref, got):
             assert torch.equal(torch.isnan(a), torch.isnan(b)), name
             fin = torch.isfinite(a) & torch.isfinite(b)

@@ -12,7 +12,7 @@ import itertools
 import pytest
 import torch
 
-from conftest import assert_close, compare_to_reference
+from conftest import assert_close, backend_grads, compare_to_reference
 from kanfast import FastKANLayer, torch_backend
 from kanfast.kernels import cpu_spline
 from kanfast.reference import kan_linear_reference
@@ -208,12 +208,7 @@ def test_reduced_basis_float32_weight_gradient():
     gy = torch.randn(3000, 8, dtype=torch.float64)
 
     def grads(model, xx, backend):
-        model.backend = backend
-        model.zero_grad(set_to_none=True)
-        xx = xx.clone().requires_grad_(True)
-        y = model(xx)
-        y.backward(gy.to(y.dtype))
-        return [y.detach(), xx.grad] + [p.grad for p in model.parameters()]
+        return backend_grads(model, xx, backend, gy=gy)
 
     got = grads(layer, x, "torch")
     ref = grads(copy.deepcopy(layer).double(), x.double(), "reference")
