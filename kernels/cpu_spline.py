@@ -5,11 +5,14 @@ the fused span / basis / dense-block fill, and the fused grad_x contraction, uni
 knots), or None, in which case the torch backend runs its pure-torch ops instead.
 
 How: the C file is compiled with the system C compiler (``$CC``, else ``cc``, ``gcc``
-or ``clang``; flags :data:`CFLAGS`, ``-march=native``) into a shared library cached
-in ``$KANFAST_CACHE_DIR`` (default ``$XDG_CACHE_HOME/kanfast`` or
-``~/.cache/kanfast``) under a name that hashes the source, the flags, the compiler
-and this CPU's model and feature flags, so a cache shared between different
-machines never hands one a library built for another's instruction set. The build
+or ``clang``; flags :data:`CFLAGS`, ``-march=native``, or :data:`PORTABLE_CFLAGS`
+where the compiler refuses that) into a shared library cached in
+``$KANFAST_CACHE_DIR`` (default ``$XDG_CACHE_HOME/kanfast`` or ``~/.cache/kanfast``;
+a private ``kanfast-<uid>`` under the temp dir when that is not writable) under a
+name that hashes the source, the flags, the compiler (path, size, mtime) and this
+CPU's model and feature flags, so a cache shared between different machines never
+hands one a library built for another's instruction set. A cached library that does
+not load (damaged, stale) is built again. The build
 takes ~0.5 s once per machine (measured on a 2-core AMD EPYC VM, gcc 12); later
 processes load the cached file in milliseconds. The kernels are called through
 :mod:`ctypes`, which releases the GIL for the duration of each call (the CPU
@@ -38,7 +41,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["load", "reset", "CpuSplineKernels", "CFLAGS", "MAX_ORDER"]
+__all__ = ["load", "reset", "CpuSplineKernels", "CFLAGS", "PORTABLE_CFLAGS", "MAX_ORDER"]
 
 #: No fast-math: the spans must be the IEEE results the torch path's interior check
 #: computes, and NaN must stay NaN. No contraction into FMA for the same reason.
@@ -46,6 +49,8 @@ __all__ = ["load", "reset", "CpuSplineKernels", "CFLAGS", "MAX_ORDER"]
 #: inspected; results are unchanged).
 CFLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-std=c99",
           "-shared", "-fPIC"]
+#: The same without -march=native, tried when the compiler refuses that flag.
+PORTABLE_CFLAGS = [f for f in CFLAGS if f != "-march=native"]
 #: Largest spline order (and polynomial degree + 1) the launchers accept.
 MAX_ORDER = 16
 _SOURCE = Path(__file__).with_name("cpu_spline.c")
@@ -81,12 +86,12 @@ def _compiler() -> Optional[str]:
     return None
 
 
-def _build(cc: str, target: Path) -> None:
+def _build(cc: str, flags, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        proc = subprocess.run([cc, *CFLAGS, "-o", tmp, str(_SOURCE), "-lm"], capture_output=True, text=True, timeout=120)
+        proc = subprocess.run([cc, *flags, "-o", tmp, str(_SOURCE), "-lm"], capture_output=True, text=True, timeout=120)
         if proc.returncode != 0:
             raise RuntimeError(f"{cc} failed ({proc.returncode}): {proc.stderr.strip()[:500]}")
         os.replace(tmp, target)  # atomic: a concurrent process sees the old name or the whole file
@@ -95,33 +100,59 @@ def _build(cc: str, target: Path) -> None:
             os.unlink(tmp)
 
 
+def _writable_dir() -> Path:
+    """The cache directory, or (not writable) a private one under the temp dir."""
+    d = _cache_dir()
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        if os.access(d, os.W_OK | os.X_OK):
+            return d
+    except OSError:
+        pass
+    private = Path(tempfile.gettempdir()) / f"kanfast-{os.getuid()}"
+    private.mkdir(mode=0o700, exist_ok=True)
+    if private.stat().st_uid != os.getuid():
+        raise RuntimeError(f"{private} belongs to another user")
+    return private
+
+
+def _library_name(cc: str, flags) -> str:
+    """Hash of the source, the flags, the compiler (its resolved path, size and mtime: no
+    subprocess) and this CPU."""
+    real = os.path.realpath(cc)
+    st = os.stat(real)
+    key = hashlib.sha256()
+    for part in (_SOURCE.read_bytes(), " ".join(flags), f"{real}:{st.st_size}:{st.st_mtime_ns}", _cpu_signature(),
+                 platform.machine()):
+        key.update(part if isinstance(part, bytes) else part.encode())
+        key.update(b"\0")
+    return f"cpu_spline_{key.hexdigest()[:24]}.so"
+
+
+def _load_or_build(cc: str, flags) -> "CpuSplineKernels":
+    name = _library_name(cc, flags)
+    for d in dict.fromkeys([_cache_dir(), _writable_dir()]):  # a cached build in either
+        if (d / name).exists():
+            try:
+                return CpuSplineKernels(ctypes.CDLL(str(d / name)))
+            except (OSError, RuntimeError):  # damaged or stale: built again below
+                pass
+    target = _writable_dir() / name
+    _build(cc, flags, target)
+    return CpuSplineKernels(ctypes.CDLL(str(target)))
+
+
 def _compile_and_load() -> "CpuSplineKernels":
     cc = _compiler()
     if cc is None:
         raise RuntimeError("no C compiler found (set $CC, or install gcc or clang)")
     try:
-        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.SubprocessError) as e:
-        raise RuntimeError(f"{cc} --version failed: {e}") from e
-    key = hashlib.sha256()
-    for part in (_SOURCE.read_bytes(), " ".join(CFLAGS).encode(), version.encode(), _cpu_signature().encode(),
-                 platform.machine().encode()):
-        key.update(part)
-        key.update(b"\0")
-    name = f"cpu_spline_{key.hexdigest()[:24]}.so"
-    target = _cache_dir() / name
-    if not target.exists():
+        return _load_or_build(cc, CFLAGS)
+    except RuntimeError as native_error:  # e.g. a compiler without -march=native: portable code
         try:
-            _build(cc, target)
-        except OSError:  # cache directory not writable: a private one under the temp dir
-            private = Path(tempfile.gettempdir()) / f"kanfast-{os.getuid()}"
-            private.mkdir(mode=0o700, exist_ok=True)
-            if private.stat().st_uid != os.getuid():
-                raise RuntimeError(f"{private} belongs to another user")
-            target = private / name
-            if not target.exists():
-                _build(cc, target)
-    return CpuSplineKernels(ctypes.CDLL(str(target)))
+            return _load_or_build(cc, PORTABLE_CFLAGS)
+        except RuntimeError:
+            raise native_error from None
 
 
 def load() -> Optional["CpuSplineKernels"]:

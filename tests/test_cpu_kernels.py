@@ -266,3 +266,29 @@ def test_kernels_with_aligned_groups_match_reference(spy, monkeypatch):
     compare_to_reference(layer, inner)
     compare_to_reference(layer, mixed)
     assert spy["fill"] > 0 and spy["grad_x"] > 0
+
+
+@needs_kernels
+def test_damaged_cached_library_is_rebuilt(fresh_load):
+    """A cached library that does not load (here: garbage under the expected name) is built
+    again. (Not by loading it first: a process must never see a library it maps change.)"""
+    lib = fresh_load / cpu_spline._library_name(cpu_spline._compiler(), cpu_spline.CFLAGS)
+    fresh_load.mkdir(parents=True)
+    lib.write_bytes(b"not a shared object")
+    kern = cpu_spline.load()
+    assert kern is not None and lib.stat().st_size > 1000
+    layer = FastKANLayer(4, 3, dtype=torch.float64)
+    compare_to_reference(layer, torch.rand(20, 4, dtype=torch.float64) * 2 - 1)
+
+
+@needs_kernels
+def test_compiler_without_march_native_builds_portable_code(fresh_load, monkeypatch, tmp_path):
+    real = cpu_spline._compiler()
+    cc = tmp_path / "oldcc"
+    cc.write_text(f'#!/bin/sh\nfor a in "$@"; do [ "$a" = -march=native ] && {{ echo "unknown: $a" >&2; exit 1; }}; done\n'
+                  f'exec "{real}" "$@"\n')
+    cc.chmod(0o755)
+    monkeypatch.setenv("CC", str(cc))
+    assert cpu_spline.load() is not None
+    (lib,) = fresh_load.glob("cpu_spline_*.so")
+    assert lib.name == cpu_spline._library_name(str(cc), cpu_spline.PORTABLE_CFLAGS)
