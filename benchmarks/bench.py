@@ -177,13 +177,16 @@ def _cpu_kernels_info() -> Dict[str, Any]:
     from kanfast.kernels import cpu_spline
 
     info: Dict[str, Any] = {"loaded": cpu_spline.load() is not None, "cflags": " ".join(cpu_spline.CFLAGS)}
-    cc = cpu_spline._compiler()
+    try:
+        cc = cpu_spline._compiler()
+    except RuntimeError as e:
+        cc, info["compiler"] = None, str(e)
     if cc:
         try:
-            info["compiler"] = subprocess.run([cc, "--version"], capture_output=True, text=True,
+            info["compiler"] = subprocess.run([*cc, "--version"], capture_output=True, text=True,
                                               timeout=30).stdout.splitlines()[0]
         except (OSError, subprocess.SubprocessError, IndexError):
-            info["compiler"] = cc
+            info["compiler"] = " ".join(cc)
     return info
 
 

@@ -14,8 +14,12 @@
  *              with g = grad_y @ W' the block the caller's GEMM wrote and Q_r the local
  *              polynomials of the weight W' it used (the derivative spline's order-(k-1)
  *              bases, or the bases' derivatives: the caller's choice, its 1/h folded in W').
- * Both select by comparing m with each column's index: m never becomes an address, so no
- * input value (NaN, +-inf, out of range) can make a load or store leave its row.
+ * Two ways to place the slots (the caller's ``direct`` flag): compare m with every column's
+ * index and select (vectorised; (G + k + 1) (k + 1) compares per input, cheap for small G), or
+ * zero the row and store / load only the slots whose column index m - k + r lies in [0, C - off)
+ * (k + 1 per input, for large G). Either way an address is formed only from a column index
+ * checked to be inside the row, so no input value (NaN, +-inf, out of range) can make a load or
+ * store leave its row.
  *
  * Saved vs recomputed: nothing is kept between calls; spans and bases are recomputed from x
  * in every call (the engine saves only x for backward).
@@ -33,7 +37,7 @@
 
 #ifndef KF_BODY
 
-int kf_abi_version(void) { return 1; }
+int kf_abi_version(void) { return 2; }
 
 /* exp for float, vectorisable (Cephes expf: range reduction by ln 2, degree-6 polynomial).
  * Arguments below -87.3 give exp(-87.3) (~1e-38: 1 + e rounds to 1, as it would for the exact
@@ -42,6 +46,7 @@ int kf_abi_version(void) { return 1; }
 static inline float kf_expf(float a) {
     float x = a < -87.3f ? -87.3f : a;
     x = x > 88.3f ? 88.3f : x;
+    x = x == x ? x : 0.0f; /* NaN: any finite value (the caller's x carries the NaN); no UB in the cast */
     float n = floorf(x * 1.44269504088896341f + 0.5f);
     float r = x - n * 0.693359375f;
     r = r - n * -2.12194440e-4f;
@@ -108,7 +113,8 @@ static inline void SFX(kf_poly)(int64_t fw, int64_t R, int64_t np, const T* rest
 }
 
 void SFX(kf_fill)(int64_t rows, int64_t fw, const T* x, int64_t sx, const T* t0, const T* tn, const T* inv_h,
-                  int64_t n, int64_t k, const T* poly, T* out, int64_t so, int64_t off, int64_t C, T* work) {
+                  int64_t n, int64_t k, const T* poly, T* out, int64_t so, int64_t off, int64_t C, int64_t direct,
+                  T* work) {
     T* restrict m = work;
     T* restrict f = work + fw;
     T* restrict v = work + 2 * fw; /* (k + 1) * fw */
@@ -119,7 +125,19 @@ void SFX(kf_fill)(int64_t rows, int64_t fw, const T* x, int64_t sx, const T* t0,
         SFX(kf_poly)(fw, k + 1, k + 1, poly, f, v);
         if (off) /* silu(x) = x / (1 + exp(-x)) */
             for (int64_t i = 0; i < fw; i++) o[i] = xr[i] / ((T)1 + EXP(-xr[i]));
-        for (int64_t c = off; c < C; c++) {
+        if (direct) { /* zero the row, then store each input's k + 1 slots whose column exists */
+            const T ncol = (T)(C - off);
+            memset(o + off * fw, 0, (size_t)((C - off) * fw) * sizeof(T));
+            for (int64_t r = 0; r <= k; r++) {
+                const T* restrict vr = v + r * fw;
+                for (int64_t i = 0; i < fw; i++) {
+                    const T col = m[i] - (T)(k - r); /* basis index of slot r */
+                    if (col >= 0 && col < ncol) o[(off + (int64_t)col) * fw + i] = vr[i];
+                }
+            }
+            continue;
+        }
+        for (int64_t c = off; c < C; c++) { /* every column: select by comparing (vectorised) */
             T* restrict oc = o + c * fw;
             for (int64_t i = 0; i < fw; i++) oc[i] = 0;
             for (int64_t r = 0; r <= k; r++) {
@@ -133,7 +151,7 @@ void SFX(kf_fill)(int64_t rows, int64_t fw, const T* x, int64_t sx, const T* t0,
 
 void SFX(kf_grad_x)(int64_t rows, int64_t fw, const T* x, int64_t sx, const T* t0, const T* tn, const T* inv_h,
                     int64_t n, int64_t k, int64_t R, int64_t np, const T* poly, const T* g, int64_t sg, int64_t off,
-                    int64_t C, T* gx, int64_t sgx, T* work) {
+                    int64_t C, int64_t direct, T* gx, int64_t sgx, T* work) {
     T* restrict m = work;
     T* restrict f = work + fw;
     T* restrict q = work + 2 * fw; /* R * fw */
@@ -150,6 +168,17 @@ void SFX(kf_grad_x)(int64_t rows, int64_t fw, const T* x, int64_t sx, const T* t
             }
         } else {
             for (int64_t i = 0; i < fw; i++) o[i] = 0;
+        }
+        if (direct) { /* load each input's slots whose column exists */
+            const T ncol = (T)(C - off);
+            for (int64_t r = 0; r < R; r++) {
+                const T* restrict qr = q + r * fw;
+                for (int64_t i = 0; i < fw; i++) {
+                    const T col = m[i] - (T)(k - r);
+                    if (col >= 0 && col < ncol) o[i] += gr[(off + (int64_t)col) * fw + i] * qr[i];
+                }
+            }
+            continue;
         }
         for (int64_t c = off; c < C; c++) {
             const T* restrict gc = gr + c * fw;

@@ -11,8 +11,9 @@ where the compiler refuses that) into a shared library cached in
 a private ``kanfast-<uid>`` under the temp dir when that is not writable) under a
 name that hashes the source, the flags, the compiler (path, size, mtime) and this
 CPU's model and feature flags, so a cache shared between different machines never
-hands one a library built for another's instruction set. A cached library that does
-not load (damaged, stale) is built again. The build
+hands one a library built for another's instruction set. Each build records its
+SHA-256 beside it; a cached library that does not match it, or does not load, is built
+again (a damaged shared object would crash the process that maps it). The build
 takes ~0.5 s once per machine (measured on a 2-core AMD EPYC VM, gcc 12); later
 processes load the cached file in milliseconds. The kernels are called through
 :mod:`ctypes`, which releases the GIL for the duration of each call (the CPU
@@ -30,6 +31,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -37,7 +39,7 @@ import tempfile
 import threading
 import warnings
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import torch
 
@@ -53,8 +55,11 @@ CFLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fno-
 PORTABLE_CFLAGS = [f for f in CFLAGS if f != "-march=native"]
 #: Largest spline order (and polynomial degree + 1) the launchers accept.
 MAX_ORDER = 16
+#: Columns x slots per input above which the kernels place the slots directly instead of
+#: selecting them by compares over every column (see the C header).
+SELECT_MAX = 64
 _SOURCE = Path(__file__).with_name("cpu_spline.c")
-_ABI = 1
+_ABI = 2
 
 _lock = threading.Lock()
 _loaded = False
@@ -79,25 +84,64 @@ def _cpu_signature() -> str:
         return platform.processor() + platform.machine()
 
 
-def _compiler() -> Optional[str]:
-    for cand in (os.environ.get("CC"), "cc", "gcc", "clang"):
-        if cand and shutil.which(cand):
-            return shutil.which(cand)
+def _compiler() -> Optional[List[str]]:
+    """The C compiler's command words: ``$CC`` (split like a shell would: ``ccache gcc``),
+    else the first of ``cc``, ``gcc``, ``clang`` on PATH; None if there is none. Raises
+    RuntimeError when ``$CC`` is set but not found (not silently another compiler)."""
+    env = os.environ.get("CC", "").strip()
+    if env:
+        words = shlex.split(env)
+        found = shutil.which(words[0])
+        if found is None:
+            raise RuntimeError(f"$CC={env!r}: {words[0]!r} not found")
+        return [found, *words[1:]]
+    for cand in ("cc", "gcc", "clang"):
+        found = shutil.which(cand)
+        if found:
+            return [found]
     return None
 
 
-def _build(cc: str, flags, target: Path) -> None:
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _build(cc: List[str], flags, target: Path) -> None:
+    """Compile into ``target`` (atomically: a temporary file renamed), then record its
+    SHA-256 beside it (``<target>.sha256``), which every load checks first: a damaged file
+    (truncated by a full disk, a crash mid-copy) is rebuilt instead of crashing the process
+    that maps it."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        proc = subprocess.run([cc, *flags, "-o", tmp, str(_SOURCE), "-lm"], capture_output=True, text=True, timeout=120)
+        proc = subprocess.run([*cc, *flags, "-o", tmp, str(_SOURCE), "-lm"], capture_output=True, text=True,
+                              timeout=120)
         if proc.returncode != 0:
-            raise RuntimeError(f"{cc} failed ({proc.returncode}): {proc.stderr.strip()[:500]}")
+            raise RuntimeError(f"{cc[0]} failed ({proc.returncode}): {proc.stderr.strip()[:500]}")
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        digest = _digest(Path(tmp))
         os.replace(tmp, target)  # atomic: a concurrent process sees the old name or the whole file
+        fd, tmp = tempfile.mkstemp(suffix=".sha256", dir=target.parent)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(digest)
+        os.replace(tmp, str(target) + ".sha256")
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _verified(path: Path) -> bool:
+    """``path`` exists and matches the SHA-256 recorded when it was built."""
+    try:
+        return Path(str(path) + ".sha256").read_text().strip() == _digest(path)
+    except OSError:
+        return False
+
+
+def _private_dir() -> Path:
+    return Path(tempfile.gettempdir()) / f"kanfast-{os.getuid()}"
 
 
 def _writable_dir() -> Path:
@@ -109,33 +153,37 @@ def _writable_dir() -> Path:
             return d
     except OSError:
         pass
-    private = Path(tempfile.gettempdir()) / f"kanfast-{os.getuid()}"
+    private = _private_dir()
     private.mkdir(mode=0o700, exist_ok=True)
     if private.stat().st_uid != os.getuid():
         raise RuntimeError(f"{private} belongs to another user")
     return private
 
 
-def _library_name(cc: str, flags) -> str:
+def _library_name(cc: List[str], flags) -> str:
     """Hash of the source, the flags, the compiler (its resolved path, size and mtime: no
     subprocess) and this CPU."""
-    real = os.path.realpath(cc)
+    real = os.path.realpath(cc[0])
     st = os.stat(real)
     key = hashlib.sha256()
-    for part in (_SOURCE.read_bytes(), " ".join(flags), f"{real}:{st.st_size}:{st.st_mtime_ns}", _cpu_signature(),
-                 platform.machine()):
+    for part in (_SOURCE.read_bytes(), " ".join(flags), f"{real}:{st.st_size}:{st.st_mtime_ns}", " ".join(cc[1:]),
+                 _cpu_signature(), platform.machine()):
         key.update(part if isinstance(part, bytes) else part.encode())
         key.update(b"\0")
     return f"cpu_spline_{key.hexdigest()[:24]}.so"
 
 
-def _load_or_build(cc: str, flags) -> "CpuSplineKernels":
+def _load_or_build(cc: List[str], flags) -> "CpuSplineKernels":
     name = _library_name(cc, flags)
-    for d in dict.fromkeys([_cache_dir(), _writable_dir()]):  # a cached build in either
-        if (d / name).exists():
+    candidates = [_cache_dir() / name]
+    private = _private_dir()
+    if private.is_dir() and private.stat().st_uid == os.getuid():
+        candidates.append(private / name)
+    for path in candidates:  # a verified build in either
+        if _verified(path):
             try:
-                return CpuSplineKernels(ctypes.CDLL(str(d / name)))
-            except (OSError, RuntimeError):  # damaged or stale: built again below
+                return CpuSplineKernels(ctypes.CDLL(str(path)))
+            except (OSError, RuntimeError):  # stale: built again below
                 pass
     target = _writable_dir() / name
     _build(cc, flags, target)
@@ -153,6 +201,17 @@ def _compile_and_load() -> "CpuSplineKernels":
             return _load_or_build(cc, PORTABLE_CFLAGS)
         except RuntimeError:
             raise native_error from None
+
+
+def _after_fork_in_child() -> None:
+    """A fork while another thread held the lock (building or loading) would leave the
+    child's copy locked forever: the child starts with a fresh one."""
+    global _lock
+    _lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def load() -> Optional["CpuSplineKernels"]:
@@ -210,10 +269,10 @@ class CpuSplineKernels:
         self._fill, self._grad_x = {}, {}
         for dtype, sfx in ((torch.float32, "f32"), (torch.float64, "f64")):
             fill = getattr(lib, f"kf_fill_{sfx}")
-            fill.argtypes = [_I, _I, _P, _I, _P, _P, _P, _I, _I, _P, _P, _I, _I, _I, _P]
+            fill.argtypes = [_I, _I, _P, _I, _P, _P, _P, _I, _I, _P, _P, _I, _I, _I, _I, _P]
             fill.restype = None
             gx = getattr(lib, f"kf_grad_x_{sfx}")
-            gx.argtypes = [_I, _I, _P, _I, _P, _P, _P, _I, _I, _I, _I, _P, _P, _I, _I, _I, _P, _I, _P]
+            gx.argtypes = [_I, _I, _P, _I, _P, _P, _P, _I, _I, _I, _I, _P, _P, _I, _I, _I, _I, _P, _I, _P]
             gx.restype = None
             self._fill[dtype], self._grad_x[dtype] = fill, gx
         self._lib = lib
@@ -230,6 +289,12 @@ class CpuSplineKernels:
             and type(x) in (torch.Tensor, torch.nn.Parameter)
         )
 
+    @staticmethod
+    def direct(k: int, C: int, off: int) -> int:
+        """1 to place the slots directly, 0 to select them by compares over every column (see
+        the C header): direct once the columns times the slots exceed :data:`SELECT_MAX`."""
+        return int((C - off) * (k + 1) > SELECT_MAX)
+
     def fill(self, x, t0, tn, inv_h, n: int, k: int, poly, out, off: int, C: int, work) -> None:
         """Rows of ``out`` (rows, >= C * fw): ``[silu(x) if off | B_0 | ... | B_{C-off-1}]``,
         column block c of ``fw`` columns; ``poly`` (k+1, k+1) contiguous, row r the
@@ -238,7 +303,7 @@ class CpuSplineKernels:
         assert out.stride(1) == 1 and poly.is_contiguous() and work.numel() >= (k + 3) * fw
         self._fill[x.dtype](
             rows, fw, x.data_ptr(), x.stride(0), t0.data_ptr(), tn.data_ptr(), inv_h.data_ptr(), n, k,
-            poly.data_ptr(), out.data_ptr(), out.stride(0), off, C, work.data_ptr(),
+            poly.data_ptr(), out.data_ptr(), out.stride(0), off, C, self.direct(k, C, off), work.data_ptr(),
         )
 
     def grad_x(self, x, t0, tn, inv_h, n: int, k: int, poly, g, off: int, C: int, gx, work) -> None:
@@ -250,5 +315,6 @@ class CpuSplineKernels:
         assert g.stride(1) == 1 and gx.stride(1) == 1 and poly.is_contiguous() and work.numel() >= (R + 2) * fw
         self._grad_x[x.dtype](
             rows, fw, x.data_ptr(), x.stride(0), t0.data_ptr(), tn.data_ptr(), inv_h.data_ptr(), n, k, R, np_,
-            poly.data_ptr(), g.data_ptr(), g.stride(0), off, C, gx.data_ptr(), gx.stride(0), work.data_ptr(),
+            poly.data_ptr(), g.data_ptr(), g.stride(0), off, C, self.direct(k, C, off), gx.data_ptr(), gx.stride(0),
+            work.data_ptr(),
         )

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import itertools
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -58,9 +61,17 @@ def _inputs(layer, n, dtype, special=True):
     return inner, torch.cat(parts)
 
 
+@pytest.fixture(params=["select", "direct"])
+def placement(request, monkeypatch):
+    """Both ways the kernels place the slots (compare-and-select over every column, or direct
+    stores/loads at the slots' columns), whatever the shape's automatic choice."""
+    monkeypatch.setattr(cpu_spline, "SELECT_MAX", 10**9 if request.param == "select" else 0)
+    return request.param
+
+
 @needs_kernels
 @pytest.mark.parametrize("k,G,act", list(itertools.product([2, 3, 4, 5], [1, 5, 12], ["silu", "tanh"])))
-def test_kernels_match_reference_float64(k, G, act, spy):
+def test_kernels_match_reference_float64(k, G, act, spy, placement):
     """float64 at 1e-12: interior inputs (reduced groups: derivative-spline grad_x), and
     inputs in the extension region, outside, on every knot, NaN and +-inf (all bases,
     the bases' derivatives), with the SiLU base fused and without (spline term only)."""
@@ -75,7 +86,7 @@ def test_kernels_match_reference_float64(k, G, act, spy):
 
 @needs_kernels
 @pytest.mark.parametrize("k", [2, 3, 5])
-def test_kernels_match_reference_float32(k, spy):
+def test_kernels_match_reference_float32(k, spy, placement):
     """float32 against the float64 reference: relative RMS error of the output and of every
     gradient, and NaN exactly where the reference has NaN (silu(-inf) included)."""
     torch.manual_seed(k)
@@ -97,7 +108,7 @@ def test_kernels_match_reference_float32(k, spy):
 
 @needs_kernels
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-13), (torch.float32, 2e-6)])
-def test_kernels_equal_the_torch_ops(dtype, tol, monkeypatch):
+def test_kernels_equal_the_torch_ops(dtype, tol, monkeypatch, placement):
     """The kernels and the pure-torch ops they replace give the same output and gradients
     (feature groups and several chunks, so several launches per call)."""
     monkeypatch.setattr(torch_backend, "BLOCK_WIDTH", 4 * 9)  # groups of 4 features
@@ -270,20 +281,29 @@ def test_kernels_with_aligned_groups_match_reference(spy, monkeypatch):
 
 @needs_kernels
 def test_damaged_cached_library_is_rebuilt(fresh_load):
-    """A cached library that does not load (here: garbage under the expected name) is built
-    again. (Not by loading it first: a process must never see a library it maps change.)"""
-    lib = fresh_load / cpu_spline._library_name(cpu_spline._compiler(), cpu_spline.CFLAGS)
-    fresh_load.mkdir(parents=True)
-    lib.write_bytes(b"not a shared object")
-    kern = cpu_spline.load()
-    assert kern is not None and lib.stat().st_size > 1000
+    """A cached library that does not match its recorded SHA-256 (here: the real library cut
+    short, which would crash the process mapping it with SIGBUS, and garbage) is built again,
+    not loaded. (Not by loading it first: a process must never see a library it maps change.)"""
+    assert cpu_spline.load() is not None
+    (built,) = fresh_load.glob("cpu_spline_*.so")
+    good = built.read_bytes()
+    for damaged in (good[: len(good) // 2], b"not a shared object"):
+        cache = fresh_load.parent / f"cache{len(damaged)}"
+        cache.mkdir()
+        lib = cache / built.name
+        lib.write_bytes(damaged)
+        Path(str(lib) + ".sha256").write_text(Path(str(built) + ".sha256").read_text())
+        os.environ["KANFAST_CACHE_DIR"] = str(cache)
+        cpu_spline.reset()
+        assert cpu_spline.load() is not None
+        assert lib.read_bytes() == good
     layer = FastKANLayer(4, 3, dtype=torch.float64)
     compare_to_reference(layer, torch.rand(20, 4, dtype=torch.float64) * 2 - 1)
 
 
 @needs_kernels
 def test_compiler_without_march_native_builds_portable_code(fresh_load, monkeypatch, tmp_path):
-    real = cpu_spline._compiler()
+    real = cpu_spline._compiler()[0]
     cc = tmp_path / "oldcc"
     cc.write_text(f'#!/bin/sh\nfor a in "$@"; do [ "$a" = -march=native ] && {{ echo "unknown: $a" >&2; exit 1; }}; done\n'
                   f'exec "{real}" "$@"\n')
@@ -291,4 +311,31 @@ def test_compiler_without_march_native_builds_portable_code(fresh_load, monkeypa
     monkeypatch.setenv("CC", str(cc))
     assert cpu_spline.load() is not None
     (lib,) = fresh_load.glob("cpu_spline_*.so")
-    assert lib.name == cpu_spline._library_name(str(cc), cpu_spline.PORTABLE_CFLAGS)
+    assert lib.name == cpu_spline._library_name([str(cc)], cpu_spline.PORTABLE_CFLAGS)
+
+
+def test_cc_not_found_is_an_error_not_another_compiler(fresh_load, monkeypatch):
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    with pytest.warns(RuntimeWarning, match="nonexistent"):
+        assert cpu_spline.load() is None
+
+
+@needs_kernels
+def test_fork_while_loading_does_not_deadlock_the_child(fresh_load):
+    """A fork while another thread holds the loader's lock: the child gets a fresh lock."""
+    code = f"""
+import os, threading, time, torch
+os.environ["KANFAST_CACHE_DIR"] = {str(fresh_load)!r}
+torch.set_num_threads(1)
+from kanfast.kernels import cpu_spline
+cpu_spline._lock.acquire()  # as a thread building the kernels would hold it
+pid = os.fork()
+if pid == 0:
+    ok = cpu_spline.load() is not None
+    os._exit(0 if ok else 3)
+cpu_spline._lock.release()
+_, status = os.waitpid(pid, 0)
+print("child", os.waitstatus_to_exitcode(status))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "child 0", out.stdout + out.stderr
