@@ -128,6 +128,7 @@ __all__ = [
     "BLOCK_WIDTH",
     "ROW_ELEMENTS",
     "KERNEL_CHUNK_ELEMENTS",
+    "CANCEL_RATIO",
     "KERNEL_BLOCK_WIDTH",
     "release_buffers",
 ]
@@ -146,6 +147,11 @@ BLOCK_WIDTH = 4096
 #: G=5: 2**15: 1.44, 2**16: 1.30, 2**17: 1.29, 2**18: 1.35, 2**19: 1.68;
 #: G=20: 1.18, 1.10, 1.10, 1.12, 1.12 (fewer fork-joins vs cache-resident work).
 ROW_ELEMENTS = 1 << 17
+#: The last basis is dropped (:func:`_group_weight`) only while the group's largest |W_L| is
+#: at most this many times the median, over the other bases, of their largest |W_j|: the
+#: reduced form's rounding grows with |W_L| (a layer whose never-reached last coefficient is
+#: 1e4 gave float32 outputs off by 1e-3 relative, against 3e-7 unreduced).
+CANCEL_RATIO = 16.0
 #: The compiled block kernels' path (:mod:`kanfast.kernels.cpu_spline`): a chunk's block
 #: has at most KERNEL_CHUNK_ELEMENTS elements (2 MiB in float32), whatever the layer's width,
 #: so that it stays in cache between the fill and its GEMM while its rows (the GEMM's M) stay
@@ -772,7 +778,10 @@ def _group_weight(coef2, base_weight, scale, f0: int, f1: int, nb: int, blk: _Bl
     ``sum_j W_j B_j = sum_{j<L} (W_j - W_L) B_j + W_L`` with ``L = nb - 1``, so the
     last basis is dropped (K one column block shorter: (G+k)/(G+k+1) of the dense
     GEMM floor's work) and ``bias`` (out,) = ``sum_i W_L[:, i]`` is returned to be
-    added to the output; else ``bias`` is None."""
+    added to the output; else ``bias`` is None. Declined (``bias`` None, K whole) when the
+    group's largest ``|W_L|`` exceeds :data:`CANCEL_RATIO` times the median over the other
+    bases of their largest ``|W_j|``: ``W_j - W_L`` and ``+ W_L`` would then cancel to far
+    more than the output's rounding."""
     nout, fw, off = coef2.shape[0], f1 - f0, blk.off
     C = off + nb
     Wp = blk.scratch("W", nout * C * fw).view(nout, C, fw)
@@ -786,6 +795,10 @@ def _group_weight(coef2, base_weight, scale, f0: int, f1: int, nb: int, blk: _Bl
         torch.mul(w, scale[:, f0:f1, None], out=spl)
     bias = None
     K = C * fw
+    if reduced and nb >= 2:  # declined where the subtraction would cancel (see CANCEL_RATIO)
+        spl = Wp[:, off:, :]
+        big = torch.maximum(spl.amax(dim=(0, 2)), spl.amin(dim=(0, 2)).neg())  # max |W_j| per basis
+        reduced = float(big[-1]) <= CANCEL_RATIO * float(big[:-1].median())
     if reduced:
         last = Wp[:, C - 1 : C, :]
         bias = last.sum((1, 2))
@@ -1000,6 +1013,7 @@ def _backward_features(
             wg = _derivative_weight(coef2, base_weight, scale, f0, f1, nb, blk, g.inv_h)
         elif need_x:
             wg = _group_weight(coef2, base_weight, scale, f0, f1, nb, blk, reduced)[0]
+            Kx = wg.shape[1]  # (the weight may have declined the reduction)
             if g.uniform:  # d/dx = (1/h) d/df: folded into the spline columns of the weight
                 wg.view(nout, -1, fw)[:, off:, :].mul_(g.inv_h)
         gW = blk.scratch("gW", nout * C * fw).view(nout, C * fw) if need_w else None
@@ -1035,7 +1049,7 @@ def _backward_features(
                 continue
             gD = blk.rows(rows)
             torch.mm(gy, wg, out=gD[:, :Kx])
-            if reduced and not deriv:  # the dropped basis's slots read 0
+            if Kx < C * fw and not deriv:  # the dropped basis's slots read 0
                 blk.column(rows, C - 1).zero_()
             E = lin.numel()
             gl = blk.scratch("V", nslot * E).view(nslot, E)
@@ -1112,7 +1126,8 @@ def kan_linear_torch(
         formulation, as for the layer).
 
     Raises:
-        ValueError: x not 2-D, coef not 3-D, or their in_features differ.
+        ValueError: x not 2-D, coef not 3-D, their in_features differ, or grid is not
+            ``(in_features, G + 2k + 1)`` for coef's ``G + k``.
     """
     from .ops import _EagerTorchKAN  # (ops builds on this module)
 
@@ -1121,6 +1136,12 @@ def kan_linear_torch(
             f"kan_linear_torch: expected x (N, in_features) and coef (out_features, in_features, G + k), "
             f"got x {tuple(x.shape)} and coef {tuple(coef.shape)} (flatten leading dimensions of x first, "
             f"or use FastKANLayer, which takes (..., in_features))"
+        )
+    k = int(spline_order)
+    if grid.dim() != 2 or grid.shape[0] != x.shape[1] or grid.shape[1] != coef.shape[2] + k + 1:
+        raise ValueError(
+            f"kan_linear_torch: grid must be (in_features, G + 2k + 1) = ({x.shape[1]}, {coef.shape[2] + k + 1}) "
+            f"for coef {tuple(coef.shape)} and spline_order {k}, got {tuple(grid.shape)}"
         )
     grid = grid.to(x.dtype)
     if uniform is None:

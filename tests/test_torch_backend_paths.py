@@ -100,6 +100,10 @@ def test_public_kan_linear_torch_rejects_bad_shapes():
         torch_backend.kan_linear_torch(torch.zeros(2, 3, 6, dtype=torch.float64), layer.grid, coef, None, 3)
     with pytest.raises(ValueError, match=r"got x \(4, 7\)"):
         torch_backend.kan_linear_torch(torch.zeros(4, 7, dtype=torch.float64), layer.grid, coef, None, 3)
+    x = torch.zeros(4, 6, dtype=torch.float64)
+    for grid, k in ((layer.grid[:, :-1], 3), (layer.grid[:5], 3), (layer.grid, 2), (layer.grid[0], 3)):
+        with pytest.raises(ValueError, match=r"grid must be \(in_features, G \+ 2k \+ 1\)"):
+            torch_backend.kan_linear_torch(x, grid, coef, None, k)
 
 
 def test_non_contiguous_input():
@@ -218,3 +222,36 @@ def test_reduced_basis_float32_weight_gradient():
     gw, gw_ref = got[names.index("spline_weight")], ref[names.index("spline_weight")]
     assert (gw_ref[..., -1] == 0).all()
     assert (gw[..., -1].abs() <= 1e-5 * gw_ref.abs().amax()).all()  # basis L: zero up to float32 rounding
+
+
+@pytest.mark.parametrize("case", ["large-last-coefficient", "update_grid-refit"])
+def test_reduction_declined_where_it_would_cancel(case):
+    """float32: dropping the last basis subtracts W_L from every other coefficient and adds it
+    back; when |W_L| dwarfs the coefficients in use that cancels to far more than rounding
+    (1e-3 relative). The engine then keeps every basis: output and grad_x match a float64
+    evaluation as closely as the float32 reference backend does."""
+    torch.manual_seed(0)
+    if case == "large-last-coefficient":
+        layer = FastKANLayer(8, 4)
+        with torch.no_grad():
+            layer.spline_weight.normal_()
+            layer.spline_weight[..., -1] = 1e4
+        x = torch.rand(1024, 8) - 1  # the last basis is 0 on these inputs
+    else:  # least squares gives the never-reached end bases huge coefficients
+        layer = FastKANLayer(4, 2, grid_range=(-1e-5, 1e-5))
+        with torch.no_grad():
+            layer.spline_weight.normal_()
+            layer.base_weight.zero_()
+        layer.update_grid(torch.randn(3000, 4) ** 3 * 5e-6)
+        x = torch.randn(3000, 4) ** 3 * 5e-6
+    exact = FastKANLayer(layer.in_features, layer.out_features, grid_size=layer.grid_size, dtype=torch.float64)
+    exact.load_state_dict({n: t.double() for n, t in layer.state_dict().items()})
+    gy = torch.randn(x.shape[0], layer.out_features, dtype=torch.float64)
+    truth = backend_grads(exact, x.double(), "reference", gy=gy)
+    ref32 = backend_grads(layer, x, "reference", gy=gy)
+    got = backend_grads(layer, x, "torch", gy=gy)
+    for name, t, r, g in zip(["y", "grad_x"], truth, ref32, got):
+        scale = t.abs().max()
+        err_ref = float((r.double() - t).abs().max() / scale)
+        err = float((g.double() - t).abs().max() / scale)
+        assert err <= max(10 * err_ref, 1e-6), f"{name}: {err:.2e} vs the float32 reference's {err_ref:.2e}"
