@@ -62,8 +62,10 @@ Compiled block kernels (:mod:`kanfast.kernels.cpu_spline`, C built on first use 
 cached; uniform knots, k >= 2, float32/float64): steps 1-3 of a chunk are one kernel
 pass writing the block row by row (spans, bases, the SiLU column and the zeros, selected
 by comparing each column's basis index with the span: no scatter, no index ever used
-as an address), and backward's gather, contraction with the local polynomials and
-silu' are one more (``grad_x`` from the ``grad_D`` block). They replace ~20 torch ops per
+as an address; for large G, where comparing with every column costs more, the row is
+zeroed and only the slots whose column exists are stored: ``SELECT_MAX`` in
+:mod:`kanfast.kernels.cpu_spline`), and backward's gather, contraction with the local
+polynomials and silu' are one more (``grad_x`` from the ``grad_D`` block). They replace ~20 torch ops per
 chunk whose memory passes over the block cost more than the arithmetic; the chunks
 shrink (:data:`KERNEL_CHUNK_ELEMENTS`) so that the block stays in cache for its GEMM. The
 GEMMs stay torch's (MKL). Measured in-process, paired runs, 2 threads, batch 4096,
