@@ -1024,24 +1024,13 @@ def _backward_features(
             xc = x[s : s + size, f0:f1]
             gy = grad_y[s : s + size]
             rows = xc.shape[0]
-            if kern is not None:  # the fused kernels: the block, then grad_x from grad_D
-                if need_w:
-                    D = _kernel_fill(kern, blk, rows, xc, g, Kw // fw)[:, :Kw]
-                    if first:
-                        torch.mm(gy.t(), D, out=gW[:, :Kw])
-                    else:
-                        gW[:, :Kw].addmm_(gy.t(), D)
-                    first = False
-                if need_x:
-                    gD = blk.rows(rows)
-                    torch.mm(gy, wg, out=gD[:, :Kx])
-                    poly = g.polys[1] if deriv else g.polys[2]  # Q_r: derivative-spline bases, or d/df
-                    kern.grad_x(xc, g.t0, g.tn, g.inv_h, g.n, k, poly, gD, off, Kx // fw,
-                                grad_x[s : s + size, f0:f1], blk.scratch("kf", (k + 3) * fw))
-                continue
-            V, dV, f, lin, invalid = _chunk_bases(xc, g, check, blk, need_w, need_x and not g.uniform)
+            if kern is None:  # (the kernels compute the spans and bases themselves)
+                V, dV, f, lin, invalid = _chunk_bases(xc, g, check, blk, need_w, need_x and not g.uniform)
             if need_w:
-                D = _fill_block(blk, rows, xc, V, lin, invalid)[:, :Kw]
+                if kern is not None:
+                    D = _kernel_fill(kern, blk, rows, xc, g, Kw // fw)[:, :Kw]
+                else:
+                    D = _fill_block(blk, rows, xc, V, lin, invalid)[:, :Kw]
                 if first:
                     torch.mm(gy.t(), D, out=gW[:, :Kw])
                 else:
@@ -1051,6 +1040,11 @@ def _backward_features(
                 continue
             gD = blk.rows(rows)
             torch.mm(gy, wg, out=gD[:, :Kx])
+            if kern is not None:  # grad_x from grad_D in one pass (silu' included)
+                poly = g.polys[1] if deriv else g.polys[2]  # Q_r: derivative-spline bases, or d/df
+                kern.grad_x(xc, g.t0, g.tn, g.inv_h, g.n, k, poly, gD, off, Kx // fw, grad_x[s : s + size, f0:f1],
+                            blk.scratch("kf", (k + 3) * fw))
+                continue
             if Kx < C * fw and not deriv:  # the dropped basis's slots read 0
                 blk.column(rows, C - 1).zero_()
             E = lin.numel()
