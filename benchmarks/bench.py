@@ -176,7 +176,8 @@ def _cpu_kernels_info() -> Dict[str, Any]:
     """Whether the torch backend runs the compiled CPU block kernels here, and with what."""
     from kanfast.kernels import cpu_spline
 
-    info: Dict[str, Any] = {"loaded": cpu_spline.load() is not None, "cflags": " ".join(cpu_spline.CFLAGS)}
+    kern = cpu_spline.load()
+    info: Dict[str, Any] = {"loaded": kern is not None, "cflags": " ".join(kern.flags) if kern is not None else None}
     try:
         cc = cpu_spline._compiler()
     except RuntimeError as e:

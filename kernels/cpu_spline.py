@@ -140,8 +140,15 @@ def _verified(path: Path) -> bool:
         return False
 
 
-def _private_dir() -> Path:
-    return Path(tempfile.gettempdir()) / f"kanfast-{os.getuid()}"
+def _private_dir(create: bool) -> Optional[Path]:
+    """``kanfast-<uid>`` under the temp dir (made, mode 0700, when ``create``), or None where
+    it does not exist or belongs to another user (who could plant a library there)."""
+    private = Path(tempfile.gettempdir()) / f"kanfast-{os.getuid()}"
+    if create:
+        private.mkdir(mode=0o700, exist_ok=True)
+    if private.is_dir() and private.stat().st_uid == os.getuid():
+        return private
+    return None
 
 
 def _writable_dir() -> Path:
@@ -153,10 +160,9 @@ def _writable_dir() -> Path:
             return d
     except OSError:
         pass
-    private = _private_dir()
-    private.mkdir(mode=0o700, exist_ok=True)
-    if private.stat().st_uid != os.getuid():
-        raise RuntimeError(f"{private} belongs to another user")
+    private = _private_dir(create=True)
+    if private is None:
+        raise RuntimeError(f"{Path(tempfile.gettempdir()) / f'kanfast-{os.getuid()}'} belongs to another user")
     return private
 
 
@@ -176,18 +182,18 @@ def _library_name(cc: List[str], flags) -> str:
 def _load_or_build(cc: List[str], flags) -> "CpuSplineKernels":
     name = _library_name(cc, flags)
     candidates = [_cache_dir() / name]
-    private = _private_dir()
-    if private.is_dir() and private.stat().st_uid == os.getuid():
+    private = _private_dir(create=False)
+    if private is not None:
         candidates.append(private / name)
     for path in candidates:  # a verified build in either
         if _verified(path):
             try:
-                return CpuSplineKernels(ctypes.CDLL(str(path)))
+                return CpuSplineKernels(ctypes.CDLL(str(path)), flags)
             except (OSError, RuntimeError):  # stale: built again below
                 pass
     target = _writable_dir() / name
     _build(cc, flags, target)
-    return CpuSplineKernels(ctypes.CDLL(str(target)))
+    return CpuSplineKernels(ctypes.CDLL(str(target)), flags)
 
 
 def _compile_and_load() -> "CpuSplineKernels":
@@ -263,7 +269,8 @@ class CpuSplineKernels:
     every tensor of x's dtype. Nothing is allocated here: the caller passes the work buffer
     (at least ``(R + 2) * fw`` elements of x's dtype, R the number of polynomials)."""
 
-    def __init__(self, lib: ctypes.CDLL):
+    def __init__(self, lib: ctypes.CDLL, flags=()):
+        self.flags = list(flags)  # what the library was built with (CFLAGS or PORTABLE_CFLAGS)
         if lib.kf_abi_version() != _ABI:
             raise RuntimeError("stale cpu_spline library (ABI mismatch)")
         self._fill, self._grad_x = {}, {}

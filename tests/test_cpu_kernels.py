@@ -309,7 +309,8 @@ def test_compiler_without_march_native_builds_portable_code(fresh_load, monkeypa
                   f'exec "{real}" "$@"\n')
     cc.chmod(0o755)
     monkeypatch.setenv("CC", str(cc))
-    assert cpu_spline.load() is not None
+    kern = cpu_spline.load()
+    assert kern is not None and kern.flags == cpu_spline.PORTABLE_CFLAGS
     (lib,) = fresh_load.glob("cpu_spline_*.so")
     assert lib.name == cpu_spline._library_name([str(cc)], cpu_spline.PORTABLE_CFLAGS)
 
