@@ -1,6 +1,6 @@
 """GPU validation and benchmark of the fused Triton KAN kernels.
 
-    python -m kanfast.benchmarks.gpu_check [--device cuda] [--out DIR] [--budget-s 420] [--quick]
+    python3 benchmarks/gpu_check.py [--device cuda] [--out DIR] [--budget-s 420] [--quick]
     python benchmarks/gpu_check.py --device cpu --quick      # CPU-safe dry run (interpreter, tiny sizes)
 
 Part 1, checks (each prints PASS/FAIL):

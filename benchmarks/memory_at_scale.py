@@ -1,6 +1,6 @@
 """Peak host memory of KAN forward+backward at scale on CPU (robustness issue, case 8).
 
-    python -m kanfast.benchmarks.memory_at_scale [--batch 16384] [--widths 1152 4608 1152] [--out FILE]
+    python3 benchmarks/memory_at_scale.py [--batch 16384] [--widths 1152 4608 1152] [--out FILE]
 
 Measures, in this process, the peak resident set size (Linux VmHWM, reset through
 /proc/self/clear_refs just before the step) of one forward+backward of
@@ -89,7 +89,7 @@ def main(argv=None) -> int:
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "threads": torch.get_num_threads()},
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(["python -m kanfast.benchmarks.memory_at_scale", *(sys.argv[1:] if argv is None else argv)]),
+        "command": " ".join(["python3 benchmarks/memory_at_scale.py", *(sys.argv[1:] if argv is None else argv)]),
     }
     mb = 1e6
     print(

@@ -15,7 +15,7 @@ import torch
 
 from kanfast import FastKANLayer
 
-from .baselines import MaterializedKAN
+from kanfast.benchmarks.baselines import MaterializedKAN
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BACKENDS = ["torch", "reference"] + (["triton"] if DEVICE == "cuda" else [])

@@ -54,21 +54,14 @@ try:  # pragma: no cover - depends on the installation
     import triton  # noqa: F401
     from triton import knobs as _knobs
 
-    try:
-        from kanfast.kernels import kan_spline as _kmod
-    except ImportError:
-        # a source checkout used through PYTHONPATH (not installed): kernels/ is the top-level folder
-        _kmod = _load_kernel_file(
-            "kanfast.kernels.kan_spline",
-            os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels", "kan_spline.py"),
-        )
+    from .kernels import kan_spline as _kmod
 
     AVAILABLE = True
 except Exception:  # pragma: no cover
     _kmod = None
     AVAILABLE = False
 
-#: Largest spline order k and number of bases G + k the kernels accept (see kernels/kan_spline.py).
+#: Largest spline order k and number of bases G + k the kernels accept (see kanfast/kernels/kan_spline.py).
 MAX_SPLINE_ORDER = _kmod.MAX_SPLINE_ORDER if _kmod is not None else 7
 MAX_N_BASIS = _kmod.MAX_N_BASIS if _kmod is not None else 4096
 
