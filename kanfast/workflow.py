@@ -14,6 +14,7 @@ Magnitude (eq. 2.17): ``|phi_{o,i}|_1 = mean_n |phi_{o,i}(x_{n,i})|``.
 from __future__ import annotations
 
 import copy
+import math
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -324,7 +325,11 @@ def fit_lbfgs(
 ) -> List[float]:
     """Train a small KAN with ``torch.optim.LBFGS`` (strong Wolfe line search), as
     the paper does: loss = MSE + ``lamb`` * :func:`activation_regularization`
-    (on the activations of the same forward).
+    (on the activations of the same forward). LBFGS minimises the loss divided by its
+    value at the start (same minimiser): torch's LBFGS drops its curvature pairs once
+    ``y.s <= 1e-10``, so on an unscaled loss it stalls into steepest descent as the MSE
+    nears 1e-10; scaled, it keeps its quasi-Newton steps down to rounding (the precision
+    of pykan's own LBFGS, whose threshold is a parameter).
 
     Args:
         x: ``(N, in)``; y: ``(N, out)``.
@@ -336,6 +341,9 @@ def fit_lbfgs(
 
     Returns:
         the MSE after every step.
+
+    Raises:
+        ValueError: the loss at the start is not finite.
     """
     if params is None:
         params = [p for p in model.parameters() if p.requires_grad]
@@ -351,18 +359,29 @@ def fit_lbfgs(
     keep_before = model.keep_inputs
     model.keep_inputs = lamb > 0
     history = []
+
+    def objective() -> torch.Tensor:
+        loss = torch.mean((model(x) - y) ** 2)
+        if lamb > 0:
+            loss = loss + lamb * activation_regularization(model, None, lamb_l1, lamb_entropy)
+        return loss
+
     try:
+        # The objective LBFGS sees is the loss over its value at the start: torch's LBFGS skips its
+        # curvature update whenever y.s <= 1e-10 (a fixed threshold), which an unscaled loss near
+        # 1e-10 always meets, and it then crawls by line-searched steepest descent.
+        with torch.no_grad():
+            start = float(objective())
+        if not math.isfinite(start):
+            raise ValueError(f"fit_lbfgs: the loss at the start is {start} (non-finite inputs, targets or weights)")
+        scale = 1.0 / start if start > 0 else 1.0
         for step in range(steps):
             if update_grid_every and step % update_grid_every == 0 and step < stop_grid_update_step:
                 model.update_grid(x)
 
             def closure():
                 opt.zero_grad()
-                pred = model(x)
-                mse = torch.mean((pred - y) ** 2)
-                loss = mse
-                if lamb > 0:
-                    loss = loss + lamb * activation_regularization(model, None, lamb_l1, lamb_entropy)
+                loss = objective() * scale
                 loss.backward()
                 return loss
 

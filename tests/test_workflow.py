@@ -295,3 +295,32 @@ def test_prune_with_kept_graph_inputs():
     model(x).sum()  # kept inputs are graph tensors now
     small = model.prune(x)
     assert small.layers[0].out_features == 4 and small.layers[0].last_input is None
+
+
+def test_fit_lbfgs_keeps_converging_below_1e_10():
+    """A realisable target (a teacher KAN on the model's own grid, base weight fixed so the
+    problem is well conditioned): LBFGS must drive the MSE far below torch's fixed y.s
+    threshold (1e-10), where an unscaled loss stalls (~1e-12 after 20 steps)."""
+    torch.manual_seed(0)
+    x = torch.linspace(-1, 1, 200, dtype=torch.float64).unsqueeze(1)
+    teacher = KAN([1, 1], grid_size=10, dtype=torch.float64, backend="torch")
+    with torch.no_grad():
+        y = teacher(x)
+    torch.manual_seed(1)
+    model = KAN([1, 1], grid_size=10, dtype=torch.float64, backend="torch")
+    with torch.no_grad():
+        model.layers[0].base_weight.copy_(teacher.layers[0].base_weight)
+    model.layers[0].base_weight.requires_grad_(False)
+    hist = workflow.fit_lbfgs(model, x, y, steps=20)
+    assert hist[-1] < 1e-16, hist
+
+
+def test_fit_lbfgs_rejects_non_finite_loss():
+    model = KAN([2, 1], grid_size=3, dtype=torch.float64)
+    x = torch.rand(8, 2, dtype=torch.float64)
+    y = torch.full((8, 1), float("nan"), dtype=torch.float64)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match="non-finite"):
+        workflow.fit_lbfgs(model, x, y, steps=2)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
