@@ -17,13 +17,18 @@ The CLI wires ``kanfast fit toy`` to :func:`add_toy_arguments` / :func:`run_toy`
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import os
+import sys
 import time
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-__all__ = ["TOY_FUNCTIONS", "add_toy_arguments", "run_toy", "toy_workflow", "make_dataset"]
+from .benchmarks import provenance
+
+__all__ = ["TOY_FUNCTIONS", "add_toy_arguments", "run_toy", "toy_workflow", "make_dataset", "scaling_slopes", "SCALING_GRIDS"]
 
 #: name -> (number of inputs, torch function of x (N, n_var) -> (N, 1), formula text)
 TOY_FUNCTIONS: Dict[str, Tuple[int, Callable[[torch.Tensor], torch.Tensor], str]] = {
@@ -70,8 +75,15 @@ def add_toy_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
                         help="toy target (default: the paper's exp(sin(pi x) + y^2))")
     parser.add_argument("--width", type=_int_list, default=None,
                         help="hidden widths incl. in/out, e.g. 2,5,1 (default: [n_var, 5, 1])")
-    parser.add_argument("--grids", type=_int_list, default=[3, 5, 10, 20], help="grid sizes, e.g. 3,5,10,20")
-    parser.add_argument("--steps", type=int, default=50, help="LBFGS steps per grid size")
+    parser.add_argument("--grids", type=_int_list, default=None,
+                        help="grid sizes, e.g. 3,5,10,20 (default: 3,5,10,20; with --scaling: 3,5,10,...,1000)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="LBFGS steps per grid size (default: 50; with --scaling: 200)")
+    parser.add_argument("--scaling", action="store_true",
+                        help="the paper's scaling curve (fig. 2.3): grids up to 1000, 200 steps each, no symbolic "
+                             "step; prints RMSE per grid and the fitted slope of RMSE against G")
+    parser.add_argument("--out", default=None, metavar="PATH",
+                        help="with --scaling: write the curve as JSON there and as a PNG beside it (same stem)")
     parser.add_argument("--reg-steps", type=int, default=20, help="LBFGS steps with the regulariser before each prune")
     parser.add_argument("--lamb", type=float, default=0.01, help="weight of the sparsification regulariser")
     parser.add_argument("--lamb-l1", type=float, default=1.0)
@@ -100,6 +112,85 @@ def _rmse(model, x, y) -> float:
         return float(torch.sqrt(torch.mean((model(x) - y) ** 2)))
 
 
+def _sqrt_median_sq(model, x, y) -> float:
+    """sqrt of the median squared error (the paper's fig. 2.3 also reports this)."""
+    with torch.no_grad():
+        return float(torch.sqrt(torch.median((model(x) - y) ** 2)))
+
+
+#: The grids of the paper's scaling experiment (Liu et al. 2024, fig. 2.3).
+SCALING_GRIDS = (3, 5, 10, 20, 50, 100, 200, 500, 1000)
+
+
+def scaling_slopes(curve: List[dict]) -> dict:
+    """Least-squares slopes of log(error) against log(G) over the grids up to the one with the
+    lowest test RMSE (past it the model interpolates its training set and the test error
+    stops falling). ``curve``: the per-grid records of :func:`toy_workflow`. Returns
+    ``{"grids": [...], "train_rmse": s, "test_rmse": s, "test_sqrt_median_sq": s}``."""
+    best = min(range(len(curve)), key=lambda i: curve[i]["test_rmse"])
+    pts = curve[: best + 1] if best >= 1 else curve
+    out = {"grids": [p["grid"] for p in pts]}
+    if len(pts) < 2:
+        return {**out, "train_rmse": float("nan"), "test_rmse": float("nan"), "test_sqrt_median_sq": float("nan")}
+    lg = torch.log(torch.tensor([float(p["grid"]) for p in pts], dtype=torch.float64))
+    for key in ("train_rmse", "test_rmse", "test_sqrt_median_sq"):
+        le = torch.log(torch.tensor([p[key] for p in pts], dtype=torch.float64))
+        lc = lg - lg.mean()
+        out[key] = float((lc * (le - le.mean())).sum() / (lc * lc).sum())
+    return out
+
+
+def _png_beside(path: str) -> str:
+    return os.path.splitext(path)[0] + ".png"
+
+
+def _check_new_file(path: str) -> None:
+    """Output paths are checked before any work: the folder exists and is writable, and no
+    existing file is overwritten."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.exists(path):
+        raise ValueError(f"{path} exists: choose a new name (nothing is overwritten)")
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        raise ValueError(f"{folder} is not a writable folder")
+
+
+def _write_scaling(args, curve, slopes, widths, seconds, steps) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    record = {
+        "meta": {"command": " ".join(["kanfast", *sys.argv[1:]]), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                 "machine": provenance.machine(torch.device("cpu")), "versions": provenance.versions(),
+                 "git": provenance.git_commit(), "seconds": seconds, "function": args.function, "widths": widths,
+                 "n_train": args.n_train, "n_test": args.n_test, "seed": args.seed, "steps_per_grid": steps,
+                 "dtype": "float64", "backend": "torch"},
+        "curve": curve,
+        "slopes": slopes,
+    }
+    with open(args.out, "x") as fh:
+        json.dump(record, fh, indent=1)
+    g = [p["grid"] for p in curve]
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    ax.loglog(g, [p["train_rmse"] for p in curve], "o-", label="train RMSE")
+    ax.loglog(g, [p["test_rmse"] for p in curve], "s-", label="test RMSE")
+    ax.loglog(g, [p["test_sqrt_median_sq"] for p in curve], "^-", label="test sqrt(median sq. error)")
+    ref = curve[0]["test_rmse"]
+    ax.loglog(g, [ref * (gi / g[0]) ** -4 for gi in g], "k--", lw=1, label="G^-4 (paper)")
+    ax.loglog(g, [ref * (gi / g[0]) ** -3 for gi in g], "k:", lw=1, label="G^-3")
+    ax.set_xlabel("grid size G (intervals)")
+    ax.set_ylabel("error")
+    ax.set_title(f"KAN {widths} on {TOY_FUNCTIONS[args.function][2]}\nslope (test RMSE, G <= {slopes['grids'][-1]}): "
+                 f"{slopes['test_rmse']:.2f}")
+    ax.legend(fontsize=8)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    with open(_png_beside(args.out), "xb") as fh:
+        fig.savefig(fh, format="png", dpi=110)
+    plt.close(fig)
+
+
 def run_toy(args: argparse.Namespace) -> int:
     """``kanfast fit toy``: run :func:`toy_workflow`, printing as it goes. Returns 0."""
     toy_workflow(args)
@@ -124,7 +215,15 @@ def toy_workflow(args: argparse.Namespace, log: Callable[[str], None] = print) -
 
     if args.threads and args.threads > 0:
         torch.set_num_threads(args.threads)
-    if args.steps < 0 or args.reg_steps < 0 or args.symbolic_steps < 0:
+    grids = args.grids or (list(SCALING_GRIDS) if args.scaling else [3, 5, 10, 20])
+    steps = args.steps if args.steps is not None else (200 if args.scaling else 50)
+    symbolic = not (args.no_symbolic or args.scaling)
+    if args.out and not args.scaling:
+        raise ValueError("--out goes with --scaling")
+    if args.out:
+        _check_new_file(args.out)
+        _check_new_file(_png_beside(args.out))
+    if steps < 0 or args.reg_steps < 0 or args.symbolic_steps < 0:
         raise ValueError("step counts must be >= 0")
     n_var, _, text = TOY_FUNCTIONS[args.function]
     width = args.width or [n_var, 5, 1]
@@ -137,7 +236,7 @@ def toy_workflow(args: argparse.Namespace, log: Callable[[str], None] = print) -
     log(f"target f = {text}; {args.n_train} train / {args.n_test} test points on [-1, 1]^{n_var}")
 
     t0 = time.perf_counter()
-    start_grid = args.grids[0] if args.no_prune else args.prune_grid
+    start_grid = grids[0] if args.no_prune else args.prune_grid
     model = KAN(width, grid_size=start_grid, dtype=torch.float64, backend="torch")
     if not args.no_prune:
         for r in range(args.prune_rounds):
@@ -153,18 +252,32 @@ def toy_workflow(args: argparse.Namespace, log: Callable[[str], None] = print) -
                 break
     widths = [model.layers[0].in_features] + [l.out_features for l in model.layers]
 
-    rmse = {}
-    for g_i, g in enumerate(args.grids):
+    rmse, curve = {}, []
+    for g_i, g in enumerate(grids):
+        t_g = time.perf_counter()
         if g != model.grid_size:
             model.extend_grid(g, x)
-        fit_lbfgs(model, x, y, steps=args.steps, update_grid_every=5 if g_i == 0 else None,
-                  stop_grid_update_step=args.steps // 2)
+        fit_lbfgs(model, x, y, steps=steps, update_grid_every=5 if g_i == 0 else None,
+                  stop_grid_update_step=steps // 2)
         rmse[g] = (_rmse(model, x, y), _rmse(model, xt, yt))
-        log(f"grid {g:3d}: train RMSE {rmse[g][0]:.3e}  test RMSE {rmse[g][1]:.3e}")
+        curve.append({"grid": g, "train_rmse": rmse[g][0], "test_rmse": rmse[g][1],
+                      "test_sqrt_median_sq": _sqrt_median_sq(model, xt, yt), "seconds": time.perf_counter() - t_g})
+        log(f"grid {g:3d}: train RMSE {rmse[g][0]:.3e}  test RMSE {rmse[g][1]:.3e}  "
+            f"test sqrt(median sq. err.) {curve[-1]['test_sqrt_median_sq']:.3e}")
 
     result = {"widths": widths, "rmse": rmse, "choices": {}, "formula": None, "formula_rmse": None,
-              "plot": None}
-    if not args.no_symbolic:
+              "plot": None, "curve": curve, "slopes": None}
+    if args.scaling:
+        result["slopes"] = scaling_slopes(curve)
+        sl = result["slopes"]
+        log(f"fitted slopes over G = {sl['grids'][0]}..{sl['grids'][-1]} (up to the lowest test RMSE): "
+            f"train RMSE ~ G^{sl['train_rmse']:.2f}, test RMSE ~ G^{sl['test_rmse']:.2f}, "
+            f"test sqrt(median sq. err.) ~ G^{sl['test_sqrt_median_sq']:.2f} "
+            f"(paper, fig. 2.3: G^-4 for sqrt(median), G^-3 for the mean)")
+        if args.out:
+            _write_scaling(args, curve, sl, widths, time.perf_counter() - t0, steps)
+            log(f"wrote {args.out} and {_png_beside(args.out)}")
+    if symbolic:
         chosen = auto_symbolic(model, x=x, lib=args.lib)
         for (l, i, j), fit in chosen.items():
             log(f"edge ({l},{i},{j}) -> {fit.name}  (R^2 = {fit.r2:.6f})")

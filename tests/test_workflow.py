@@ -324,3 +324,37 @@ def test_fit_lbfgs_rejects_non_finite_loss():
         workflow.fit_lbfgs(model, x, y, steps=2)
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k])
+
+
+def test_scaling_slopes_recover_a_power_law_up_to_the_lowest_test_error():
+    grids = [3, 5, 10, 20, 50, 100]
+    curve = [{"grid": g, "train_rmse": 2.0 * g ** -4.0, "test_rmse": 3.0 * g ** -3.0,
+              "test_sqrt_median_sq": 0.5 * g ** -4.0} for g in grids[:4]]
+    # past G=20 the test error rises (interpolation): those points are left out of the fit
+    curve += [{"grid": g, "train_rmse": 1e-9, "test_rmse": 1e-2, "test_sqrt_median_sq": 1e-3} for g in grids[4:]]
+    s = kanfast.toy.scaling_slopes(curve)
+    assert s["grids"] == [3, 5, 10, 20]
+    assert s["train_rmse"] == pytest.approx(-4.0, abs=1e-9)
+    assert s["test_rmse"] == pytest.approx(-3.0, abs=1e-9)
+    assert s["test_sqrt_median_sq"] == pytest.approx(-4.0, abs=1e-9)
+
+
+def test_toy_scaling_writes_curve_and_never_overwrites(tmp_path, capsys):
+    import json
+
+    parser = kanfast.toy.add_toy_arguments(argparse.ArgumentParser())
+    out = tmp_path / "curve.json"
+    argv = ["--scaling", "--width", "2,1,1", "--no-prune", "--grids", "3,5,10", "--steps", "8",
+            "--n-train", "300", "--n-test", "300", "--out", str(out)]
+    res = kanfast.toy.toy_workflow(parser.parse_args(argv))
+    data = json.loads(out.read_text())
+    assert [p["grid"] for p in data["curve"]] == [3, 5, 10]
+    assert data["curve"][-1]["train_rmse"] < data["curve"][0]["train_rmse"]
+    assert data["slopes"]["train_rmse"] < 0 and data["meta"]["steps_per_grid"] == 8
+    assert res["formula"] is None  # no symbolic step in a scaling run
+    assert (tmp_path / "curve.png").read_bytes()[:4] == b"\x89PNG"
+    assert "fitted slopes" in capsys.readouterr().out
+    before = out.read_bytes()
+    with pytest.raises(ValueError, match="exists"):
+        kanfast.toy.toy_workflow(parser.parse_args(argv))
+    assert out.read_bytes() == before
