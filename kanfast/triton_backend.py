@@ -9,7 +9,9 @@ Entry point: :func:`kan_linear_triton` (same contract as
 * CPU tensors run the same kernels through Triton's interpreter, for
   validation only (slow). If ``TRITON_INTERPRET=1`` was not set before Triton was
   imported, an interpreted copy of the kernel module is loaded on first use (the
-  environment is restored afterwards), so no global setting is needed.
+  environment is restored afterwards), so no global setting is needed. The
+  interpreter is not thread-safe: interpreted launches hold a lock (one at a time,
+  whichever threads make them); compiled GPU launches do not.
 * float64 falls back to the torch backend (Triton's ``tl.dot`` has no useful
   fp64 path).
 
