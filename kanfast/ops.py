@@ -42,6 +42,8 @@ None. A first-order backward (the training loop) always takes the fast kernel.
 
 from __future__ import annotations
 
+import os
+import threading
 from typing import Optional, Tuple
 
 import torch
@@ -242,16 +244,37 @@ kan_fwd.register_autograd(_make_backward(kan_bwd), setup_context=_setup_context)
 
 # -------------------------------------------------------------------- triton
 _TRITON_OPS = None  # (fwd_op, triton_backend module) once registered, False when unavailable
+_TRITON_OPS_LOCK = threading.Lock()  # registration happens once, whichever threads call first
+
+
+def _fresh_triton_ops_lock() -> None:
+    """In a forked child: a fresh lock (a parent thread that held it does not exist here)."""
+    global _TRITON_OPS_LOCK
+    _TRITON_OPS_LOCK = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_fresh_triton_ops_lock)
 
 
 def _register_triton_ops():
     """Register ``kanfast::kan_triton_fwd`` around the Triton backend's registered
     kernels ``kanfast::kan_linear_triton_fwd/bwd`` (:mod:`kanfast.triton_backend`),
     with an autograd formula that is differentiable under ``create_graph=True``.
-    Returns ``(fwd_op, triton_backend_module)`` or None when Triton is unavailable."""
-    global _TRITON_OPS
+    Returns ``(fwd_op, triton_backend_module)`` or None when Triton is unavailable.
+    Thread-safe: the op is registered once, under a lock (two registrations of the same
+    name destroy the first one's library while another thread may be calling it)."""
     if _TRITON_OPS is not None:
         return _TRITON_OPS or None
+    with _TRITON_OPS_LOCK:
+        if _TRITON_OPS is None:
+            _define_triton_ops()
+        return _TRITON_OPS or None
+
+
+def _define_triton_ops() -> None:
+    """The registration itself (:func:`_register_triton_ops`, under its lock)."""
+    global _TRITON_OPS
     try:
         from . import triton_backend as tb
 
@@ -259,7 +282,7 @@ def _register_triton_ops():
         raw_bwd = torch.ops.kanfast.kan_linear_triton_bwd.default
     except Exception:  # triton missing or broken
         _TRITON_OPS = False
-        return None
+        return
 
     @torch.library.custom_op("kanfast::kan_triton_fwd", mutates_args=())
     def tfwd(
@@ -276,7 +299,6 @@ def _register_triton_ops():
 
     tfwd.register_autograd(backward, setup_context=_setup_context)
     _TRITON_OPS = (tfwd, tb)
-    return _TRITON_OPS
 
 
 def triton_ops_available() -> bool:

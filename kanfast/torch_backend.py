@@ -110,6 +110,7 @@ formulation.
 from __future__ import annotations
 
 import functools
+import os
 import threading
 import weakref
 from fractions import Fraction
@@ -616,6 +617,17 @@ class _Buffers(dict):
 _local = threading.local()
 _all_buffers: "weakref.WeakSet[_Buffers]" = weakref.WeakSet()  # every thread's (dropped with the thread)
 _buffers_lock = threading.Lock()
+
+
+def _reset_buffers_lock() -> None:
+    """In a forked child: a fresh lock (a thread of the parent that held it does not exist
+    here, so the child's copy would stay locked forever)."""
+    global _buffers_lock
+    _buffers_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_buffers_lock)
 
 
 def _thread_buffers() -> _Buffers:

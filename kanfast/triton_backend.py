@@ -9,7 +9,9 @@ Entry point: :func:`kan_linear_triton` (same contract as
 * CPU tensors run the same kernels through Triton's interpreter, for
   validation only (slow). If ``TRITON_INTERPRET=1`` was not set before Triton was
   imported, an interpreted copy of the kernel module is loaded on first use (the
-  environment is restored afterwards), so no global setting is needed.
+  environment is restored afterwards), so no global setting is needed. The
+  interpreter is not thread-safe: interpreted launches hold a lock (one at a time,
+  whichever threads make them); compiled GPU launches do not.
 * float64 falls back to the torch backend (Triton's ``tl.dot`` has no useful
   fp64 path).
 
@@ -33,7 +35,9 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import contextlib
 import os
+import threading
 import weakref
 from typing import Optional, Tuple
 
@@ -70,6 +74,21 @@ _FP32_PRECISION = os.environ.get("KANFAST_TRITON_FP32", "tf32").strip().lower()
 if _FP32_PRECISION not in ("tf32", "ieee"):
     raise ValueError(f"KANFAST_TRITON_FP32 must be 'tf32' or 'ieee', got {_FP32_PRECISION!r}")
 _interp_mod = None
+#: Triton's interpreter is not thread-safe (it patches triton.language and keeps the launch
+#: grid in module state for the duration of a launch): interpreted launches, and the one-time
+#: interpreter setup, run one at a time. Compiled GPU launches are not serialised.
+_INTERPRETER_LOCK = threading.Lock()
+_SETUP_LOCK = threading.Lock()
+
+
+def _fresh_locks() -> None:
+    """In a forked child: fresh locks (a parent thread that held one does not exist here)."""
+    global _INTERPRETER_LOCK, _SETUP_LOCK
+    _INTERPRETER_LOCK, _SETUP_LOCK = threading.Lock(), threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_fresh_locks)
 
 
 def set_fp32_precision(precision: str) -> None:
@@ -131,13 +150,19 @@ def _kernels(device: torch.device):
     if not AVAILABLE:
         raise RuntimeError("kanfast triton backend: triton is not installed or failed to import")
     if _kmod.INTERPRETED:
-        _fix_interpreter_index()
+        if not _INDEX_FIXED:
+            with _SETUP_LOCK:
+                _fix_interpreter_index()
         return _kmod
     if device.type == "cuda":
         return _kmod
     if device.type != "cpu":
         raise RuntimeError(f"kanfast triton backend supports CUDA tensors (and CPU through the interpreter), got {device}")
-    if _interp_mod is None:
+    if _interp_mod is not None:
+        return _interp_mod
+    with _SETUP_LOCK:  # one copy, and the knob scope below is process-global
+        if _interp_mod is not None:
+            return _interp_mod
         # A private copy of the kernel module, decorated while the interpreter knob is on;
         # knobs.runtime.scope() restores the knob and TRITON_INTERPRET afterwards.
         with _knobs.runtime.scope():
@@ -150,7 +175,7 @@ def _kernels(device: torch.device):
             )
         _fix_interpreter_index()
         _interp_mod = mod
-    return _interp_mod
+        return _interp_mod
 
 
 # ----------------------------------------------------------------- knot setup
@@ -205,17 +230,19 @@ def _row_major(x: torch.Tensor) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------- launchers
-def _launch(kernel, grid_fn, *args, **kwargs):
+def _launch(kernel, grid_fn, *args, interpreted: bool, **kwargs):
     """Launch an autotuned kernel. Under ``torch.use_deterministic_algorithms(True)`` the
     first (fixed) config is used instead of the autotuned one, so results are
     bit-identical across processes too (autotuning may pick different tile sizes,
-    hence a different summation order, in different processes)."""
-    if torch.are_deterministic_algorithms_enabled() and hasattr(kernel, "configs"):
-        cfg = kernel.configs[0]
-        meta = {**kwargs, **cfg.kwargs}
-        kernel.fn[grid_fn(meta)](*args, **meta, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    else:
-        kernel[grid_fn](*args, **kwargs)
+    hence a different summation order, in different processes). ``interpreted``: the
+    kernel runs in Triton's interpreter, so the launch holds :data:`_INTERPRETER_LOCK`."""
+    with _INTERPRETER_LOCK if interpreted else contextlib.nullcontext():
+        if torch.are_deterministic_algorithms_enabled() and hasattr(kernel, "configs"):
+            cfg = kernel.configs[0]
+            meta = {**kwargs, **cfg.kwargs}
+            kernel.fn[grid_fn(meta)](*args, **meta, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        else:
+            kernel[grid_fn](*args, **kwargs)
 
 
 def _forward(x, grid, coef, base_weight, k, ieee):
@@ -241,7 +268,7 @@ def _forward(x, grid, coef, base_weight, k, ieee):
         x, tp, t0, tn, h, w, wb, y,
         N, nin, nout, nb, n_knots, _n_steps(n_knots),
         x.stride(0), x.stride(1), s_wbo, s_wbi, y.stride(0), y.stride(1),
-        UNIFORM=uniform, K=k, HAS_BASE=has_base, PREC=_prec(x.dtype, ieee),
+        UNIFORM=uniform, K=k, HAS_BASE=has_base, PREC=_prec(x.dtype, ieee), interpreted=km.INTERPRETED,
     )
     return y
 
@@ -297,7 +324,7 @@ def _backward(grad_y, x, grid, coef, base_weight, k, ieee, need_x, need_coef, ne
             x, tp, t0, tn, h, wt, wb, grad_y, gx,
             N, nin, nout, nb, n_knots, steps,
             x.stride(0), x.stride(1), s_wbo, s_wbi, grad_y.stride(0), grad_y.stride(1), gx.stride(0), gx.stride(1),
-            UNIFORM=uniform, K=k, HAS_BASE=has_base, PREC=prec,
+            UNIFORM=uniform, K=k, HAS_BASE=has_base, PREC=prec, interpreted=km.INTERPRETED,
         )
     want_base = need_base and has_base
     if need_coef or want_base:
@@ -315,7 +342,7 @@ def _backward(grad_y, x, grid, coef, base_weight, k, ieee, need_x, need_coef, ne
             x, tp, t0, tn, h, grad_y, part,
             N, nin, nout, nb, n_knots, steps, rows,
             x.stride(0), x.stride(1), grad_y.stride(0), grad_y.stride(1),
-            UNIFORM=uniform, K=k, HAS_BASE=has_base, PREC=prec,
+            UNIFORM=uniform, K=k, HAS_BASE=has_base, PREC=prec, interpreted=km.INTERPRETED,
         )
         total = part[0] if splits == 1 else part.sum(0)  # fixed-order reduction: deterministic
         # fresh tensors (never views of the partials: custom-op outputs must not alias)

@@ -8,14 +8,24 @@ How: the C file is compiled with the system C compiler (``$CC``, else ``cc``, ``
 or ``clang``; flags :data:`CFLAGS`, ``-march=native``, or :data:`PORTABLE_CFLAGS`
 where the compiler refuses that) into a shared library cached in
 ``$KANFAST_CACHE_DIR`` (default ``$XDG_CACHE_HOME/kanfast`` or ``~/.cache/kanfast``;
-a private ``kanfast-<uid>`` under the temp dir when that is not writable) under a
-name that hashes the source, the flags, the compiler (path, size, mtime) and this
+a private ``kanfast-<uid>`` under the temp dir when that is not writable or may not be
+used) under a name that hashes the source, the flags, the compiler (path, size, mtime) and this
 CPU's model and feature flags, so a cache shared between different machines never
 hands one a library built for another's instruction set. Each build records its
 SHA-256 beside it; a cached library that does not match it, or does not load, is built
 again (a damaged shared object would crash the process that maps it). The build
 takes ~0.5 s once per machine (measured on a 2-core AMD EPYC VM, gcc 12); later
-processes load the cached file in milliseconds. The kernels are called through
+processes load the cached file in milliseconds.
+
+Trust: the file name is computed from public inputs and the SHA-256 proves integrity, not
+authorship, so a library is loaded or built only in a folder that is no symbolic link, is
+owned by this process's effective user and is writable by no group or other user (checked by
+``lstat``, then on its descriptor opened ``O_NOFOLLOW``), and only as a regular file with the
+same checks on its own descriptor; the bytes hashed are read from that descriptor and the
+library mapped is that descriptor's file (``/proc/self/fd/N`` on Linux), so no rename between
+check and load can substitute another. Folders or files that fail are passed over with one
+RuntimeWarning naming them and why; where neither cache folder may be used the library is built
+in a fresh ``mkdtemp`` folder (mode 0700) for this process. The kernels are called through
 :mod:`ctypes`, which releases the GIL for the duration of each call (the CPU
 workers of :mod:`kanfast.cpu_workers` run them side by side).
 
@@ -33,6 +43,7 @@ import os
 import platform
 import shlex
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -102,68 +113,177 @@ def _compiler() -> Optional[List[str]]:
     return None
 
 
-def _digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+#: Where Linux shows this process's open descriptors as paths to the very files they hold.
+_PROC_FD = "/proc/self/fd"
+#: Descriptors of the loaded libraries, held open for the life of the process: the dynamic
+#: loader knows each library by the name it was opened with (``/proc/self/fd/N``) and would hand
+#: back the old library for that name if N were closed and then reused for another file.
+_mapped_fds: List[int] = []
 
 
-def _build(cc: List[str], flags, target: Path) -> None:
-    """Compile into ``target`` (atomically: a temporary file renamed), then record its
-    SHA-256 beside it (``<target>.sha256``), which every load checks first: a damaged file
-    (truncated by a full disk, a crash mid-copy) is rebuilt instead of crashing the process
-    that maps it."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+class _Untrusted(Exception):
+    """A folder or file that may not hold code this process loads (see :func:`_open_checked`)."""
+
+
+def _why_untrusted(st: os.stat_result, folder: bool) -> Optional[str]:
+    """Why an entry with this ``lstat``/``fstat`` result may not hold code we load, or None: it
+    must be a real folder (``folder``) or regular file, not a symbolic link, owned by this
+    process's effective user and writable by nobody else (no group or other write bit), so
+    that only this user (or root) can have put a library there or swap one in."""
+    if stat.S_ISLNK(st.st_mode):
+        return "is a symbolic link"
+    if not (stat.S_ISDIR if folder else stat.S_ISREG)(st.st_mode):
+        return "is not a folder" if folder else "is not a regular file"
+    if st.st_uid != os.geteuid():
+        return f"belongs to uid {st.st_uid}, not to this user (uid {os.geteuid()})"
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return f"is writable by group or others (mode {stat.S_IMODE(st.st_mode):o})"
+    return None
+
+
+def _open_checked(path, folder: bool, dir_fd: Optional[int] = None, shown: str = "") -> int:
+    """A read-only descriptor of ``path`` (relative to the open folder ``dir_fd`` if given; named
+    ``shown`` in messages), checked twice: ``lstat`` (no link followed), then the descriptor
+    itself, opened with ``O_NOFOLLOW``, by ``fstat`` (the same inode, and it passes
+    :func:`_why_untrusted`). Later reads and loads go through the descriptor, so no rename after
+    the check changes what they see. Raises FileNotFoundError where there is nothing,
+    :class:`_Untrusted` (why) where it may not be used."""
+    shown = shown or str(path)
+    before = os.lstat(path, dir_fd=dir_fd)
+    why = _why_untrusted(before, folder)
+    if why:
+        raise _Untrusted(f"{shown} {why}")
+    flags = os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+    flags |= os.O_DIRECTORY if folder else os.O_NONBLOCK
+    try:
+        fd = os.open(path, flags, dir_fd=dir_fd)
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        raise _Untrusted(f"{shown} could not be opened without following a link ({e.strerror})") from None
+    st = os.fstat(fd)
+    why = _why_untrusted(st, folder)
+    if why is None and (st.st_dev, st.st_ino) != (before.st_dev, before.st_ino):
+        why = "was replaced while it was checked"
+    if why:
+        os.close(fd)
+        raise _Untrusted(f"{shown} {why}")
+    return fd
+
+
+def _read_fd(fd: int) -> bytes:
+    chunks = []
+    while True:
+        chunk = os.read(fd, 1 << 20)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+
+
+def _dlopen_checked(fd: int, data: bytes, name: str) -> ctypes.CDLL:
+    """Map the library held by the checked descriptor ``fd`` (whose bytes are ``data``). On Linux
+    through ``/proc/self/fd/N``, which opens exactly the descriptor's inode: the file that was
+    checked and hashed, whatever has been renamed since (no check-then-load race). Elsewhere the
+    checked bytes are written into a fresh private folder (``mkdtemp``, mode 0700) and loaded from
+    there. On success ``fd`` is kept open (see :data:`_mapped_fds`)."""
+    if os.path.isdir(_PROC_FD):
+        lib = ctypes.CDLL(f"{_PROC_FD}/{fd}")
+        _mapped_fds.append(fd)
+        return lib
+    scratch = tempfile.mkdtemp(prefix="kanfast-load-")
+    try:
+        path = os.path.join(scratch, name)
+        out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o700)
+        with os.fdopen(out, "wb") as fh:
+            fh.write(data)
+        lib = ctypes.CDLL(path)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    os.close(fd)
+    return lib
+
+
+def _load_from(dir_fd: int, folder: Path, name: str, flags, distrust: List[str]) -> Optional["CpuSplineKernels"]:
+    """The kernels of library ``name`` in the checked folder ``dir_fd`` (``folder``), or None
+    where it is missing, may not be used (why appended to ``distrust``), does not match the
+    SHA-256 recorded beside it when it was built (damaged: truncated by a full disk, a crash
+    mid-copy; mapping it could crash the process), or does not load: the caller builds it again.
+    The hash is of the bytes read from the checked descriptor, and that descriptor's file is the
+    one mapped (:func:`_dlopen_checked`)."""
+    try:
+        fd = _open_checked(name, False, dir_fd, str(folder / name))
+    except FileNotFoundError:
+        return None
+    except _Untrusted as e:
+        distrust.append(str(e))
+        return None
+    mapped = False
+    try:
+        data = _read_fd(fd)
+        sfd = _open_checked(name + ".sha256", False, dir_fd)
+        try:
+            recorded = _read_fd(sfd).decode("ascii", "replace").strip()
+        finally:
+            os.close(sfd)
+        if recorded != hashlib.sha256(data).hexdigest():
+            return None
+        lib = _dlopen_checked(fd, data, name)
+        mapped = True
+        return CpuSplineKernels(lib, flags)
+    except (OSError, RuntimeError, _Untrusted):  # missing/foreign record, stale, not a library: built again
+        return None
+    finally:
+        if not mapped:
+            os.close(fd)
+
+
+def _build(cc: List[str], flags, folder: Path, name: str) -> None:
+    """Compile into ``folder/name`` (atomically: a temporary file renamed; mode 0755, whatever
+    the umask), then record its SHA-256 beside it (``<name>.sha256``), which every load checks."""
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
     os.close(fd)
     try:
         proc = subprocess.run([*cc, *flags, "-o", tmp, str(_SOURCE), "-lm"], capture_output=True, text=True,
                               timeout=120)
         if proc.returncode != 0:
             raise RuntimeError(f"{cc[0]} failed ({proc.returncode}): {proc.stderr.strip()[:500]}")
+        os.chmod(tmp, 0o755)  # the linker creates its output with the umask's bits (group-writable under 002)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
-        digest = _digest(Path(tmp))
-        os.replace(tmp, target)  # atomic: a concurrent process sees the old name or the whole file
-        fd, tmp = tempfile.mkstemp(suffix=".sha256", dir=target.parent)
+            digest = hashlib.sha256(fh.read()).hexdigest()
+        os.replace(tmp, folder / name)  # atomic: a concurrent process sees the old name or the whole file
+        fd, tmp = tempfile.mkstemp(suffix=".sha256", dir=folder)
         with os.fdopen(fd, "w") as fh:
             fh.write(digest)
-        os.replace(tmp, str(target) + ".sha256")
+        os.replace(tmp, folder / (name + ".sha256"))
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
 
 
-def _verified(path: Path) -> bool:
-    """``path`` exists and matches the SHA-256 recorded when it was built."""
-    try:
-        return Path(str(path) + ".sha256").read_text().strip() == _digest(path)
-    except OSError:
-        return False
+def _private_temp_dir() -> Path:
+    """``kanfast-<uid>`` under the temp dir: the cache where the cache folder may not be used."""
+    return Path(tempfile.gettempdir()) / f"kanfast-{os.getuid()}"
 
 
-def _private_dir(create: bool) -> Optional[Path]:
-    """``kanfast-<uid>`` under the temp dir (made, mode 0700, when ``create``), or None where
-    it does not exist or belongs to another user (who could plant a library there)."""
-    private = Path(tempfile.gettempdir()) / f"kanfast-{os.getuid()}"
+def _checked_dir(folder: Path, create: bool, distrust: List[str]) -> Optional[int]:
+    """A checked descriptor of ``folder`` (:func:`_open_checked`; made with mode 0700 first when
+    ``create``), or None where it is missing or may not be used (why appended to ``distrust``)."""
     if create:
-        private.mkdir(mode=0o700, exist_ok=True)
-    if private.is_dir() and private.stat().st_uid == os.getuid():
-        return private
-    return None
-
-
-def _writable_dir() -> Path:
-    """The cache directory, or (not writable) a private one under the temp dir."""
-    d = _cache_dir()
+        try:
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError:
+            pass
     try:
-        d.mkdir(parents=True, exist_ok=True)
-        if os.access(d, os.W_OK | os.X_OK):
-            return d
+        return _open_checked(folder, True)
+    except FileNotFoundError:
+        return None
+    except _Untrusted as e:
+        if str(e) not in distrust:
+            distrust.append(str(e))
+        return None
     except OSError:
-        pass
-    private = _private_dir(create=True)
-    if private is None:
-        raise RuntimeError(f"{Path(tempfile.gettempdir()) / f'kanfast-{os.getuid()}'} belongs to another user")
-    return private
+        return None
 
 
 def _library_name(cc: List[str], flags) -> str:
@@ -179,34 +299,64 @@ def _library_name(cc: List[str], flags) -> str:
     return f"cpu_spline_{key.hexdigest()[:24]}.so"
 
 
-def _load_or_build(cc: List[str], flags) -> "CpuSplineKernels":
+def _load_or_build(cc: List[str], flags, distrust: List[str]) -> "CpuSplineKernels":
+    """Load the cached library, or build it, only in a folder this user alone can write
+    (:func:`_why_untrusted`): the cache folder, else ``kanfast-<uid>`` under the temp dir, else a
+    fresh ``mkdtemp`` folder (mode 0700) used by this process only. Each folder or file passed
+    over for that reason is appended to ``distrust`` (why)."""
     name = _library_name(cc, flags)
-    candidates = [_cache_dir() / name]
-    private = _private_dir(create=False)
-    if private is not None:
-        candidates.append(private / name)
-    for path in candidates:  # a verified build in either
-        if _verified(path):
+    for folder in (_cache_dir(), _private_temp_dir()):  # a verified build in either
+        dfd = _checked_dir(folder, False, distrust)
+        if dfd is not None:
             try:
-                return CpuSplineKernels(ctypes.CDLL(str(path)), flags)
-            except (OSError, RuntimeError):  # stale: built again below
-                pass
-    target = _writable_dir() / name
-    _build(cc, flags, target)
-    return CpuSplineKernels(ctypes.CDLL(str(target)), flags)
+                kern = _load_from(dfd, folder, name, flags, distrust)
+            finally:
+                os.close(dfd)
+            if kern is not None:
+                return kern
+    for folder in (_cache_dir(), _private_temp_dir(), None):
+        scratch = folder is None
+        if scratch:
+            folder = Path(tempfile.mkdtemp(prefix="kanfast-build-"))
+        dfd = _checked_dir(folder, not scratch, distrust)
+        try:
+            if dfd is None or not (scratch or os.access(folder, os.W_OK | os.X_OK)):
+                continue
+            _build(cc, flags, folder, name)
+            kern = _load_from(dfd, folder, name, flags, distrust)
+            if kern is None:
+                raise RuntimeError(f"the library just built in {folder} could not be verified or loaded")
+            return kern
+        finally:
+            if dfd is not None:
+                os.close(dfd)
+            if scratch:  # the library stays mapped; nothing is left behind
+                shutil.rmtree(folder, ignore_errors=True)
+    raise RuntimeError("found no folder that only this user can write to build in")
 
 
 def _compile_and_load() -> "CpuSplineKernels":
     cc = _compiler()
     if cc is None:
         raise RuntimeError("no C compiler found (set $CC, or install gcc or clang)")
+    distrust: List[str] = []
     try:
-        return _load_or_build(cc, CFLAGS)
-    except RuntimeError as native_error:  # e.g. a compiler without -march=native: portable code
         try:
-            return _load_or_build(cc, PORTABLE_CFLAGS)
-        except RuntimeError:
-            raise native_error from None
+            return _load_or_build(cc, CFLAGS, distrust)
+        except RuntimeError as native_error:  # e.g. a compiler without -march=native: portable code
+            try:
+                return _load_or_build(cc, PORTABLE_CFLAGS, distrust)
+            except RuntimeError:
+                raise native_error from None
+    finally:
+        if distrust:
+            warnings.warn(
+                "kanfast: the CPU block kernels are loaded or built only in a folder that this user alone can "
+                f"write; passed over: {'; '.join(dict.fromkeys(distrust))}. Fix or remove those, or set "
+                "KANFAST_CACHE_DIR to a folder only you can write.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
 
 def _after_fork_in_child() -> None:
