@@ -68,8 +68,27 @@ def kanify(
     ``weight @ x + bias``: kanify changes the function; train or fine-tune
     afterwards (and build the optimizer after kanify: the parameters are new).
 
-    Linear layers owned by ``nn.MultiheadAttention`` (its ``out_proj``, whose
-    weight the attention kernel reads directly) are never replaced.
+    Modules that read a child's ``.weight``/``.bias`` themselves instead of
+    calling it (torch 2.13's ``torch/nn``, checked by reading its sources):
+
+    * ``nn.MultiheadAttention`` (and subclasses) passes ``out_proj.weight`` and
+      ``out_proj.bias`` straight to ``F.multi_head_attention_forward`` on every
+      path, and ``nn.LinearCrossEntropyLoss`` reads ``linear.weight``: their
+      ``nn.Linear`` children are never replaced (a KAN there would need a
+      rewrite of the attention/loss itself); the rest of the model is kanified.
+    * ``nn.TransformerEncoderLayer``'s inference fast path
+      (``torch._transformer_encoder_layer_fwd``, taken in ``eval()`` mode when no
+      gradient is needed) reads ``linear1.weight``/``linear2.weight`` as a plain
+      feed-forward block. When kanify replaces either of them it turns that fast
+      path off, so the layer always runs its ordinary (slow-path) forward, which
+      calls the KAN layers: it sets the layer's ``activation_relu_or_gelu`` to
+      0 (torch's value for "another activation", one of the conditions the fast
+      path checks; the activation applied, ``layer.activation``, is
+      unchanged), and ``use_nested_tensor = False`` on every ``nn.TransformerEncoder`` holding such a layer (its
+      nested-tensor path would hand the KAN layers nested tensors). Train and
+      eval modes, with and without ``no_grad``, then compute the same function.
+    * ``nn.TransformerDecoderLayer`` and ``nn.Transformer`` have no other such
+      read: their linears are replaced.
 
     Args:
         model: any module; modified in place.
@@ -108,7 +127,7 @@ def kanify(
         return convert("", model)
     targets = []
     for name, mod in model.named_modules():
-        if isinstance(mod, nn.MultiheadAttention):
+        if isinstance(mod, _READS_LINEAR_WEIGHTS):
             continue
         for child_name, child in mod.named_children():
             full = f"{name}.{child_name}" if name else child_name
@@ -116,7 +135,34 @@ def kanify(
                 targets.append((mod, child_name, full, child))
     for parent, child_name, full, child in targets:
         setattr(parent, child_name, convert(full, child))
+    _disable_transformer_fast_paths(model)
     return model
+
+
+# Modules whose forward reads the weight/bias of their nn.Linear children directly (torch/nn sources):
+# their linears are left alone by kanify.
+_READS_LINEAR_WEIGHTS = tuple(
+    cls for cls in (nn.MultiheadAttention, getattr(nn, "LinearCrossEntropyLoss", None)) if cls is not None
+)
+
+
+def _ffn_replaced(layer: nn.Module) -> bool:
+    return not (isinstance(layer.linear1, nn.Linear) and isinstance(layer.linear2, nn.Linear))
+
+
+def _disable_transformer_fast_paths(model: nn.Module) -> None:
+    """Send every ``nn.TransformerEncoderLayer`` whose feed-forward linears were replaced
+    (and the ``nn.TransformerEncoder`` holding it) down torch's ordinary forward: the fused
+    inference path reads ``linear1.weight``/``linear2.weight`` as a plain MLP (see :func:`kanify`)."""
+    for mod in model.modules():
+        if isinstance(mod, nn.TransformerEncoderLayer) and _ffn_replaced(mod):
+            # the fast path requires this flag (transformer.py: "activation_relu_or_gelu was not True");
+            # the slow path applies mod.activation whatever the flag says
+            mod.activation_relu_or_gelu = 0
+        elif isinstance(mod, nn.TransformerEncoder) and any(
+            isinstance(layer, nn.TransformerEncoderLayer) and _ffn_replaced(layer) for layer in mod.layers
+        ):
+            mod.use_nested_tensor = False
 
 
 def kan_layers(model: nn.Module) -> Iterator[FastKANLayer]:
