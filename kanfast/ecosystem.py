@@ -419,6 +419,7 @@ def from_pykan(
             input_id = sd["input_id"]
     if "act_fun.0.coef" not in sd:
         raise ValueError("not a pykan MultKAN state_dict: no 'act_fun.0.coef' key")
+    sd = {key: (v.detach().cpu() if isinstance(v, torch.Tensor) else v) for key, v in sd.items()}
     unknown = [k for k in sd if not _PYKAN_KEY.fullmatch(k)]
     if unknown:
         raise ValueError(

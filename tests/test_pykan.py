@@ -191,6 +191,13 @@ def test_prune_input_needs_n_inputs(keep):
     with torch.no_grad():
         want = pruned(x3)
     torch.testing.assert_close(model(x3[:, keep]), want, rtol=2e-6, atol=2e-6)
+    # pykan's saveckpt of a prune_input model writes the base function as a pickled module into
+    # its config: not plain YAML, so the converter asks instead of guessing
+    pruned.saveckpt("./pruned")
+    with pytest.raises(ValueError, match="pass base_fun="):
+        kanfast.from_pykan("./pruned_state")
+    model = kanfast.from_pykan("./pruned_state", base_fun="silu")
+    torch.testing.assert_close(model(x3[:, keep]), want, rtol=2e-6, atol=2e-6)
 
 
 def test_refuses_symbolic_and_multiplication_nodes_and_other_layouts():
