@@ -410,7 +410,7 @@ def from_pykan(
         elif cfg is not None:
             name = cfg.get("base_fun_name")
             if name is not None:
-                base_names = [_pykan_base_name(name, f"pykan config base_fun_name")]
+                base_names = [_pykan_base_name(name, "pykan config base_fun_name")]
             width = cfg.get("width")
             if isinstance(width, list) and any(isinstance(w, list) and len(w) > 1 and w[1] for w in width):
                 raise ValueError(f"pykan model has multiplication nodes (width={width}); not supported")
