@@ -19,6 +19,7 @@ times around the best point) with the closed-form linear regression for
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -36,6 +37,7 @@ __all__ = [
     "fix_symbolic",
     "unfix_symbolic",
     "auto_symbolic",
+    "SymbolicReport",
     "symbolic_formula",
 ]
 
@@ -456,32 +458,113 @@ def unfix_symbolic(model, l: int, i: int, j: int) -> None:
         layer.edge_mask[j, i] = 1.0
 
 
+class SymbolicReport(dict):
+    """What :func:`auto_symbolic` did: a dict ``{(l, i, j): SymbolicFit}`` of the edges it
+    fixed (negligible edges with the constant ``"0"``), plus
+
+    Attributes:
+        zeroed: edges fixed to ``"0"`` because their activation was negligible.
+        skipped: ``{(l, i, j): best SymbolicFit}`` of edges left numeric (spline) because no
+            candidate reached ``r2_threshold``.
+        error_before, error_after: the model's RMSE against ``y`` on the samples before and
+            after (``None`` without ``y``).
+        output_change: RMS of ``model(x)`` after minus before, on the samples.
+        output_scale: RMS of ``model(x) - mean`` before (the spread the change compares to).
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.zeroed: List[Tuple[int, int, int]] = []
+        self.skipped: Dict[Tuple[int, int, int], SymbolicFit] = {}
+        self.error_before: Optional[float] = None
+        self.error_after: Optional[float] = None
+        self.output_change: float = 0.0
+        self.output_scale: float = 0.0
+
+    def summary(self) -> str:
+        """One line: edges fixed/zeroed/skipped and the model's error (or output change)."""
+        parts = [f"{len(self) - len(self.zeroed)} edges fixed to formulas, {len(self.zeroed)} negligible edges "
+                 f"to 0, {len(self.skipped)} left as splines"]
+        if self.error_before is not None:
+            parts.append(f"RMSE on the samples {self.error_before:.4g} -> {self.error_after:.4g}")
+        parts.append(f"output change (RMS) {self.output_change:.4g} (output spread {self.output_scale:.4g})")
+        return "; ".join(parts)
+
+
+def _rms(t: torch.Tensor) -> float:
+    return float(torch.sqrt(torch.mean(t.detach().to(torch.float64) ** 2))) if t.numel() else 0.0
+
+
 def auto_symbolic(
     model,
     x: Optional[torch.Tensor] = None,
+    y: Optional[torch.Tensor] = None,
     lib: Optional[Iterable[str]] = None,
     weight_simple: float = 1.0,
+    r2_threshold: float = 0.99,
+    zero_threshold: float = 1e-2,
+    warn_growth: float = 0.1,
     verbose: bool = False,
     **fit_kwargs,
-) -> Dict[Tuple[int, int, int], SymbolicFit]:
-    """Fix every active numeric edge to its best formula (:func:`suggest_symbolic`
-    then :func:`pick_best`), layer by layer. Edges already symbolic, or masked out
-    (pruned), are left as they are.
+) -> SymbolicReport:
+    """Fix the active numeric edges to formulas (Liu et al. 2024 sec. 2.5.1), layer by
+    layer, where that is safe. Edges already symbolic, or masked out (pruned), are left
+    as they are. For each edge ``(l, i, j)``, on the samples that reach it:
+
+    * **negligible** edges become the constant ``"0"`` (``c = 0``, ``d`` = the edge's mean):
+      an edge is negligible when the standard deviation of its activation is at most
+      ``zero_threshold`` times the layer's output scale, the largest standard deviation
+      of the layer's output nodes (numeric and symbolic edges together);
+    * any other edge gets the best of the library's non-constant candidates whose fit
+      reaches ``R^2 >= r2_threshold`` (:func:`suggest_symbolic`, then :func:`pick_best`
+      among those); "0" is never chosen for it;
+    * when none reaches ``r2_threshold`` the edge stays a spline and is reported
+      (``report.skipped``, a warning; train further, or lower the threshold).
+
+    The model's error before and after is measured on the samples: its RMSE against ``y``
+    when given, and the RMS change of its output; a ``UserWarning`` is issued when the RMSE
+    grows by more than the factor ``1 + warn_growth`` (without ``y``: when the output moves
+    by more than ``warn_growth`` times its spread). The fixed formulas' affine parameters
+    stay trainable: retrain after fixing to recover accuracy, or :func:`unfix_symbolic`.
 
     Args:
-        x: ``(N, in_features)`` samples (or the kept inputs, see :func:`suggest_symbolic`).
-            With ``x``, each layer is fitted on the activations of the model as it
-            is after the previous layers were fixed.
+        x: ``(N, in_features)`` model inputs (or, without ``x``, the inputs the last forward
+            kept: ``model.keep_inputs = True``). With ``x``, each layer is fitted on the
+            activations of the model as it is after the previous layers were fixed.
+        y: ``(N, out_features)`` targets for the error report (optional).
         lib: candidate names (default: all of :data:`SYMBOLIC_LIB`).
         weight_simple: see :func:`pick_best`.
-        verbose: print one line per edge.
+        r2_threshold: least ``R^2`` for fixing an edge (default 0.99).
+        zero_threshold: the negligible-edge threshold above (default 1e-2).
+        warn_growth: the error growth that triggers a warning (default 0.1 = 10 %).
+        verbose: print one line per edge and the summary.
 
     Returns:
-        ``{(l, i, j): chosen SymbolicFit}``.
+        :class:`SymbolicReport` (a dict ``{(l, i, j): chosen SymbolicFit}`` with the
+        skipped edges and the error before/after).
+
+    Raises:
+        ValueError: no samples, ``y`` of the wrong shape, or thresholds out of range; the
+        model is unchanged then.
     """
-    chosen = {}
+    if not (0.0 <= zero_threshold < 1.0) or not math.isfinite(r2_threshold) or r2_threshold > 1.0:
+        raise ValueError(f"need 0 <= zero_threshold < 1 and r2_threshold <= 1, got {zero_threshold}, {r2_threshold}")
     funs = _resolve_lib(lib)
-    for l, layer in enumerate(model.layers):
+    candidates = [f for f in funs if f.name != "0"]
+    layers = list(model.layers)
+    x_in = (x if x is not None else _layer_inputs(model, None)[0]).reshape(-1, layers[0].in_features)
+    with torch.no_grad():
+        out_before = model(x_in).detach()
+    if y is not None:
+        y = torch.as_tensor(y, device=out_before.device)
+        if y.numel() != out_before.numel():
+            raise ValueError(f"y has {y.numel()} entries for model outputs of shape {tuple(out_before.shape)}")
+        y = y.reshape(out_before.shape).to(out_before.dtype)
+    report = SymbolicReport()
+    if y is not None:
+        report.error_before = _rms(out_before - y)
+    report.output_scale = _rms(out_before - out_before.mean(0))
+    for l, layer in enumerate(layers):
         inputs = None  # this layer's input, after the previous layers were fixed
         for j in range(layer.out_features):
             for i in range(layer.in_features):
@@ -491,13 +574,69 @@ def auto_symbolic(
                     continue
                 if inputs is None:
                     inputs = _layer_inputs(model, x)[l]
-                fits = _suggest_on_samples(layer, inputs[:, i], i, j, funs, **fit_kwargs)
-                best = pick_best(fits, weight_simple)
+                    with torch.no_grad():
+                        layer_scale = float(layer(inputs).detach().to(torch.float64).std(0, unbiased=False).max())
+                xi = inputs[:, i]
+                xi = xi[torch.isfinite(xi)]
+                with torch.no_grad():
+                    act = _numeric_edge(layer, xi, i, j).detach().to(torch.float64)
+                edge_std = float(act.std(unbiased=False)) if act.numel() > 1 else 0.0
+                if act.numel() > 0 and edge_std <= zero_threshold * layer_scale:
+                    fit = SymbolicFit("0", 1.0 if edge_std == 0.0 else 0.0, SYMBOLIC_LIB["0"].complexity,
+                                      (0.0, 0.0, 0.0, float(act.mean())))
+                    fix_symbolic(model, l, i, j, "0", fit_params=False, params=fit.params)
+                    report[(l, i, j)] = fit
+                    report.zeroed.append((l, i, j))
+                    if verbose:
+                        print(f"fixing ({l},{i},{j}) with 0: negligible (std {edge_std:.3g} <= "
+                              f"{zero_threshold:g} x layer output scale {layer_scale:.3g})")
+                    continue
+                fits = _suggest_on_samples(layer, inputs[:, i], i, j, candidates, **fit_kwargs)
+                good = [f for f in fits if math.isfinite(f.r2) and f.r2 >= r2_threshold]
+                if not good:
+                    best = fits[0]
+                    report.skipped[(l, i, j)] = best
+                    if verbose:
+                        print(f"leaving ({l},{i},{j}) as a spline: best fit {best.name} has r2={best.r2:.6f} "
+                              f"< r2_threshold={r2_threshold}")
+                    continue
+                best = pick_best(good, weight_simple)
                 fix_symbolic(model, l, i, j, best.name, fit_params=False, params=best.params)
-                chosen[(l, i, j)] = best
+                report[(l, i, j)] = best
                 if verbose:
                     print(f"fixing ({l},{i},{j}) with {best.name}, r2={best.r2:.6f}")
-    return chosen
+    with torch.no_grad():
+        out_after = model(x_in).detach()
+    report.output_change = _rms(out_after - out_before)
+    if y is not None:
+        report.error_after = _rms(out_after - y)
+    if verbose:
+        print(report.summary())
+    if report.skipped:
+        warnings.warn(
+            f"auto_symbolic left {len(report.skipped)} edges as splines (best R^2 below r2_threshold="
+            f"{r2_threshold}): " + ", ".join(f"{k} {f.name} r2={f.r2:.4f}" for k, f in report.skipped.items()),
+            UserWarning,
+            stacklevel=2,
+        )
+    tiny = 1e-12 * max(report.output_scale, 1e-300)
+    if y is not None and report.error_after > (1.0 + warn_growth) * report.error_before + tiny:
+        warnings.warn(
+            f"auto_symbolic: the model's RMSE on the samples grew from {report.error_before:.4g} to "
+            f"{report.error_after:.4g}; retrain (the formulas' affine parameters are trainable) or "
+            f"unfix_symbolic the edges in the report",
+            UserWarning,
+            stacklevel=2,
+        )
+    elif y is None and report.output_change > warn_growth * report.output_scale + tiny:
+        warnings.warn(
+            f"auto_symbolic: the model's output moved by {report.output_change:.4g} (RMS) on the samples, "
+            f"against an output spread of {report.output_scale:.4g}; retrain or unfix_symbolic the edges "
+            f"in the report",
+            UserWarning,
+            stacklevel=2,
+        )
+    return report
 
 
 def symbolic_formula(

@@ -136,8 +136,8 @@ def pykan_forward(sd, x, k):
         spline = torch.einsum("ijk,jlk->ijl", pykan_B_batch(x, sd[p + "grid"], k), sd[p + "coef"])  # (b, in, out)
         y = sd[p + "scale_base"][None] * F.silu(x)[:, :, None] + sd[p + "scale_sp"][None] * spline
         y = (sd[p + "mask"][None] * y).sum(1)
-        y = sd[f"subnode_scale.{l}"] * y + sd[f"subnode_bias.{l}"]
-        x = sd[f"node_scale.{l}"] * y + sd[f"node_bias.{l}"]
+        y = sd[f"subnode_scale_{l}"] * y + sd[f"subnode_bias_{l}"]
+        x = sd[f"node_scale_{l}"] * y + sd[f"node_bias_{l}"]
         l += 1
     return x
 
@@ -156,11 +156,11 @@ def _pykan_sd(gen, widths=(2, 5, 1), G=3, k=3):
         mask[0, 0] = 0.0  # a pruned edge
         sd[p + "mask"] = mask
         sd[f"symbolic_fun.{l}.mask"] = torch.zeros(o, i, dtype=torch.float64)
-        sd[f"node_bias.{l}"] = torch.zeros(o, dtype=torch.float64)
-        sd[f"subnode_bias.{l}"] = torch.zeros(o, dtype=torch.float64)
-        sd[f"node_scale.{l}"] = 0.5 + torch.rand(o, generator=gen, dtype=torch.float64)
-        sd[f"subnode_scale.{l}"] = 0.5 + torch.rand(o, generator=gen, dtype=torch.float64)
-    sd["input_id"] = torch.arange(widths[0])
+        # pykan 0.2.8's names (tests/test_pykan.py checks them on pykan's own models)
+        sd[f"node_bias_{l}"] = torch.zeros(o, dtype=torch.float64)
+        sd[f"subnode_bias_{l}"] = torch.zeros(o, dtype=torch.float64)
+        sd[f"node_scale_{l}"] = 0.5 + torch.rand(o, generator=gen, dtype=torch.float64)
+        sd[f"subnode_scale_{l}"] = 0.5 + torch.rand(o, generator=gen, dtype=torch.float64)
     return sd
 
 
@@ -182,8 +182,8 @@ def test_from_pykan_rejects_what_it_cannot_represent():
     gen = torch.Generator().manual_seed(4)
     sd = _pykan_sd(gen)
     bad = dict(sd)
-    bad["node_bias.0"] = torch.ones(5, dtype=torch.float64)
-    with pytest.raises(ValueError, match="node_bias.0 is non-zero"):
+    bad["node_bias_0"] = torch.ones(5, dtype=torch.float64)
+    with pytest.raises(ValueError, match="node_bias_0.*not representable"):
         kanfast.from_pykan(bad)
     bad = dict(sd)
     bad["symbolic_fun.1.mask"] = torch.ones(1, 5, dtype=torch.float64)

@@ -327,3 +327,126 @@ def test_export_onnx_refuses_symbolic_edges(tmp_path):
     kanfast.fix_symbolic(model, 0, 0, 0, "sin", x)
     with pytest.raises(NotImplementedError, match="symbolic"):
         kanfast.export_onnx(model.eval(), x[:2], tmp_path / "k.onnx")
+
+
+# ------------------------------------------- kanify and torch's transformer modules (issue 14, item 9)
+def _train_eval_outputs(model, *args, **kwargs):
+    """The model's output in train mode (dropout must be 0: deterministic) with gradients, then in
+    eval mode with and without no_grad (torch's inference fast paths are taken only there)."""
+    model.train()
+    y_train = model(*args, **kwargs)
+    y_train.double().square().sum().backward()  # training works
+    model.eval()
+    y_eval = model(*args, **kwargs)
+    with torch.no_grad():
+        y_eval_ng = model(*args, **kwargs)
+    model.train()
+    with torch.no_grad():
+        y_train_ng = model(*args, **kwargs)
+    return y_train.detach(), y_eval.detach(), y_eval_ng, y_train_ng
+
+
+def test_kanify_transformer_encoder_layer_eval_mode():
+    """torch's fused encoder-layer fast path reads linear1.weight as a plain MLP: kanify must send
+    the layer down the ordinary forward, which calls the KAN layers (eval == train, dropout 0)."""
+    torch.manual_seed(20)
+    layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True, dtype=torch.float64)
+    kanfast.kanify(layer, grid_size=4)
+    assert isinstance(layer.linear1, FastKANLayerWithBias) and isinstance(layer.linear2, FastKANLayerWithBias)
+    assert type(layer.self_attn.out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear  # left alone
+    x = torch.randn(3, 5, 32, dtype=torch.float64)
+    outs = _train_eval_outputs(layer, x)
+    # independent recomputation of the post-norm layer with the reference KAN layers
+    with torch.no_grad():
+        h = layer.norm1(x + layer.self_attn(x, x, x, need_weights=False)[0])
+        ff = ref_layer(layer.linear2, F.relu(ref_layer(layer.linear1, h)))
+        expect = layer.norm2(h + ff)
+    for y in outs:
+        torch.testing.assert_close(y, expect, rtol=1e-10, atol=1e-10)
+    assert layer.linear1.spline_weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_kanify_transformer_encoder_eval_mode_with_padding_mask(norm_first):
+    """nn.TransformerEncoder: its nested-tensor fast path (eval, no_grad, a key padding mask) would
+    hand nested tensors to the KAN layers; the kanified encoder takes the ordinary path."""
+    torch.manual_seed(21)
+    enc_layer = nn.TransformerEncoderLayer(16, 2, 24, dropout=0.0, batch_first=True, norm_first=norm_first)
+    enc = nn.TransformerEncoder(enc_layer, num_layers=2, enable_nested_tensor=not norm_first)
+    kanfast.kanify(enc, grid_size=3)
+    assert all(isinstance(l.linear1, FastKANLayerWithBias) for l in enc.layers)
+    x = torch.randn(3, 6, 16)
+    pad = torch.zeros(3, 6, dtype=torch.bool)
+    pad[0, 4:] = True  # left-aligned padding: what the nested path accepts
+    pad[2, 5:] = True
+    for kwargs in ({}, {"src_key_padding_mask": pad}):
+        y_train, y_eval, y_eval_ng, y_train_ng = _train_eval_outputs(enc, x, **kwargs)
+        keep = ~pad if kwargs else torch.ones_like(pad)  # padded positions: unspecified (zeros in nested form)
+        for y in (y_eval, y_eval_ng, y_train_ng):
+            torch.testing.assert_close(y[keep], y_train[keep], rtol=1e-5, atol=1e-5)
+
+
+def test_kanify_only_one_ffn_linear_still_takes_ordinary_path():
+    torch.manual_seed(22)
+    layer = nn.TransformerEncoderLayer(8, 2, 12, dropout=0.0, batch_first=True)
+    kanfast.kanify(layer, filter=lambda name, mod: name == "linear2")
+    assert type(layer.linear1) is nn.Linear and isinstance(layer.linear2, FastKANLayerWithBias)
+    x = torch.randn(2, 4, 8)
+    y_train, *others = _train_eval_outputs(layer, x)
+    for y in others:
+        torch.testing.assert_close(y, y_train, rtol=1e-5, atol=1e-5)
+
+
+def test_kanify_transformer_decoder_and_full_transformer():
+    torch.manual_seed(23)
+    dec = nn.TransformerDecoderLayer(16, 4, 32, dropout=0.0, batch_first=True)
+    kanfast.kanify(dec, grid_size=3)
+    assert isinstance(dec.linear1, FastKANLayerWithBias)
+    assert type(dec.self_attn.out_proj) is not FastKANLayerWithBias
+    assert type(dec.multihead_attn.out_proj) is not FastKANLayerWithBias
+    tgt, mem = torch.randn(2, 5, 16), torch.randn(2, 7, 16)
+    y_train, *others = _train_eval_outputs(dec, tgt, mem)
+    for y in others:
+        torch.testing.assert_close(y, y_train, rtol=1e-5, atol=1e-5)
+
+    tr = nn.Transformer(16, 2, num_encoder_layers=2, num_decoder_layers=1, dim_feedforward=24, dropout=0.0,
+                        batch_first=True)
+    kanfast.kanify(tr, grid_size=3)
+    kan_names = {n for n, m in tr.named_modules() if isinstance(m, FastKANLayer)}
+    assert "encoder.layers.0.linear1" in kan_names and "decoder.layers.0.linear2" in kan_names
+    assert not any("out_proj" in n for n in kan_names)
+    pad = torch.zeros(2, 7, dtype=torch.bool)
+    pad[1, 5:] = True
+    y_train, *others = _train_eval_outputs(tr, mem, tgt, src_key_padding_mask=pad, memory_key_padding_mask=pad)
+    for y in others:
+        torch.testing.assert_close(y, y_train, rtol=1e-5, atol=1e-5)
+
+
+def test_kanify_leaves_linears_read_by_their_parent_alone():
+    """MultiheadAttention reads out_proj.weight/bias in F.multi_head_attention_forward (fast and
+    slow path), LinearCrossEntropyLoss reads linear.weight: those linears are never replaced, even
+    when a filter selects them, and the modules keep working in train and eval modes."""
+    torch.manual_seed(24)
+    mha = nn.MultiheadAttention(8, 2, batch_first=True)
+    kanfast.kanify(mha, filter=lambda name, mod: True)
+    assert type(mha.out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
+    x = torch.randn(2, 3, 8)
+    y_train, *others = _train_eval_outputs(nn.Sequential(_FirstOutput(mha)), x)
+    for y in others:
+        torch.testing.assert_close(y, y_train, rtol=1e-5, atol=1e-5)
+    if hasattr(nn, "LinearCrossEntropyLoss"):
+        loss = nn.LinearCrossEntropyLoss(8, 5)
+        net = nn.ModuleDict({"proj": nn.Linear(8, 8), "loss": loss})
+        kanfast.kanify(net)
+        assert isinstance(net["proj"], FastKANLayerWithBias) and type(net["loss"].linear) is nn.Linear
+        target = torch.randint(0, 5, (4,))
+        assert torch.isfinite(net["loss"](net["proj"](torch.randn(4, 8)), target))
+
+
+class _FirstOutput(nn.Module):
+    def __init__(self, mha):
+        super().__init__()
+        self.mha = mha
+
+    def forward(self, x):
+        return self.mha(x, x, x, need_weights=False)[0]

@@ -3,6 +3,7 @@ c f(a x + b) + d, suggest/fix/auto_symbolic, the symbolic branch in the forward,
 sympy formulas, and the paper's example end to end."""
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -172,3 +173,85 @@ def test_paper_example_recovers_formula():
     # a degenerate (b, c) pair, and from some starting points LBFGS crawls (5e-15 on one engine
     # version, 1.3e-3 on the next, with gradients equal to the reference's to 1e-15 at every stage).
     assert rmse < 1e-2, (rmse, expr)
+
+
+# ------------------------------------------------ auto_symbolic must not destroy a model (issue 14, item 10)
+LIB_SMALL = ["x", "x^2", "sin", "exp", "tanh", "gaussian", "0"]  # keeps the grid searches quick
+
+
+def _model_with_n_edges(funcs, grid_size=20):
+    """A [n, 1] KAN whose edges (0, i, 0) are spline fits of funcs[i] on [-1, 1], and samples + targets."""
+    n = len(funcs)
+    model = KAN([n, 1], grid_size=grid_size, dtype=DT, backend="torch")
+    layer = model.layers[0]
+    xs = torch.linspace(-1, 1, 400, dtype=DT).unsqueeze(1).repeat(1, n)
+    vals = torch.stack([f(xs[:, i]) for i, f in enumerate(funcs)], dim=1).unsqueeze(-1)
+    with torch.no_grad():
+        layer.base_weight.zero_()
+        layer.spline_scaler.fill_(1.0)
+        layer.spline_weight.copy_(solve_coefficients(basis_matrix(xs, layer.grid, layer.spline_order), vals))
+    x = torch.rand(100, n, generator=torch.Generator().manual_seed(0), dtype=DT) * 2 - 1
+    y = sum(f(x[:, i]) for i, f in enumerate(funcs)).unsqueeze(1)
+    return model, x, y
+
+
+# edge 0: mostly sin (R^2 0.996 for sin, below the old pick_best's bar for complexity 3, where "0"
+# scored better: the old auto_symbolic fixed it to 0 and the model became nearly constant);
+# edge 1: x^2; edge 2: negligible (std 1e-4 against an output spread ~0.9); edge 3: no formula fits
+# (best R^2 0.93)
+FUNCS = [
+    lambda t: torch.sin(math.pi * t) + 0.8 * t**3 * (t > 0),
+    lambda t: t**2,
+    lambda t: 1e-4 * torch.sin(3 * t),
+    lambda t: 0.5 * torch.relu(t) + 0.3 * torch.sin(5 * t),
+]
+
+
+def test_auto_symbolic_zeroes_only_negligible_edges_and_keeps_poor_fits_numeric():
+    model, x, y = _model_with_n_edges(FUNCS)
+    assert pick_best(suggest_symbolic(model, 0, 0, 0, x=x, lib=LIB_SMALL)).name == "0"  # the old trap
+    rmse_spline = float(torch.sqrt(torch.mean((model(x).detach() - y) ** 2)))
+    assert rmse_spline < 1e-3
+    with pytest.warns(UserWarning) as rec:
+        report = auto_symbolic(model, x=x, y=y, lib=LIB_SMALL)
+    msgs = [str(w.message) for w in rec]
+    assert {k: v.name for k, v in report.items()} == {(0, 0, 0): "sin", (0, 1, 0): "x^2", (0, 2, 0): "0"}
+    assert report.zeroed == [(0, 2, 0)]
+    assert list(report.skipped) == [(0, 3, 0)] and report.skipped[(0, 3, 0)].r2 < 0.99
+    assert any("left 1 edges as splines" in m and "(0, 3, 0)" in m for m in msgs)
+    layer = model.layers[0]
+    assert float(layer.edge_mask[0, 3]) == 1.0 and float(layer.symbolic.mask[0, 3]) == 0.0  # still a spline
+    # the error before/after is measured and reported; the growth (sin fit of R^2 0.996) warns
+    assert report.error_before == pytest.approx(rmse_spline, rel=1e-9)
+    rmse_after = float(torch.sqrt(torch.mean((model(x).detach() - y) ** 2)))
+    assert report.error_after == pytest.approx(rmse_after, rel=1e-9)
+    assert rmse_after < 0.1  # the old auto_symbolic: 0.80 (the sin edge zeroed)
+    assert any("RMSE on the samples grew" in m for m in msgs)
+    assert "RMSE on the samples" in report.summary()
+
+
+def test_auto_symbolic_without_targets_reports_output_change():
+    model, x, _ = _model_with_n_edges(FUNCS[:3])
+    before = model(x).detach()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # small change (sin fit, negligible edge): no warning
+        report = auto_symbolic(model, x=x, lib=LIB_SMALL)
+    assert report.error_before is None and report.error_after is None
+    assert report.output_change == pytest.approx(float(torch.sqrt(torch.mean((model(x).detach() - before) ** 2))))
+    assert 0 < report.output_change < 0.1 * report.output_scale
+    # a loose threshold lets a poor fit in: the output moves, and auto_symbolic says so
+    model, x, _ = _model_with_n_edges(FUNCS[3:])
+    with pytest.warns(UserWarning, match="output moved"):
+        report = auto_symbolic(model, x=x, lib=LIB_SMALL, r2_threshold=0.5)
+    assert report.output_change > 0.1 * report.output_scale
+
+
+def test_auto_symbolic_bad_arguments_leave_model_unchanged():
+    model, x, y = _model_with_n_edges(FUNCS[:2])
+    before = model(x).detach()
+    with pytest.raises(ValueError, match="y has"):
+        auto_symbolic(model, x=x, y=y[:10], lib=LIB_SMALL)
+    with pytest.raises(ValueError, match="zero_threshold"):
+        auto_symbolic(model, x=x, zero_threshold=-1.0)
+    assert model.layers[0].symbolic is None
+    assert torch.equal(model(x).detach(), before)
