@@ -19,11 +19,15 @@ from __future__ import annotations
 import argparse
 import math
 import time
+from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-__all__ = ["TOY_FUNCTIONS", "add_toy_arguments", "run_toy", "toy_workflow", "make_dataset"]
+from .cli_checks import IMAGE_SUFFIXES, check_outputs, float_range, int_list, int_range, name_list
+
+__all__ = ["TOY_FUNCTIONS", "add_toy_arguments", "check_toy_arguments", "run_toy", "toy_workflow", "make_dataset",
+           "format_formula"]
 
 #: name -> (number of inputs, torch function of x (N, n_var) -> (N, 1), formula text)
 TOY_FUNCTIONS: Dict[str, Tuple[int, Callable[[torch.Tensor], torch.Tensor], str]] = {
@@ -41,27 +45,7 @@ def make_dataset(name: str, n: int, generator: torch.Generator, dtype=torch.floa
     return x, fn(x)
 
 
-def _int_list(text: str) -> List[int]:
-    try:
-        vals = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
-    if not vals or any(v < 1 for v in vals):
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return vals
-
-
-def _at_least(minimum: int):
-    def parse(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}")
-        if v < minimum:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {v}")
-        return v
-
-    return parse
+_int_list = int_list(1)
 
 
 def add_toy_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -71,28 +55,57 @@ def add_toy_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     parser.add_argument("--width", type=_int_list, default=None,
                         help="hidden widths incl. in/out, e.g. 2,5,1 (default: [n_var, 5, 1])")
     parser.add_argument("--grids", type=_int_list, default=[3, 5, 10, 20], help="grid sizes, e.g. 3,5,10,20")
-    parser.add_argument("--steps", type=int, default=50, help="LBFGS steps per grid size")
-    parser.add_argument("--reg-steps", type=int, default=20, help="LBFGS steps with the regulariser before each prune")
-    parser.add_argument("--lamb", type=float, default=0.01, help="weight of the sparsification regulariser")
-    parser.add_argument("--lamb-l1", type=float, default=1.0)
-    parser.add_argument("--lamb-entropy", type=float, default=10.0)
-    parser.add_argument("--prune-rounds", type=int, default=3, help="max rounds of (regularised training, prune)")
-    parser.add_argument("--prune-grid", type=int, default=5,
+    parser.add_argument("--steps", type=int_range(0), default=50, help="LBFGS steps per grid size")
+    parser.add_argument("--reg-steps", type=int_range(0), default=20,
+                        help="LBFGS steps with the regulariser before each prune")
+    nonneg = float_range(0)
+    parser.add_argument("--lamb", type=nonneg, default=0.01, help="weight of the sparsification regulariser")
+    parser.add_argument("--lamb-l1", type=nonneg, default=1.0, help="weight of the L1 part of the regulariser")
+    parser.add_argument("--lamb-entropy", type=nonneg, default=10.0, help="weight of the entropy part of the regulariser")
+    parser.add_argument("--prune-rounds", type=int_range(0), default=3, help="max rounds of (regularised training, prune)")
+    parser.add_argument("--prune-grid", type=int_range(1), default=5,
                         help="grid size of the regularised training and pruning phase (then --grids follow)")
-    parser.add_argument("--node-threshold", type=float, default=1e-2)
-    parser.add_argument("--edge-threshold", type=float, default=3e-2)
+    parser.add_argument("--node-threshold", type=nonneg, default=1e-2, help="prune nodes whose importance is below")
+    parser.add_argument("--edge-threshold", type=nonneg, default=3e-2, help="prune edges whose importance is below")
     parser.add_argument("--no-prune", action="store_true", help="skip regularised training and pruning")
     parser.add_argument("--no-symbolic", action="store_true", help="skip auto_symbolic")
-    parser.add_argument("--lib", type=lambda s: [v for v in s.split(",") if v], default=None,
+    parser.add_argument("--lib", type=name_list, default=None,
                         help="symbolic candidates, comma-separated (default: the whole library)")
-    parser.add_argument("--symbolic-steps", type=int, default=50, help="LBFGS steps on the affine params after fixing")
-    parser.add_argument("--n-train", type=_at_least(16), default=1000, help="training points (>= 16)")
-    parser.add_argument("--n-test", type=_at_least(1), default=1000)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1,
+    parser.add_argument("--symbolic-steps", type=int_range(0), default=50,
+                        help="LBFGS steps on the affine params after fixing")
+    parser.add_argument("--n-train", type=int_range(16), default=1000, help="training points (>= 16)")
+    parser.add_argument("--n-test", type=int_range(1), default=1000, help="test points")
+    parser.add_argument("--seed", type=int_range(0, 2**32 - 1), default=0, help="seed of the data and the init")
+    parser.add_argument("--threads", type=int_range(0), default=1,
                         help="torch CPU threads (tiny models run fastest on 1; 0 keeps torch's default)")
-    parser.add_argument("--plot", default=None, metavar="PATH", help="write the network figure (PNG) there")
+    parser.add_argument("--plot", type=Path, default=None, metavar="PATH", help="write the network figure (PNG) there")
+    parser.add_argument("--force", action="store_true", help="overwrite an existing --plot file")
     return parser
+
+
+def check_toy_arguments(args: argparse.Namespace) -> None:
+    """What the parser cannot see alone, before any work: ``--width`` fits ``--function``, the
+    ``--lib`` names exist, the ``--plot`` file can be written (``--force`` to overwrite).
+    Raises ValueError (one line)."""
+    n_var = TOY_FUNCTIONS[args.function][0]
+    width = args.width or [n_var, 5, 1]
+    if len(width) < 2 or width[0] != n_var or width[-1] != 1:
+        raise ValueError(f"--width must start with {n_var} (inputs of {args.function!r}) and end with 1, got {width}")
+    if args.lib is not None and not args.no_symbolic:
+        from .symbolic import SYMBOLIC_LIB
+
+        unknown = [n for n in args.lib if n not in SYMBOLIC_LIB]
+        if unknown or not args.lib:
+            raise ValueError(f"--lib: unknown symbolic function(s) {unknown}; choose from {', '.join(SYMBOLIC_LIB)}")
+    check_outputs([("--plot", args.plot)], force=getattr(args, "force", False), suffixes={"--plot": IMAGE_SUFFIXES})
+
+
+def format_formula(expr, digits: int = 4) -> str:
+    """``expr`` (sympy) as text with every float rounded to ``digits`` significant digits
+    (``0.996339797973633*x_2**2`` -> ``0.9963*x_2**2``; a small coefficient stays, ``1.235e-5``)."""
+    import sympy
+
+    return sympy.sstr(expr.xreplace({n: sympy.Float(n, digits) for n in expr.atoms(sympy.Float)}))
 
 
 def _rmse(model, x, y) -> float:
@@ -122,14 +135,13 @@ def toy_workflow(args: argparse.Namespace, log: Callable[[str], None] = print) -
     from .symbolic import auto_symbolic, symbolic_formula
     from .workflow import fit_lbfgs
 
-    if args.threads and args.threads > 0:
-        torch.set_num_threads(args.threads)
     if args.steps < 0 or args.reg_steps < 0 or args.symbolic_steps < 0:
         raise ValueError("step counts must be >= 0")
+    check_toy_arguments(args)
+    if args.threads and args.threads > 0:
+        torch.set_num_threads(args.threads)
     n_var, _, text = TOY_FUNCTIONS[args.function]
     width = args.width or [n_var, 5, 1]
-    if width[0] != n_var or width[-1] != 1:
-        raise ValueError(f"--width must start with {n_var} (inputs of {args.function!r}) and end with 1, got {width}")
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
     x, y = make_dataset(args.function, args.n_train, gen)
@@ -180,14 +192,14 @@ def toy_workflow(args: argparse.Namespace, log: Callable[[str], None] = print) -
         f_rmse = float(torch.sqrt(torch.mean((pred.reshape(-1) - yt.reshape(-1)) ** 2)))
         result["formula"] = formula
         result["formula_rmse"] = f_rmse
-        log(f"formula: {sympy.sstr(formula.xreplace({n: round(n, 4) for n in formula.atoms(sympy.Float)}))}")
+        log(f"formula: {format_formula(formula)}")
         log(f"formula test RMSE {f_rmse:.3e}")
     if args.plot:
         from .plot import plot
 
-        plot(model, x, path=args.plot, in_vars=[f"x_{k + 1}" for k in range(n_var)], out_vars=["f"],
+        plot(model, x, path=str(args.plot), in_vars=[f"x_{k + 1}" for k in range(n_var)], out_vars=["f"],
              title=f"KAN for {text}")
-        result["plot"] = args.plot
+        result["plot"] = str(args.plot)
         log(f"wrote {args.plot}")
     log(f"total {time.perf_counter() - t0:.1f} s")
     return result
