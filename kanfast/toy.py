@@ -101,11 +101,37 @@ def check_toy_arguments(args: argparse.Namespace) -> None:
 
 
 def format_formula(expr, digits: int = 4) -> str:
-    """``expr`` (sympy) as text with every float rounded to ``digits`` significant digits
-    (``0.996339797973633*x_2**2`` -> ``0.9963*x_2**2``; a small coefficient stays, ``1.235e-5``)."""
+    """``expr`` (sympy) as text, its numbers rounded to ``digits`` significant digits.
+
+    Every float is rounded to ``digits`` significant digits (``0.996339797973633*x_2**2`` ->
+    ``0.9963*x_2**2``; a small coefficient stays: ``1.235e-5*sin(...)``), one that is then an
+    integer is printed as one (``1.0*sin(x)`` -> ``sin(x)``), and in a sum a constant below
+    ``10**-digits`` of the largest coefficient of the sum's other terms is dropped, as rounding
+    the sum to ``digits`` significant digits would (``sin(3.141*x_1 + 0.0001112)`` ->
+    ``sin(3.141*x_1)``). A small term that is not a constant is kept.
+    """
     import sympy
 
-    return sympy.sstr(expr.xreplace({n: sympy.Float(n, digits) for n in expr.atoms(sympy.Float)}))
+    def num(f):
+        text = f"{float(f):.{digits}g}"  # decimal rounding (sympy's Float(f, digits) rounds in binary)
+        r = float(text)
+        return sympy.Integer(int(r)) if r.is_integer() and abs(r) < 10**digits else sympy.Float(text, digits)
+
+    def rounded(e):
+        return e.xreplace({f: num(f) for f in e.atoms(sympy.Float)})
+
+    def walk(e):
+        if not e.args:
+            return rounded(e) if e.is_Float else e
+        args = [walk(a) for a in e.args]
+        if e.is_Add:
+            terms = [a for a in args if not a.is_Number]
+            scale = max((abs(float(a.as_coeff_Mul()[0])) for a in terms), default=0.0)
+            if terms and scale > 0:
+                args = terms + [a for a in args if a.is_Number and abs(float(a)) >= scale * 10.0**-digits]
+        return rounded(e.func(*args))  # (rebuilding may multiply numbers out: round again)
+
+    return sympy.sstr(walk(expr))
 
 
 def _rmse(model, x, y) -> float:

@@ -93,6 +93,12 @@ def no_work(monkeypatch, tmp_path):
                       (kanfast.tasks, "train_classifier"), (kanfast.toy, "toy_workflow"),
                       (kanfast.validate, "_run_dtype")):
         monkeypatch.setattr(mod, name, work)
+    try:  # the same machine for every run of the tests: 8 GiB available
+        import kanfast.cli_checks as cc
+    except ImportError:  # (code without the checks: the tests below then fail on their assertions)
+        cc = None
+    if cc is not None:
+        monkeypatch.setattr(cc, "available_memory", lambda: 8 * 2**30)
     monkeypatch.chdir(tmp_path)
     (tmp_path / "adir").mkdir()
     return tmp_path
@@ -166,6 +172,16 @@ def test_memory_estimate_against_available_memory(no_work, monkeypatch, capsys):
     assert "needs about" in err and "available" in err
     monkeypatch.setattr(cc, "available_memory", lambda: int(need * 2))
     cc.check_memory(need, "x")  # fits: no error
+
+
+def test_available_memory_reads_the_machine():
+    import kanfast.cli_checks as cc
+
+    avail = cc.available_memory()
+    if sys.platform.startswith("linux"):
+        with open("/proc/meminfo") as fh:
+            total = next(int(ln.split()[1]) * 1024 for ln in fh if ln.startswith("MemTotal:"))
+        assert avail is not None and 0 < avail <= total
 
 
 def test_existing_outputs_are_kept_without_force(tmp_path, monkeypatch, capsys):
@@ -276,6 +292,13 @@ def test_format_formula_rounds_to_significant_digits():
     text = format_formula(f)
     assert "0.9963*x_2**2" in text and "3.142*x_2" in text and "123.5" in text
     assert "1.235e-5" in text  # a small coefficient is rounded, not dropped
+    # what `fit toy` recovers: an offset far below the rounding of its sum goes, 1.0 is 1
+    x1 = sympy.Symbol("x_1")
+    F = sympy.Float
+    g = F(0.99971234) * sympy.exp(F(0.0123456) * (F(-9.0) * x - F(1.0812e-6)) ** 2
+                                  + F(1.0000001) * sympy.sin(F(3.14159) * x1 + F(0.00011123))) + F(0.00026361)
+    assert format_formula(g) == "0.9997*exp(x_2**2 + sin(3.142*x_1)) + 0.0002636"
+    assert format_formula(F(2.5) * x + F(3.0)) == "2.5*x_2 + 3"
 
 
 def test_fit_toy_prints_a_rounded_formula(capsys):

@@ -674,7 +674,7 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise ValueError(f"--out {str(out)!r} is the JSON path; the CSV is written next to it as <name>.csv, "
                          f"so give a JSON name such as {str(out.with_suffix('.json'))!r}")
     check_outputs([("--out", out), ("the CSV next to --out", _csv_path(out)), ("--plot", args.plot)],
-                  force=args.force, suffixes={"--plot": IMAGE_SUFFIXES})
+                  force=getattr(args, "force", False), suffixes={"--plot": IMAGE_SUFFIXES})
     itemsize = torch.empty((), dtype=getattr(torch, args.dtype)).element_size()
     need, biggest = max((estimate_bytes(s, itemsize), s) for s in shapes)
     available = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
@@ -737,14 +737,14 @@ def run(args: argparse.Namespace) -> int:
     meta["machine"]["loadavg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     meta["elapsed_s"] = (_dt.datetime.now(_dt.timezone.utc) - started).total_seconds()
     out = Path(args.out)
-    with open_output(out, args.force) as fh:
+    with open_output(out, getattr(args, "force", False)) as fh:
         json.dump({"meta": meta, "floors": floors, "results": rows}, fh, indent=1)
     fields = ["batch", "in", "out", "G", "k", "impl", "kind", "status", "note", "fwd_ms", "fwd_ms_min", "fwd_bwd_ms",
               "fwd_bwd_ms_min", "fwd_samples_per_s", "fwd_bwd_samples_per_s", "fwd_gflops", "fwd_bwd_gflops",
               "fwd_vs_mlp", "fwd_bwd_vs_mlp", "fwd_vs_materialized", "fwd_bwd_vs_materialized", "fwd_vs_floor",
               "fwd_bwd_vs_floor", "fwd_bwd_min_vs_floor_min", "peak_extra_mb", "memory_method",
               "max_abs_diff_vs_materialized"]
-    with open_output(_csv_path(out), args.force, newline="") as fh:
+    with open_output(_csv_path(out), getattr(args, "force", False), newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
         w.writeheader()
         for r in rows:
@@ -754,7 +754,7 @@ def run(args: argparse.Namespace) -> int:
                         "impl": "dense-floor", "kind": "floor", "status": "ok", "fwd_ms": f["fwd_ms"],
                         "fwd_ms_min": f["fwd_ms_min"], "fwd_bwd_ms": f["fwd_bwd_ms"], "fwd_bwd_ms_min": f["fwd_bwd_ms_min"]})
     if args.plot:
-        _plot(rows, Path(args.plot), args.force)
+        _plot(rows, Path(args.plot), getattr(args, "force", False))
     if not args.quiet:
         _print_table(rows, floors)
         fc = meta.get("first_call")
