@@ -24,7 +24,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from .cli_checks import IMAGE_SUFFIXES, check_outputs, float_range, int_list, int_range, name_list
+from .cli_checks import IMAGE_SUFFIXES, check_memory, check_outputs, float_range, int_list, int_range, name_list
 
 __all__ = ["TOY_FUNCTIONS", "add_toy_arguments", "check_toy_arguments", "run_toy", "toy_workflow", "make_dataset",
            "format_formula"]
@@ -98,6 +98,15 @@ def check_toy_arguments(args: argparse.Namespace) -> None:
         if unknown or not args.lib:
             raise ValueError(f"--lib: unknown symbolic function(s) {unknown}; choose from {', '.join(SYMBOLIC_LIB)}")
     check_outputs([("--plot", args.plot)], force=getattr(args, "force", False), suffixes={"--plot": IMAGE_SUFFIXES})
+    # float64, full-batch LBFGS: per layer the bases of every training row with their order-by-order
+    # tables (k + 2, k = 3) kept for backward; parameters with gradients and LBFGS's 2 x 10 history vectors
+    G, k = max(list(args.grids) + [args.prune_grid]), 3
+    pairs = list(zip(width[:-1], width[1:]))
+    per_row = sum(i * (G + 2 * k + 1) * (k + 2) + i + o for i, o in pairs)
+    params = sum(i * o * (G + k + 2) for i, o in pairs)
+    check_memory(8 * (max(args.n_train, args.n_test) * per_row + 24 * params),
+                 f"KAN({width}) at G={G} on {max(args.n_train, args.n_test)} points",
+                 hint="choose fewer --n-train/--n-test points, smaller --grids or --width")
 
 
 def format_formula(expr, digits: int = 4) -> str:

@@ -126,6 +126,7 @@ BAD = [
     (["fit", "toy", "--width", "3,1"], ["--width"]),
     (["fit", "toy", "--plot", "adir"], ["--plot", "folder"]),
     (["fit", "toy", "--plot", "missing/p.png"], ["--plot", "does not exist"]),
+    (["fit", "toy", "--n-train", "1e9"], ["memory", "--n-train"]),
     (["bench", "--out", "res.csv"], ["--out", "res.json"]),
     (["bench", "--out", "adir"], ["--out", "folder"]),
     (["bench", "--out", "missing/r.json"], ["--out", "does not exist"]),
