@@ -74,3 +74,25 @@ def test_core_dependencies_are_the_layer_s():
     cli = {"tqdm", "rich", "scikit-learn", "matplotlib", "sympy"}
     assert names(extras["cli"]) == cli
     assert cli | {"pytest", "scipy"} <= names(extras["test"])
+
+
+def test_lazy_package_keeps_its_names():
+    """``import kanfast`` loads no torch; the public names, the submodules and ``kanfast.plot``
+    (the function, also after ``import kanfast.plot`` or ``import kanfast.toy``) are all there."""
+    code = (
+        "import sys\n"
+        "import kanfast\n"
+        "print('TORCH', 'torch' in sys.modules)\n"
+        "import kanfast.toy, kanfast.plot\n"
+        "assert callable(kanfast.plot) and kanfast.plot.__module__ == 'kanfast.plot', kanfast.plot\n"
+        "from kanfast import FastKANLayer, KAN, kanify, plot\n"
+        "assert plot is kanfast.plot and FastKANLayer.__module__ == 'kanfast.layer'\n"
+        "assert kanfast.workflow.prune and kanfast.ops.kan_linear_op\n"
+        "assert set(kanfast.__all__) <= set(dir(kanfast))\n"
+        "try:\n"
+        "    kanfast.no_such_name\n"
+        "except AttributeError:\n"
+        "    print('OK')\n"
+    )
+    out = _run(code)
+    assert "TORCH False" in out and "OK" in out, out
