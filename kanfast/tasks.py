@@ -5,13 +5,20 @@ from __future__ import annotations
 
 import argparse
 import time
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["load_digits_split", "train_classifier", "run_digits", "add_digits_arguments"]
+from .cli_checks import check_memory, float_range, int_range
+from .layer import BACKENDS
+
+__all__ = ["load_digits_split", "train_classifier", "run_digits", "add_digits_arguments", "check_digits_arguments",
+           "DIGITS_TRAIN_ROWS"]
+
+#: training rows of the split (1797 images, a quarter held out)
+DIGITS_TRAIN_ROWS = 1347
 
 
 def load_digits_split(test_size: float = 0.25, seed: int = 0):
@@ -26,8 +33,10 @@ def load_digits_split(test_size: float = 0.25, seed: int = 0):
     return x[idx_tr], y[idx_tr], x[idx_te], y[idx_te]
 
 
-def train_classifier(model: nn.Module, data, epochs: int, lr: float, batch_size: int = 64, seed: int = 0, progress: bool = False) -> Dict[str, float]:
-    """Adam + cross-entropy; returns test accuracy, final train loss and wall time (s)."""
+def train_classifier(model: nn.Module, data, epochs: int, lr: float, batch_size: int = 64, seed: int = 0,
+                     progress: bool = False, name: Optional[str] = None) -> Dict[str, float]:
+    """Adam + cross-entropy; returns test accuracy, final train loss and wall time (s).
+    ``name`` labels the progress bar (default: the model's class name)."""
     from tqdm import tqdm
 
     x_tr, y_tr, x_te, y_te = data
@@ -36,7 +45,7 @@ def train_classifier(model: nn.Module, data, epochs: int, lr: float, batch_size:
     g = torch.Generator().manual_seed(seed)
     t0 = time.perf_counter()
     loss = torch.tensor(float("nan"))
-    for _ in tqdm(range(epochs), desc=type(model).__name__, disable=not progress, leave=False):
+    for _ in tqdm(range(epochs), desc=name or type(model).__name__, disable=not progress, leave=False):
         model.train()
         perm = torch.randperm(len(y_tr), generator=g)
         for s in range(0, len(perm), batch_size):
@@ -53,18 +62,44 @@ def train_classifier(model: nn.Module, data, epochs: int, lr: float, batch_size:
 
 
 def add_digits_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--lr", type=float, default=1e-2)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--grid-size", type=int, default=5)
-    parser.add_argument("--spline-order", type=int, default=3)
-    parser.add_argument("--backend", default="auto")
-    parser.add_argument("--seed", type=int, default=0)
+    """Options of ``kanfast fit digits`` (each checked by its argparse type)."""
+    parser.add_argument("--epochs", type=int_range(1), default=30, help="training epochs of each model")
+    parser.add_argument("--lr", type=float_range(0, min_inclusive=False), default=1e-2,
+                        help="Adam learning rate of the KAN (the MLP gets 0.3x)")
+    parser.add_argument("--batch-size", type=int_range(1), default=64, help="minibatch size")
+    parser.add_argument("--grid-size", type=int_range(1), default=5, help="G, grid intervals per input")
+    parser.add_argument("--spline-order", type=int_range(0), default=3, help="k, the B-spline order")
+    parser.add_argument("--backend", choices=BACKENDS, default="auto",
+                        help="kanfast backend of the KAN (triton needs CUDA; this task runs on the CPU)")
+    parser.add_argument("--seed", type=int_range(0, 2**32 - 1), default=0, help="seed of the split, init and batches")
+    parser.add_argument("--threads", type=int_range(0), default=1,
+                        help="torch CPU threads (small models run fastest on 1; 0 keeps torch's default)")
+
+
+def check_digits_arguments(args: argparse.Namespace) -> None:
+    """What the parser cannot see alone, before any work: the backend runs here, and the
+    largest tensors of the run (the KAN's bases of a full minibatch, kept for backward) fit in
+    memory. Raises ValueError (one line)."""
+    if args.backend == "triton":
+        raise ValueError("--backend triton needs CUDA tensors; this task trains on the CPU (there the triton "
+                         "backend is Triton's interpreter, far too slow to train): use auto or torch")
+    rows = min(args.batch_size, DIGITS_TRAIN_ROWS)
+    nb = args.grid_size + args.spline_order
+    widths = [(64, 32), (32, 10)]
+    params = sum(i * o * (nb + 2) for i, o in widths)
+    # per layer: bases (rows, in, G+k) and their order-by-order tables (k+2 of them) kept for backward
+    acts = sum(rows * i * (nb + args.spline_order + 1) * (args.spline_order + 2) + rows * (i + o) for i, o in widths)
+    check_memory(4 * (4 * params + acts), f"KAN([64, 32, 10]) at G={args.grid_size} k={args.spline_order}, "
+                 f"minibatch {rows}", hint="choose a smaller --grid-size or --batch-size")
 
 
 def run_digits(args) -> int:
+    """``kanfast fit digits``: train both models, print their sizes, accuracy and time. Returns 0."""
     from .layer import KAN
 
+    check_digits_arguments(args)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     data = load_digits_split(seed=args.seed)
     kan = KAN([64, 32, 10], grid_size=args.grid_size, spline_order=args.spline_order, backend=args.backend)
@@ -74,8 +109,9 @@ def run_digits(args) -> int:
     mlp = nn.Sequential(nn.Linear(64, hidden), nn.SiLU(), nn.Linear(hidden, 10))
     n_mlp = sum(p.numel() for p in mlp.parameters())
     print(f"digits: {len(data[1])} train / {len(data[3])} test images, 64 features, 10 classes; threads={torch.get_num_threads()}")
-    res_kan = train_classifier(kan, data, args.epochs, args.lr, args.batch_size, args.seed, progress=True)
+    res_kan = train_classifier(kan, data, args.epochs, args.lr, args.batch_size, args.seed, progress=True, name="KAN")
     print(f"KAN([64, 32, 10]) G={args.grid_size} k={args.spline_order}: {n_kan} params, test accuracy {res_kan['test_accuracy']:.4f}, {res_kan['seconds']:.1f} s")
-    res_mlp = train_classifier(mlp, data, args.epochs, args.lr * 0.3, args.batch_size, args.seed, progress=True)
+    res_mlp = train_classifier(mlp, data, args.epochs, args.lr * 0.3, args.batch_size, args.seed, progress=True,
+                               name="MLP")
     print(f"MLP([64, {hidden}, 10]) SiLU: {n_mlp} params, test accuracy {res_mlp['test_accuracy']:.4f}, {res_mlp['seconds']:.1f} s")
     return 0

@@ -19,16 +19,18 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
+from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
 from .benchmarks import provenance
+from .cli_checks import IMAGE_SUFFIXES, check_memory, check_outputs, float_range, int_list, int_range, name_list, open_output
 
-__all__ = ["TOY_FUNCTIONS", "add_toy_arguments", "run_toy", "toy_workflow", "make_dataset", "scaling_slopes", "SCALING_GRIDS"]
+__all__ = ["TOY_FUNCTIONS", "add_toy_arguments", "check_toy_arguments", "run_toy", "toy_workflow", "make_dataset",
+           "format_formula", "scaling_slopes", "SCALING_GRIDS"]
 
 #: name -> (number of inputs, torch function of x (N, n_var) -> (N, 1), formula text)
 TOY_FUNCTIONS: Dict[str, Tuple[int, Callable[[torch.Tensor], torch.Tensor], str]] = {
@@ -46,27 +48,7 @@ def make_dataset(name: str, n: int, generator: torch.Generator, dtype=torch.floa
     return x, fn(x)
 
 
-def _int_list(text: str) -> List[int]:
-    try:
-        vals = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
-    if not vals or any(v < 1 for v in vals):
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return vals
-
-
-def _at_least(minimum: int):
-    def parse(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}")
-        if v < minimum:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {v}")
-        return v
-
-    return parse
+_int_list = int_list(1)
 
 
 def add_toy_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -77,34 +59,103 @@ def add_toy_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
                         help="hidden widths incl. in/out, e.g. 2,5,1 (default: [n_var, 5, 1])")
     parser.add_argument("--grids", type=_int_list, default=None,
                         help="grid sizes, e.g. 3,5,10,20 (default: 3,5,10,20; with --scaling: 3,5,10,...,1000)")
-    parser.add_argument("--steps", type=int, default=None,
+    parser.add_argument("--steps", type=int_range(0), default=None,
                         help="LBFGS steps per grid size (default: 50; with --scaling: 200)")
     parser.add_argument("--scaling", action="store_true",
                         help="the paper's scaling curve (fig. 2.3): grids up to 1000, 200 steps each, no symbolic "
                              "step; prints RMSE per grid and the fitted slope of RMSE against G")
-    parser.add_argument("--out", default=None, metavar="PATH",
+    parser.add_argument("--out", type=Path, default=None, metavar="PATH",
                         help="with --scaling: write the curve as JSON there and as a PNG beside it (same stem)")
-    parser.add_argument("--reg-steps", type=int, default=20, help="LBFGS steps with the regulariser before each prune")
-    parser.add_argument("--lamb", type=float, default=0.01, help="weight of the sparsification regulariser")
-    parser.add_argument("--lamb-l1", type=float, default=1.0)
-    parser.add_argument("--lamb-entropy", type=float, default=10.0)
-    parser.add_argument("--prune-rounds", type=int, default=3, help="max rounds of (regularised training, prune)")
-    parser.add_argument("--prune-grid", type=int, default=5,
+    parser.add_argument("--reg-steps", type=int_range(0), default=20,
+                        help="LBFGS steps with the regulariser before each prune")
+    nonneg = float_range(0)
+    parser.add_argument("--lamb", type=nonneg, default=0.01, help="weight of the sparsification regulariser")
+    parser.add_argument("--lamb-l1", type=nonneg, default=1.0, help="weight of the L1 part of the regulariser")
+    parser.add_argument("--lamb-entropy", type=nonneg, default=10.0, help="weight of the entropy part of the regulariser")
+    parser.add_argument("--prune-rounds", type=int_range(0), default=3, help="max rounds of (regularised training, prune)")
+    parser.add_argument("--prune-grid", type=int_range(1), default=5,
                         help="grid size of the regularised training and pruning phase (then --grids follow)")
-    parser.add_argument("--node-threshold", type=float, default=1e-2)
-    parser.add_argument("--edge-threshold", type=float, default=3e-2)
+    parser.add_argument("--node-threshold", type=nonneg, default=1e-2, help="prune nodes whose importance is below")
+    parser.add_argument("--edge-threshold", type=nonneg, default=3e-2, help="prune edges whose importance is below")
     parser.add_argument("--no-prune", action="store_true", help="skip regularised training and pruning")
     parser.add_argument("--no-symbolic", action="store_true", help="skip auto_symbolic")
-    parser.add_argument("--lib", type=lambda s: [v for v in s.split(",") if v], default=None,
+    parser.add_argument("--lib", type=name_list, default=None,
                         help="symbolic candidates, comma-separated (default: the whole library)")
-    parser.add_argument("--symbolic-steps", type=int, default=50, help="LBFGS steps on the affine params after fixing")
-    parser.add_argument("--n-train", type=_at_least(16), default=1000, help="training points (>= 16)")
-    parser.add_argument("--n-test", type=_at_least(1), default=1000)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1,
+    parser.add_argument("--symbolic-steps", type=int_range(0), default=50,
+                        help="LBFGS steps on the affine params after fixing")
+    parser.add_argument("--n-train", type=int_range(16), default=1000, help="training points (>= 16)")
+    parser.add_argument("--n-test", type=int_range(1), default=1000, help="test points")
+    parser.add_argument("--seed", type=int_range(0, 2**32 - 1), default=0, help="seed of the data and the init")
+    parser.add_argument("--threads", type=int_range(0), default=1,
                         help="torch CPU threads (tiny models run fastest on 1; 0 keeps torch's default)")
-    parser.add_argument("--plot", default=None, metavar="PATH", help="write the network figure (PNG) there")
+    parser.add_argument("--plot", type=Path, default=None, metavar="PATH", help="write the network figure (PNG) there")
+    parser.add_argument("--force", action="store_true", help="overwrite existing --plot / --out files")
     return parser
+
+
+def check_toy_arguments(args: argparse.Namespace) -> None:
+    """What the parser cannot see alone, before any work: ``--width`` fits ``--function``, the
+    ``--lib`` names exist, the ``--plot`` file can be written (``--force`` to overwrite).
+    Raises ValueError (one line)."""
+    n_var = TOY_FUNCTIONS[args.function][0]
+    width = args.width or [n_var, 5, 1]
+    if len(width) < 2 or width[0] != n_var or width[-1] != 1:
+        raise ValueError(f"--width must start with {n_var} (inputs of {args.function!r}) and end with 1, got {width}")
+    if args.lib is not None and not args.no_symbolic:
+        from .symbolic import SYMBOLIC_LIB
+
+        unknown = [n for n in args.lib if n not in SYMBOLIC_LIB]
+        if unknown or not args.lib:
+            raise ValueError(f"--lib: unknown symbolic function(s) {unknown}; choose from {', '.join(SYMBOLIC_LIB)}")
+    if args.out is not None and not args.scaling:
+        raise ValueError("--out goes with --scaling")
+    png = _png_beside(args.out) if args.out is not None else None
+    check_outputs([("--plot", args.plot), ("--out", args.out), ("--out's figure", png)],
+                  force=getattr(args, "force", False),
+                  suffixes={"--plot": IMAGE_SUFFIXES, "--out": (".json",), "--out's figure": IMAGE_SUFFIXES})
+    # float64, full-batch LBFGS: per layer the bases of every training row with their order-by-order
+    # tables (k + 2, k = 3) kept for backward; parameters with gradients and LBFGS's 2 x 10 history vectors
+    G, k = max(_grids_and_steps(args)[0] + [args.prune_grid]), 3
+    pairs = list(zip(width[:-1], width[1:]))
+    per_row = sum(i * (G + 2 * k + 1) * (k + 2) + i + o for i, o in pairs)
+    params = sum(i * o * (G + k + 2) for i, o in pairs)
+    check_memory(8 * (max(args.n_train, args.n_test) * per_row + 24 * params),
+                 f"KAN({width}) at G={G} on {max(args.n_train, args.n_test)} points",
+                 hint="choose fewer --n-train/--n-test points, smaller --grids or --width")
+
+
+def format_formula(expr, digits: int = 4) -> str:
+    """``expr`` (sympy) as text, its numbers rounded to ``digits`` significant digits.
+
+    Every float is rounded to ``digits`` significant digits (``0.996339797973633*x_2**2`` ->
+    ``0.9963*x_2**2``; a small coefficient stays: ``1.235e-5*sin(...)``), one that is then an
+    integer is printed as one (``1.0*sin(x)`` -> ``sin(x)``), and in a sum a constant below
+    ``10**-digits`` of the largest coefficient of the sum's other terms is dropped, as rounding
+    the sum to ``digits`` significant digits would (``sin(3.141*x_1 + 0.0001112)`` ->
+    ``sin(3.141*x_1)``). A small term that is not a constant is kept.
+    """
+    import sympy
+
+    def num(f):
+        text = f"{float(f):.{digits}g}"  # decimal rounding (sympy's Float(f, digits) rounds in binary)
+        r = float(text)
+        return sympy.Integer(int(r)) if r.is_integer() and abs(r) < 10**digits else sympy.Float(text, digits)
+
+    def rounded(e):
+        return e.xreplace({f: num(f) for f in e.atoms(sympy.Float)})
+
+    def walk(e):
+        if not e.args:
+            return rounded(e) if e.is_Float else e
+        args = [walk(a) for a in e.args]
+        if e.is_Add:
+            terms = [a for a in args if not a.is_Number]
+            scale = max((abs(float(a.as_coeff_Mul()[0])) for a in terms), default=0.0)
+            if terms and scale > 0:
+                args = terms + [a for a in args if a.is_Number and abs(float(a)) >= scale * 10.0**-digits]
+        return rounded(e.func(*args))  # (rebuilding may multiply numbers out: round again)
+
+    return sympy.sstr(walk(expr))
 
 
 def _rmse(model, x, y) -> float:
@@ -140,18 +191,15 @@ def scaling_slopes(curve: List[dict]) -> dict:
     return out
 
 
-def _png_beside(path: str) -> str:
-    return os.path.splitext(path)[0] + ".png"
+def _png_beside(path: Path) -> Path:
+    return Path(path).with_suffix(".png")
 
 
-def _check_new_file(path: str) -> None:
-    """Output paths are checked before any work: the folder exists and is writable, and no
-    existing file is overwritten."""
-    folder = os.path.dirname(os.path.abspath(path))
-    if os.path.exists(path):
-        raise ValueError(f"{path} exists: choose a new name (nothing is overwritten)")
-    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-        raise ValueError(f"{folder} is not a writable folder")
+def _grids_and_steps(args: argparse.Namespace) -> Tuple[List[int], int]:
+    """The grids and LBFGS steps per grid of a run: as given, else the defaults (--scaling's own)."""
+    grids = list(args.grids) if args.grids else list(SCALING_GRIDS if args.scaling else (3, 5, 10, 20))
+    steps = args.steps if args.steps is not None else (200 if args.scaling else 50)
+    return grids, steps
 
 
 def _write_scaling(args, curve, slopes, widths, seconds, steps) -> None:
@@ -169,7 +217,7 @@ def _write_scaling(args, curve, slopes, widths, seconds, steps) -> None:
         "curve": curve,
         "slopes": slopes,
     }
-    with open(args.out, "x") as fh:
+    with open_output(args.out, args.force) as fh:
         json.dump(record, fh, indent=1)
     g = [p["grid"] for p in curve]
     fig, ax = plt.subplots(figsize=(6, 4.5))
@@ -186,7 +234,7 @@ def _write_scaling(args, curve, slopes, widths, seconds, steps) -> None:
     ax.legend(fontsize=8)
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
-    with open(_png_beside(args.out), "xb") as fh:
+    with open_output(_png_beside(args.out), args.force, "wb") as fh:
         fig.savefig(fh, format="png", dpi=110)
     plt.close(fig)
 
@@ -213,22 +261,15 @@ def toy_workflow(args: argparse.Namespace, log: Callable[[str], None] = print) -
     from .symbolic import auto_symbolic, symbolic_formula
     from .workflow import fit_lbfgs
 
-    if args.threads and args.threads > 0:
-        torch.set_num_threads(args.threads)
-    grids = args.grids or (list(SCALING_GRIDS) if args.scaling else [3, 5, 10, 20])
-    steps = args.steps if args.steps is not None else (200 if args.scaling else 50)
+    grids, steps = _grids_and_steps(args)
     symbolic = not (args.no_symbolic or args.scaling)
-    if args.out and not args.scaling:
-        raise ValueError("--out goes with --scaling")
-    if args.out:
-        _check_new_file(args.out)
-        _check_new_file(_png_beside(args.out))
     if steps < 0 or args.reg_steps < 0 or args.symbolic_steps < 0:
         raise ValueError("step counts must be >= 0")
+    check_toy_arguments(args)
+    if args.threads and args.threads > 0:
+        torch.set_num_threads(args.threads)
     n_var, _, text = TOY_FUNCTIONS[args.function]
     width = args.width or [n_var, 5, 1]
-    if width[0] != n_var or width[-1] != 1:
-        raise ValueError(f"--width must start with {n_var} (inputs of {args.function!r}) and end with 1, got {width}")
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
     x, y = make_dataset(args.function, args.n_train, gen)
@@ -293,14 +334,14 @@ def toy_workflow(args: argparse.Namespace, log: Callable[[str], None] = print) -
         f_rmse = float(torch.sqrt(torch.mean((pred.reshape(-1) - yt.reshape(-1)) ** 2)))
         result["formula"] = formula
         result["formula_rmse"] = f_rmse
-        log(f"formula: {sympy.sstr(formula.xreplace({n: round(n, 4) for n in formula.atoms(sympy.Float)}))}")
+        log(f"formula: {format_formula(formula)}")
         log(f"formula test RMSE {f_rmse:.3e}")
     if args.plot:
         from .plot import plot
 
-        plot(model, x, path=args.plot, in_vars=[f"x_{k + 1}" for k in range(n_var)], out_vars=["f"],
+        plot(model, x, path=str(args.plot), in_vars=[f"x_{k + 1}" for k in range(n_var)], out_vars=["f"],
              title=f"KAN for {text}")
-        result["plot"] = args.plot
+        result["plot"] = str(args.plot)
         log(f"wrote {args.plot}")
     log(f"total {time.perf_counter() - t0:.1f} s")
     return result

@@ -18,7 +18,9 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-__all__ = ["TOLERANCES", "Case", "default_cases", "validate_case", "add_arguments", "run"]
+from .cli_checks import int_range
+
+__all__ = ["TOLERANCES", "Case", "default_cases", "validate_case", "add_arguments", "check_arguments", "run"]
 
 #: relative tolerance (max abs error / max abs reference) per compute dtype
 TOLERANCES: Dict[torch.dtype, float] = {
@@ -140,17 +142,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backends", nargs="+", default=None, choices=["torch", "triton", "reference"],
                         help="backends to check (default: all available)")
     parser.add_argument("--quick", action="store_true", help="a quarter of the cases")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int_range(0, 2**63 - 1), default=0, help="seed of the parameters and inputs")
+
+
+def check_arguments(args) -> None:
+    """The device exists here (before any work). Raises ValueError (one line)."""
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as exc:
+        raise ValueError(f"bad --device {args.device!r}: {exc}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be cpu or cuda[:N], got {args.device!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda requested but CUDA is not available")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
 
 
 def run(args) -> int:
     try:
-        device = torch.device(args.device)
-    except RuntimeError as exc:
-        print(f"kanfast validate: bad --device {args.device!r}: {exc}", file=sys.stderr)
-        return 2
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("kanfast validate: --device cuda requested but CUDA is not available", file=sys.stderr)
+        check_arguments(args)
+    except ValueError as exc:
+        print(f"kanfast validate: {exc}", file=sys.stderr)
         return 2
     dtypes = [args.dtype] if isinstance(args.dtype, str) else list(args.dtype)
     status = 0

@@ -66,7 +66,9 @@ from .provenance import git_commit as _git_commit
 from .provenance import machine as _machine
 from .provenance import versions as _versions
 
-__all__ = ["add_arguments", "run", "dense_flops", "SWEEPS"]
+from ..cli_checks import IMAGE_SUFFIXES, check_memory, check_outputs, float_range, int_list, int_range, name_list, open_output
+
+__all__ = ["add_arguments", "check_arguments", "run", "dense_flops", "estimate_bytes", "SWEEPS"]
 
 DEFAULT_OUT = "kanfast-bench.json"
 
@@ -77,18 +79,8 @@ SWEEPS = {
 }
 
 
-def _int_list(text: str) -> List[int]:
-    try:
-        vals = [int(v) for v in str(text).split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
-    if not vals or any(v < 1 for v in vals):
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return vals
-
-
-def _name_list(text: str) -> List[str]:
-    return [v.strip() for v in str(text).split(",") if v.strip()]
+_int_list = int_list(1)
+_name_list = name_list
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -105,16 +97,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     r = parser.add_argument_group("run")
     r.add_argument("--dtype", choices=["float32", "float64", "bfloat16"], default="float32")
     r.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available, else cpu)")
-    r.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU; default: torch's)")
-    r.add_argument("--repeats", type=int, default=5, help="timed repeats per case (median reported)")
-    r.add_argument("--warmup", type=int, default=2, help="untimed warm-up calls per case")
+    r.add_argument("--threads", type=int_range(1), default=None, help="torch.set_num_threads (CPU; default: torch's)")
+    r.add_argument("--repeats", type=int_range(1), default=5, help="timed repeats per case (median reported)")
+    r.add_argument("--warmup", type=int_range(0), default=2, help="untimed warm-up calls per case")
     r.add_argument("--backends", type=_name_list, default=None,
                    help="kanfast backends (default: torch,reference, plus triton on CUDA)")
     r.add_argument("--peers", type=_name_list, default=["pykan", "flashkan", "inkan"],
                    help="peer packages to try (default pykan,flashkan,inkan; 'none' for none)")
     r.add_argument("--compile", action="store_true", help="also time torch.compile of the materialized baseline")
     r.add_argument("--compile-peers", action="store_true", help="also time the peers' torch.compile variants")
-    r.add_argument("--max-elements", type=float, default=2.0e8,
+    r.add_argument("--max-elements", type=float_range(0, min_inclusive=False), default=2.0e8,
                    help="skip an implementation whose largest materialised tensor would exceed this many elements "
                         "(pykan builds (batch, in, out) tensors; default 2e8)")
     r.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
@@ -123,6 +115,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     o = parser.add_argument_group("output")
     o.add_argument("--out", type=Path, default=Path(DEFAULT_OUT), help=f"JSON path (default {DEFAULT_OUT}); CSV next to it")
     o.add_argument("--plot", type=Path, default=None, help="PNG with time and memory against G and batch")
+    o.add_argument("--force", action="store_true", help="overwrite existing output files")
     o.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     o.add_argument("--quiet", action="store_true", help="no table on stdout")
 
@@ -521,7 +514,7 @@ def _print_table(rows: List[Dict[str, Any]], floors: List[Dict[str, Any]]) -> No
             print()
 
 
-def _plot(rows: List[Dict[str, Any]], path: Path) -> None:
+def _plot(rows: List[Dict[str, Any]], path: Path, force: bool = False) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -564,49 +557,91 @@ def _plot(rows: List[Dict[str, Any]], path: Path) -> None:
     if handles:
         fig.legend(handles, labels, loc="lower center", ncol=min(5, len(labels)))
     fig.tight_layout(rect=(0, 0.06, 1, 1))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    with open_output(path, force, "wb") as fh:
+        fig.savefig(fh, dpi=110, format=path.suffix.lstrip(".").lower())
     plt.close(fig)
 
 
-def run(args: argparse.Namespace) -> int:
-    """Run the benchmark described by ``args`` (from :func:`add_arguments`). Returns the exit code
-    (0 on success, 2 on bad arguments)."""
-    from tqdm import tqdm
+def _csv_path(out: Path) -> Path:
+    return out.with_suffix(".csv")
 
-    dtype = getattr(torch, args.dtype)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("kanfast bench: --device cuda requested but CUDA is not available", file=sys.stderr)
-        return 2
+
+def estimate_bytes(shape: Tuple[int, int, int, int, int], itemsize: int) -> int:
+    """Bytes one shape ``(batch, in, out, G, k)`` of the run holds at its peak, estimated from what it
+    allocates: the dense floor's basis matrix ``batch x in*(G+k+1)`` and weight, the materialized
+    baseline's Cox-de Boor table (``batch x in x (G+2k+1)`` per order, ``3k+3`` tables kept for
+    backward), inputs, outputs and their gradients, and the parameters and gradients of every case."""
+    b, nin, nout, G, k = shape
+    width = nin * (G + k + 1)
+    elements = (b * width + nout * width + b * nin * (G + 2 * k + 1) * (3 * k + 3)
+                + 8 * b * (nin + nout) + 8 * nout * width)
+    return elements * itemsize
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Everything ``run`` needs, checked before any work: the device, backends, peers, the shapes,
+    the output files (see :func:`kanfast.cli_checks.check_outputs`; ``--force`` to overwrite) and
+    the memory the largest shape needs (:func:`estimate_bytes`). Raises ValueError (one line)."""
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as e:
+        raise ValueError(f"--device {args.device!r}: {e}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be cpu or cuda[:N], got {args.device!r}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda requested but CUDA is not available")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     if args.repeats < 1 or args.warmup < 0:
-        print("kanfast bench: --repeats must be >= 1 and --warmup >= 0", file=sys.stderr)
-        return 2
+        raise ValueError("--repeats must be >= 1 and --warmup >= 0")
     if args.threads is not None and args.threads < 1:
-        print(f"kanfast bench: --threads must be >= 1, got {args.threads}", file=sys.stderr)
-        return 2
-    if str(args.out).isdigit():
-        print(f"kanfast bench: --out is the JSON output path, got {str(args.out)!r}; "
-              "for the layer width use --out-features", file=sys.stderr)
-        return 2
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    backends = args.backends or (["torch", "reference"] + (["triton"] if device.type == "cuda" else []))
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    backends = args.backends or ["torch", "reference"]
     bad = [b for b in backends if b not in ("torch", "reference", "triton")]
     if bad:
-        print(f"kanfast bench: unknown backend(s) {bad}; choose from torch, reference, triton", file=sys.stderr)
-        return 2
+        raise ValueError(f"unknown backend(s) {bad}; choose from torch, reference, triton")
     peers = [] if args.peers in (["none"], []) else args.peers
     from .baselines import PEERS
 
     unknown = [p for p in peers if p not in PEERS]
     if unknown:
-        print(f"kanfast bench: unknown peer(s) {unknown}; known: {sorted(PEERS)}", file=sys.stderr)
-        return 2
+        raise ValueError(f"unknown peer(s) {unknown}; known: {sorted(PEERS)}")
     shapes = _shapes(args)
-    if any(b < 1 or i < 1 or o < 1 or G < 1 for b, i, o, G, _ in shapes):
-        print("kanfast bench: batch, in, out and G must be >= 1", file=sys.stderr)
+    if any(b < 1 or i < 1 or o < 1 or G < 1 or k < 0 for b, i, o, G, k in shapes):
+        raise ValueError("batch, in, out and G must be >= 1, k >= 0")
+    out = Path(args.out)
+    if str(args.out).isdigit():
+        raise ValueError(f"--out is the JSON output path, got {str(args.out)!r}; for the layer width use --out-features")
+    if _csv_path(out) == out:
+        raise ValueError(f"--out {str(out)!r} is the JSON path; the CSV is written next to it as <name>.csv, "
+                         f"so give a JSON name such as {str(out.with_suffix('.json'))!r}")
+    check_outputs([("--out", out), ("the CSV next to --out", _csv_path(out)), ("--plot", args.plot)],
+                  force=getattr(args, "force", False), suffixes={"--plot": IMAGE_SUFFIXES})
+    itemsize = torch.empty((), dtype=getattr(torch, args.dtype)).element_size()
+    need, biggest = max((estimate_bytes(s, itemsize), s) for s in shapes)
+    available = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+    check_memory(need, "the shape batch={} in={} out={} G={} k={}".format(*biggest), available,
+                 hint="choose smaller --batch/--in-features/--out-features/--grid-size")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the benchmark described by ``args`` (from :func:`add_arguments`). Returns the exit code
+    (0 on success, 2 on bad arguments, checked by :func:`check_arguments` before any work)."""
+    from tqdm import tqdm
+
+    try:
+        check_arguments(args)
+    except ValueError as e:
+        print(f"kanfast bench: error: {e}", file=sys.stderr)
         return 2
+    dtype = getattr(torch, args.dtype)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    backends = args.backends or (["torch", "reference"] + (["triton"] if device.type == "cuda" else []))
+    peers = [] if args.peers in (["none"], []) else args.peers
+    shapes = _shapes(args)
     started = _dt.datetime.now(_dt.timezone.utc)
     meta: Dict[str, Any] = {
         "date_utc": started.isoformat(timespec="seconds"),
@@ -645,15 +680,14 @@ def run(args: argparse.Namespace) -> int:
     meta["machine"]["loadavg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     meta["elapsed_s"] = (_dt.datetime.now(_dt.timezone.utc) - started).total_seconds()
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w") as fh:
+    with open_output(out, getattr(args, "force", False)) as fh:
         json.dump({"meta": meta, "floors": floors, "results": rows}, fh, indent=1)
     fields = ["batch", "in", "out", "G", "k", "impl", "kind", "status", "note", "fwd_ms", "fwd_ms_min", "fwd_bwd_ms",
               "fwd_bwd_ms_min", "fwd_samples_per_s", "fwd_bwd_samples_per_s", "fwd_gflops", "fwd_bwd_gflops",
               "fwd_vs_mlp", "fwd_bwd_vs_mlp", "fwd_vs_materialized", "fwd_bwd_vs_materialized", "fwd_vs_floor",
               "fwd_bwd_vs_floor", "fwd_bwd_min_vs_floor_min", "peak_extra_mb", "memory_method",
               "max_abs_diff_vs_materialized"]
-    with open(out.with_suffix(".csv"), "w", newline="") as fh:
+    with open_output(_csv_path(out), getattr(args, "force", False), newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
         w.writeheader()
         for r in rows:
@@ -663,7 +697,7 @@ def run(args: argparse.Namespace) -> int:
                         "impl": "dense-floor", "kind": "floor", "status": "ok", "fwd_ms": f["fwd_ms"],
                         "fwd_ms_min": f["fwd_ms_min"], "fwd_bwd_ms": f["fwd_bwd_ms"], "fwd_bwd_ms_min": f["fwd_bwd_ms_min"]})
     if args.plot:
-        _plot(rows, Path(args.plot))
+        _plot(rows, Path(args.plot), getattr(args, "force", False))
     if not args.quiet:
         _print_table(rows, floors)
         fc = meta.get("first_call")
@@ -671,7 +705,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"first call in a fresh process (torch backend, shape {fc['shape']}): import {fc['import_s']:.2f} s, "
                   f"first fwd+bwd {fc['first_fwd_bwd_s']:.3f} s, second {fc['second_fwd_bwd_s']:.3f} s; "
                   f"first fwd+bwd on this machine (CPU block kernels built) {fc['first_fwd_bwd_cold_cache_s']:.3f} s")
-        print(f"wrote {out} and {out.with_suffix('.csv')}" + (f" and {args.plot}" if args.plot else ""))
+        print(f"wrote {out} and {_csv_path(out)}" + (f" and {args.plot}" if args.plot else ""))
     return 0
 
 
@@ -681,6 +715,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     add_arguments(parser)
     args = parser.parse_args(argv)
     args._argv = list(argv) if argv is not None else sys.argv[1:]
+    try:
+        check_arguments(args)
+    except ValueError as e:
+        parser.error(str(e))
     return run(args)
 
 
