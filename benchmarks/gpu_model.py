@@ -330,10 +330,11 @@ _PTXAS_RE = {
 }
 
 
-def compile_launch(launch: Launch, config, arch: int = 90) -> Compiled:
+def compile_launch(launch: Launch, config, arch: int = 90, options: Optional[Dict[str, Any]] = None) -> Compiled:
     """Compile ``launch`` with autotune ``config`` for sm_``arch`` (no GPU); registers and spills
-    from ptxas -v, shared memory from the compiled metadata, SASS from nvdisasm."""
-    kwargs = {**launch.kwargs, **config.all_kwargs()}
+    from ptxas -v, shared memory from the compiled metadata, SASS from nvdisasm. ``options``:
+    extra triton compile options (e.g. ``{"maxnreg": 64}``)."""
+    kwargs = {**launch.kwargs, **config.all_kwargs(), **(options or {})}
     target, backend, bound, options, signature, constexprs, attrs = bind(launch.fn, launch.args, kwargs, arch)
     src = ASTSource(launch.fn, signature, constexprs, attrs)
     buf = io.StringIO()
@@ -367,6 +368,19 @@ def disassemble(cubin: bytes) -> str:
         return subprocess.run([nvdisasm, "-c", "-g", f.name], capture_output=True, text=True, check=True).stdout
     finally:
         os.unlink(f.name)
+
+
+def check_compiled(c: Compiled, dtype: str) -> List[str]:
+    """What the AOT-compile test rejects in a compiled config: register spills in a bf16/fp16
+    kernel, and a sm_90 bf16/fp16 kernel without HGMMA (wgmma). Empty when it passes."""
+    bad = []
+    if dtype in ("bf16", "fp16") and c.spills:
+        bad.append(f"{c.name} {c.config}: spills {c.spill_stores} B stores / {c.spill_loads} B loads "
+                   f"({c.regs} registers)")
+    if c.arch == 90 and dtype in ("bf16", "fp16") and not re.search(r"^\s+/\*[0-9a-f]+\*/\s+(@!?P\w+\s+)?HGMMA",
+                                                                     c.sass, re.M):
+        bad.append(f"{c.name} {c.config}: no HGMMA (wgmma) in the sm_90 SASS")
+    return bad
 
 
 # ----------------------------------------------------------------- SASS
@@ -821,11 +835,13 @@ def sweep(shape=(512, 64, 64, 5), progress=print) -> List[Dict[str, Any]]:
                             for i, cfg in enumerate(lau.configs):
                                 c = compile_launch(lau, cfg, arch)
                                 ins, _, _ = parse_sass(c.sass)
+                                problems = check_compiled(c, dt)
                                 row = {"arch": arch, "dtype": dt, "k": k, "uniform": uni, "phase": phase,
                                        "kernel": c.name, "config_index": i, "config": c.config, "regs": c.regs,
                                        "spills": c.spills, "smem": c.smem,
                                        "hgmma": sum(1 for it in ins if it.op.startswith("HGMMA")),
-                                       "hmma": sum(1 for it in ins if it.op.startswith("HMMA"))}
+                                       "hmma": sum(1 for it in ins if it.op.startswith("HMMA")),
+                                       "problems": problems}
                                 rows.append(row)
                                 if progress:
                                     progress(json.dumps(row))
@@ -868,12 +884,13 @@ def main(argv=None) -> int:
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     if a.sweep:
         rows = sweep(progress=log)
-        bad = [r for r in rows if (r["spills"] and r["dtype"] != "fp32")
-               or (r["arch"] == 90 and r["dtype"] == "bf16" and not r["hgmma"])]
+        bad = [r for r in rows if r["problems"]]
         report = {"sweep": rows, "failures": bad, **meta}
         if a.json:
             a.json.write_text(json.dumps(report, indent=1) + "\n")
-        print(f"{len(rows)} compiles, {len(bad)} failing (spills in bf16/fp16, or no HGMMA in sm_90 bf16)")
+        print(f"{len(rows)} compiles, {len(bad)} failing (spills in bf16/fp16, or no HGMMA in sm_90 bf16/fp16)")
+        for r in bad:
+            print(f"  sm_{r['arch']} {r['dtype']} k={r['k']} uniform={r['uniform']}: {'; '.join(r['problems'])}")
         return 1 if bad else 0
     report = run_model(a.batch, a.nin, a.nout, a.grid, a.order, a.dtype, uniform=not a.non_uniform,
                        base=not a.no_base, ieee=a.ieee, arch=a.arch, progress=log)
