@@ -79,6 +79,7 @@ if str(REPO) not in sys.path:  # a plain checkout: the script imports the kanfas
     sys.path.insert(0, str(REPO))
 
 from kanfast import triton_backend as tb  # noqa: E402
+from kanfast.benchmarks.bench import _git_commit, _versions  # noqa: E402  (the harness's provenance helpers)
 from kanfast.layer import uniform_grid  # noqa: E402
 
 # ----------------------------------------------------------------- machine
@@ -894,8 +895,6 @@ def main(argv=None) -> int:
     if missing:
         print(f"gpu_model: {', '.join(missing)} missing from the triton wheel; cannot compile", file=sys.stderr)
         return 2
-    from kanfast.benchmarks.bench import _git_commit, _versions  # the harness's provenance helpers
-
     def log(msg):
         print(f"[gpu_model] {msg}", file=sys.stderr, flush=True)
 
