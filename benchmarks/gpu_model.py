@@ -393,6 +393,7 @@ _WIDTH = re.compile(r"\.(128|64|U16|S16|U8|S8)\b")
 
 #: Instruction classes reported per loop (first match wins).
 CLASSES = [
+    ("tma", ("UTMALDG", "UTMASTG", "UTMAPF", "UBLKCP")),
     ("hgmma", ("HGMMA",)),
     ("hmma", ("HMMA",)),
     ("mufu", ("MUFU",)),
@@ -410,7 +411,7 @@ CLASSES = [
     ("int", ("IMAD", "IADD", "LEA", "LOP", "SHF", "ISETP", "VIADD", "VIMNMX", "IMNMX", "IABS", "SHL", "SHR", "MOV",
              "CS2R", "S2R", "S2UR", "U", "POPC", "FLO", "BREV", "SGXT", "BMSK", "ISCADD", "IMUL")),
 ]
-LSU_CLASSES = ("spill", "ldgsts", "ldg", "stg", "lds", "sts")
+LSU_CLASSES = ("spill", "ldgsts", "ldg", "stg", "lds", "sts")  # TMA copies bypass the LSU: not counted
 
 
 def _klass(op: str) -> str:
@@ -753,7 +754,20 @@ BLIND_SPOTS = [
     "dual issue, register-bank and operand-collector stalls, instruction-cache misses",
     "data-dependent branches: forward branches counted as taken, the per-tile j-range taken as the full range",
     "launch overhead (a few us per kernel) and the clock (1.98 GHz boost assumed sustained)",
+    "TMA copies (UTMALDG/UTMASTG, counted as instructions under 'tma'): their bytes are not in the L2 figure",
 ]
+
+UNITS = {
+    "modelled_ms": "milliseconds, the largest floor of the pass (kernels + torch ops)",
+    "bounds_ms": "each floor in milliseconds (issue, mufu, lsu, tensor, hbm, l2)",
+    "regs": "registers per thread (ptxas -v)",
+    "spills": "bytes of spill stores + spill loads (ptxas -v)",
+    "smem": "bytes of shared memory per CTA (compiled metadata)",
+    "ctas_per_sm": "resident CTAs per SM from registers, shared memory and warps",
+    "loop_instructions": "per SASS loop: static instruction counts by class in its body (inner loops excluded), "
+                         "trip count at the shape",
+    "instructions_per_warp": "dynamic SASS instructions one warp issues",
+}
 
 
 def run_model(batch: int, nin: int, nout: int, G: int, k: int, dtype: torch.dtype, *, uniform: bool = True,
@@ -808,6 +822,7 @@ def run_model(batch: int, nin: int, nout: int, G: int, k: int, dtype: torch.dtyp
         "fraction_of_dense_rate": dense_ms / total if total else None,
         "l2_sensitivity_ms": sens,
         "assumptions": ASSUMPTIONS,
+        "units": UNITS,
         "cannot_see": BLIND_SPOTS,
     }
 
@@ -855,7 +870,16 @@ def sweep(shape=(512, 64, 64, 5), progress=print) -> List[Dict[str, Any]]:
                     for phase, got in phases.items():
                         for lau in got["launches"]:
                             for i, cfg in enumerate(lau.configs):
-                                c = compile_launch(lau, cfg, arch)
+                                try:
+                                    c = compile_launch(lau, cfg, arch)
+                                except Exception as e:  # noqa: BLE001 - a compile error is a result here
+                                    row = {"arch": arch, "dtype": dt, "k": k, "uniform": uni, "phase": phase,
+                                           "kernel": lau.name, "config_index": i, "config": dict(cfg.kwargs),
+                                           "problems": [f"compile error: {type(e).__name__}: {e}"[:2000]]}
+                                    rows.append(row)
+                                    if progress:
+                                        progress(json.dumps(row))
+                                    continue
                                 ins, _, _ = parse_sass(c.sass)
                                 problems = check_compiled(c, dt)
                                 row = {"arch": arch, "dtype": dt, "k": k, "uniform": uni, "phase": phase,
