@@ -58,6 +58,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -302,13 +303,18 @@ class Compiled:
     num_warps: int
     num_stages: int
     ptxas_log: str
-    sass: str
+    disasm: "Disassembly"
     grid: Tuple[int, int, int]
     kernel: Any = None
 
     @property
     def spills(self) -> int:
         return self.spill_stores + self.spill_loads
+
+    @property
+    def sass(self) -> str:
+        """nvdisasm -g text (waits for the disassembler, started at compile time)."""
+        return self.disasm.text()
 
 
 def bind(fn: JITFunction, args: tuple, kwargs: dict, arch: int):
@@ -346,7 +352,7 @@ def compile_launch(launch: Launch, config, arch: int = 90, options: Optional[Dic
     st = ld = 0
     for s, l in _PTXAS_RE["spill"].findall(log):
         st, ld = st + int(s), ld + int(l)
-    sass = disassemble(kernel.asm["cubin"])
+    sass = Disassembly(kernel.asm["cubin"])  # runs beside the caller's next compile
     meta = {k: (v.value if hasattr(v, "value") else v) for k, v in bound.items()}
     g = launch.grid(meta) if callable(launch.grid) else launch.grid
     g = tuple(int(v) for v in g) + (1,) * (3 - len(g))
@@ -356,17 +362,30 @@ def compile_launch(launch: Launch, config, arch: int = 90, options: Optional[Dic
                     options.num_warps, options.num_stages, log, sass, g, kernel)
 
 
-def disassemble(cubin: bytes) -> str:
-    """nvdisasm -g (line info) of a cubin."""
-    nvdisasm = tool_paths()["nvdisasm"]
-    if nvdisasm is None:
-        raise RuntimeError("nvdisasm not found in the triton wheel")
-    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
-        f.write(cubin)
-    try:
-        return subprocess.run([nvdisasm, "-c", "-g", f.name], capture_output=True, text=True, check=True).stdout
-    finally:
-        os.unlink(f.name)
+class Disassembly:
+    """``nvdisasm -c -g`` (code with line info) of a cubin, started at once in a subprocess; ``text()``
+    waits for it."""
+
+    def __init__(self, cubin: bytes):
+        nvdisasm = tool_paths()["nvdisasm"]
+        if nvdisasm is None:
+            raise RuntimeError("nvdisasm not found in the triton wheel")
+        self._dir = tempfile.mkdtemp(prefix="kanfast_gpu_model_")
+        path = os.path.join(self._dir, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        self._proc = subprocess.Popen([nvdisasm, "-c", "-g", path], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True)
+        self._text: Optional[str] = None
+
+    def text(self) -> str:
+        if self._text is None:
+            out, err = self._proc.communicate()
+            shutil.rmtree(self._dir, ignore_errors=True)
+            if self._proc.returncode != 0:
+                raise RuntimeError(f"nvdisasm failed ({self._proc.returncode}): {err.strip()[:2000]}")
+            self._text = out
+        return self._text
 
 
 def check_compiled(c: Compiled, dtype: str) -> List[str]:
