@@ -121,10 +121,10 @@ DATA_ASSUMPTIONS = {
 def tool_paths() -> Dict[str, Optional[str]]:
     """ptxas / nvdisasm shipped in triton's wheel (None when missing)."""
     out = {}
-    for name, knob in (("ptxas", knobs.nvidia.ptxas), ("nvdisasm", knobs.nvidia.nvdisasm)):
+    for name in ("ptxas", "nvdisasm"):
         try:
-            path = knob.path
-        except Exception:  # noqa: BLE001 - triton raises when the binary is absent
+            path = getattr(knobs.nvidia, name).path
+        except Exception:  # noqa: BLE001 - triton raises RuntimeError("Cannot find ...") when it is absent
             path = None
         out[name] = path if path and os.path.exists(path) else None
     return out
