@@ -1,7 +1,7 @@
 """Static speed model of the fused Triton KAN kernels: ahead-of-time compile, SASS, floors.
 
     python3 benchmarks/gpu_model.py --batch 65536 --in 1024 --out 1024 --grid 5 --order 3 --dtype bf16 --json PATH
-    python3 benchmarks/gpu_model.py --sweep          # compile every launcher config: sm_90/sm_80 x dtypes x k x knots
+    python3 benchmarks/gpu_model.py --sweep [--jobs 8]   # compile every launcher config: sm_90/sm_80 x dtypes x k x knots
 
 No GPU is needed (triton's wheel ships ptxas and nvdisasm). This is a MODEL, not a
 measurement: it gives each kernel's floor at a shape from its compiled code.
@@ -876,41 +876,74 @@ def _positive(v: str) -> int:
 SWEEP = {"arch": (90, 80), "dtype": ("bf16", "fp16", "fp32"), "k": (1, 3, 5), "uniform": (True, False)}
 
 
-def sweep(shape=(512, 64, 64, 5), progress=print) -> List[Dict[str, Any]]:
-    """Compile every config the launcher can pick over SWEEP (AOT-compile test's full matrix):
-    one row per (arch, dtype, k, knots, kernel, config) with regs, spills, smem, HGMMA/HMMA count."""
-    rows = []
+SWEEP_SHAPE = (512, 64, 64, 5)  # (batch, in, out, G): widths divisible by 16 like the target
+
+
+def sweep_combo(arch: int, dt: str, k: int, uni: bool, shape=SWEEP_SHAPE) -> List[Dict[str, Any]]:
+    """Rows of one (arch, dtype, k, knots) combination: every config of every launch, with regs,
+    spills, smem, HGMMA/HMMA count and the problems :func:`check_compiled` finds (or the compile error)."""
     batch, nin, nout, G = shape
-    for arch in SWEEP["arch"]:
-        for dt in SWEEP["dtype"]:
-            for k in SWEEP["k"]:
-                for uni in SWEEP["uniform"]:
-                    phases = capture(batch, nin, nout, G, k, DTYPES[dt], uniform=uni)
-                    for phase, got in phases.items():
-                        for lau in got["launches"]:
-                            for i, cfg in enumerate(lau.configs):
-                                try:
-                                    c = compile_launch(lau, cfg, arch)
-                                except Exception as e:  # noqa: BLE001 - a compile error is a result here
-                                    row = {"arch": arch, "dtype": dt, "k": k, "uniform": uni, "phase": phase,
-                                           "kernel": lau.name, "config_index": i, "config": dict(cfg.kwargs),
-                                           "problems": [f"compile error: {type(e).__name__}: {e}"[:2000]]}
-                                    rows.append(row)
-                                    if progress:
-                                        progress(json.dumps(row))
-                                    continue
-                                ins, _, _ = parse_sass(c.sass)
-                                problems = check_compiled(c, dt)
-                                row = {"arch": arch, "dtype": dt, "k": k, "uniform": uni, "phase": phase,
-                                       "kernel": c.name, "config_index": i, "config": c.config, "regs": c.regs,
-                                       "spills": c.spills, "smem": c.smem,
-                                       "hgmma": sum(1 for it in ins if it.op.startswith("HGMMA")),
-                                       "hmma": sum(1 for it in ins if it.op.startswith("HMMA")),
-                                       "problems": problems}
-                                rows.append(row)
-                                if progress:
-                                    progress(json.dumps(row))
+    rows = []
+    for phase, got in capture(batch, nin, nout, G, k, DTYPES[dt], uniform=uni).items():
+        for lau in got["launches"]:
+            for i, cfg in enumerate(lau.configs):
+                row = {"arch": arch, "dtype": dt, "k": k, "uniform": uni, "phase": phase, "kernel": lau.name,
+                       "config_index": i,
+                       "config": {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}}
+                try:
+                    c = compile_launch(lau, cfg, arch)
+                    ins, _, _ = parse_sass(c.sass)
+                except Exception as e:  # noqa: BLE001 - a compile error is a result here
+                    rows.append({**row, "problems": [f"compile error: {type(e).__name__}: {e}"[:2000]]})
+                    continue
+                rows.append({**row, "regs": c.regs, "spills": c.spills, "smem": c.smem,
+                             "hgmma": sum(1 for it in ins if it.op.startswith("HGMMA")),
+                             "hmma": sum(1 for it in ins if it.op.startswith("HMMA")),
+                             "problems": check_compiled(c, dt)})
     return rows
+
+
+def _sweep_combo_star(args):
+    return sweep_combo(*args)
+
+
+def sweep(archs=SWEEP["arch"], dtypes=SWEEP["dtype"], orders=SWEEP["k"], jobs: int = 1,
+          progress=print) -> List[Dict[str, Any]]:
+    """Compile every config the launcher can pick over arch x dtype x k x {uniform, non-uniform} knots (the
+    AOT-compile test's full matrix), ``jobs`` combinations at a time in worker processes."""
+    combos = [(a, d, k, u) for a in archs for d in dtypes for k in orders for u in SWEEP["uniform"]]
+    rows: List[Dict[str, Any]] = []
+    if jobs > 1:
+        import concurrent.futures as cf
+        import multiprocessing as mp
+
+        with cf.ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as ex:
+            results = ex.map(_sweep_combo_star, combos)
+            for combo, got in zip(combos, results):
+                rows += got
+                if progress:
+                    progress(f"{combo}: {len(got)} compiles, {sum(bool(r['problems']) for r in got)} failing")
+    else:
+        for combo in combos:
+            got = sweep_combo(*combo)
+            rows += got
+            if progress:
+                progress(f"{combo}: {len(got)} compiles, {sum(bool(r['problems']) for r in got)} failing")
+    return rows
+
+
+def _int_list(v: str) -> Tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in v.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {v!r}") from None
+
+
+def _dtype_list(v: str) -> Tuple[str, ...]:
+    out = tuple(v.split(","))
+    for d in out:
+        _dtype(d)
+    return out
 
 
 def main(argv=None) -> int:
@@ -929,7 +962,11 @@ def main(argv=None) -> int:
     ap.add_argument("--json", type=Path, help="write the report here")
     ap.add_argument("--sweep", action="store_true",
                     help="compile every launcher config for sm_90/sm_80 x bf16/fp16/fp32 x k 1,3,5 x knots; "
-                         "print regs/spills/HGMMA per config (with --json: write the rows)")
+                         "print the failing ones (with --json: write every row); exit 1 if any fails")
+    ap.add_argument("--sweep-arch", type=_int_list, default=SWEEP["arch"], help="restrict the sweep, e.g. 90")
+    ap.add_argument("--sweep-dtype", type=_dtype_list, default=SWEEP["dtype"], help="e.g. bf16,fp16")
+    ap.add_argument("--sweep-k", type=_int_list, default=SWEEP["k"], help="e.g. 3,5")
+    ap.add_argument("--jobs", type=_positive, default=1, help="sweep worker processes")
     a = ap.parse_args(argv)
     if not 0 <= a.order <= tb.MAX_SPLINE_ORDER:
         ap.error(f"--order must be in 0..{tb.MAX_SPLINE_ORDER}")
@@ -946,7 +983,7 @@ def main(argv=None) -> int:
             "git_commit": _git_commit(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     if a.sweep:
-        rows = sweep(progress=log)
+        rows = sweep(a.sweep_arch, a.sweep_dtype, a.sweep_k, jobs=a.jobs, progress=log)
         bad = [r for r in rows if r["problems"]]
         report = {"sweep": rows, "failures": bad, **meta}
         if a.json:
