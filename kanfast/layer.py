@@ -629,8 +629,14 @@ class FastKANLayer(nn.Module):
             x: ``(N, in_features)`` (or ``(..., in_features)``), finite, N >= 1.
             margin: padding of the uniform grid beyond the sample range.
 
+        Everything is computed first and checked (knots finite and strictly increasing
+        in the layer's knot dtype, a finite fit, finite weights in the parameter dtype);
+        only a valid result is written, else the layer is left exactly as it was.
+
         Raises:
-            ValueError: empty batch, wrong feature size, or non-finite samples.
+            ValueError: empty batch, wrong feature size, non-finite samples, or samples
+                whose grid or fit cannot be represented in the layer's dtypes (e.g. float32
+                samples near +-3e38, whose knots overflow); the layer is then unchanged.
 
         Returns:
             self.
@@ -646,11 +652,14 @@ class FastKANLayer(nn.Module):
         margin = _check_margin(margin)
         G, k = self.grid_size, self.spline_order
         old_curves = torch.einsum("nij,oij->nio", basis_matrix(x, self.grid, k), self.scaled_spline_weight.to(comp))
-        new_grid = adaptive_grid(x, G, k, self.grid_eps, margin).to(self.grid.dtype)
+        new_grid = adaptive_grid(x, G, k, self.grid_eps, margin, dtype=self.grid.dtype).to(self.grid.dtype)
+        self._check_new_knots("update_grid", new_grid, x)
+        weight, scaler = self._refit("update_grid", x, new_grid, old_curves)
         self.grid.copy_(new_grid)
         self.refresh_grid_cache()
-        coef = solve_coefficients(basis_matrix(x, self.grid, k), old_curves)
-        self._set_scaled_spline_weight(coef)
+        self.spline_weight.copy_(weight)
+        if scaler is not None:
+            self.spline_scaler.copy_(scaler)
         return self
 
     @torch.no_grad()
@@ -667,16 +676,22 @@ class FastKANLayer(nn.Module):
         refines the old one the fit is exact to rounding.
 
         ``spline_weight`` and ``grid`` are replaced by tensors of the new size: build
-        the optimizer again afterwards.
+        the optimizer again afterwards. As in :meth:`update_grid`, the result is
+        computed and checked before anything is written.
 
         Args:
             new_grid_size: the new ``G'`` (>= 1).
             x: optional samples ``(..., in_features)``.
 
+        Raises:
+            ValueError: a bad argument, or new knots / a fit that cannot be represented in
+                the layer's dtypes (e.g. ``G'`` intervals finer than the knot dtype resolves
+                at the grid's magnitude); the layer is then unchanged.
+
         Returns:
             self.
         """
-        _check_positive_int("new_grid_size", new_grid_size, 1)
+        new_grid_size = _check_positive_int("new_grid_size", new_grid_size, 1)
         margin = _check_margin(margin)
         k = self.spline_order
         dtype, device = self.grid.dtype, self.grid.device
@@ -697,28 +712,66 @@ class FastKANLayer(nn.Module):
         wdt = torch.promote_types(self.grid.dtype, self.spline_weight.dtype)  # float32 knots of 16-bit layers
         old = torch.einsum("nij,oij->nio", basis_matrix(pts.to(wdt), self.grid, k), self.scaled_spline_weight.to(wdt))
         if x is not None:
-            new_grid = adaptive_grid(xs, new_grid_size, k, self.grid_eps, margin)
+            new_grid = adaptive_grid(xs, new_grid_size, k, self.grid_eps, margin, dtype=dtype)
         else:
             steps = torch.arange(-k, new_grid_size + k + 1, dtype=torch.float64, device=device)
             h = (hi - lo) / new_grid_size
             new_grid = lo.unsqueeze(1) + steps.unsqueeze(0) * h.unsqueeze(1)
-        self.grid = new_grid.to(dtype).contiguous()
+        new_grid = new_grid.to(dtype).contiguous()
+        self._check_new_knots("extend_grid", new_grid, xs if x is not None else None)
+        weight, scaler = self._refit("extend_grid", pts.to(wdt), new_grid, old)
+        self.grid = new_grid
         self.grid_size = new_grid_size
         self.refresh_grid_cache()
-        coef = solve_coefficients(basis_matrix(pts.to(wdt), self.grid, k), old)
-        self.spline_weight = nn.Parameter(torch.zeros_like(coef, dtype=self.base_weight.dtype))
-        self._set_scaled_spline_weight(coef)
+        self.spline_weight = nn.Parameter(weight)
+        if scaler is not None:
+            self.spline_scaler.copy_(scaler)
         return self
 
-    def _set_scaled_spline_weight(self, coef: torch.Tensor) -> None:
-        """Store W = coef, dividing by the scaler where it is usable and folding it to 1 where not."""
+    def _check_new_knots(self, what: str, grid: torch.Tensor, x: Optional[torch.Tensor]) -> None:
+        """ValueError unless every row of ``grid`` is finite and strictly increasing."""
+        ok = torch.isfinite(grid)
+        rows = (~ok).any(1)
+        problem = "are not finite"
+        if not bool(rows.any()):
+            rows = (grid[:, 1:] <= grid[:, :-1]).any(1)
+            problem = "are not strictly increasing"
+        if bool(rows.any()):
+            r = int(rows.nonzero()[0])
+            seen = "" if x is None else f" (its samples span [{float(x[:, r].min())!r}, {float(x[:, r].max())!r}])"
+            raise ValueError(
+                f"{what}: the new knots of row {r} (input feature {r}){seen} {problem} in {grid.dtype}; "
+                f"rows affected: {rows.nonzero().reshape(-1).tolist()}. The layer is unchanged; scale the "
+                f"inputs into a range the knot dtype resolves (or use a wider dtype, or fewer intervals)"
+            )
+
+    def _refit(self, what: str, pts: torch.Tensor, grid: torch.Tensor, curves: torch.Tensor):
+        """Least-squares coefficients of ``curves`` ``(N, in, out)`` at ``pts`` on knots
+        ``grid``, split into (spline_weight, spline_scaler or None) in the parameter
+        dtype, checked finite (ValueError otherwise). Writes nothing."""
+        basis = basis_matrix(pts, grid, self.spline_order)
+        if not (bool(torch.isfinite(basis).all()) and bool(torch.isfinite(curves).all())):
+            raise ValueError(
+                f"{what}: the spline basis or the curves to keep are not finite on the new knots in "
+                f"{basis.dtype} (knot spans overflow); the layer is unchanged"
+            )
+        weight, scaler = self._split_scaled(solve_coefficients(basis, curves))
+        if not (bool(torch.isfinite(weight).all()) and (scaler is None or bool(torch.isfinite(scaler).all()))):
+            raise ValueError(
+                f"{what}: the refitted spline weights overflow {weight.dtype}; the layer is unchanged"
+            )
+        return weight, scaler
+
+    def _split_scaled(self, coef: torch.Tensor):
+        """(spline_weight, spline_scaler or None) storing W = coef in the parameter dtype: coef is
+        divided by the scaler where it is usable, the scaler folded to 1 where not."""
+        wdt = self.spline_weight.dtype
         if not self.enable_standalone_scale_spline:
-            self.spline_weight.copy_(coef)
-            return
-        s = self.spline_scaler
+            return coef.to(wdt), None
+        s = self.spline_scaler.detach()
         ok = s.abs() > 1e-12
-        self.spline_weight.copy_(torch.where(ok.unsqueeze(-1), coef / torch.where(ok, s, 1).unsqueeze(-1), coef))
-        self.spline_scaler.copy_(torch.where(ok, s, torch.ones_like(s)))
+        weight = torch.where(ok.unsqueeze(-1), coef / torch.where(ok, s, 1).unsqueeze(-1), coef)
+        return weight.to(wdt), torch.where(ok, s, torch.ones_like(s))
 
     def regularization_loss(self, regularize_activation: float = 1.0, regularize_entropy: float = 1.0) -> torch.Tensor:
         """efficient-kan's cheap sparsification surrogate from the coefficients:
@@ -731,22 +784,36 @@ class FastKANLayer(nn.Module):
         return regularize_activation * total + regularize_entropy * entropy
 
 
-def adaptive_grid(x: torch.Tensor, grid_size: int, spline_order: int, grid_eps: float, margin: float) -> torch.Tensor:
-    """Knots ``(in, G + 2k + 1)`` adapted to samples ``x`` ``(N, in)`` (N >= 1).
+def adaptive_grid(
+    x: torch.Tensor,
+    grid_size: int,
+    spline_order: int,
+    grid_eps: float,
+    margin: float,
+    dtype: Optional[torch.dtype] = None,
+) -> torch.Tensor:
+    """Knots ``(in, G + 2k + 1)`` float64, adapted to samples ``x`` ``(N, in)`` (N >= 1).
 
     Mixes ``grid_eps`` of a uniform grid over ``[min - margin, max + margin]``
     with ``1 - grid_eps`` of the sample quantiles, extends by ``k`` uniform steps
-    per side, then enforces a minimum spacing of ``1e-3`` uniform steps so the
-    knots are strictly increasing even for constant or few-valued data.
+    per side, then enforces a minimum spacing so the knots are strictly increasing
+    even for constant or few-valued data, also once rounded to ``dtype`` (the dtype
+    they will be stored in; default ``x.dtype``): the spacing is at least ``1e-3``
+    uniform steps and 4 units in the last place of ``dtype`` at the knots' magnitude,
+    and the uniform step at least 16 such units (a constant float32 column at 1e6 gave
+    repeated knots). Knots beyond ``dtype``'s range stay (inf once cast): the caller checks.
     """
+    eps = torch.finfo(dtype or x.dtype).eps
     xd = x.detach().to(torch.float64)
     n = xd.shape[0]
     xs = torch.sort(xd, dim=0).values
     q = torch.linspace(0, n - 1, grid_size + 1, device=x.device).round().long()
     adaptive = xs[q]  # (G+1, in)
+    mag = torch.maximum(xs[0].abs(), xs[-1].abs())
     span = xs[-1] - xs[0] + 2 * margin
     span = torch.where(span > 0, span, torch.full_like(span, 2e-2 + 2 * abs(margin)))
-    span = torch.maximum(span, 1e-6 * xs[-1].abs().clamp_min(1.0))
+    span = torch.maximum(span, 1e-6 * mag.clamp_min(1.0))
+    span = torch.maximum(span, 16 * grid_size * eps * mag)
     step = span / grid_size
     ar = torch.arange(grid_size + 1, device=x.device, dtype=torch.float64).unsqueeze(1)
     uniform = xs[0] - (span - (xs[-1] - xs[0])) / 2 + ar * step
@@ -755,7 +822,7 @@ def adaptive_grid(x: torch.Tensor, grid_size: int, spline_order: int, grid_eps: 
     hi = g[-1:] + step * torch.arange(1, spline_order + 1, device=x.device, dtype=torch.float64).unsqueeze(1)
     g = torch.cat([lo, g, hi], dim=0)  # (G+2k+1, in)
     # strictly increasing: g_j >= g_{j-1} + delta, via a running max of g_j - j*delta
-    delta = 1e-3 * step
+    delta = torch.maximum(1e-3 * step, 4 * eps * g.abs().amax(0))
     j = torch.arange(g.shape[0], device=x.device, dtype=torch.float64).unsqueeze(1)
     g = torch.cummax(g - j * delta, dim=0).values + j * delta
     return g.t().contiguous()
@@ -767,6 +834,43 @@ def _triton_available() -> bool:
 
         return triton_backend.AVAILABLE
     except Exception:  # pragma: no cover - triton missing or broken
+        return False
+
+
+class _all_layers_or_none:
+    """Context for a grid change of every layer of a KAN: if it raises, each layer's knots,
+    grid_size, spline weights and scalers (the same tensor objects, with their values),
+    kept input and the model's grid_size are put back."""
+
+    def __init__(self, model: "KAN"):
+        self.model = model
+
+    def __enter__(self):
+        self.saved = []
+        with torch.no_grad():
+            for layer in self.model.layers:
+                tensors = [layer.grid, layer.spline_weight]
+                if layer.enable_standalone_scale_spline:
+                    tensors.append(layer.spline_scaler)
+                self.saved.append(
+                    ([(t, t.detach().clone()) for t in tensors], layer.grid_size, layer.last_input)
+                )
+        self.grid_size = getattr(self.model, "grid_size", None)
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            return False
+        with torch.no_grad():
+            for layer, (tensors, grid_size, last_input) in zip(self.model.layers, self.saved):
+                layer.grid = tensors[0][0]
+                layer.spline_weight = tensors[1][0]
+                for t, v in tensors:
+                    t.copy_(v)
+                layer.grid_size = grid_size
+                layer.last_input = last_input
+                layer.refresh_grid_cache()
+        self.model.grid_size = self.grid_size
         return False
 
 
@@ -848,31 +952,40 @@ class KAN(nn.Module):
 
     def forward(self, x: torch.Tensor, update_grid: bool = False) -> torch.Tensor:
         """Args: x ``(..., in)``; update_grid: adapt each layer's knots to its
-        input first (see :meth:`FastKANLayer.update_grid`)."""
-        for layer in self.layers:
-            if update_grid:
+        input first (see :meth:`FastKANLayer.update_grid`; all layers or none)."""
+        if not update_grid:
+            for layer in self.layers:
+                x = layer(x)
+            return x
+        with _all_layers_or_none(self):
+            for layer in self.layers:
                 layer.update_grid(x)
-            x = layer(x)
+                x = layer(x)
         return x
 
     @torch.no_grad()
     def update_grid(self, x: torch.Tensor, margin: float = 0.01) -> "KAN":
-        """Update every layer's grid on the activations that reach it."""
-        for layer in self.layers:
-            layer.update_grid(x, margin=margin)
-            x = layer(x)
+        """Update every layer's grid on the activations that reach it (see
+        :meth:`FastKANLayer.update_grid`). All layers or none: when a layer refuses
+        (ValueError), the layers before it are restored, and the model is unchanged."""
+        with _all_layers_or_none(self):
+            for layer in self.layers:
+                layer.update_grid(x, margin=margin)
+                x = layer(x)
         return self
 
     @torch.no_grad()
     def extend_grid(self, new_grid_size: int, x: Optional[torch.Tensor] = None) -> "KAN":
         """Extend every layer's grid to ``new_grid_size`` (see
         :meth:`FastKANLayer.extend_grid`); with ``x``, each layer adapts to the
-        activations that reach it. Returns self; rebuild the optimizer afterwards."""
-        for layer in self.layers:
-            y = layer(x) if x is not None else None
-            layer.extend_grid(new_grid_size, x)
-            x = y
-        self.grid_size = new_grid_size
+        activations that reach it. All layers or none, as :meth:`update_grid`.
+        Returns self; rebuild the optimizer afterwards."""
+        with _all_layers_or_none(self):
+            for layer in self.layers:
+                y = layer(x) if x is not None else None
+                layer.extend_grid(new_grid_size, x)
+                x = y
+            self.grid_size = new_grid_size
         return self
 
     @property
