@@ -309,7 +309,7 @@ def prune(
         raise ValueError("prune needs a non-empty batch of finite samples; x is empty or contains NaN or inf")
     nodes, edges = prune_masks(model, x, node_threshold, edge_threshold)
     kept = [layer.last_input for layer in model.layers]
-    try:  # kept activations may be non-leaf graph tensors, which deepcopy refuses
+    try:  # the copy gets no kept activations (they belong to the original's last forward)
         for layer in model.layers:
             layer.last_input = None
         new = copy.deepcopy(model)
