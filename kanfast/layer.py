@@ -12,12 +12,14 @@ import operator
 import sys
 from typing import Iterable, Optional, Sequence, Tuple, Type
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from . import torch_backend
 from .ops import kan_linear_op
+from .reference import b_spline_basis
 from .torch_backend import grid_is_uniform
 
 __all__ = ["FastKANLayer", "KAN", "BACKENDS", "uniform_grid", "basis_matrix", "solve_coefficients"]
@@ -51,8 +53,6 @@ def basis_matrix(x: torch.Tensor, grid: torch.Tensor, spline_order: int) -> torc
     formulation (:func:`kanfast.reference.b_spline_basis`) is used instead: the fast
     evaluation writes into preallocated buffers."""
     if x.requires_grad and torch.is_grad_enabled():
-        from .reference import b_spline_basis
-
         return b_spline_basis(x, grid.to(x.dtype), spline_order)
     n_basis = grid.shape[1] - spline_order - 1
     uniform = grid_is_uniform(grid)
@@ -80,6 +80,83 @@ def solve_coefficients(basis: torch.Tensor, values: torch.Tensor) -> torch.Tenso
     return sol.permute(2, 0, 1).to(device=values.device, dtype=values.dtype).contiguous()
 
 
+def _uniform_init_coefficients(values: torch.Tensor, spline_order: int) -> torch.Tensor:
+    """Minimum-norm least-squares spline coefficients through ``values`` at the knots of
+    a uniform grid (what :func:`solve_coefficients` gives there): ``(out, in, G + k)``
+    float64 on the CPU.
+
+    Args:
+        values: ``(G + 1, in, out)`` curve values at the interior knots ``t_k .. t_{k+G}``.
+        spline_order: ``k``.
+
+    On uniform knots the basis at the knots is the same for every feature and every
+    grid range: row ``r`` (point ``t_{k+r}``) holds the cardinal B-spline values
+    ``N_k(k), ..., N_k(0)`` in columns ``r .. r+k`` (those below ``G + k``). The rows
+    with a non-zero entry have their first one in distinct columns (full row rank), so
+    the minimum-norm solution gelsd returns is ``A^T (A A^T)^{-1} b`` with ``A A^T``
+    banded SPD (bandwidth k): one banded Cholesky factorisation for all features and
+    outputs, O(G k^2 + G k in out), instead of a dense O(G^3) solve per feature. An
+    all-zero row (k = 0: the right end knot) is a residual no coefficient can reduce
+    (gelsd leaves it too). The normal equations square A's condition number (up to
+    ~1e4 for even k <= 10 at G = 4000), so a few steps of iterative refinement follow
+    the solve (each stays in A's row space, i.e. minimum norm); if ``values`` are then
+    not reproduced to 1e-9 relative (very high orders, k >~ 25), one dense gelsd solve
+    shared by all features is used instead.
+    """
+    # heavy import, paid when a layer is first initialised
+    from scipy.linalg import LinAlgError, cho_solve_banded, cholesky_banded
+
+    n_pts, n_in, n_out = values.shape
+    G, k = n_pts - 1, int(spline_order)
+    nb = G + k
+    # cardinal values at a knot, from the oracle on one interval: B_j(t_k), j = 0..k
+    one = uniform_grid(1, 1, k, (0.0, 1.0), dtype=torch.float64)
+    band = b_spline_basis(torch.zeros(1, 1, dtype=torch.float64), one, k)[0, 0].numpy()  # (k+1,)
+    rows = np.arange(n_pts)[:, None]
+    Ab = np.where(rows + np.arange(k + 1)[None, :] < nb, band[None, :], 0.0)  # (G+1, k+1): A[r, r+m]
+    n_r = int(Ab.any(axis=1).sum())  # rows with a basis on them: a prefix (truncation only at the right)
+    Ab = Ab[:n_r]
+    B = values.detach().to("cpu", torch.float64).reshape(n_pts, n_in * n_out).numpy()[:n_r]
+
+    def times_A(c):  # A c, c (nb, M) -> (n_r, M)
+        c = np.concatenate([c, np.zeros((k + 1, c.shape[1]))])  # columns past nb: zero in Ab anyway
+        return sum(Ab[:, m : m + 1] * c[m : m + n_r] for m in range(k + 1))
+
+    def times_At(y):  # A^T y, y (n_r, M) -> (nb, M)
+        c = np.zeros((nb + k + 1, y.shape[1]))
+        for m in range(k + 1):
+            c[m : m + n_r] += Ab[:, m : m + 1] * y
+        return c[:nb]
+
+    u = min(k, n_r - 1)
+    ab = np.zeros((u + 1, n_r))
+    for d in range(u + 1):  # upper band of A A^T: (A A^T)[r, r+d] = sum_m A[r, r+m] A[r+d, r+m]
+        ab[u - d, d:] = (Ab[: n_r - d, d:] * Ab[d:, : k + 1 - d]).sum(axis=1)
+    scale = np.abs(B).max(initial=0.0)
+    ok = False
+    try:
+        factor = (cholesky_banded(ab, check_finite=False), False)
+        coef = np.zeros((nb, B.shape[1]))
+        for _ in range(6):  # the solve, then iterative refinement (stays in A's row space: minimum norm)
+            resid = B - times_A(coef)
+            err = np.abs(resid).max(initial=0.0)
+            if err <= 1e-12 * scale:
+                break
+            coef = coef + times_At(cho_solve_banded(factor, resid, check_finite=False))
+        ok = bool(np.abs(B - times_A(coef)).max(initial=0.0) <= 1e-9 * scale)
+    except LinAlgError:
+        pass
+    if not ok:
+        A = np.zeros((n_r, nb))
+        for m in range(k + 1):
+            idx = np.arange(n_r)
+            keep = idx + m < nb
+            A[idx[keep], idx[keep] + m] = Ab[keep, m]
+        coef = torch.linalg.lstsq(torch.from_numpy(A), torch.from_numpy(B), driver="gelsd").solution.numpy()
+    coef = torch.from_numpy(np.ascontiguousarray(coef)).reshape(nb, n_in, n_out)
+    return coef.permute(2, 1, 0).contiguous()
+
+
 def _check_positive_int(name: str, value, minimum: int) -> int:
     """``value`` as a Python int (numpy and torch integers accepted), or ValueError naming ``name``."""
     try:
@@ -95,6 +172,16 @@ def _check_margin(margin) -> float:
     if not (isinstance(margin, (int, float)) and math.isfinite(margin) and margin >= 0):
         raise ValueError(f"margin must be a finite number >= 0, got {margin!r}")
     return float(margin)
+
+
+def _grid_key(g: torch.Tensor) -> tuple:
+    """What identifies a grid's values for the uniform-knots cache: storage, version
+    counter, dtype, shape, device. Inference tensors (made inside ``torch.inference_mode``,
+    e.g. by ``.to()`` there) have no version counter; they cannot be written outside
+    inference mode, and inside it only without a version bump (call
+    ``refresh_grid_cache()`` then, as after writes through ``grid.data``)."""
+    version = None if g.is_inference() else g._version
+    return (g.data_ptr(), version, g.dtype, tuple(g.shape), g.device)
 
 
 def _under_torch_func(*tensors: torch.Tensor) -> bool:
@@ -141,6 +228,13 @@ class FastKANLayer(nn.Module):
         spline_weight: ``(out_features, in_features, G + k)``.
         spline_scaler: ``(out_features, in_features)`` (when standalone scaling is on).
         grid: buffer ``(in_features, G + 2k + 1)`` of per-feature knots.
+
+    Checkpoints:
+        ``load_state_dict`` refuses, naming the layer and what differs, a checkpoint of
+        other sizes (in/out features, grid_size, spline_order) and knots that are not
+        finite or not non-decreasing in the layer's knot dtype (naming the row, i.e. the
+        input feature); the layer is then left exactly as it was (parameters, buffers,
+        symbolic branch, knot caches). Repeated knots load (Cox-de Boor's 0/0 := 0).
 
     Raises:
         ValueError: an argument out of range (named in the message).
@@ -189,26 +283,40 @@ class FastKANLayer(nn.Module):
         self.enable_standalone_scale_spline = enable_standalone_scale_spline
         self.grid_eps = grid_eps
         self.grid_range = (float(grid_range[0]), float(grid_range[1]))
-        self.base_activation = base_activation()
         self.backend = backend
+        # Built as ordinary tensors even inside torch.inference_mode(): inference tensors
+        # have no version counter (the knot cache reads it) and cannot be trained or
+        # updated in place afterwards; this way a layer made there works everywhere.
+        with torch.inference_mode(False):
+            self.base_activation = base_activation()
 
-        self.register_buffer(
-            "grid", uniform_grid(in_features, grid_size, spline_order, self.grid_range, **factory)
-        )
-        self.base_weight = nn.Parameter(torch.empty(out_features, in_features, **factory))
-        self.spline_weight = nn.Parameter(torch.empty(out_features, in_features, grid_size + spline_order, **factory))
-        if enable_standalone_scale_spline:
-            self.spline_scaler = nn.Parameter(torch.empty(out_features, in_features, **factory))
-        # Paper workflow (kanfast.workflow / kanfast.symbolic), all off by default and
-        # absent from the state_dict while off: per-edge 0/1 mask ``(out, in)`` on the
-        # numeric (base + spline) edge functions; symbolic branch added to the output;
-        # keep the last forward's 2-D input for activation-based regularisation.
-        self.register_buffer("edge_mask", None)
-        self.add_module("symbolic", None)
-        self.keep_input = False
-        self.last_input: Optional[torch.Tensor] = None
-        self.reset_parameters()
-        self.refresh_grid_cache()
+            self.register_buffer("grid", uniform_grid(in_features, grid_size, spline_order, self.grid_range, **factory))
+            self.base_weight = nn.Parameter(torch.empty(out_features, in_features, **factory))
+            nb = grid_size + spline_order
+            self.spline_weight = nn.Parameter(torch.empty(out_features, in_features, nb, **factory))
+            if enable_standalone_scale_spline:
+                self.spline_scaler = nn.Parameter(torch.empty(out_features, in_features, **factory))
+            # Paper workflow (kanfast.workflow / kanfast.symbolic), all off by default and
+            # absent from the state_dict while off: per-edge 0/1 mask ``(out, in)`` on the
+            # numeric (base + spline) edge functions; symbolic branch added to the output;
+            # keep the last forward's 2-D input for activation-based regularisation.
+            self.register_buffer("edge_mask", None)
+            self.add_module("symbolic", None)
+            self.keep_input = False
+            self.last_input: Optional[torch.Tensor] = None
+            self.reset_parameters()  # also refreshes the grid cache, except on the meta device
+            if self.spline_weight.is_meta:
+                self.refresh_grid_cache()
+
+    def __getstate__(self):
+        # deepcopy/pickle: the kept input (``keep_input``) may be a non-leaf tensor of the
+        # last forward's graph, which deepcopy refuses and which means nothing to a copy;
+        # the copy keeps its values, detached. The layer itself keeps its graph tensor
+        # (activation_regularization(model, None) backpropagates through it).
+        state = super().__getstate__()
+        if state.get("last_input") is not None:
+            state["last_input"] = state["last_input"].detach()
+        return state
 
     # ------------------------------------------------------------------ setup
     @property
@@ -243,9 +351,10 @@ class FastKANLayer(nn.Module):
             self.refresh_grid_cache()
             G, k = self.grid_size, self.spline_order
             noise = (torch.rand(G + 1, self.in_features, self.out_features) - 0.5) * self.scale_noise / G
-            noise = noise.to(device=self.grid.device, dtype=self.spline_weight.dtype)
-            x_pts = self.grid.t()[k : k + G + 1].to(self.spline_weight.dtype)  # (G+1, in)
-            coef = solve_coefficients(basis_matrix(x_pts, self.grid, k), noise)
+            # the curves at the grid points t_k..t_{k+G}, fitted with the minimum-norm least-squares
+            # coefficients (what a gelsd solve per feature gives), in O(G k^2) for all features at once
+            coef = _uniform_init_coefficients(noise.to(self.spline_weight.dtype), k)
+            coef = coef.to(device=self.grid.device, dtype=self.spline_weight.dtype)
             gain = 1.0 if self.enable_standalone_scale_spline else self.scale_spline
             self.spline_weight.copy_(gain * coef)
             if self.enable_standalone_scale_spline:
@@ -311,13 +420,12 @@ class FastKANLayer(nn.Module):
             self._grid_uniform, self._grid_key = None, None
             return
         self._grid_uniform = bool(grid_is_uniform(g.detach()))
-        self._grid_key = (g.data_ptr(), g._version, g.dtype, tuple(g.shape), g.device)
+        self._grid_key = _grid_key(g)
 
     def _uniform_flag(self) -> bool:
         if torch.compiler.is_compiling() and getattr(self, "_grid_uniform", None) is not None:
             return self._grid_uniform  # a Python constant for the compiler (guarded)
-        g = self.grid
-        if getattr(self, "_grid_key", None) != (g.data_ptr(), g._version, g.dtype, tuple(g.shape), g.device):
+        if getattr(self, "_grid_key", None) != _grid_key(self.grid):
             self.refresh_grid_cache()
         return self._grid_uniform
 
@@ -334,6 +442,21 @@ class FastKANLayer(nn.Module):
         return self
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        problem = self._checkpoint_problem(state_dict, prefix)
+        if problem is not None:
+            # the layer stays exactly as it was: none of its own tensors is loaded, and its
+            # children (the symbolic branch) are handed their current state (load_state_dict
+            # gives each module a copy of the dict it may edit; the children's entries are
+            # taken from it after this call)
+            error_msgs.append(problem)
+            for name, child in self._modules.items():
+                if child is None:
+                    continue
+                child_prefix = prefix + name + "."
+                for key in [key for key in state_dict if key.startswith(child_prefix)]:
+                    del state_dict[key]
+                state_dict.update(child.state_dict(prefix=child_prefix))
+            return
         # a checkpoint of a pruned / symbolic layer carries the optional workflow state:
         # create the slots so it loads into a freshly built layer of the same shape
         w = self.base_weight
@@ -343,17 +466,70 @@ class FastKANLayer(nn.Module):
             from .symbolic import SymbolicBranch
 
             self.symbolic = SymbolicBranch(self.in_features, self.out_features, device=w.device, dtype=w.dtype)
-        key = prefix + "grid"
-        if key in state_dict and state_dict[key].dim() == 2 and state_dict[key].shape != self.grid.shape:
-            n = state_dict[key].shape[-1]
-            error_msgs.append(
-                f"grid size mismatch for {prefix or 'layer '}grid: the checkpoint has knots of shape "
-                f"{tuple(state_dict[key].shape)} (grid_size G = {n - 2 * self.spline_order - 1} at spline_order "
-                f"{self.spline_order}), this layer has {tuple(self.grid.shape)} (grid_size {self.grid_size}); build the "
-                f"layer with the checkpoint's grid_size (and in_features), or extend_grid() before saving"
-            )
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
         self.refresh_grid_cache()
+
+    def _checkpoint_problem(self, state_dict, prefix: str) -> Optional[str]:
+        """Why this layer cannot take its entries of ``state_dict`` (None: it can).
+
+        Shapes: the layer built with other ``in_features``/``out_features``/``grid_size``/
+        ``spline_order`` than the checkpoint's (each difference named; k and G are read
+        from the knots ``G + 2k + 1`` and ``spline_weight``'s ``G + k``). Knots: every
+        row must be finite and non-decreasing in the layer's knot dtype (a NaN or a
+        swapped pair gives NaN or backend-dependent outputs; repeated knots are fine:
+        the 0/0 := 0 convention of Cox-de Boor)."""
+        where = prefix.rstrip(".") or "the layer"
+        k, G = self.spline_order, self.grid_size
+        own = {"grid": self.grid, "base_weight": self.base_weight, "spline_weight": self.spline_weight}
+        if self.enable_standalone_scale_spline:
+            own["spline_scaler"] = self.spline_scaler
+        own["edge_mask"] = self.base_weight if self.edge_mask is None else self.edge_mask
+        got = {n: state_dict[prefix + n] for n in own if isinstance(state_dict.get(prefix + n), torch.Tensor)}
+        mismatch = [n for n, t in got.items() if tuple(t.shape) != tuple(own[n].shape)]
+        if mismatch:
+            sizes = []  # (what, checkpoint's, this layer's)
+            g, sw = got.get("grid"), got.get("spline_weight")
+            if sw is not None and sw.dim() == 3:
+                sizes += [("out_features", sw.shape[0], self.out_features), ("in_features", sw.shape[1], self.in_features)]
+            elif g is not None and g.dim() == 2:
+                sizes.append(("in_features", g.shape[0], self.in_features))
+            if g is not None and g.dim() == 2 and sw is not None and sw.dim() == 3:
+                k_ck = g.shape[1] - sw.shape[2] - 1  # (G + 2k + 1) - (G + k) - 1
+                sizes += [("spline_order", k_ck, k), ("grid_size", sw.shape[2] - k_ck, G)]
+            elif g is not None and g.dim() == 2:
+                sizes.append(("knots per row (G + 2k + 1)", g.shape[1], self.grid.shape[1]))
+            elif sw is not None and sw.dim() == 3:
+                sizes.append(("bases per edge (G + k)", sw.shape[2], self.n_basis))
+            differ = [f"{what} {a} vs {b}" for what, a, b in sizes if a != b]
+            shapes = ", ".join(f"{n} {tuple(got[n].shape)} vs {tuple(own[n].shape)}" for n in mismatch)
+            return (
+                f"size mismatch for {where} (checkpoint vs this layer): {'; '.join(differ) or shapes} "
+                f"(tensor shapes: {shapes}); build the layer with the checkpoint's sizes "
+                f"(in_features, out_features, grid_size, spline_order), or extend_grid() before saving"
+            )
+        g = got.get("grid")
+        if g is None or g.is_meta or self.grid.is_meta:
+            return None
+        knots = g.detach().to(self.grid.dtype)
+        bad = ~torch.isfinite(knots)
+        if bool(bad.any()):
+            r, j = (int(v) for v in bad.nonzero()[0])
+            rows = sorted({int(v) for v in bad.any(1).nonzero().reshape(-1)})
+            cast = "" if g.dtype == knots.dtype else f" (as {knots.dtype})"
+            return (
+                f"invalid knots in {prefix}grid: row {r} (input feature {r}) has a non-finite knot{cast}: "
+                f"{float(knots[r, j])} at position {j}; rows with non-finite knots: {rows}"
+            )
+        down = knots[:, 1:] < knots[:, :-1]
+        if bool(down.any()):
+            r, j = (int(v) for v in down.nonzero()[0])
+            rows = sorted({int(v) for v in down.any(1).nonzero().reshape(-1)})
+            return (
+                f"invalid knots in {prefix}grid: row {r} (input feature {r}) is not increasing: knot {j + 1} = "
+                f"{float(knots[r, j + 1])!r} < knot {j} = {float(knots[r, j])!r}; rows out of order: {rows} "
+                f"(each row of knots must be non-decreasing)"
+            )
+        return None
 
     def _compute_dtypes(self, x: torch.Tensor, backend: str):
         """(compute dtype, output dtype, autocast on).
@@ -453,8 +629,14 @@ class FastKANLayer(nn.Module):
             x: ``(N, in_features)`` (or ``(..., in_features)``), finite, N >= 1.
             margin: padding of the uniform grid beyond the sample range.
 
+        Everything is computed first and checked (knots finite and strictly increasing
+        in the layer's knot dtype, a finite fit, finite weights in the parameter dtype);
+        only a valid result is written, else the layer is left exactly as it was.
+
         Raises:
-            ValueError: empty batch, wrong feature size, or non-finite samples.
+            ValueError: empty batch, wrong feature size, non-finite samples, or samples
+                whose grid or fit cannot be represented in the layer's dtypes (e.g. float32
+                samples near +-3e38, whose knots overflow); the layer is then unchanged.
 
         Returns:
             self.
@@ -470,11 +652,14 @@ class FastKANLayer(nn.Module):
         margin = _check_margin(margin)
         G, k = self.grid_size, self.spline_order
         old_curves = torch.einsum("nij,oij->nio", basis_matrix(x, self.grid, k), self.scaled_spline_weight.to(comp))
-        new_grid = adaptive_grid(x, G, k, self.grid_eps, margin).to(self.grid.dtype)
+        new_grid = adaptive_grid(x, G, k, self.grid_eps, margin, dtype=self.grid.dtype).to(self.grid.dtype)
+        self._check_new_knots("update_grid", new_grid, x)
+        weight, scaler = self._refit("update_grid", x, new_grid, old_curves)
         self.grid.copy_(new_grid)
         self.refresh_grid_cache()
-        coef = solve_coefficients(basis_matrix(x, self.grid, k), old_curves)
-        self._set_scaled_spline_weight(coef)
+        self.spline_weight.copy_(weight)
+        if scaler is not None:
+            self.spline_scaler.copy_(scaler)
         return self
 
     @torch.no_grad()
@@ -491,16 +676,22 @@ class FastKANLayer(nn.Module):
         refines the old one the fit is exact to rounding.
 
         ``spline_weight`` and ``grid`` are replaced by tensors of the new size: build
-        the optimizer again afterwards.
+        the optimizer again afterwards. As in :meth:`update_grid`, the result is
+        computed and checked before anything is written.
 
         Args:
             new_grid_size: the new ``G'`` (>= 1).
             x: optional samples ``(..., in_features)``.
 
+        Raises:
+            ValueError: a bad argument, or new knots / a fit that cannot be represented in
+                the layer's dtypes (e.g. ``G'`` intervals finer than the knot dtype resolves
+                at the grid's magnitude); the layer is then unchanged.
+
         Returns:
             self.
         """
-        _check_positive_int("new_grid_size", new_grid_size, 1)
+        new_grid_size = _check_positive_int("new_grid_size", new_grid_size, 1)
         margin = _check_margin(margin)
         k = self.spline_order
         dtype, device = self.grid.dtype, self.grid.device
@@ -521,28 +712,66 @@ class FastKANLayer(nn.Module):
         wdt = torch.promote_types(self.grid.dtype, self.spline_weight.dtype)  # float32 knots of 16-bit layers
         old = torch.einsum("nij,oij->nio", basis_matrix(pts.to(wdt), self.grid, k), self.scaled_spline_weight.to(wdt))
         if x is not None:
-            new_grid = adaptive_grid(xs, new_grid_size, k, self.grid_eps, margin)
+            new_grid = adaptive_grid(xs, new_grid_size, k, self.grid_eps, margin, dtype=dtype)
         else:
             steps = torch.arange(-k, new_grid_size + k + 1, dtype=torch.float64, device=device)
             h = (hi - lo) / new_grid_size
             new_grid = lo.unsqueeze(1) + steps.unsqueeze(0) * h.unsqueeze(1)
-        self.grid = new_grid.to(dtype).contiguous()
+        new_grid = new_grid.to(dtype).contiguous()
+        self._check_new_knots("extend_grid", new_grid, xs if x is not None else None)
+        weight, scaler = self._refit("extend_grid", pts.to(wdt), new_grid, old)
+        self.grid = new_grid
         self.grid_size = new_grid_size
         self.refresh_grid_cache()
-        coef = solve_coefficients(basis_matrix(pts.to(wdt), self.grid, k), old)
-        self.spline_weight = nn.Parameter(torch.zeros_like(coef, dtype=self.base_weight.dtype))
-        self._set_scaled_spline_weight(coef)
+        self.spline_weight = nn.Parameter(weight)
+        if scaler is not None:
+            self.spline_scaler.copy_(scaler)
         return self
 
-    def _set_scaled_spline_weight(self, coef: torch.Tensor) -> None:
-        """Store W = coef, dividing by the scaler where it is usable and folding it to 1 where not."""
+    def _check_new_knots(self, what: str, grid: torch.Tensor, x: Optional[torch.Tensor]) -> None:
+        """ValueError unless every row of ``grid`` is finite and strictly increasing."""
+        ok = torch.isfinite(grid)
+        rows = (~ok).any(1)
+        problem = "are not finite"
+        if not bool(rows.any()):
+            rows = (grid[:, 1:] <= grid[:, :-1]).any(1)
+            problem = "are not strictly increasing"
+        if bool(rows.any()):
+            r = int(rows.nonzero()[0])
+            seen = "" if x is None else f" (its samples span [{float(x[:, r].min())!r}, {float(x[:, r].max())!r}])"
+            raise ValueError(
+                f"{what}: the new knots of row {r} (input feature {r}){seen} {problem} in {grid.dtype}; "
+                f"rows affected: {rows.nonzero().reshape(-1).tolist()}. The layer is unchanged; scale the "
+                f"inputs into a range the knot dtype resolves (or use a wider dtype, or fewer intervals)"
+            )
+
+    def _refit(self, what: str, pts: torch.Tensor, grid: torch.Tensor, curves: torch.Tensor):
+        """Least-squares coefficients of ``curves`` ``(N, in, out)`` at ``pts`` on knots
+        ``grid``, split into (spline_weight, spline_scaler or None) in the parameter
+        dtype, checked finite (ValueError otherwise). Writes nothing."""
+        basis = basis_matrix(pts, grid, self.spline_order)
+        if not (bool(torch.isfinite(basis).all()) and bool(torch.isfinite(curves).all())):
+            raise ValueError(
+                f"{what}: the spline basis or the curves to keep are not finite on the new knots in "
+                f"{basis.dtype} (knot spans overflow); the layer is unchanged"
+            )
+        weight, scaler = self._split_scaled(solve_coefficients(basis, curves))
+        if not (bool(torch.isfinite(weight).all()) and (scaler is None or bool(torch.isfinite(scaler).all()))):
+            raise ValueError(
+                f"{what}: the refitted spline weights overflow {weight.dtype}; the layer is unchanged"
+            )
+        return weight, scaler
+
+    def _split_scaled(self, coef: torch.Tensor):
+        """(spline_weight, spline_scaler or None) storing W = coef in the parameter dtype: coef is
+        divided by the scaler where it is usable, the scaler folded to 1 where not."""
+        wdt = self.spline_weight.dtype
         if not self.enable_standalone_scale_spline:
-            self.spline_weight.copy_(coef)
-            return
-        s = self.spline_scaler
+            return coef.to(wdt), None
+        s = self.spline_scaler.detach()
         ok = s.abs() > 1e-12
-        self.spline_weight.copy_(torch.where(ok.unsqueeze(-1), coef / torch.where(ok, s, 1).unsqueeze(-1), coef))
-        self.spline_scaler.copy_(torch.where(ok, s, torch.ones_like(s)))
+        weight = torch.where(ok.unsqueeze(-1), coef / torch.where(ok, s, 1).unsqueeze(-1), coef)
+        return weight.to(wdt), torch.where(ok, s, torch.ones_like(s))
 
     def regularization_loss(self, regularize_activation: float = 1.0, regularize_entropy: float = 1.0) -> torch.Tensor:
         """efficient-kan's cheap sparsification surrogate from the coefficients:
@@ -555,22 +784,36 @@ class FastKANLayer(nn.Module):
         return regularize_activation * total + regularize_entropy * entropy
 
 
-def adaptive_grid(x: torch.Tensor, grid_size: int, spline_order: int, grid_eps: float, margin: float) -> torch.Tensor:
-    """Knots ``(in, G + 2k + 1)`` adapted to samples ``x`` ``(N, in)`` (N >= 1).
+def adaptive_grid(
+    x: torch.Tensor,
+    grid_size: int,
+    spline_order: int,
+    grid_eps: float,
+    margin: float,
+    dtype: Optional[torch.dtype] = None,
+) -> torch.Tensor:
+    """Knots ``(in, G + 2k + 1)`` float64, adapted to samples ``x`` ``(N, in)`` (N >= 1).
 
     Mixes ``grid_eps`` of a uniform grid over ``[min - margin, max + margin]``
     with ``1 - grid_eps`` of the sample quantiles, extends by ``k`` uniform steps
-    per side, then enforces a minimum spacing of ``1e-3`` uniform steps so the
-    knots are strictly increasing even for constant or few-valued data.
+    per side, then enforces a minimum spacing so the knots are strictly increasing
+    even for constant or few-valued data, also once rounded to ``dtype`` (the dtype
+    they will be stored in; default ``x.dtype``): the spacing is at least ``1e-3``
+    uniform steps and 4 units in the last place of ``dtype`` at the knots' magnitude,
+    and the uniform step at least 16 such units (a constant float32 column at 1e6 gave
+    repeated knots). Knots beyond ``dtype``'s range stay (inf once cast): the caller checks.
     """
+    eps = torch.finfo(dtype or x.dtype).eps
     xd = x.detach().to(torch.float64)
     n = xd.shape[0]
     xs = torch.sort(xd, dim=0).values
     q = torch.linspace(0, n - 1, grid_size + 1, device=x.device).round().long()
     adaptive = xs[q]  # (G+1, in)
+    mag = torch.maximum(xs[0].abs(), xs[-1].abs())
     span = xs[-1] - xs[0] + 2 * margin
     span = torch.where(span > 0, span, torch.full_like(span, 2e-2 + 2 * abs(margin)))
-    span = torch.maximum(span, 1e-6 * xs[-1].abs().clamp_min(1.0))
+    span = torch.maximum(span, 1e-6 * mag.clamp_min(1.0))
+    span = torch.maximum(span, 16 * grid_size * eps * mag)
     step = span / grid_size
     ar = torch.arange(grid_size + 1, device=x.device, dtype=torch.float64).unsqueeze(1)
     uniform = xs[0] - (span - (xs[-1] - xs[0])) / 2 + ar * step
@@ -579,7 +822,7 @@ def adaptive_grid(x: torch.Tensor, grid_size: int, spline_order: int, grid_eps: 
     hi = g[-1:] + step * torch.arange(1, spline_order + 1, device=x.device, dtype=torch.float64).unsqueeze(1)
     g = torch.cat([lo, g, hi], dim=0)  # (G+2k+1, in)
     # strictly increasing: g_j >= g_{j-1} + delta, via a running max of g_j - j*delta
-    delta = 1e-3 * step
+    delta = torch.maximum(1e-3 * step, 4 * eps * g.abs().amax(0))
     j = torch.arange(g.shape[0], device=x.device, dtype=torch.float64).unsqueeze(1)
     g = torch.cummax(g - j * delta, dim=0).values + j * delta
     return g.t().contiguous()
@@ -591,6 +834,43 @@ def _triton_available() -> bool:
 
         return triton_backend.AVAILABLE
     except Exception:  # pragma: no cover - triton missing or broken
+        return False
+
+
+class _all_layers_or_none:
+    """Context for a grid change of every layer of a KAN: if it raises, each layer's knots,
+    grid_size, spline weights and scalers (the same tensor objects, with their values),
+    kept input and the model's grid_size are put back."""
+
+    def __init__(self, model: "KAN"):
+        self.model = model
+
+    def __enter__(self):
+        self.saved = []
+        with torch.no_grad():
+            for layer in self.model.layers:
+                tensors = [layer.grid, layer.spline_weight]
+                if layer.enable_standalone_scale_spline:
+                    tensors.append(layer.spline_scaler)
+                self.saved.append(
+                    ([(t, t.detach().clone()) for t in tensors], layer.grid_size, layer.last_input)
+                )
+        self.grid_size = getattr(self.model, "grid_size", None)
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            return False
+        with torch.no_grad():
+            for layer, (tensors, grid_size, last_input) in zip(self.model.layers, self.saved):
+                layer.grid = tensors[0][0]
+                layer.spline_weight = tensors[1][0]
+                for t, v in tensors:
+                    t.copy_(v)
+                layer.grid_size = grid_size
+                layer.last_input = last_input
+                layer.refresh_grid_cache()
+        self.model.grid_size = self.grid_size
         return False
 
 
@@ -647,6 +927,20 @@ class KAN(nn.Module):
             for i, o in zip(widths[:-1], widths[1:])
         )
 
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """``nn.Module.load_state_dict``, all layers or none: every layer's entries are
+        checked first (sizes; finite, non-decreasing knots: see :class:`FastKANLayer`,
+        "Checkpoints"), so a bad layer leaves the whole model as it was, not only itself.
+
+        Raises:
+            RuntimeError: as ``nn.Module.load_state_dict``, naming each bad layer.
+        """
+        problems = [layer._checkpoint_problem(state_dict, f"layers.{i}.") for i, layer in enumerate(self.layers)]
+        problems = [p for p in problems if p is not None]
+        if problems:
+            raise RuntimeError(f"Error(s) in loading state_dict for {type(self).__name__}:\n\t" + "\n\t".join(problems))
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
     @property
     def backend(self) -> str:
         return self.layers[0].backend
@@ -658,31 +952,40 @@ class KAN(nn.Module):
 
     def forward(self, x: torch.Tensor, update_grid: bool = False) -> torch.Tensor:
         """Args: x ``(..., in)``; update_grid: adapt each layer's knots to its
-        input first (see :meth:`FastKANLayer.update_grid`)."""
-        for layer in self.layers:
-            if update_grid:
+        input first (see :meth:`FastKANLayer.update_grid`; all layers or none)."""
+        if not update_grid:
+            for layer in self.layers:
+                x = layer(x)
+            return x
+        with _all_layers_or_none(self):
+            for layer in self.layers:
                 layer.update_grid(x)
-            x = layer(x)
+                x = layer(x)
         return x
 
     @torch.no_grad()
     def update_grid(self, x: torch.Tensor, margin: float = 0.01) -> "KAN":
-        """Update every layer's grid on the activations that reach it."""
-        for layer in self.layers:
-            layer.update_grid(x, margin=margin)
-            x = layer(x)
+        """Update every layer's grid on the activations that reach it (see
+        :meth:`FastKANLayer.update_grid`). All layers or none: when a layer refuses
+        (ValueError), the layers before it are restored, and the model is unchanged."""
+        with _all_layers_or_none(self):
+            for layer in self.layers:
+                layer.update_grid(x, margin=margin)
+                x = layer(x)
         return self
 
     @torch.no_grad()
     def extend_grid(self, new_grid_size: int, x: Optional[torch.Tensor] = None) -> "KAN":
         """Extend every layer's grid to ``new_grid_size`` (see
         :meth:`FastKANLayer.extend_grid`); with ``x``, each layer adapts to the
-        activations that reach it. Returns self; rebuild the optimizer afterwards."""
-        for layer in self.layers:
-            y = layer(x) if x is not None else None
-            layer.extend_grid(new_grid_size, x)
-            x = y
-        self.grid_size = new_grid_size
+        activations that reach it. All layers or none, as :meth:`update_grid`.
+        Returns self; rebuild the optimizer afterwards."""
+        with _all_layers_or_none(self):
+            for layer in self.layers:
+                y = layer(x) if x is not None else None
+                layer.extend_grid(new_grid_size, x)
+                x = y
+            self.grid_size = new_grid_size
         return self
 
     @property

@@ -193,6 +193,18 @@ def activation_regularization(
 
 
 # -------------------------------------------------------------------- pruning
+def _check_threshold(name: str, value) -> float:
+    """``value`` as a float, or ValueError: a NaN threshold keeps nothing (every comparison is
+    False) and an infinite one everything or nothing, silently giving a network that outputs 0."""
+    try:
+        v = None if isinstance(value, (str, bytes, bool)) else float(value)
+    except (TypeError, ValueError, RuntimeError):  # RuntimeError: a tensor of several elements
+        v = None
+    if v is None or not math.isfinite(v) or v < 0:
+        raise ValueError(f"prune: {name} must be a finite number >= 0, got {value!r}")
+    return v
+
+
 @torch.no_grad()
 def prune_masks(
     model: KAN,
@@ -210,13 +222,14 @@ def prune_masks(
 
     Args:
         x: ``(N, in_features)`` batch on which the magnitudes are measured.
+        node_threshold, edge_threshold: finite numbers >= 0 (ValueError otherwise).
 
     Returns:
         ``(nodes, edges)``: ``nodes[l]`` bool ``(width_l,)`` for l = 0..L (inputs and
         outputs all True); ``edges[l]`` bool ``(out_l, in_l)``.
     """
-    if node_threshold < 0 or edge_threshold < 0:
-        raise ValueError("prune thresholds must be >= 0")
+    _check_threshold("node_threshold", node_threshold)
+    _check_threshold("edge_threshold", edge_threshold)
     ins = layer_inputs(model, x)
     mags = [edge_magnitudes(layer, h) for layer, h in zip(model.layers, ins)]
     L = len(mags)
@@ -287,13 +300,16 @@ def prune(
         the pruned copy (same backend, options and device).
 
     Raises:
-        ValueError: x is empty or not finite (magnitudes would be NaN).
+        ValueError: x is empty or not finite (magnitudes would be NaN), or a threshold is
+            not a finite number >= 0.
     """
+    _check_threshold("node_threshold", node_threshold)
+    _check_threshold("edge_threshold", edge_threshold)
     if x.numel() == 0 or not torch.isfinite(x).all():
         raise ValueError("prune needs a non-empty batch of finite samples; x is empty or contains NaN or inf")
     nodes, edges = prune_masks(model, x, node_threshold, edge_threshold)
     kept = [layer.last_input for layer in model.layers]
-    try:  # kept activations may be non-leaf graph tensors, which deepcopy refuses
+    try:  # the copy gets no kept activations (they belong to the original's last forward)
         for layer in model.layers:
             layer.last_input = None
         new = copy.deepcopy(model)

@@ -61,12 +61,151 @@ def test_loading_non_uniform_grid_refreshes_uniform_flag():
     torch.testing.assert_close(ref, dst(x), rtol=1e-5, atol=1e-6)
 
 
+def _snapshot(module):
+    """Every tensor of the module (parameters, buffers) and the layers' knot caches, by value."""
+    tensors = {n: t.detach().clone() if torch.is_tensor(t) else copy.deepcopy(t) for n, t in module.state_dict(keep_vars=True).items()}
+    caches = [(m._grid_uniform, m._grid_key) for m in module.modules() if isinstance(m, kanfast.FastKANLayer)]
+    return tensors, caches
+
+
+def _assert_unchanged(module, snap):
+    tensors, caches = snap
+    now, now_caches = _snapshot(module)
+    assert now.keys() == tensors.keys()
+    for n, t in tensors.items():
+        assert torch.equal(now[n], t) if torch.is_tensor(t) else now[n] == t, n  # bitwise
+    assert now_caches == caches
+
+
 def test_wrong_grid_size_is_a_clear_error():
     sd = KAN([3, 5, 2], grid_size=4).state_dict()
-    with pytest.raises(RuntimeError, match=r"grid size mismatch.*grid_size G = 4.*grid_size 7"):
-        KAN([3, 5, 2], grid_size=7).load_state_dict(sd)
-    with pytest.raises(RuntimeError, match="size mismatch for layers.0.spline_weight"):
-        KAN([3, 5, 2], grid_size=7).load_state_dict(sd)
+    dst = KAN([3, 5, 2], grid_size=7)
+    snap = _snapshot(dst)
+    with pytest.raises(RuntimeError, match=r"size mismatch for layers\.0 .*grid_size 4 vs 7.*spline_weight \(5, 3, 7\)"):
+        dst.load_state_dict(sd)
+    _assert_unchanged(dst, snap)
+
+
+@pytest.mark.parametrize(
+    "src,dst,want",
+    [
+        # issue 14.12: a k=3 checkpoint into a k=2 layer was reported as "grid_size G = 7 at spline_order 2"
+        (dict(grid_size=5, spline_order=3), dict(grid_size=5, spline_order=2), r"spline_order 3 vs 2 \("),
+        # same knot count (G + 2k + 1 = 12), other G and k: the knots alone would load
+        (dict(grid_size=5, spline_order=3), dict(grid_size=7, spline_order=2), r"spline_order 3 vs 2; grid_size 5 vs 7 \("),
+        (dict(grid_size=5, spline_order=3), dict(grid_size=4, spline_order=3), r"grid_size 5 vs 4 \("),
+        (dict(in_features=4), dict(in_features=6), r"in_features 4 vs 6 \("),
+        (dict(out_features=3), dict(out_features=2), r"out_features 3 vs 2 \("),
+    ],
+)
+def test_size_mismatch_names_what_differs_and_loads_nothing(src, dst, want):
+    base = dict(in_features=4, out_features=3)
+    sd = kanfast.FastKANLayer(**{**base, **src}).state_dict()
+    layer = kanfast.FastKANLayer(**{**base, **dst})
+    snap = _snapshot(layer)
+    with pytest.raises(RuntimeError, match=r"size mismatch for the layer \(checkpoint vs this layer\): " + want) as err:
+        layer.load_state_dict(sd)
+    assert "G = " not in str(err.value)
+    _assert_unchanged(layer, snap)
+
+
+def _bad_knots(sd, key, how):
+    sd = dict(sd)
+    g = sd[key].clone()
+    if how == "nan":
+        g[2, 5] = float("nan")
+    elif how == "inf":
+        g[2, 0] = -float("inf")
+    elif how == "swapped":
+        g[2, [4, 5]] = g[2, [5, 4]]
+    elif how == "float32-overflow":  # finite in the checkpoint's float64, inf in the layer's float32
+        g = g.double()
+        g[2, -1] = 1e39
+    sd[key] = g
+    return sd
+
+
+@pytest.mark.parametrize(
+    "how,want",
+    [
+        ("nan", r"row 2 \(input feature 2\) has a non-finite knot: nan at position 5"),
+        ("inf", r"row 2 \(input feature 2\) has a non-finite knot: -inf at position 0"),
+        ("swapped", r"row 2 \(input feature 2\) is not increasing: knot 5 = .* < knot 4 = "),
+        ("float32-overflow", r"row 2 \(input feature 2\) has a non-finite knot \(as torch.float32\): inf"),
+    ],
+)
+def test_invalid_knots_are_rejected_and_the_model_is_unchanged(how, want):
+    """Issue 14.4: a grid with NaN, inf or two knots swapped was accepted (NaN outputs on
+    the torch backend, backends disagreeing by 0.012 on outputs of size 0.63)."""
+    torch.manual_seed(0)
+    src = _model_after_update()
+    with torch.no_grad():  # the symbolic branch and the edge mask must not load either
+        src.layers[1].edge_mask = torch.ones(2, 5)
+    dst = KAN([3, 5, 2], grid_size=4, backend="torch")
+    dst.update_grid(torch.rand(50, 3))  # non-uniform knots: a cached "not uniform" flag
+    x = torch.randn(20, 3)
+    y = dst(x)
+    snap = _snapshot(dst)
+    bad = _bad_knots(src.state_dict(), "layers.1.grid", how)
+    with pytest.raises(RuntimeError, match=r"invalid knots in layers\.1\.grid: " + want):
+        dst.load_state_dict(bad)
+    _assert_unchanged(dst, snap)
+    assert dst.layers[1].edge_mask is None
+    assert torch.equal(dst(x), y)
+    # the same on a lone layer (no prefix), with strict=False too
+    layer = kanfast.FastKANLayer(5, 2, grid_size=4)
+    snap = _snapshot(layer)
+    lone = {k[len("layers.1."):]: v for k, v in bad.items() if k.startswith("layers.1.")}
+    with pytest.raises(RuntimeError, match=r"invalid knots in grid: " + want):
+        layer.load_state_dict(lone, strict=False)
+    _assert_unchanged(layer, snap)
+
+
+def test_invalid_knots_leave_the_symbolic_branch_as_it_was():
+    from kanfast.symbolic import SymbolicBranch
+
+    src = kanfast.FastKANLayer(3, 2, grid_size=4)
+    src.symbolic = SymbolicBranch(3, 2)
+    with torch.no_grad():
+        src.symbolic.affine.add_(1.5)
+        src.symbolic.mask[1, 2] = 1
+    src.symbolic.names[1][2] = "sin"
+    dst = kanfast.FastKANLayer(3, 2, grid_size=4)
+    dst.symbolic = SymbolicBranch(3, 2)
+    snap = _snapshot(dst)
+    with pytest.raises(RuntimeError, match="invalid knots in grid"):
+        dst.load_state_dict(_bad_knots(src.state_dict(), "grid", "swapped"))
+    _assert_unchanged(dst, snap)
+
+
+def test_repeated_knots_still_load():
+    """Repeated knots are valid B-spline knots (Cox-de Boor's 0/0 := 0), only decreasing ones are refused."""
+    src = kanfast.FastKANLayer(3, 2, grid_size=4, backend="torch")
+    with torch.no_grad():
+        src.grid[1, 6] = src.grid[1, 5]
+    dst = kanfast.FastKANLayer(3, 2, grid_size=4, backend="torch")
+    dst.load_state_dict(src.state_dict())
+    x = torch.randn(30, 3)
+    assert torch.equal(dst(x), src(x))
+
+
+def test_deepcopy_and_pickle_with_kept_inputs():
+    """Issue 14.6: after a forward with keep_inputs=True, deepcopy raised "Only Tensors created
+    explicitly by the user (graph leaves) support the deepcopy protocol"."""
+    torch.manual_seed(0)
+    m = KAN([3, 4, 2], grid_size=4, backend="torch")
+    m.keep_inputs = True
+    x = torch.randn(16, 3, requires_grad=True)
+    y = m(x)
+    for clone in (copy.deepcopy(m), pickle.loads(pickle.dumps(m)), _roundtrip(m)):
+        for a, b in zip(clone.layers, m.layers):
+            assert torch.equal(a.last_input, b.last_input.detach())
+            assert not a.last_input.requires_grad
+        assert torch.equal(clone(x.detach()), y.detach())
+    # the original keeps its graph: the activation regulariser still reaches the first layer
+    assert m.layers[1].last_input.grad_fn is not None
+    m.regularization_loss(mode="activation").backward()
+    assert m.layers[0].spline_weight.grad.abs().sum() > 0
 
 
 # --------------------------------------------------------------- efficient-kan

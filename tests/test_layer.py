@@ -118,6 +118,86 @@ def test_initial_curves_are_small_noise_fits():
     assert curves.abs().max() > 0
 
 
+def _init_noise(seed, nin, nout, G, dtype, scale_noise=0.1):
+    """The random curves reset_parameters fits: same RNG draws (base weight first)."""
+    torch.manual_seed(seed)
+    torch.nn.init.kaiming_uniform_(torch.empty(nout, nin, dtype=dtype), a=math.sqrt(5))
+    return ((torch.rand(G + 1, nin, nout) - 0.5) * scale_noise / G).to(dtype)
+
+
+@pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-9), (torch.float32, 1e-6)], ids=["float64", "float32"])
+@pytest.mark.parametrize("k", [0, 1, 2, 3, 4, 5, 8])
+@pytest.mark.parametrize("G", [1, 2, 7, 300])
+def test_initial_coefficients_are_the_least_squares_solution(dtype, rtol, k, G):
+    """Issue 14.11: the banded solve gives the coefficients of the former per-feature gelsd
+    solve (minimum-norm least squares of the noise at the grid points): same distribution.
+    The float32 layer is compared with the solve on the float64 knots (the float32 ones
+    are the same uniform grid up to rounding, which the ill-conditioned even orders amplify)."""
+    from kanfast.layer import basis_matrix, solve_coefficients, uniform_grid
+
+    noise = _init_noise(0, 3, 2, G, dtype)
+    torch.manual_seed(0)
+    layer = FastKANLayer(3, 2, grid_size=G, spline_order=k, dtype=dtype)
+    grid = uniform_grid(3, G, k, (-1, 1), dtype=torch.float64)
+    want = solve_coefficients(basis_matrix(grid.t()[k : k + G + 1], grid, k), noise.double())
+    assert (layer.spline_weight.detach().double() - want).abs().max() <= rtol * want.abs().max()
+
+
+def test_construction_at_a_fine_grid_solves_no_dense_system(monkeypatch):
+    """Issue 14.11: FastKANLayer(8, 1, grid_size=4000) ran one dense float64 least-squares
+    solve per feature (85 s); the fit is now one banded solve. No timing asserted: the
+    dense solver is not called, and the curves go through the noise at the grid points."""
+
+    def no_dense_solve(*args, **kwargs):
+        raise AssertionError("dense least-squares solve during construction")
+
+    monkeypatch.setattr(torch.linalg, "lstsq", no_dense_solve)
+    G = 4000
+    assert torch.isfinite(FastKANLayer(8, 1, grid_size=G).spline_weight).all()  # the issue's case (float32)
+    torch.manual_seed(3)
+    layer = FastKANLayer(8, 1, grid_size=G, dtype=torch.float64)
+    noise = _init_noise(3, 8, 1, G, torch.float64)
+    # feature 0, in row chunks (the dense basis of one feature is 4001 x 4003)
+    g = layer.grid[:1]
+    pts = g.t()[3 : 3 + G + 1]
+    w = layer.spline_weight[0, 0].detach()
+    for s in range(0, G + 1, 500):
+        curve = b_spline_basis(pts[s : s + 500], g, 3)[:, 0] @ w
+        torch.testing.assert_close(curve, noise[s : s + 500, 0, 0], rtol=0, atol=1e-9 * 0.1 / G)
+
+
+def test_layer_made_inside_inference_mode():
+    """Issue 19.6: FastKANLayer(...) inside torch.inference_mode() raised "Inference tensors do
+    not track version counter". It now builds ordinary tensors there: the same layer as
+    outside, usable in inference mode, under no_grad and for training afterwards."""
+    torch.manual_seed(0)
+    want = FastKANLayer(4, 3, grid_size=6, backend="torch")
+    x = torch.randn(7, 4)
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        layer = FastKANLayer(4, 3, grid_size=6, backend="torch")
+        model = KAN([4, 5, 2], backend="torch")
+        y = layer(x)
+        assert model(x).shape == (7, 2)
+    for name, t in want.state_dict().items():
+        assert torch.equal(layer.state_dict()[name], t), name
+        assert not layer.state_dict()[name].is_inference()
+    torch.testing.assert_close(y, want(x))
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), y)
+    opt = torch.optim.SGD(list(layer.parameters()) + list(model.parameters()), lr=0.1)
+    (layer(x).square().mean() + model(x).square().mean()).backward()
+    opt.step()
+    assert layer.spline_weight.grad.abs().sum() > 0
+    layer.update_grid(x)
+    with torch.inference_mode():  # moved inside inference mode: its tensors are inference tensors now
+        half = FastKANLayer(4, 3, backend="torch").double()
+        assert half.grid.is_inference()
+        half(x.double())
+    with torch.no_grad():
+        half(x.double())
+
+
 def _efficient_kan_state_dict(nin, nout, G, k, grid_range=(-1.0, 1.0)):
     """A state_dict laid out as efficient-kan's KANLinear writes it."""
     h = (grid_range[1] - grid_range[0]) / G

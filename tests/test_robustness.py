@@ -271,3 +271,115 @@ def test_meta_device_deferred_init():
     ref = copy.deepcopy(model)
     ref.backend = "reference"
     torch.testing.assert_close(model(x), ref(x), rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------ grid changes: all checked before anything is written
+def _state(module):
+    """Every tensor (values, and the objects themselves), grid_size and the knot caches."""
+    layers = [m for m in module.modules() if isinstance(m, FastKANLayer)]
+    return (
+        {n: (t, t.detach().clone()) for n, t in module.state_dict(keep_vars=True).items()},
+        [(m.grid_size, m._grid_uniform, m._grid_key[1:]) for m in layers],
+        getattr(module, "grid_size", None),
+    )
+
+
+def _assert_same_state(module, before):
+    tensors, layers, grid_size = before
+    now, now_layers, now_grid_size = _state(module)
+    assert now.keys() == tensors.keys()
+    for n, (obj, value) in tensors.items():
+        assert now[n][0] is obj, n
+        assert torch.equal(now[n][1], value), n
+    # (the version counter of a restored tensor moves on; the cached flag must not)
+    assert [(g, u, key[1:]) for g, u, key in now_layers] == [(g, u, key[1:]) for g, u, key in layers]
+    assert now_grid_size == grid_size
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_update_grid_refuses_knots_float32_cannot_hold(backend):
+    """Issue 14.5: finite float32 samples at +-3e38 gave knots beyond float32 (inf), MKL's
+    'Parameter 4 was incorrect on entry to DGELSD', then an INTERNAL ASSERT, with the
+    non-finite grid already written (outputs changed)."""
+    layer = make_layer(backend, "cpu")
+    layer.update_grid(torch.randn(64, 4))  # a non-uniform grid
+    x = torch.rand(32, 4) * 2 - 1
+    x[0, 1], x[1, 1] = -3e38, 3e38
+    y = layer(x[2:])
+    before = _state(layer)
+    with pytest.raises(ValueError, match=r"update_grid: the new knots of row 1 \(input feature 1\).* are not finite in torch.float32"):
+        layer.update_grid(x)
+    _assert_same_state(layer, before)
+    assert torch.equal(layer(x[2:]), y)
+    with pytest.raises(ValueError, match=r"extend_grid: the new knots of row 1 .* are not finite in torch.float32"):
+        layer.extend_grid(8, x)
+    _assert_same_state(layer, before)
+    assert torch.equal(layer(x[2:]), y)
+
+
+@pytest.mark.parametrize("value", [1e6, -3e7, 1e30])
+def test_update_grid_constant_column_far_from_zero(value):
+    """Issue 14.5: a constant float32 column at 1e6 gave knots that are not strictly
+    increasing (the 1e-3-step minimum spacing is below float32's resolution there)."""
+    layer = make_layer("torch", "cpu")
+    # three distinct values per other column: fewer than G + k, so the refit keeps the curves exactly
+    x = torch.tensor([-0.5, 0.1, 0.7])[torch.randint(0, 3, (50, 4), generator=torch.Generator().manual_seed(0))]
+    x[:, 2] = value
+    with torch.no_grad():
+        y0 = layer(x)
+        layer.update_grid(x)
+        assert (layer.grid[:, 1:] > layer.grid[:, :-1]).all()
+        assert all(torch.isfinite(p).all() for p in layer.parameters())
+        y1 = layer(x)
+    assert torch.isfinite(y1).all()
+    torch.testing.assert_close(y1, y0, rtol=1e-4, atol=1e-4 * float(y0.abs().max()))
+
+
+def test_extend_grid_refuses_intervals_below_the_knot_resolution():
+    """grid_range (1e6, 1e6 + 1) in float32 (spacing 1/16 there) cannot hold 100 intervals."""
+    layer = FastKANLayer(3, 2, grid_size=5, grid_range=(1e6, 1e6 + 1), backend="torch")
+    x = 1e6 + torch.rand(20, 3)
+    y = layer(x)
+    before = _state(layer)
+    with pytest.raises(ValueError, match=r"extend_grid: the new knots of row 0 \(input feature 0\) are not strictly increasing in torch.float32"):
+        layer.extend_grid(100)
+    _assert_same_state(layer, before)
+    assert torch.equal(layer(x), y)
+    layer.extend_grid(8)  # what float32 holds still works
+    assert layer.grid_size == 8 and (layer.grid[:, 1:] > layer.grid[:, :-1]).all()
+
+
+def _kan_whose_second_layer_sees_huge_values(backend):
+    """KAN([2, 3, 2]) float32: layer 0 maps x in [-1, 1] to activations spanning ~3e38, whose
+    grid overflows float32; layer 0's own update is fine."""
+    torch.manual_seed(0)
+    model = KAN([2, 3, 2], grid_size=5, backend=backend)
+    model.keep_inputs = True
+    with torch.no_grad():
+        model.layers[0].base_weight.fill_(0.0)
+        model.layers[0].base_weight[:, 0] = 3e38
+        model.layers[0].spline_weight.mul_(0.01)
+    x = torch.rand(40, 2) * 2 - 1
+    x[0, 0], x[1, 0] = -1.0, 1.0
+    return model, x
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+@pytest.mark.parametrize("call", ["update_grid", "extend_grid", "forward"])
+def test_kan_grid_changes_are_all_layers_or_none(backend, call):
+    """Issue 14.5: KAN.update_grid / extend_grid updated layer 0, then failed on layer 1,
+    leaving a half-updated model; now the model is left exactly as it was."""
+    model, x = _kan_whose_second_layer_sees_huge_values(backend)
+    model(x)  # kept inputs exist: they must come back too
+    kept = [layer.last_input for layer in model.layers]
+    before = _state(model)
+    with pytest.raises(ValueError, match=r"the new knots of row 0 \(input feature 0\).* are not finite in torch.float32"):
+        if call == "update_grid":
+            model.update_grid(x)
+        elif call == "extend_grid":
+            model.extend_grid(4, x)  # coarser: k steps of span / 4 beyond +-1e38 overflow
+        else:
+            model(x, update_grid=True)
+    _assert_same_state(model, before)
+    assert all(layer.last_input is t for layer, t in zip(model.layers, kept))
+    assert model.grid_size == 5 and all(layer.grid_size == 5 for layer in model.layers)

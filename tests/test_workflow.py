@@ -252,6 +252,26 @@ def test_prune_bad_threshold():
         _planted_model().prune(torch.zeros(4, 3, dtype=DT), node_threshold=-1)
 
 
+@pytest.mark.parametrize("name", ["node_threshold", "edge_threshold"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf"), "0.1", None])
+def test_prune_rejects_non_finite_thresholds(name, value):
+    """Issue 14.12: a NaN threshold silently returned a network that outputs zero."""
+    model = _planted_model()
+    x = torch.rand(50, 3, dtype=DT) * 2 - 1
+    y = model(x)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    for call in (model.prune, lambda x, **kw: workflow.prune(model, x, **kw), lambda x, **kw: workflow.prune_masks(model, x, **kw)):
+        with pytest.raises(ValueError, match=rf"prune: {name} must be a finite number >= 0, got"):
+            call(x, **{name: value})
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert torch.equal(model(x), y)
+    # numpy / torch scalars still work
+    import numpy as np
+
+    model.prune(x, **{name: np.float64(0.01)})
+    model.prune(x, **{name: torch.tensor(0.01)})
+
+
 # -------------------------------------------------------------- toy engine
 def test_toy_rmse_falls_with_grid(capsys, tmp_path):
     parser = kanfast.toy.add_toy_arguments(argparse.ArgumentParser())
