@@ -58,8 +58,8 @@ def test_kanfast_imports_none_of_the_cli_packages():
 
 
 def test_core_dependencies_are_the_layer_s():
-    """pyproject: the core install is torch, numpy, triton; the command's packages are the cli
-    extra, and the test extra (what CI installs) holds them too."""
+    """pyproject: the core install is torch, numpy, scipy (the layer's initial banded fit), triton;
+    the command's packages are the cli extra, and the test extra (what CI installs) holds them too."""
     import re
     from pathlib import Path
 
@@ -69,7 +69,7 @@ def test_core_dependencies_are_the_layer_s():
     def names(reqs):
         return {re.split(r"[ <>=;\[!~]", r, maxsplit=1)[0].lower() for r in reqs}
 
-    assert names(meta["dependencies"]) == {"torch", "numpy", "triton"}
+    assert names(meta["dependencies"]) == {"torch", "numpy", "scipy", "triton"}
     extras = meta["optional-dependencies"]
     cli = {"tqdm", "rich", "scikit-learn", "matplotlib", "sympy"}
     assert names(extras["cli"]) == cli
