@@ -66,18 +66,18 @@ def _site_dirs() -> list:
     return list(dict.fromkeys(os.path.realpath(d) for d in dirs if os.path.isdir(d)))
 
 
-def _make_env(path: Path) -> Path:
+def make_env(path: Path) -> Path:
     """A venv without pip or system site-packages that sees this interpreter's dependencies
     (through a .pth naming their folders); returns its python."""
     venv.EnvBuilder(with_pip=False, system_site_packages=False, symlinks=os.name != "nt").create(path)
     py = path / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
     site = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                          capture_output=True, text=True, check=True, env=_clean_env()).stdout.strip()
+                          capture_output=True, text=True, check=True, env=clean_env()).stdout.strip()
     Path(site, "_kanfast_test_deps.pth").write_text("\n".join(_site_dirs()) + "\n")
     return py
 
 
-def _clean_env() -> dict:
+def clean_env() -> dict:
     """This process's environment without what steers Python's imports (PYTHONPATH, a venv,
     the user site, Triton's interpreter switch); pip's own settings stay."""
     env = {k: v for k, v in os.environ.items()
@@ -87,7 +87,7 @@ def _clean_env() -> dict:
     return env
 
 
-def _copy_checkout(dest: Path) -> Path:
+def copy_checkout(dest: Path) -> Path:
     """The project's files (no venv, caches or build output) copied to ``dest``."""
     ignore = shutil.ignore_patterns(".git", ".venv", "venv", "__pycache__", "*.egg-info", "build", "dist",
                                     ".pytest_cache", ".benchmarks", "results", "*.so", "*.whl")
@@ -107,11 +107,11 @@ def _clone(dest: Path) -> Path:
             shutil.copytree(ROOT / "kanfast", dest / "kanfast", ignore=shutil.ignore_patterns("__pycache__", "*.so"))
             shutil.copy2(ROOT / "pyproject.toml", dest / "pyproject.toml")
             return dest
-    return _copy_checkout(dest)
+    return copy_checkout(dest)
 
 
 def _run_probe(py: Path, cwd: Path, extra_env: dict = None) -> dict:
-    env = _clean_env()
+    env = clean_env()
     env.update(extra_env or {})
     r = subprocess.run([str(py), "-c", PROBE], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, f"import/run failed in {cwd}:\n{r.stdout}\n{r.stderr}"
@@ -147,7 +147,7 @@ def _pip_install(py: Path, *args: str) -> None:
     cmd = [sys.executable, "-m", "pip", "--python", str(py), "install", "-q", "--no-deps"]
     if _setuptools_here():
         cmd.append("--no-build-isolation")
-    r = subprocess.run(cmd + list(args), capture_output=True, text=True, env=_clean_env(), timeout=600)
+    r = subprocess.run(cmd + list(args), capture_output=True, text=True, env=clean_env(), timeout=600)
     if r.returncode != 0 and not _setuptools_here() and _index_unreachable(r.stdout + r.stderr):
         pytest.skip("pip needs setuptools from an index for an isolated build, and no index answered: "
                     + (r.stderr.strip().splitlines() or ["(no message)"])[-1])
@@ -175,17 +175,17 @@ def _inside(path: str, folder: Path) -> bool:
 
 def test_plain_checkout_on_pythonpath(tmp_path):
     """No install: a checkout (named kanfast/) on PYTHONPATH, run from the folder that holds it."""
-    src = _copy_checkout(tmp_path / "kanfast")
-    py = _make_env(tmp_path / "env")
+    src = copy_checkout(tmp_path / "kanfast")
+    py = make_env(tmp_path / "env")
     out = _run_probe(py, cwd=tmp_path, extra_env={"PYTHONPATH": str(src)})
     assert _inside(out["file"], src / "kanfast"), out["file"]
 
 
 def test_pip_install_regular(tmp_path, pip_available):
     """``pip install .``: the package and the C source land in the environment's site-packages."""
-    src = _copy_checkout(tmp_path / "src")
+    src = copy_checkout(tmp_path / "src")
     env_dir = tmp_path / "env"
-    py = _make_env(env_dir)
+    py = make_env(env_dir)
     _pip_install(py, str(src))
     shutil.rmtree(src)  # a regular install must not need its source tree
     elsewhere = tmp_path / "elsewhere"
@@ -199,7 +199,7 @@ def editable_clone(tmp_path_factory, pip_available):
     """A clone named kanfast/ installed with ``pip install -e``: (its parent folder, the env's python)."""
     base = tmp_path_factory.mktemp("editable")
     clone = _clone(base / "kanfast")
-    py = _make_env(base / "env")
+    py = make_env(base / "env")
     _pip_install(py, "-e", str(clone))
     return base, clone, py
 
