@@ -259,9 +259,9 @@ def gemm_equiv_flops(batch, nin, nout, G, k) -> float:
 
 def time_shape(rec, shape: dict, device: str, tag: str, deadline: float, params=None, materialized: bool = True,
                compile_reserve_s=None) -> dict:
-    """Each kernel, forward+backward, the three dense GEMMs and peak memory at one shape; records
-    written as they come. Returns {kind: ms}."""
-    """(compile_reserve_s: also the compiled materialized baseline, when that much of the budget is left.)"""
+    """Each kernel, forward+backward, the three dense GEMMs and peak memory at one shape, and the
+    materialized baseline eager (and compiled, when ``compile_reserve_s`` of the budget is left);
+    records written as they come. Returns {kernel: ms}."""
     B, I, O, G, k = shape["batch"], shape["in"], shape["out"], shape["G"], shape["k"]
     dtype = getattr(torch, shape["dtype"])
     if params is None:

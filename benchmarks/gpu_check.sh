@@ -54,7 +54,7 @@ else
 fi
 # seconds a phase may run: at most $1, and never past TOTAL - 5 since the start
 cap() { local left=$(( TOTAL - 5 - $(elapsed) )); [ "$left" -lt "$1" ] && echo "$left" || echo "$1"; }
-export GPU_CHECK_COMMAND="${DEVICE:+DEVICE=$DEVICE }bash benchmarks/gpu_check.sh $*"
+export GPU_CHECK_COMMAND="$([ "$DEVICE" = cpu ] && echo 'DEVICE=cpu ')bash benchmarks/gpu_check.sh $*"
 export PYTHONUNBUFFERED=1
 
 # ---- which kanfast
