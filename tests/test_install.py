@@ -204,6 +204,18 @@ def editable_clone(tmp_path_factory, pip_available):
     return base, clone, py
 
 
+def test_editable_install_is_a_static_path_entry(editable_clone):
+    """pyproject's package-dir makes the editable install one plain path line (the clone's root), not
+    an import-hook finder: static tools and every working directory see the same package."""
+    base, clone, py = editable_clone
+    site = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, check=True, env=clean_env()).stdout.strip()
+    pths = list(Path(site).glob("__editable__*kanfast*.pth"))
+    assert len(pths) == 1, list(Path(site).iterdir())
+    lines = [ln.strip() for ln in pths[0].read_text().splitlines() if ln.strip()]
+    assert [os.path.realpath(ln) for ln in lines] == [os.path.realpath(clone)], lines
+
+
 def test_pip_install_editable_elsewhere(editable_clone, tmp_path):
     base, clone, py = editable_clone
     out = _run_probe(py, cwd=tmp_path)
