@@ -23,6 +23,9 @@ from .torch_backend import grid_is_uniform
 __all__ = ["FastKANLayer", "KAN", "BACKENDS", "uniform_grid", "basis_matrix", "solve_coefficients"]
 
 BACKENDS = ("auto", "reference", "torch", "triton")
+#: :func:`uniform_grid` rounds the spacing to the knots' precision (exactly equal steps)
+#: where that moves h by at most 1/(2 SNAP_STEPS) of itself.
+SNAP_STEPS = 4096
 
 
 def uniform_grid(
@@ -35,11 +38,31 @@ def uniform_grid(
     dtype=None,
 ) -> torch.Tensor:
     """Knots ``(in_features, G + 2k + 1)``: ``grid_range`` split in ``G`` equal
-    intervals, extended by ``k`` knots each side (Liu et al. 2024, sec. 2.2)."""
+    intervals, extended by ``k`` knots each side (Liu et al. 2024, sec. 2.2).
+
+    Equal exactly, as stored: where the spacing ``h = (hi - lo) / G`` is at least
+    :data:`SNAP_STEPS` units ``q`` of the largest knot's last place (in float32 for float32
+    and float64 knots, so that a cast keeps them; in the dtype's own precision otherwise),
+    ``h`` and ``lo`` are rounded to multiples of ``q`` and every knot is ``lo + j h`` exactly
+    (the last knot of ``grid_range`` moves by at most ``G q / 2``: 3e-6 at (-1, 1), G = 50):
+    knots rounded one by one sit up to ~(|t| / h) eps h off equal spacing, which the closed
+    form of the fast backends would turn into errors of that size (see
+    :data:`kanfast.torch_backend.UNIFORM_TOL`). Coarser (knots far from 0 relative to h, e.g.
+    (1e3, 1e3 + 1) at G = 50): each knot rounded from ``lo + j h``; such knots are evaluated
+    by search against the stored knots."""
     lo, hi = float(grid_range[0]), float(grid_range[1])
     h = (hi - lo) / grid_size
-    steps = torch.arange(-spline_order, grid_size + spline_order + 1, dtype=torch.float64)
-    row = (steps * h + lo).to(dtype=dtype or torch.get_default_dtype(), device=device)
+    k = spline_order
+    dtype = dtype or torch.get_default_dtype()
+    steps = torch.arange(-k, grid_size + k + 1, dtype=torch.float64)
+    fine = torch.float32 if dtype in (torch.float32, torch.float64) else dtype
+    top = max(abs(lo - k * h), abs(hi + k * h)) * (1 + 2.0**-8)  # (room for the rounding below)
+    if math.isfinite(top) and top > 0 and fine.is_floating_point:
+        q = torch.finfo(fine).eps * 2.0 ** (math.frexp(top)[1] - 1)  # a last-place unit at |t| <= top
+        if h >= SNAP_STEPS * q and q >= torch.finfo(fine).tiny:
+            h = round(h / q) * q
+            lo = round(lo / q) * q  # lo + j h: multiples of q below 2^24 q (float32): exact
+    row = (steps * h + lo).to(dtype=dtype, device=device)
     return row.expand(in_features, -1).contiguous()
 
 
