@@ -5,17 +5,18 @@ Algorithm (forward, per group of input features, a K-slice of the GEMM of at
 most ``BLOCK_WIDTH`` columns so that the dense block stays the same size whatever
 G, and within it per chunk of rows; only ``x`` is saved for backward):
 
-  1. interval ("span") index ``m`` of every input on its knots. Uniform knots:
-     closed form ``floor((x - t_0) / h)`` (a float ``floor``, exact; whether
-     every span of a feature group is interior is decided once per call from the
-     per-feature min and max, through the same float ops) (for ``k <= 1``, whose values or
-     slopes jump at knots, corrected against the stored knots so that an input
-     sitting exactly on a knot takes the same span as the reference); other
-     knots: ``searchsorted``. Inputs outside ``[t_0, t_last)`` (and NaN/inf)
+  1. interval ("span") index ``m`` of every input on its knots, ``t_m <= x < t_{m+1}`` on
+     the stored knots. Uniform knots (:func:`grid_is_uniform`: every stored knot within
+     :data:`UNIFORM_TOL` eps h of equal spacing): the closed form ``floor((x - t_0) / h)``,
+     within one of the span, corrected against the stored ``t_m`` and ``t_{m+1}``; other
+     knots: ``searchsorted``. Whether every span of a feature group is interior is decided
+     once per call from the per-feature min and max against the stored ``t_k`` and
+     ``t_{nb}``. Inputs outside ``[t_0, t_last)`` (and NaN/inf)
      get the sentinel span ``n - 1`` and contribute exactly 0 to the spline term;
   2. the ``k + 1`` non-zero bases ``B_{m-k..m}``. Uniform knots: the pieces of
      the cardinal B-spline are fixed polynomials of the local coordinate
-     ``f = (x - t_m) / h`` (coefficients computed exactly, in rationals, once per
+     ``f = (x - t_m) / h``, ``t_m`` the stored knot (not ``t_0 + m h``, whose rounding
+     grows with the knots' magnitude and with m) (coefficients computed exactly, in rationals, once per
      ``k``), evaluated for all k+1 bases at once (Horner's rule, one broadcast
      op per degree) with no knot gathers. Other knots: de Boor's triangular scheme
      (NURBS Book, alg. A2.2) on gathered knots;
