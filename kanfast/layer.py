@@ -24,8 +24,8 @@ __all__ = ["FastKANLayer", "KAN", "BACKENDS", "uniform_grid", "basis_matrix", "s
 
 BACKENDS = ("auto", "reference", "torch", "triton")
 #: :func:`uniform_grid` rounds the spacing to the knots' precision (exactly equal steps)
-#: where that moves h by at most 1/(2 SNAP_STEPS) of itself.
-SNAP_STEPS = 4096
+#: where that moves every knot by at most h / (2 SNAP_MOVE).
+SNAP_MOVE = 32
 
 
 def uniform_grid(
@@ -40,28 +40,29 @@ def uniform_grid(
     """Knots ``(in_features, G + 2k + 1)``: ``grid_range`` split in ``G`` equal
     intervals, extended by ``k`` knots each side (Liu et al. 2024, sec. 2.2).
 
-    Equal exactly, as stored: where the spacing ``h = (hi - lo) / G`` is at least
-    :data:`SNAP_STEPS` units ``q`` of the largest knot's last place (in float32 for float32
-    and float64 knots, so that a cast keeps them; in the dtype's own precision otherwise),
-    ``h`` and ``lo`` are rounded to multiples of ``q`` and every knot is ``lo + j h`` exactly
-    (the last knot of ``grid_range`` moves by at most ``G q / 2``: 3e-6 at (-1, 1), G = 50):
-    knots rounded one by one sit up to ~(|t| / h) eps h off equal spacing, which the closed
-    form of the fast backends would turn into errors of that size (see
-    :data:`kanfast.torch_backend.UNIFORM_TOL`). Coarser (knots far from 0 relative to h, e.g.
-    (1e3, 1e3 + 1) at G = 50): each knot rounded from ``lo + j h``; such knots are evaluated
-    by search against the stored knots."""
+    Equal exactly, as stored, where that moves the knots by at most ``h / 64`` (``h = (hi -
+    lo) / G``): ``h`` and ``lo`` are rounded to multiples of ``q``, a last-place unit at the
+    largest of the knots and of their span in the knots' dtype, and every knot is ``lo + j h``,
+    exactly, as is the closed form's ``t_0 + j h`` (the upper end of ``grid_range`` moves by at
+    most ``G q / 2``: 6e-6 at (-1, 1), G = 50, in float32). Knots rounded one by one sit up to ~(|t| / h)
+    eps h off equal spacing, which the closed form of the fast backends would turn into
+    errors of that size (see :data:`kanfast.torch_backend.UNIFORM_TOL`); where rounding h
+    would move the knots further (knots far from 0 against h, e.g. (1e3, 1e3 + 1) at G = 50,
+    or G in the thousands), each knot is rounded from ``lo + j h`` and the backends search
+    them."""
     lo, hi = float(grid_range[0]), float(grid_range[1])
     h = (hi - lo) / grid_size
     k = spline_order
     dtype = dtype or torch.get_default_dtype()
     steps = torch.arange(-k, grid_size + k + 1, dtype=torch.float64)
-    fine = torch.float32 if dtype in (torch.float32, torch.float64) else dtype
-    top = max(abs(lo - k * h), abs(hi + k * h)) * (1 + 2.0**-8)  # (room for the rounding below)
+    fine = dtype
+    n_steps = grid_size + 2 * k
+    top = max(abs(lo - k * h), abs(hi + k * h), n_steps * h) * (1 + 2.0**-8)  # (room for the rounding below)
     if math.isfinite(top) and top > 0 and fine.is_floating_point:
-        q = torch.finfo(fine).eps * 2.0 ** (math.frexp(top)[1] - 1)  # a last-place unit at |t| <= top
-        if h >= SNAP_STEPS * q and q >= torch.finfo(fine).tiny:
+        q = torch.finfo(fine).eps * 2.0 ** (math.frexp(top)[1] - 1)  # a last-place unit at |t|, j h <= top
+        if n_steps * q <= h / SNAP_MOVE and q >= torch.finfo(fine).tiny:
             h = round(h / q) * q
-            lo = round(lo / q) * q  # lo + j h: multiples of q below 2^24 q (float32): exact
+            lo = round(lo / q) * q  # lo + j h, j h: multiples of q below 2^24 q: exact
     row = (steps * h + lo).to(dtype=dtype, device=device)
     return row.expand(in_features, -1).contiguous()
 

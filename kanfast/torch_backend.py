@@ -204,7 +204,10 @@ def _uniform_spacing(grid: torch.Tensor) -> Optional[torch.Tensor]:
     sit up to 1.5e-3 h off the line, and fine grids of many steps drift as far: both are
     searched instead). Tested in float64 (exact differences for float32 knots): the
     deviations are the cumulative sums of the spacings' excess over h, less the straight
-    line that takes up h's own rounding, so the test's rounding stays far below eps * h."""
+    line that takes up h's own rounding, so the test's rounding stays far below eps * h. And
+    each stored knot within the same tolerance of the knot the closed form computes,
+    ``t_0 + j h`` in the grid's dtype (:func:`_closed_form_span`): exact, so identical, for
+    ``uniform_grid``'s knots."""
     n = grid.shape[-1]
     if n < 2 or grid.dim() != 2:
         return None
@@ -215,8 +218,11 @@ def _uniform_spacing(grid: torch.Tensor) -> Optional[torch.Tensor]:
     j = torch.arange(1, n, dtype=torch.float64, device=t.device)
     dev = p - (j / (n - 1)) * p[:, -1:]  # less the line through t_0 and t_last
     tol = UNIFORM_TOL * torch.finfo(grid.dtype).eps
+    hw = _spacing(grid)  # the knots the closed form computes, t_0 + j h in the grid's dtype
+    comp = torch.arange(n, dtype=grid.dtype, device=grid.device).mul(hw).add_(grid[:, :1])
     ok = torch.isfinite(t).all() & (d > 0).all() & (dev.abs() <= tol * h).all()
-    return _spacing(grid) if bool(ok) else None
+    ok &= ((comp.to(torch.float64) - t).abs() <= tol * h).all()
+    return hw if bool(ok) else None
 
 
 @functools.lru_cache(maxsize=None)
@@ -302,19 +308,20 @@ class _Knots:
         self.k = k
         self.n = grid.shape[1]
         self.nb = self.n - k - 1
-        self.grid = grid = grid.contiguous()  # (the block kernels read the rows of stored knots)
+        self.grid = grid = grid.contiguous()
         h = None
         if uniform:
             h = _uniform_spacing(grid) if verify else _spacing(grid)
         self.uniform = h is not None
         self.t0 = grid[:, 0].contiguous()
         self.tn = grid[:, -1].contiguous()
-        self.inv_h = self.pflat = self.prow_base = None
+        self.inv_h = self.h = self.pflat = self.prow_base = None
         # knot lookups: the spans of every path are taken against the stored knots
         self.flat = grid.reshape(-1)
         self.row_base = torch.arange(grid.shape[0], device=grid.device) * self.n
         if self.uniform:
-            self.inv_h = 1.0 / h.view(-1)
+            self.h = h.reshape(-1).contiguous()
+            self.inv_h = 1.0 / self.h
             self.cols, self.dcols, self.dmat, self.lmat, self.polys = _piece_columns(k, grid.dtype, grid.device)
         else:
             padded = _pad_knots(grid, k).contiguous()
@@ -339,7 +346,7 @@ class _Grid:
         self.row_base = None if kn.row_base is None else kn.row_base[f0:f1]
         self.prow_base = None if kn.prow_base is None else kn.prow_base[f0:f1]
         if self.uniform:
-            self.inv_h = kn.inv_h[f0:f1]
+            self.inv_h, self.h = kn.inv_h[f0:f1], kn.h[f0:f1]
             self.cols, self.dcols, self.dmat, self.lmat, self.polys = kn.cols, kn.dcols, kn.dmat, kn.lmat, kn.polys
 
     def part(self, f0: int, f1: int) -> "_Grid":
@@ -374,27 +381,60 @@ def _column_check(x: torch.Tensor, g: _Grid) -> Tuple[bool, bool]:
         return True, True
     xmin, xmax = x.amin(0), x.amax(0)  # (aminmax(dim=0) is 20x slower on CPU)
     inside = bool((xmin >= g.t0).all()) and bool((xmax < g.tn).all())
-    interior = inside and bool((xmin >= g.grid[:, g.k]).all()) and bool((xmax < g.grid[:, g.nb]).all())
-    return inside, interior
+    if not inside:
+        return False, False
+    if g.uniform and g.k >= 2:  # the spans of _spans (monotone in x), from the same float ops
+        lo, hi = _closed_form_span(xmin, g), _closed_form_span(xmax, g)
+        return True, bool((lo >= g.k).all()) and bool((hi <= g.nb - 1).all())
+    return True, bool((xmin >= g.grid[:, g.k]).all()) and bool((xmax < g.grid[:, g.nb]).all())
+
+
+def _closed_form_span(x: torch.Tensor, g: "_Grid", blk: Optional["_Block"] = None) -> torch.Tensor:
+    """Uniform knots, k >= 2: the span m (integer-valued floats of x's dtype, in [0, n - 2]) of
+    inputs x (rows, in) inside the knots on the computed knots ``c_m = t_0 + m h`` (a product,
+    then a sum: the float ops of the block kernels, compiled without contraction): the guess
+    ``floor((x - t_0) / h)`` is within one of it, and is moved by one where x lies on the other
+    side of ``c_m`` or ``c_{m+1}``. :func:`grid_is_uniform` admits only knots whose stored
+    values are within :data:`UNIFORM_TOL` eps h of these. ``c_m`` increases with m, so m is
+    monotone in x."""
+    n = g.n
+    m = torch.sub(x, g.t0, out=None if blk is None else blk.scratch("m", x.numel()).view(x.shape))
+    m.mul_(g.inv_h).floor_().clamp_(0, n - 2)
+    c = torch.mul(m, g.h).add_(g.t0)
+    m.sub_(torch.lt(x, c).to(m.dtype)).clamp_(min=0)
+    c = torch.add(m, 1).mul_(g.h).add_(g.t0)
+    return m.add_(torch.ge(x, c).to(m.dtype)).clamp_(max=n - 2)
 
 
 def _spans(
     x: torch.Tensor, g: _Grid, all_inside: Optional[bool] = None, blk: Optional["_Block"] = None
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Span index ``m`` (rows, in) int64, ``t_m <= x < t_{m+1}`` on the stored knots, ``n - 1``
-    for inputs outside them, and (uniform knots) the local coordinate ``f = (x - t_m) / h``
-    in [0, 1] up to rounding (0 outside). ``all_inside``: the caller knows every input is
-    inside. ``blk``: take ``f``'s memory from its scratch buffers.
+    """Span index ``m`` (rows, in), ``n - 1`` for inputs outside the knots (int64; on the
+    uniform ``k >= 2`` path integer-valued floats of x's dtype), and (uniform knots) the local
+    coordinate ``f = (x - t_m) / h`` in [0, 1] up to rounding (0 outside). ``all_inside``: the
+    caller knows every input is inside. ``blk``: take the outputs' memory from its scratch
+    buffers.
 
-    Uniform knots: the closed form ``floor((x - t_0) / h)`` is a guess within one of the span
-    (the knots lie within :data:`UNIFORM_TOL` eps h of the line, and the rounding of
-    ``(x - t_0) / h`` is ~n eps), corrected against the stored ``t_m`` and ``t_{m+1}``; ``f``
-    is taken from the stored ``t_m``, not from ``t_0 + m h``: exact to rounding however far
-    the knots are from 0 and however many steps from t_0."""
+    Uniform knots, k >= 2: :func:`_closed_form_span` (spans and ``t_m`` on the computed knots
+    ``t_0 + m h``, which the uniformity test holds within a few eps h of the stored ones); the
+    local coordinate from that ``t_m``, not ``u - floor(u)``, whose rounding grows with the
+    knots' magnitude and with m. Uniform, k <= 1 (values or slopes jump at knots): the closed
+    form corrected against the stored knots, so that an input exactly on a knot takes the
+    reference's span. Otherwise ``searchsorted``."""
     n = g.n
     outside = None
     if not all_inside:
         outside = torch.lt(x, g.tn).logical_not_().logical_or_(x < g.t0)  # NaN -> outside
+    if g.uniform and g.k >= 2:
+        xs = x if outside is None else torch.where(outside, g.t0, x)
+        m = _closed_form_span(xs, g, blk)
+        f = torch.mul(m, g.h, out=None if blk is None else blk.scratch("u", x.numel()).view(x.shape))
+        f.add_(g.t0)
+        torch.sub(xs, f, out=f).mul_(g.inv_h)
+        if outside is not None:
+            f.masked_fill_(outside, 0.0)
+            m.masked_fill_(outside, float(n - 1))
+        return m, f
     if g.uniform:
         u = (x - g.t0).mul_(g.inv_h)
         if outside is not None:
@@ -871,7 +911,7 @@ def _kernel_fill(kern, blk: _Block, rows: int, xc: torch.Tensor, g: _Grid, C: in
     """The chunk's dense block (rows, blk.C * in), its first C column blocks written by the
     fill kernel (SiLU block included when the block has one): steps 1-3 in one pass."""
     D = blk.rows(rows)
-    kern.fill(xc, g.grid, g.t0, g.tn, g.inv_h, g.n, g.k, g.polys[0], D, blk.off, C,
+    kern.fill(xc, g.h, g.t0, g.tn, g.inv_h, g.n, g.k, g.polys[0], D, blk.off, C,
               blk.scratch("kf", (g.k + 3) * blk.nin))
     return D
 
@@ -1056,7 +1096,7 @@ def _backward_features(
             torch.mm(gy, wg, out=gD[:, :Kx])
             if kern is not None:  # grad_x from grad_D in one pass (silu' included)
                 poly = g.polys[1] if deriv else g.polys[2]  # Q_r: derivative-spline bases, or d/df
-                kern.grad_x(xc, g.grid, g.t0, g.tn, g.inv_h, g.n, k, poly, gD, off, Kx // fw, grad_x[s : s + size, f0:f1],
+                kern.grad_x(xc, g.h, g.t0, g.tn, g.inv_h, g.n, k, poly, gD, off, Kx // fw, grad_x[s : s + size, f0:f1],
                             blk.scratch("kf", (k + 3) * fw))
                 continue
             if Kx < C * fw and not deriv:  # the dropped basis's slots read 0

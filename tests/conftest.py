@@ -72,7 +72,7 @@ GRID_CASES = {
     "far-1e3-G50": ((1e3, 1e3 + 1), 50, "layer"),
     "far-1e4-G50": ((1e4, 1e4 + 1), 50, "layer"),
     "far-1e6-G50": ((1e6, 1e6 + 1), 50, "layer"),  # some stored knots coincide
-    "fine-G1000": ((-1.0, 1.0), 1000, "layer"),
+    "fine-G500": ((-1.0, 1.0), 500, "layer"),  # exactly equal steps: the closed form
     "fine-G1000-rounded": ((-1.0, 1.0), 1000, "rounded"),
     "default-G50-rounded": ((-1.0, 1.0), 50, "rounded"),
     "default-G20-jittered": ((-1.0, 1.0), 20, "jittered"),

@@ -244,8 +244,7 @@ def test_silu_and_its_derivative_in_the_kernels(dtype, ulps):
     x = torch.linspace(-80, 80, 160001, dtype=torch.float64)
     x = torch.cat([x, torch.tensor([0.0, 1e-30, -1e-30, -1.2784645, float("inf"), -float("inf")], dtype=torch.float64)])
     x = x.to(dtype).view(-1, 1)
-    knots = dict(knots=torch.tensor([[-1.0, 0.0, 1.0]], dtype=dtype),
-                 t0=torch.tensor([-1.0], dtype=dtype), tn=torch.tensor([1.0], dtype=dtype),
+    knots = dict(h=torch.tensor([1.0], dtype=dtype), t0=torch.tensor([-1.0], dtype=dtype), tn=torch.tensor([1.0], dtype=dtype),
                  inv_h=torch.tensor([1.0], dtype=dtype), n=3, k=2)
     work = torch.empty(8, dtype=dtype)
     out = torch.empty_like(x)
