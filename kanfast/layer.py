@@ -25,6 +25,9 @@ from .torch_backend import grid_is_uniform
 __all__ = ["FastKANLayer", "KAN", "BACKENDS", "uniform_grid", "basis_matrix", "solve_coefficients"]
 
 BACKENDS = ("auto", "reference", "torch", "triton")
+#: :func:`uniform_grid` rounds the spacing to the knots' precision (exactly equal steps)
+#: where that moves every knot by at most h / (2 SNAP_MOVE).
+SNAP_MOVE = 32
 
 
 def uniform_grid(
@@ -37,11 +40,32 @@ def uniform_grid(
     dtype=None,
 ) -> torch.Tensor:
     """Knots ``(in_features, G + 2k + 1)``: ``grid_range`` split in ``G`` equal
-    intervals, extended by ``k`` knots each side (Liu et al. 2024, sec. 2.2)."""
+    intervals, extended by ``k`` knots each side (Liu et al. 2024, sec. 2.2).
+
+    Equal exactly, as stored, where that moves the knots by at most ``h / 64`` (``h = (hi -
+    lo) / G``): ``h`` and ``lo`` are rounded to multiples of ``q``, a last-place unit at the
+    largest of the knots and of their span in the knots' dtype, and every knot is ``lo + j h``,
+    exactly, as is the closed form's ``t_0 + j h`` (the upper end of ``grid_range`` moves by at
+    most ``G q / 2``: 6e-6 at (-1, 1), G = 50, in float32). Knots rounded one by one sit up to ~(|t| / h)
+    eps h off equal spacing, which the closed form of the fast backends would turn into
+    errors of that size (see :data:`kanfast.torch_backend.UNIFORM_TOL`); where rounding h
+    would move the knots further (knots far from 0 against h, e.g. (1e3, 1e3 + 1) at G = 50,
+    or G in the thousands), each knot is rounded from ``lo + j h`` and the backends search
+    them."""
     lo, hi = float(grid_range[0]), float(grid_range[1])
     h = (hi - lo) / grid_size
-    steps = torch.arange(-spline_order, grid_size + spline_order + 1, dtype=torch.float64)
-    row = (steps * h + lo).to(dtype=dtype or torch.get_default_dtype(), device=device)
+    k = spline_order
+    dtype = dtype or torch.get_default_dtype()
+    steps = torch.arange(-k, grid_size + k + 1, dtype=torch.float64)
+    fine = dtype
+    n_steps = grid_size + 2 * k
+    top = max(abs(lo - k * h), abs(hi + k * h), n_steps * h) * (1 + 2.0**-8)  # (room for the rounding below)
+    if math.isfinite(top) and top > 0 and fine.is_floating_point:
+        q = torch.finfo(fine).eps * 2.0 ** (math.frexp(top)[1] - 1)  # a last-place unit at |t|, j h <= top
+        if n_steps * q <= h / SNAP_MOVE and q >= torch.finfo(fine).tiny:
+            h = round(h / q) * q
+            lo = round(lo / q) * q  # lo + j h, j h: multiples of q below 2^24 q: exact
+    row = (steps * h + lo).to(dtype=dtype, device=device)
     return row.expand(in_features, -1).contiguous()
 
 

@@ -5,17 +5,18 @@ Algorithm (forward, per group of input features, a K-slice of the GEMM of at
 most ``BLOCK_WIDTH`` columns so that the dense block stays the same size whatever
 G, and within it per chunk of rows; only ``x`` is saved for backward):
 
-  1. interval ("span") index ``m`` of every input on its knots. Uniform knots:
-     closed form ``floor((x - t_0) / h)`` (a float ``floor``, exact; whether
-     every span of a feature group is interior is decided once per call from the
-     per-feature min and max, through the same float ops) (for ``k <= 1``, whose values or
-     slopes jump at knots, corrected against the stored knots so that an input
-     sitting exactly on a knot takes the same span as the reference); other
-     knots: ``searchsorted``. Inputs outside ``[t_0, t_last)`` (and NaN/inf)
+  1. interval ("span") index ``m`` of every input on its knots, ``t_m <= x < t_{m+1}`` on
+     the stored knots. Uniform knots (:func:`grid_is_uniform`: every stored knot within
+     :data:`UNIFORM_TOL` eps h of equal spacing): the closed form ``floor((x - t_0) / h)``,
+     within one of the span, corrected against the stored ``t_m`` and ``t_{m+1}``; other
+     knots: ``searchsorted``. Whether every span of a feature group is interior is decided
+     once per call from the per-feature min and max against the stored ``t_k`` and
+     ``t_{nb}``. Inputs outside ``[t_0, t_last)`` (and NaN/inf)
      get the sentinel span ``n - 1`` and contribute exactly 0 to the spline term;
   2. the ``k + 1`` non-zero bases ``B_{m-k..m}``. Uniform knots: the pieces of
      the cardinal B-spline are fixed polynomials of the local coordinate
-     ``f = (x - t_m) / h`` (coefficients computed exactly, in rationals, once per
+     ``f = (x - t_m) / h``, ``t_m`` the stored knot (not ``t_0 + m h``, whose rounding
+     grows with the knots' magnitude and with m) (coefficients computed exactly, in rationals, once per
      ``k``), evaluated for all k+1 bases at once (Horner's rule, one broadcast
      op per degree) with no knot gathers. Other knots: de Boor's triangular scheme
      (NURBS Book, alg. A2.2) on gathered knots;
@@ -40,7 +41,8 @@ G, and within it per chunk of rows; only ``x`` is saved for backward):
 Backward recomputes steps 1-3 per chunk and issues the two remaining GEMMs:
 ``gW += grad_y^T @ D`` (the gradient w.r.t. ``[base_weight | W]``, accumulated
 chunk by chunk in a fixed order: deterministic; when the last basis was dropped
-its column is ``sum_b grad_y - sum_{j<L} gW_j``, since ``B_L = 1 - sum_{j<L} B_j``),
+its column is ``sum_b grad_y - sum_{j<L} gW_j``, since ``B_L = 1 - sum_{j<L} B_j``; exactly
+0 for a feature whose inputs all lie at or below ``t_L``, where ``B_L`` vanishes on every row),
 then ``grad_D = grad_y @ W`` into the same block: its SiLU column block gives the
 base branch's share of grad_x (``silu_backward``), and of the rest only the
 ``k + 1`` entries at the non-zero bases are gathered (``index_select``; reads at
@@ -133,6 +135,7 @@ __all__ = [
     "KERNEL_CHUNK_ELEMENTS",
     "CANCEL_RATIO",
     "KERNEL_BLOCK_WIDTH",
+    "UNIFORM_TOL",
     "release_buffers",
 ]
 
@@ -169,10 +172,19 @@ KERNEL_CHUNK_ELEMENTS = 1 << 19
 #: G = 50 (same machine, 2 threads, paired runs, fwd+bwd / floor, widths 4096 / 2048 /
 #: 1024: G=5 0.905 / 0.912 / 0.982, G=20 0.872 / 0.855 / 0.906, G=50 0.965 / 0.973 / 0.970).
 KERNEL_BLOCK_WIDTH = 2048
+#: Knots count as uniform (the closed form of :func:`_spans` and the compiled kernels) when
+#: each lies within UNIFORM_TOL * eps * h of the straight line through the first and last
+#: (:func:`_uniform_spacing`); others are searched (``searchsorted``, de Boor). Rounded float32
+#: knots of ``grid_range`` (-1, 1) deviate up to 8.9 eps h at G = 50, 13.6 at G = 60, 30 at
+#: G = 100, 392 at G = 1000 (knots near 1e3 with h = 0.02: 1.3e4).
+UNIFORM_TOL = 3.0
 
 
 def grid_is_uniform(grid: torch.Tensor) -> bool:
-    """True when every row of ``grid`` (in, n_knots) is equally spaced to rounding."""
+    """True when every row of ``grid`` (in, n_knots) is equally spaced to within
+    :data:`UNIFORM_TOL` units of the grid dtype's rounding of the spacing (see
+    :func:`_uniform_spacing`): the rows the closed form evaluates as exactly as Cox-de Boor
+    on the stored knots. Non-finite, non-increasing or coincident knots: False."""
     return _uniform_spacing(grid) is not None
 
 
@@ -182,13 +194,36 @@ def _spacing(grid: torch.Tensor) -> torch.Tensor:
 
 
 def _uniform_spacing(grid: torch.Tensor) -> Optional[torch.Tensor]:
-    """The spacing h (in, 1) when every row of ``grid`` is equally spaced to rounding, else None."""
-    if grid.shape[-1] < 2:
+    """The spacing h (in, 1), in the grid's dtype, when every row of ``grid`` is uniform, else None.
+
+    Uniform: the knots strictly increase, and each stored knot ``t_j`` lies within
+    ``UNIFORM_TOL * eps * h`` of ``t_0 + j h``, ``h = (t_last - t_0) / (n - 1)``, eps that of
+    the grid's dtype. The closed form takes the span and the local coordinate against the
+    stored ``t_m`` (:func:`_spans`) and the cardinal pieces in place of its neighbours
+    ``t_{m-k} .. t_{m+k+1}``, so its error is at most about that deviation over h: a
+    tolerance relative to h, not to the knots' magnitude (float32 knots at 1e3 with h = 0.02
+    sit up to 1.5e-3 h off the line, and fine grids of many steps drift as far: both are
+    searched instead). Tested in float64 (exact differences for float32 knots): the
+    deviations are the cumulative sums of the spacings' excess over h, less the straight
+    line that takes up h's own rounding, so the test's rounding stays far below eps * h. And
+    each stored knot within the same tolerance of the knot the closed form computes,
+    ``t_0 + j h`` in the grid's dtype (:func:`_closed_form_span`): exact, so identical, for
+    ``uniform_grid``'s knots."""
+    n = grid.shape[-1]
+    if n < 2 or grid.dim() != 2:
         return None
-    d = grid[:, 1:] - grid[:, :-1]
-    h = _spacing(grid)
-    tol = 16 * torch.finfo(grid.dtype).eps * grid.abs().amax(dim=-1, keepdim=True).clamp_min(1.0)
-    return h if bool(((d - h).abs() <= tol).all()) and bool((h > 0).all()) else None
+    t = grid.detach().to(torch.float64)
+    d = t[:, 1:] - t[:, :-1]
+    h = (t[:, -1:] - t[:, :1]) / (n - 1)
+    p = torch.cumsum(d - h, dim=1)  # t_j - t_0 - j h, j = 1 .. n - 1
+    j = torch.arange(1, n, dtype=torch.float64, device=t.device)
+    dev = p - (j / (n - 1)) * p[:, -1:]  # less the line through t_0 and t_last
+    tol = UNIFORM_TOL * torch.finfo(grid.dtype).eps
+    hw = _spacing(grid)  # the knots the closed form computes, t_0 + j h in the grid's dtype
+    comp = torch.arange(n, dtype=grid.dtype, device=grid.device).mul(hw).add_(grid[:, :1])
+    ok = torch.isfinite(t).all() & (d > 0).all() & (dev.abs() <= tol * h).all()
+    ok &= ((comp.to(torch.float64) - t).abs() <= tol * h).all()
+    return hw if bool(ok) else None
 
 
 @functools.lru_cache(maxsize=None)
@@ -274,19 +309,20 @@ class _Knots:
         self.k = k
         self.n = grid.shape[1]
         self.nb = self.n - k - 1
-        self.grid = grid
+        self.grid = grid = grid.contiguous()
         h = None
         if uniform:
             h = _uniform_spacing(grid) if verify else _spacing(grid)
         self.uniform = h is not None
         self.t0 = grid[:, 0].contiguous()
         self.tn = grid[:, -1].contiguous()
-        self.flat = self.row_base = self.inv_h = self.pflat = self.prow_base = None
-        if not (self.uniform and k >= 2):  # knot lookups of the other paths
-            self.flat = grid.contiguous().reshape(-1)
-            self.row_base = torch.arange(grid.shape[0], device=grid.device) * self.n
+        self.inv_h = self.h = self.pflat = self.prow_base = None
+        # knot lookups: the spans of every path are taken against the stored knots
+        self.flat = grid.reshape(-1)
+        self.row_base = torch.arange(grid.shape[0], device=grid.device) * self.n
         if self.uniform:
-            self.inv_h = 1.0 / h.view(-1)
+            self.h = h.reshape(-1).contiguous()
+            self.inv_h = 1.0 / self.h
             self.cols, self.dcols, self.dmat, self.lmat, self.polys = _piece_columns(k, grid.dtype, grid.device)
         else:
             padded = _pad_knots(grid, k).contiguous()
@@ -311,7 +347,7 @@ class _Grid:
         self.row_base = None if kn.row_base is None else kn.row_base[f0:f1]
         self.prow_base = None if kn.prow_base is None else kn.prow_base[f0:f1]
         if self.uniform:
-            self.inv_h = kn.inv_h[f0:f1]
+            self.inv_h, self.h = kn.inv_h[f0:f1], kn.h[f0:f1]
             self.cols, self.dcols, self.dmat, self.lmat, self.polys = kn.cols, kn.dcols, kn.dmat, kn.lmat, kn.polys
 
     def part(self, f0: int, f1: int) -> "_Grid":
@@ -336,69 +372,86 @@ def _pad_knots(grid: torch.Tensor, k: int) -> torch.Tensor:
     return torch.cat([left, grid, right], dim=1)
 
 
-def _all_inside(x: torch.Tensor, g: _Grid) -> bool:
-    """Every row of x (N, in) inside its feature's knots [t_0, t_last) (False for NaN)."""
-    return _column_check(x, g)[0]
-
-
 def _column_check(x: torch.Tensor, g: _Grid) -> Tuple[bool, bool]:
     """``(inside, interior)`` for x (N, in) on the group's knots: every input inside
     [t_0, t_last) (False for NaN); and every span ``m`` interior (``k <= m <= nb - 1``:
-    all k+1 bases exist, and they sum to 1). On the uniform ``k >= 2`` path from the
-    per-feature min and max through the same float ops as :func:`_spans` (monotone in
-    x, so they bound every row's ``m``); on the others (spans taken against the stored
-    knots) from ``t_k <= min`` and ``max < t_nb``."""
+    all k+1 bases exist, and they sum to 1): ``t_k <= min`` and ``max < t_nb`` per feature,
+    the spans of every path (the compiled kernels' included) being taken against the
+    stored knots."""
     if x.shape[0] == 0:
         return True, True
     xmin, xmax = x.amin(0), x.amax(0)  # (aminmax(dim=0) is 20x slower on CPU)
     inside = bool((xmin >= g.t0).all()) and bool((xmax < g.tn).all())
-    interior = False
-    if inside and g.uniform and g.k >= 2:
-        lo = torch.sub(xmin, g.t0).mul_(g.inv_h).floor_()
-        hi = torch.sub(xmax, g.t0).mul_(g.inv_h).floor_()
-        interior = bool((lo >= g.k).all()) and bool((hi <= g.nb - 1).all())
-    elif inside:
-        interior = bool((xmin >= g.grid[:, g.k]).all()) and bool((xmax < g.grid[:, g.nb]).all())
-    return inside, interior
+    if not inside:
+        return False, False
+    if g.uniform and g.k >= 2:  # the spans of _spans (monotone in x), from the same float ops
+        lo, hi = _closed_form_span(xmin, g), _closed_form_span(xmax, g)
+        return True, bool((lo >= g.k).all()) and bool((hi <= g.nb - 1).all())
+    return True, bool((xmin >= g.grid[:, g.k]).all()) and bool((xmax < g.grid[:, g.nb]).all())
+
+
+def _closed_form_span(x: torch.Tensor, g: "_Grid", blk: Optional["_Block"] = None) -> torch.Tensor:
+    """Uniform knots, k >= 2: the span m (integer-valued floats of x's dtype, in [0, n - 2]) of
+    inputs x (rows, in) inside the knots on the computed knots ``c_m = t_0 + m h`` (a product,
+    then a sum: the float ops of the block kernels, compiled without contraction): the guess
+    ``floor((x - t_0) / h)`` is within one of it, and is moved by one where x lies on the other
+    side of ``c_m`` or ``c_{m+1}``. :func:`grid_is_uniform` admits only knots whose stored
+    values are within :data:`UNIFORM_TOL` eps h of these. ``c_m`` increases with m, so m is
+    monotone in x."""
+    n = g.n
+    m = torch.sub(x, g.t0, out=None if blk is None else blk.scratch("m", x.numel()).view(x.shape))
+    m.mul_(g.inv_h).floor_().clamp_(0, n - 2)
+    c = torch.mul(m, g.h).add_(g.t0)
+    m.sub_(torch.lt(x, c).to(m.dtype)).clamp_(min=0)
+    c = torch.add(m, 1).mul_(g.h).add_(g.t0)
+    return m.add_(torch.ge(x, c).to(m.dtype)).clamp_(max=n - 2)
 
 
 def _spans(
     x: torch.Tensor, g: _Grid, all_inside: Optional[bool] = None, blk: Optional["_Block"] = None
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Span index ``m`` (rows, in), ``n - 1`` for inputs outside the knots (int64; on the
-    uniform ``k >= 2`` path integer-valued floats of x's dtype), and
-    (uniform knots) the local coordinate ``f`` in [0, 1] up to rounding.
-    ``blk``: take the outputs' memory from its scratch buffers."""
+    uniform ``k >= 2`` path integer-valued floats of x's dtype), and (uniform knots) the local
+    coordinate ``f = (x - t_m) / h`` in [0, 1] up to rounding (0 outside). ``all_inside``: the
+    caller knows every input is inside. ``blk``: take the outputs' memory from its scratch
+    buffers.
+
+    Uniform knots, k >= 2: :func:`_closed_form_span` (spans and ``t_m`` on the computed knots
+    ``t_0 + m h``, which the uniformity test holds within a few eps h of the stored ones); the
+    local coordinate from that ``t_m``, not ``u - floor(u)``, whose rounding grows with the
+    knots' magnitude and with m. Uniform, k <= 1 (values or slopes jump at knots): the closed
+    form corrected against the stored knots, so that an input exactly on a knot takes the
+    reference's span. Otherwise ``searchsorted``."""
     n = g.n
+    outside = None
+    if not all_inside:
+        outside = torch.lt(x, g.tn).logical_not_().logical_or_(x < g.t0)  # NaN -> outside
     if g.uniform and g.k >= 2:
-        E = x.numel()
-        if blk is not None:
-            u = torch.sub(x, g.t0, out=blk.scratch("u", E).view(x.shape)).mul_(g.inv_h)
-            m = blk.scratch("m", E).view(x.shape)
-        else:
-            u = (x - g.t0).mul_(g.inv_h)
-            m = None
-        if not (all_inside if all_inside is not None else _all_inside(x, g)):
-            outside = torch.lt(x, g.tn).logical_not_().logical_or_(x < g.t0)
-            u.masked_fill_(outside, float(n - 1))
-        # m = floor(u) as a float (exact: an integer < 2^24), and f = u - m, exact.
-        # An inside input whose u rounds up to n - 1 lands on the sentinel span: its
-        # bases there are 0 up to rounding. Values and first derivatives are
-        # continuous for k >= 2, so a span off by one for an input within rounding
-        # of a knot changes nothing beyond rounding either.
-        m = torch.floor(u, out=m)
-        return m, u.sub_(m)
-    outside = torch.lt(x, g.tn).logical_not_().logical_or_(x < g.t0)  # NaN -> outside
+        xs = x if outside is None else torch.where(outside, g.t0, x)
+        m = _closed_form_span(xs, g, blk)
+        f = torch.mul(m, g.h, out=None if blk is None else blk.scratch("u", x.numel()).view(x.shape))
+        f.add_(g.t0)
+        torch.sub(xs, f, out=f).mul_(g.inv_h)
+        if outside is not None:
+            f.masked_fill_(outside, 0.0)
+            m.masked_fill_(outside, float(n - 1))
+        return m, f
     if g.uniform:
-        u = (x - g.t0).mul_(g.inv_h).masked_fill_(outside, float(n - 1))
-        m = torch.floor(u).clamp_(max=n - 2).long()
-        inside = outside.logical_not_()
-        m = _correct_span(x, m, g, inside)
+        u = (x - g.t0).mul_(g.inv_h)
+        if outside is not None:
+            u.masked_fill_(outside, 0.0)
+        m = _correct_span(x, torch.floor(u).clamp_(0, n - 2).long(), g, None)
         t_m = g.flat[g.row_base + m]
-        f = (x - t_m).mul_(g.inv_h)
-        return m.masked_fill_(~inside, n - 1), f
+        out = None if blk is None else blk.scratch("u", x.numel()).view(x.shape)
+        f = torch.sub(x, t_m, out=out).mul_(g.inv_h)
+        if outside is not None:
+            f.masked_fill_(outside, 0.0)
+            m.masked_fill_(outside, n - 1)
+        return m, f
     m = torch.searchsorted(g.grid, x.t().contiguous(), right=True).t() - 1
-    m = m.clamp_(0, n - 2).masked_fill_(outside, n - 1)
+    m = m.clamp_(0, n - 2)
+    if outside is not None:
+        m.masked_fill_(outside, n - 1)
     return m, None
 
 
@@ -870,7 +923,8 @@ def _kernel_fill(kern, blk: _Block, rows: int, xc: torch.Tensor, g: _Grid, C: in
     """The chunk's dense block (rows, blk.C * in), its first C column blocks written by the
     fill kernel (SiLU block included when the block has one): steps 1-3 in one pass."""
     D = blk.rows(rows)
-    kern.fill(xc, g.t0, g.tn, g.inv_h, g.n, g.k, g.polys[0], D, blk.off, C, blk.scratch("kf", (g.k + 3) * blk.nin))
+    kern.fill(xc, g.h, g.t0, g.tn, g.inv_h, g.n, g.k, g.polys[0], D, blk.off, C,
+              blk.scratch("kf", (g.k + 3) * blk.nin))
     return D
 
 
@@ -1054,7 +1108,7 @@ def _backward_features(
             torch.mm(gy, wg, out=gD[:, :Kx])
             if kern is not None:  # grad_x from grad_D in one pass (silu' included)
                 poly = g.polys[1] if deriv else g.polys[2]  # Q_r: derivative-spline bases, or d/df
-                kern.grad_x(xc, g.t0, g.tn, g.inv_h, g.n, k, poly, gD, off, Kx // fw, grad_x[s : s + size, f0:f1],
+                kern.grad_x(xc, g.h, g.t0, g.tn, g.inv_h, g.n, k, poly, gD, off, Kx // fw, grad_x[s : s + size, f0:f1],
                             blk.scratch("kf", (k + 3) * fw))
                 continue
             if Kx < C * fw and not deriv:  # the dropped basis's slots read 0
@@ -1095,7 +1149,16 @@ def _backward_features(
         if reduced:
             if colsum is None:
                 colsum = grad_y.sum(0)
-            torch.sub(colsum[:, None], gWv[:, off : C - 1, :].sum(1), out=gWv[:, C - 1, :])
+            last = gWv[:, C - 1, :]
+            torch.sub(colsum[:, None], gWv[:, off : C - 1, :].sum(1), out=last)
+            if N:  # B_L is 0 on every row of a feature whose inputs all lie at or below its first
+                # knot t_L (below it for k = 0): its exact gradient sum_b grad_y * 0 (0, or NaN
+                # after a non-finite grad_y), where the difference above leaves rounding noise
+                # (Adam, scale-free, would move that weight no input reaches)
+                xmax, t_last = x[:, f0:f1].amax(0), g.grid[:, nb - 1]
+                untouched = xmax <= t_last if k >= 1 else xmax < t_last
+                if bool(untouched.any()):
+                    last.copy_(torch.where(untouched, colsum[:, None] * 0, last))
         gsp = gWv[:, off:, :].permute(0, 2, 1)  # (out, fw, nb): the gradient w.r.t. W
         gc = grad_c[:, f0 * nb : f1 * nb].view(nout, fw, nb)
         if scale is None:

@@ -1,7 +1,10 @@
 """``kanfast validate``: every available backend against the float64 reference.
 
 For each case (layer shape, spline order k, uniform or sample-adapted knots,
-inputs inside and outside the grid) the backend's output and the gradients of
+inputs inside and outside the grid; and float32's hard grids: knots far from 0 against
+their spacing, (1e3, 1e3 + 1) and (1e6, 1e6 + 1) at G = 50, fine grids on (-1, 1): G = 500
+(the layer's own, exactly equal steps) and G = 1000 with knots rounded one by one; spline
+term alone so that its error shows) the backend's output and the gradients of
 x, base_weight, spline_weight and spline_scaler are compared with
 ``kanfast.reference`` evaluated in float64 on the CPU. Errors are reported as
 max abs error and relative error ``max|a - b| / max|b|``; a relative error over
@@ -11,6 +14,7 @@ the dtype's tolerance is a mismatch (exit status 1).
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import copy
 from dataclasses import dataclass
@@ -40,13 +44,17 @@ class Case:
     out_features: int
     grid_size: int
     spline_order: int
-    grid: str  # "uniform" or "adapted"
+    grid: str  # "uniform" (the layer's own knots), "adapted", or "rounded" (each knot rounded from lo + j h)
     inputs: str  # "inside" or "wide" (about a third outside the knots)
+    grid_range: tuple = (-1.0, 1.0)
+    base: bool = True  # False: base_weight 0, the spline term alone
 
     def label(self) -> str:
+        extra = "" if self.grid_range == (-1.0, 1.0) else f" on ({self.grid_range[0]:g}, {self.grid_range[1]:g})"
+        extra += "" if self.base else " spline only"
         return (
             f"x{self.lead}+({self.in_features}) out={self.out_features} G={self.grid_size} "
-            f"k={self.spline_order} {self.grid} {self.inputs}"
+            f"k={self.spline_order} {self.grid} {self.inputs}{extra}"
         )
 
 
@@ -62,17 +70,45 @@ def default_cases(quick: bool = False) -> List[Case]:
                 cases.append(Case(lead, i, o, G, k, grid, inputs))
     if quick:
         cases = cases[::4]
+    # float32's hard grids (the closed form once took knots as t_0 + j h: 5e-4 relative at
+    # (1e3, 1e3 + 1), 0.5 at (1e6, 1e6 + 1), 6e-5 at G = 1000)
+    hard = [((1e3, 1e3 + 1), 50, "uniform"), ((1e6, 1e6 + 1), 50, "uniform"), ((-1.0, 1.0), 500, "uniform"),
+            ((-1.0, 1.0), 1000, "rounded")]
+    if quick:
+        hard = hard[1:2] + hard[3:]
+    cases += [Case((16,), 2, 3, G, 3, grid, "inside", grid_range=rng, base=False) for rng, G, grid in hard]
     return cases
 
 
 def _make_layer(case: Case, seed: int):
-    from .layer import FastKANLayer
+    from .layer import FastKANLayer, uniform_grid
 
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    layer = FastKANLayer(case.in_features, case.out_features, grid_size=case.grid_size, spline_order=case.spline_order, dtype=torch.float64)
+    kw = dict(grid_size=case.grid_size, spline_order=case.spline_order, grid_range=case.grid_range, dtype=torch.float64)
+    if case.grid_size < 200:
+        layer = FastKANLayer(case.in_features, case.out_features, **kw)
+    else:  # the constructor's least-squares init of spline_weight (replaced below) costs O(in G^3)
+        layer = FastKANLayer(case.in_features, case.out_features, device="meta", **kw).to_empty(device="cpu")
+        with torch.no_grad():
+            layer.grid.copy_(uniform_grid(case.in_features, case.grid_size, case.spline_order, case.grid_range))
+            for p in (layer.base_weight, layer.spline_scaler):
+                torch.nn.init.kaiming_uniform_(p, a=math.sqrt(5))
+        layer.refresh_grid_cache()
     with torch.no_grad():
+        if case.grid == "uniform":  # a float32 layer's knots (exact in float64 too): both dtypes take the closed form
+            layer.grid.copy_(uniform_grid(case.in_features, case.grid_size, case.spline_order, case.grid_range,
+                                          dtype=torch.float32))
+            layer.refresh_grid_cache()
         layer.spline_weight.copy_(torch.randn(layer.spline_weight.shape, generator=g, dtype=torch.float64))
+        if not case.base:
+            layer.base_weight.zero_()
+        if case.grid == "rounded":  # each knot rounded from lo + j h (in float64 here, to float32 by the cast)
+            lo, hi = case.grid_range
+            k = case.spline_order
+            steps = torch.arange(-k, case.grid_size + k + 1, dtype=torch.float64)
+            layer.grid.copy_((steps * ((hi - lo) / case.grid_size) + lo).expand_as(layer.grid))
+            layer.refresh_grid_cache()
         if case.grid == "adapted":
             samples = torch.randn(64, case.in_features, generator=g, dtype=torch.float64) ** 3 * 0.5
             layer.update_grid(samples)

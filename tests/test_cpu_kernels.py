@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import assert_close, backend_grads, compare_to_reference
+from conftest import assert_close, backend_grads, compare_to_reference, grid_case_inputs, grid_case_layer
 from kanfast import FastKANLayer, torch_backend
 from kanfast.kernels import cpu_spline
 
@@ -139,6 +139,23 @@ def test_where_the_kernels_run(spy):
         assert (spy["fill"] > 0) == used and (spy["grad_x"] > 0) == used, (k, update, spy)
 
 
+@needs_kernels
+@pytest.mark.parametrize("G", [5, 10, 20, 50])
+def test_default_layers_take_the_kernels(G, spy):
+    """The default layer (grid_range (-1, 1), float32) keeps the compiled closed form at every
+    usual G: its knots are exactly equally spaced as stored. Knots far from 0 against their
+    spacing, or rounded one by one from a G = 50 grid, are searched (the torch ops) instead."""
+    x = (torch.rand(40, 5) * 2 - 1).requires_grad_()
+    layer = FastKANLayer(5, 3, grid_size=G)
+    layer(x).sum().backward()
+    assert spy["fill"] > 0 and spy["grad_x"] > 0
+    for case in ("far-1e3-G50", "default-G50-rounded"):
+        layer = grid_case_layer(case, nin=5)
+        spy["fill"] = spy["grad_x"] = 0
+        layer(grid_case_inputs(layer, 40).requires_grad_()).sum().backward()
+        assert spy["fill"] == 0 and spy["grad_x"] == 0, case
+
+
 def test_disabled_by_environment(fresh_load, monkeypatch):
     """KANFAST_CPU_KERNEL=0: nothing is built, the torch ops run, results unchanged."""
     monkeypatch.setenv("KANFAST_CPU_KERNEL", "0")
@@ -227,7 +244,7 @@ def test_silu_and_its_derivative_in_the_kernels(dtype, ulps):
     x = torch.linspace(-80, 80, 160001, dtype=torch.float64)
     x = torch.cat([x, torch.tensor([0.0, 1e-30, -1e-30, -1.2784645, float("inf"), -float("inf")], dtype=torch.float64)])
     x = x.to(dtype).view(-1, 1)
-    knots = dict(t0=torch.tensor([-1.0], dtype=dtype), tn=torch.tensor([1.0], dtype=dtype),
+    knots = dict(h=torch.tensor([1.0], dtype=dtype), t0=torch.tensor([-1.0], dtype=dtype), tn=torch.tensor([1.0], dtype=dtype),
                  inv_h=torch.tensor([1.0], dtype=dtype), n=3, k=2)
     work = torch.empty(8, dtype=dtype)
     out = torch.empty_like(x)

@@ -333,8 +333,12 @@ def test_no_basis_tensor_saved_for_backward():
 
 
 def test_knots_are_built_in_the_layer_dtype():
-    """A float64 layer gets float64 knots (not float32-rounded ones): -2.2 .. 2.2 in steps of 0.4."""
+    """A float64 layer gets float64 knots (not float32-rounded ones): -2.2 .. 2.2 in steps of 0.4
+    (the step rounded to float64's last place at the knots, so that the steps are exactly equal)."""
     layer = FastKANLayer(3, 2, dtype=torch.float64)
     want = torch.arange(-3, 9, dtype=torch.float64) * 0.4 - 1.0
     assert layer.grid.dtype == torch.float64
-    assert torch.equal(layer.grid[1], want)
+    torch.testing.assert_close(layer.grid[1], want, rtol=0, atol=1e-14)
+    assert (layer.grid[1] - want.float().double()).abs().max() > 1e-9
+    steps = layer.grid[1, 1:] - layer.grid[1, :-1]
+    assert torch.equal(steps, steps[:1].expand_as(steps))

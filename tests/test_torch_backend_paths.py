@@ -12,8 +12,17 @@ import itertools
 import pytest
 import torch
 
-from conftest import assert_close, backend_grads, compare_to_reference
+from conftest import (
+    GRID_CASES,
+    assert_close,
+    backend_grads,
+    compare_to_reference,
+    float32_errors,
+    grid_case_inputs,
+    grid_case_layer,
+)
 from kanfast import FastKANLayer, torch_backend
+from kanfast.layer import uniform_grid
 from kanfast.kernels import cpu_spline
 from kanfast.reference import kan_linear_reference
 
@@ -255,3 +264,75 @@ def test_reduction_declined_where_it_would_cancel(case):
         err_ref = float((r.double() - t).abs().max() / scale)
         err = float((g.double() - t).abs().max() / scale)
         assert err <= max(10 * err_ref, 1e-6), f"{name}: {err:.2e} vs the float32 reference's {err_ref:.2e}"
+
+
+@pytest.mark.parametrize("case", list(GRID_CASES))
+def test_float32_error_on_far_and_fine_grids(case):
+    """float32 on knots far from 0 against their spacing, very fine, rounded one by one or
+    jittered within the uniformity tolerance: output and every gradient within 10x of the
+    float32 reference backend's error, both against a float64 evaluation on the same stored
+    knots. (The closed form used to take the knots as t_0 + j h and its local coordinate from
+    (x - t_0) / h: 5e-4 relative at (1e3, 1e3 + 1), 0.5 at (1e6, 1e6 + 1), 6e-5 at G = 1000.)"""
+    layer = grid_case_layer(case)
+    x = grid_case_inputs(layer, 64)
+    for name, (err, err_ref) in float32_errors(layer, x, "torch").items():
+        assert err <= 10 * err_ref, f"{case} {name}: {err:.2e} vs the float32 reference's {err_ref:.2e}"
+
+
+def test_uniformity_is_relative_to_the_spacing():
+    """The closed form only where the stored knots are equally spaced to a few eps of h: the
+    layer's own knots (exactly equal steps) are; knots rounded one by one from a fine or offset
+    grid, coincident, swapped, constant or non-finite knots are not."""
+    for G in (5, 10, 20, 50, 500):
+        for dtype in (torch.float32, torch.float64):
+            assert torch_backend.grid_is_uniform(uniform_grid(2, G, 3, (-1.0, 1.0), dtype=dtype)), (G, dtype)
+    assert torch_backend.grid_is_uniform(FastKANLayer(2, 1, grid_size=50).grid)
+    for case in ("far-1e3-G50", "far-1e4-G50", "far-1e6-G50", "fine-G1000-rounded", "default-G50-rounded"):
+        # (also the layer's own knots at (-1, 1), G = 1000: equal steps would move them too far)
+        assert not torch_backend.grid_is_uniform(grid_case_layer(case).grid), case
+    assert torch_backend.grid_is_uniform(grid_case_layer("default-G20-jittered").grid)
+    assert torch_backend.grid_is_uniform(grid_case_layer("fine-G500").grid)
+    assert not torch_backend.grid_is_uniform(uniform_grid(2, 1000, 3, (-1.0, 1.0)))
+    t = FastKANLayer(1, 1).grid
+    far = uniform_grid(1, 50, 3, (1e6, 1e6 + 1))
+    assert bool((far[0, 1:] == far[0, :-1]).any())  # coincident stored knots
+    swapped = t.clone()
+    swapped[0, [4, 5]] = swapped[0, [5, 4]]
+    nan = t.clone()
+    nan[0, 3] = float("nan")
+    for bad in (far, swapped, nan, torch.zeros_like(t), t.flip(1)):
+        assert not torch_backend.grid_is_uniform(bad)
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_untouched_last_basis_gets_exactly_zero_gradient(k):
+    """Inputs in [-1, 0.6) on the default knots: the last basis (support [t_L, t_last) = [0.6, 2.2))
+    is 0 on every row, so its weight's gradient is exactly 0, as the reference's. The reduced
+    form (last basis dropped, its weight turned into a bias) used to return its column as
+    sum_b grad_y - sum_{j<L} gW_j: rounding noise up to ~1e-6, which Adam (scale-free) turned
+    into steps of lr per iteration on weights no input reaches."""
+    torch.manual_seed(0)
+    layer = FastKANLayer(4, 3, spline_order=k)
+    x = torch.rand(256, 4) * 1.6 - 1
+    assert float(x.max()) < float(layer.grid[:, -k - 2].min())  # below t_L (0.6)
+    ref = backend_grads(layer, x, "reference")[3]
+    got = backend_grads(layer, x, "torch")[3]
+    assert torch.equal(ref[..., -1], torch.zeros_like(ref[..., -1]))
+    assert torch.equal(got[..., -1], torch.zeros_like(got[..., -1]))
+    assert got[..., :-1].abs().amax() > 0
+
+
+def test_adam_leaves_untouched_weights_bit_identical():
+    torch.manual_seed(0)
+    layer = FastKANLayer(4, 3, backend="torch")
+    x = torch.rand(128, 4) * 1.6 - 1
+    target = torch.sin(3 * x).sum(-1, keepdim=True).expand(-1, 3)
+    before = layer.spline_weight.detach().clone()
+    opt = torch.optim.Adam(layer.parameters(), lr=1e-2)
+    for _ in range(30):
+        opt.zero_grad()
+        (layer(x) - target).square().mean().backward()
+        opt.step()
+    after = layer.spline_weight.detach()
+    assert torch.equal(after[..., -1], before[..., -1])
+    assert not torch.equal(after[..., :-1], before[..., :-1])

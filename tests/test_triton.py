@@ -436,3 +436,38 @@ def test_grid_written_through_data_then_refreshed():
     y = layer(x)
     layer.backend = "reference"
     assert_close(y, layer(x), 1e-5)
+
+
+@pytest.mark.parametrize(
+    "case", ["far-1e3-G50", "far-1e6-G50", "fine-G1000-rounded", "default-G20-jittered", "default-G5"]
+)
+def test_float32_error_on_far_and_fine_grids(case, monkeypatch):
+    """As tests/test_torch_backend_paths.py's test of the same name, through the kernels (IEEE
+    fp32 dots): output and every gradient within 10x of the float32 reference backend's error
+    against a float64 evaluation on the same stored knots. (The uniform path used to take
+    (1e6, 1e6 + 1)'s coincident knots as uniform: 0.95 relative; 1.5e-3 at (1e3, 1e3 + 1).)"""
+    from conftest import float32_errors, grid_case_inputs, grid_case_layer
+
+    monkeypatch.setattr(tb, "_FP32_PRECISION", "ieee")
+    layer = grid_case_layer(case, nin=2, nout=3)
+    x = grid_case_inputs(layer, 16)
+    for name, (err, err_ref) in float32_errors(layer, x, "triton").items():
+        assert err <= 10 * err_ref, f"{case} {name}: {err:.2e} vs the float32 reference's {err_ref:.2e}"
+
+
+def test_untouched_last_basis_gets_exactly_zero_gradient():
+    """Inputs in [-1, 0.6): the last basis is 0 on every row; its weight's gradient is exactly
+    0, and Adam leaves that weight bit-identical."""
+    torch.manual_seed(0)
+    layer = FastKANLayer(2, 3, backend="triton")
+    x = torch.rand(24, 2) * 1.6 - 1
+    assert float(x.max()) < float(layer.grid[:, -5].min())  # t_L (0.6)
+    before = layer.spline_weight.detach().clone()
+    opt = torch.optim.Adam(layer.parameters(), lr=1e-2)
+    for step in range(3):
+        opt.zero_grad()
+        (layer(x) - torch.sin(3 * x[:, :1])).square().mean().backward()
+        g = layer.spline_weight.grad
+        assert torch.equal(g[..., -1], torch.zeros_like(g[..., -1])) and g[..., :-1].abs().amax() > 0
+        opt.step()
+    assert torch.equal(layer.spline_weight.detach()[..., -1], before[..., -1])

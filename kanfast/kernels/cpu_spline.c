@@ -2,9 +2,13 @@
  *
  * Algorithm (Liu et al. 2024, eq. 2.10 with efficient-kan's layer; one feature group, one
  * chunk of rows; the caller's GEMMs do the contraction):
- *   kf_fill:   for every row b and input feature i of the group, the span
- *              m = floor((x - t_0) / h) (the sentinel span n - 1 for inputs outside
- *              [t_0, t_last), NaN and +-inf included), the local coordinate f = u - m, and
+ *   kf_fill:   for every row b and input feature i of the group, the span m with
+ *              c_m <= x < c_{m+1} on the computed knots c_m = t_0 + m h (the closed form
+ *              floor((x - t_0) / h), within one of it, moved by one against c_m and c_{m+1};
+ *              the caller's uniformity test holds the stored knots within a few eps h of c_m;
+ *              the sentinel span n - 1 for inputs outside [t_0, t_last), NaN and +-inf
+ *              included), the local coordinate f = (x - c_m) / h (not u - floor(u), whose
+ *              rounding grows with the knots' magnitude and with m), and
  *              the k + 1 non-zero bases B_{m-k+r}(x) = P_r(f) (P_r the cardinal pieces,
  *              Horner's rule); then the row of the dense basis-major block
  *              [silu(x) | B_0 | ... | B_{C-off-1}], column block c holding, for each
@@ -37,7 +41,7 @@
 
 #ifndef KF_BODY
 
-int kf_abi_version(void) { return 2; }
+int kf_abi_version(void) { return 3; }
 
 /* exp for float, vectorisable (Cephes expf: range reduction by ln 2, degree-6 polynomial).
  * Arguments below -87.3 give exp(-87.3) (~1e-38: 1 + e rounds to 1, as it would for the exact
@@ -82,18 +86,27 @@ static inline double kf_exp(double x) { return exp(x); }
 
 #else /* KF_BODY: the kernels for one element type T (included once per type above) */
 
-/* spans of one row: m (as T: exact small integers; the sentinel n - 1 outside) and f */
-static inline void SFX(kf_spans)(int64_t fw, const T* restrict xr, const T* restrict t0, const T* restrict tn,
-                                 const T* restrict inv_h, int64_t n, T* restrict m, T* restrict f) {
+/* spans of one row: m (as T: exact small integers; the sentinel n - 1 outside) and f, on the
+ * computed knots c_m = t0 + m h: the float ops of kanfast.torch_backend._closed_form_span */
+static inline void SFX(kf_spans)(int64_t fw, const T* restrict xr, const T* restrict h, const T* restrict t0,
+                                 const T* restrict tn, const T* restrict inv_h, int64_t n, T* restrict m,
+                                 T* restrict f) {
     const T sentinel = (T)(n - 1);
+    const T last = (T)(n - 2);
     for (int64_t i = 0; i < fw; i++) {
-        T xi = xr[i];
-        int outside = !(xi < tn[i]) | (xi < t0[i]); /* NaN: outside */
-        T u = (xi - t0[i]) * inv_h[i];
-        u = outside ? sentinel : u;
-        T mi = FLOOR(u);
-        m[i] = mi;
-        f[i] = u - mi;
+        const T x0 = xr[i];
+        int outside = !(x0 < tn[i]) | (x0 < t0[i]); /* NaN: outside */
+        const T xi = outside ? t0[i] : x0;
+        T mi = FLOOR((xi - t0[i]) * inv_h[i]);
+        mi = mi >= (T)0 ? mi : (T)0;
+        mi = mi <= last ? mi : last;
+        mi = xi < t0[i] + mi * h[i] ? mi - (T)1 : mi; /* the guess is within one of the span */
+        mi = mi >= (T)0 ? mi : (T)0;
+        mi = xi >= t0[i] + (mi + (T)1) * h[i] ? mi + (T)1 : mi;
+        mi = mi <= last ? mi : last;
+        const T fi = (xi - (t0[i] + mi * h[i])) * inv_h[i];
+        m[i] = outside ? sentinel : mi;
+        f[i] = outside ? (T)0 : fi;
     }
 }
 
@@ -112,7 +125,8 @@ static inline void SFX(kf_poly)(int64_t fw, int64_t R, int64_t np, const T* rest
     }
 }
 
-void SFX(kf_fill)(int64_t rows, int64_t fw, const T* x, int64_t sx, const T* t0, const T* tn, const T* inv_h,
+void SFX(kf_fill)(int64_t rows, int64_t fw, const T* x, int64_t sx, const T* h, const T* t0, const T* tn,
+                  const T* inv_h,
                   int64_t n, int64_t k, const T* poly, T* out, int64_t so, int64_t off, int64_t C, int64_t direct,
                   T* work) {
     T* restrict m = work;
@@ -121,7 +135,7 @@ void SFX(kf_fill)(int64_t rows, int64_t fw, const T* x, int64_t sx, const T* t0,
     for (int64_t b = 0; b < rows; b++) {
         const T* restrict xr = x + b * sx;
         T* restrict o = out + b * so;
-        SFX(kf_spans)(fw, xr, t0, tn, inv_h, n, m, f);
+        SFX(kf_spans)(fw, xr, h, t0, tn, inv_h, n, m, f);
         SFX(kf_poly)(fw, k + 1, k + 1, poly, f, v);
         if (off) /* silu(x) = x / (1 + exp(-x)) */
             for (int64_t i = 0; i < fw; i++) o[i] = xr[i] / ((T)1 + EXP(-xr[i]));
@@ -149,7 +163,8 @@ void SFX(kf_fill)(int64_t rows, int64_t fw, const T* x, int64_t sx, const T* t0,
     }
 }
 
-void SFX(kf_grad_x)(int64_t rows, int64_t fw, const T* x, int64_t sx, const T* t0, const T* tn, const T* inv_h,
+void SFX(kf_grad_x)(int64_t rows, int64_t fw, const T* x, int64_t sx, const T* h, const T* t0, const T* tn,
+                    const T* inv_h,
                     int64_t n, int64_t k, int64_t R, int64_t np, const T* poly, const T* g, int64_t sg, int64_t off,
                     int64_t C, int64_t direct, T* gx, int64_t sgx, T* work) {
     T* restrict m = work;
@@ -159,7 +174,7 @@ void SFX(kf_grad_x)(int64_t rows, int64_t fw, const T* x, int64_t sx, const T* t
         const T* restrict xr = x + b * sx;
         const T* restrict gr = g + b * sg;
         T* restrict o = gx + b * sgx;
-        SFX(kf_spans)(fw, xr, t0, tn, inv_h, n, m, f);
+        SFX(kf_spans)(fw, xr, h, t0, tn, inv_h, n, m, f);
         SFX(kf_poly)(fw, R, np, poly, f, q);
         if (off) { /* silu'(x) = s (1 + x (1 - s)), s = sigmoid(x) */
             for (int64_t i = 0; i < fw; i++) {

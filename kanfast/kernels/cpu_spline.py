@@ -70,7 +70,7 @@ MAX_ORDER = 16
 #: selecting them by compares over every column (see the C header).
 SELECT_MAX = 64
 _SOURCE = Path(__file__).with_name("cpu_spline.c")
-_ABI = 2
+_ABI = 3
 
 _lock = threading.Lock()
 _loaded = False
@@ -414,7 +414,10 @@ class CpuSplineKernels:
     """Launchers of the kernels in ``cpu_spline.c`` for float32 and float64 CPU tensors.
 
     Preconditions (the caller's, checked by :meth:`supports` and asserted cheaply here):
-    knots uniform; ``x`` of the chunk (rows, fw) with unit stride along features; the
+    knots uniform (each stored knot within a small multiple of eps * h of equal spacing and of
+    the knot ``t_0 + m h`` the kernels compute, against which they take spans and local
+    coordinates); ``x`` of the chunk (rows, fw) with unit stride along features; ``h`` (fw,)
+    the spacings (``inv_h`` their reciprocals); the
     output block rows (rows, >= C * fw) with unit stride; t0, tn, inv_h contiguous (fw,);
     every tensor of x's dtype. Nothing is allocated here: the caller passes the work buffer
     (at least ``(R + 2) * fw`` elements of x's dtype, R the number of polynomials)."""
@@ -426,10 +429,10 @@ class CpuSplineKernels:
         self._fill, self._grad_x = {}, {}
         for dtype, sfx in ((torch.float32, "f32"), (torch.float64, "f64")):
             fill = getattr(lib, f"kf_fill_{sfx}")
-            fill.argtypes = [_I, _I, _P, _I, _P, _P, _P, _I, _I, _P, _P, _I, _I, _I, _I, _P]
+            fill.argtypes = [_I, _I, _P, _I, _P, _P, _P, _P, _I, _I, _P, _P, _I, _I, _I, _I, _P]
             fill.restype = None
             gx = getattr(lib, f"kf_grad_x_{sfx}")
-            gx.argtypes = [_I, _I, _P, _I, _P, _P, _P, _I, _I, _I, _I, _P, _P, _I, _I, _I, _I, _P, _I, _P]
+            gx.argtypes = [_I, _I, _P, _I, _P, _P, _P, _P, _I, _I, _I, _I, _P, _P, _I, _I, _I, _I, _P, _I, _P]
             gx.restype = None
             self._fill[dtype], self._grad_x[dtype] = fill, gx
         self._lib = lib
@@ -452,26 +455,29 @@ class CpuSplineKernels:
         the C header): direct once the columns times the slots exceed :data:`SELECT_MAX`."""
         return int((C - off) * (k + 1) > SELECT_MAX)
 
-    def fill(self, x, t0, tn, inv_h, n: int, k: int, poly, out, off: int, C: int, work) -> None:
+    def fill(self, x, h, t0, tn, inv_h, n: int, k: int, poly, out, off: int, C: int, work) -> None:
         """Rows of ``out`` (rows, >= C * fw): ``[silu(x) if off | B_0 | ... | B_{C-off-1}]``,
         column block c of ``fw`` columns; ``poly`` (k+1, k+1) contiguous, row r the
         coefficients of f^0..f^k of local basis r."""
         rows, fw = x.shape
         assert out.stride(1) == 1 and poly.is_contiguous() and work.numel() >= (k + 3) * fw
+        assert h.shape == (fw,) and h.is_contiguous() and h.dtype == x.dtype
         self._fill[x.dtype](
-            rows, fw, x.data_ptr(), x.stride(0), t0.data_ptr(), tn.data_ptr(), inv_h.data_ptr(), n, k,
+            rows, fw, x.data_ptr(), x.stride(0), h.data_ptr(), t0.data_ptr(), tn.data_ptr(), inv_h.data_ptr(), n, k,
             poly.data_ptr(), out.data_ptr(), out.stride(0), off, C, self.direct(k, C, off), work.data_ptr(),
         )
 
-    def grad_x(self, x, t0, tn, inv_h, n: int, k: int, poly, g, off: int, C: int, gx, work) -> None:
+    def grad_x(self, x, h, t0, tn, inv_h, n: int, k: int, poly, g, off: int, C: int, gx, work) -> None:
         """``gx`` (rows, fw) = ``g[:, :fw] * silu'(x)`` (when off) + the sum over slots r
         of ``g[b, (off + m - k + r) * fw + i] * Q_r(f)`` for the columns ``< C``;
         ``poly`` (R, np) contiguous, row r the coefficients of f^0.. of Q_r."""
         rows, fw = x.shape
         R, np_ = poly.shape
         assert g.stride(1) == 1 and gx.stride(1) == 1 and poly.is_contiguous() and work.numel() >= (R + 2) * fw
+        assert h.shape == (fw,) and h.is_contiguous() and h.dtype == x.dtype
         self._grad_x[x.dtype](
-            rows, fw, x.data_ptr(), x.stride(0), t0.data_ptr(), tn.data_ptr(), inv_h.data_ptr(), n, k, R, np_,
+            rows, fw, x.data_ptr(), x.stride(0), h.data_ptr(), t0.data_ptr(), tn.data_ptr(), inv_h.data_ptr(), n, k,
+            R, np_,
             poly.data_ptr(), g.data_ptr(), g.stride(0), off, C, self.direct(k, C, off), gx.data_ptr(), gx.stride(0),
             work.data_ptr(),
         )
