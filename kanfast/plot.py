@@ -122,8 +122,9 @@ def plot(
             if l in (0, L):  # inputs below, outputs above
                 ax.text(px, py + (-0.035 if l == 0 else 0.035), label, ha="center", va="center", fontsize=fs)
             else:  # hidden: beside the node, on a light box so the edges behind stay readable
-                ax.text(px + min(0.018, 0.3 / w), py, label, ha="left", va="center", fontsize=fs - 1, color="#333333",
-                        zorder=4, bbox=dict(boxstyle="round,pad=0.15", fc="white", ec="none", alpha=0.8))
+                ax.annotate(label, (px, py), xytext=(7, 0), textcoords="offset points", ha="left", va="center",
+                            fontsize=fs - 1, color="#333333", zorder=4,
+                            bbox=dict(boxstyle="round,pad=0.15", fc="white", ec="none", alpha=0.8))
 
     for l, layer in enumerate(layers):
         nin, nout = layer.in_features, layer.out_features

@@ -641,7 +641,7 @@ def _plot(rows: List[Dict[str, Any]], path: Path, floors: Optional[List[Dict[str
     shapes = [shape_of(r) for r in rows]
     if not ok:
         raise ValueError("no implementation has a measurement in these results: nothing to plot")
-    common = max(set(shapes), key=shapes.count)
+    common = max(dict.fromkeys(shapes), key=shapes.count)  # ties: the first shape of the run
     sweep = [k for k in keys if len({r[k] for r in rows}) > 1]
     metrics = [m for m in _PLOT_METRICS if any(r.get(m[0]) is not None for r in ok)]
     nrows = max(1, len(sweep))
@@ -671,7 +671,7 @@ def _plot(rows: List[Dict[str, Any]], path: Path, floors: Optional[List[Dict[str
                         ax.plot([p[0] for p in fpts], [p[1] for p in fpts], label=FLOOR_LABEL, **_FLOOR_STYLE)
                         yall += [p[1] for p in fpts]
                         floor_drawn = True
-                ax.set_xlabel(xlabel := dict(_PLOT_AXES)[xkey])
+                ax.set_xlabel(dict(_PLOT_AXES)[xkey])
                 ax.set_ylabel(ylabel)
                 _set_value_scale(ax, yall, "y")
                 if _log_if_wide(xvals, 8.0):
@@ -720,7 +720,8 @@ def _plot(rows: List[Dict[str, Any]], path: Path, floors: Optional[List[Dict[str
     # bars carry their names on the axis; lines need a legend entry each
     handles = [Line2D([], [], label=i, **_impl_style(i)) for i in sorted(drawn, key=_impl_order)] if sweep else []
     if floor_drawn:
-        handles.insert(sum(1 for i in drawn if i.startswith("kanfast-")), Line2D([], [], label=FLOOR_LABEL, **_FLOOR_STYLE))
+        handles.insert(sum(1 for i in drawn if i.startswith("kanfast-")),
+                       Line2D([], [], label=FLOOR_LABEL, **_FLOOR_STYLE))
     # what is not drawn, and why (the JSON has the full notes)
     missing: Dict[Tuple[str, str], List[Any]] = {}
     for r in rows:
