@@ -33,6 +33,7 @@ def plot(
     n_points: int = 100,
     max_edges_per_layer: int = 400,
     dpi: int = 150,
+    node_labels: bool = True,
 ):
     """Draw the network (matplotlib, Agg backend).
 
@@ -44,15 +45,24 @@ def plot(
             ``n_points`` uniform points over it.
         path: write the figure there (format from the suffix, e.g. ``.png``).
         beta: opacity ``= tanh(beta * |phi|_1)`` (the paper uses 3).
-        in_vars, out_vars: labels of the input / output nodes.
+        in_vars, out_vars: labels of the input / output nodes (one string per node; matplotlib
+            mathtext such as ``"$x_1$"`` works). Default: ``x_1 .. x_n`` under the inputs and
+            ``y_1 .. y_m`` over the outputs.
+        title: figure title.
         n_points: points per curve.
         max_edges_per_layer: layers with more edges are drawn as lines only.
+        dpi: resolution of the figure and of the written file.
+        node_labels: draw the default labels: the inputs' and outputs' above, and ``h_{l,j}``
+            (node ``j`` after layer ``l``, both from 1) beside each hidden node. Layers wider than
+            32 nodes get no default labels (they would not be readable). ``in_vars`` /
+            ``out_vars`` given explicitly are drawn either way.
 
     Returns:
         the ``matplotlib.figure.Figure``.
 
     Raises:
-        ImportError: matplotlib missing. ValueError: bad ``x`` shape.
+        ImportError: matplotlib missing. ValueError: bad ``x`` shape, or ``in_vars`` /
+        ``out_vars`` of the wrong length.
     """
     try:
         import matplotlib
@@ -74,6 +84,9 @@ def plot(
         ins = None
 
     L = len(layers)
+    for name, given, w in (("in_vars", in_vars, widths[0]), ("out_vars", out_vars, widths[-1])):
+        if given is not None and len(given) != w:
+            raise ValueError(f"plot: {name} has {len(given)} labels for {w} nodes")
     max_w = max(widths)
     fig_w = max(4.0, 1.4 * max(max_w, max(a * b for a, b in zip(widths[:-1], widths[1:])) ** 0.5 * 1.2))
     fig_h = 2.2 * L + 1.0
@@ -89,18 +102,29 @@ def plot(
         ypos = (l + 0.35) / (L + 0.7)
         return xpos, ypos
 
+    def node_label(l, n):
+        if l == 0 and in_vars is not None:
+            return str(in_vars[n])
+        if l == L and out_vars is not None:
+            return str(out_vars[n])
+        if not node_labels or widths[l] > 32:
+            return None
+        return f"$x_{{{n + 1}}}$" if l == 0 else f"$y_{{{n + 1}}}$" if l == L else f"$h_{{{l},{n + 1}}}$"
+
     for l, w in enumerate(widths):
+        fs = 11 if w <= 8 else 9 if w <= 16 else 7
         for n in range(w):
             px, py = node_xy(l, n)
             ax.scatter([px], [py], s=60, c="black", zorder=3)
-            label = None
-            if l == 0 and in_vars is not None:
-                label = in_vars[n]
-            elif l == L and out_vars is not None:
-                label = out_vars[n]
-            if label is not None:
-                dy = -0.035 if l == 0 else 0.035
-                ax.text(px, py + dy, label, ha="center", va="center", fontsize=11)
+            label = node_label(l, n)
+            if label is None:
+                continue
+            if l in (0, L):  # inputs below, outputs above
+                ax.text(px, py + (-0.035 if l == 0 else 0.035), label, ha="center", va="center", fontsize=fs)
+            else:  # hidden: beside the node, on a light box so the edges behind stay readable
+                ax.annotate(label, (px, py), xytext=(7, 0), textcoords="offset points", ha="left", va="center",
+                            fontsize=fs - 1, color="#333333", zorder=4,
+                            bbox=dict(boxstyle="round,pad=0.15", fc="white", ec="none", alpha=0.8))
 
     for l, layer in enumerate(layers):
         nin, nout = layer.in_features, layer.out_features
@@ -150,7 +174,8 @@ def plot(
                     for spine in sub.spines.values():
                         spine.set_alpha(max(a, 0.02))
                     if sym:
-                        sub.set_title(layer.symbolic.names[o][i], fontsize=7, color="red", pad=1)
+                        sub.set_title(layer.symbolic.names[o][i], fontsize=7, color="red", pad=1,
+                                      bbox=dict(boxstyle="square,pad=0.1", fc="white", ec="none"))
                 else:
                     ax.plot([xi, xo], [yi, yo], color=color, alpha=a, lw=1)
     if title:

@@ -339,7 +339,7 @@ def toy_workflow(args: argparse.Namespace, log: Callable[[str], None] = print) -
     if args.plot:
         from .plot import plot
 
-        plot(model, x, path=str(args.plot), in_vars=[f"x_{k + 1}" for k in range(n_var)], out_vars=["f"],
+        plot(model, x, path=str(args.plot), in_vars=[f"$x_{{{k + 1}}}$" for k in range(n_var)], out_vars=["$f$"],
              title=f"KAN for {text}")
         result["plot"] = str(args.plot)
         log(f"wrote {args.plot}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -87,3 +88,74 @@ def test_mlp_and_peer_statuses():
         make_peers(["nosuchkan"], 4, 3, 5, 3)
     for label, mod in make_peers(["flashkan", "inkan"], 4, 3, 5, 2):  # both are cubic-only
         assert isinstance(mod, PeerStatus) and mod.status in ("missing", "unsupported"), (label, mod)
+
+
+# ----------------------------------------------------------------------------- the figure
+
+RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+
+
+def _texts(fig):
+    import matplotlib.text
+
+    return [t.get_text() for t in fig.findobj(matplotlib.text.Text)]
+
+
+def test_replot_committed_json_draws_only_panels_with_data(tmp_path):
+    """A G sweep at one batch: one row of panels (fwd+bwd, forward, memory), the floor as a dashed line in the time
+    panels, kanfast drawn bolder than the peers, units on the axes, no placeholder panels."""
+    png = tmp_path / "t2.png"
+    fig = bench.plot_results(RESULTS / "target_t2.json", png)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(fig.axes) == 3 and all(ax.axison for ax in fig.axes)
+    assert not any("single" in t for t in _texts(fig))
+    time_axes = [ax for ax in fig.axes if "(ms)" in ax.get_ylabel()]
+    assert len(time_axes) == 2 and "(MiB)" in fig.axes[2].get_ylabel()
+    for ax in fig.axes:
+        assert ax.get_xlabel().startswith("grid size G")
+    for ax in time_axes:
+        lines = {ln.get_label(): ln for ln in ax.get_lines()}
+        floor = lines[bench.FLOOR_LABEL]
+        assert floor.get_linestyle() == "--"
+        assert list(floor.get_xdata()) == [5, 20, 50]  # one floor point per G of the run
+        assert lines["kanfast-torch"].get_linewidth() > lines["flashkan"].get_linewidth()
+        assert ax.get_yscale() == "log"  # 10 ms .. 10 s
+    assert bench.FLOOR_LABEL not in [ln.get_label() for ln in fig.axes[2].get_lines()]  # no memory floor
+    title = fig._suptitle.get_text()
+    for part in ("batch=4096", "in=256", "float32", "2 threads", "AMD EPYC"):
+        assert part in title, part
+    # what is not drawn is said, with the reason
+    assert any("not drawn" in t and "pykan" in t for t in _texts(fig))
+
+
+def test_replot_batch_sweep_and_single_shape(tmp_path):
+    fig = bench.plot_results(RESULTS / "batch_sweep_t2.json", tmp_path / "b.png")
+    assert len(fig.axes) == 3 and fig.axes[0].get_xlabel().startswith("batch")
+    assert fig.axes[0].get_xscale() == "log"
+    # one shape: bars, the floor as a vertical reference line, kanfast's names in bold
+    data = json.loads((RESULTS / "target_t2.json").read_text())
+    rows = [r for r in data["results"] if r["G"] == 20]
+    floors = [f for f in data["floors"] if f["G"] == 20]
+    fig = bench._plot(rows, tmp_path / "one.png", floors, data["meta"])
+    assert (tmp_path / "one.png").stat().st_size > 0
+    assert len(fig.axes) == 3
+    fb = fig.axes[0]
+    assert [ln.get_label() for ln in fb.get_lines()] == [bench.FLOOR_LABEL]
+    assert fb.get_lines()[0].get_xdata()[0] == pytest.approx(floors[0]["fwd_bwd_ms"])
+    bold = {t.get_text() for t in fb.get_yticklabels() if t.get_fontweight() == "bold"}
+    assert bold == {"kanfast-torch", "kanfast-reference"}
+
+
+def test_replot_command_line(tmp_path, capsys):
+    src = tmp_path / "run.json"
+    src.write_text((RESULTS / "default_cpu.json").read_text())
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    assert bench.run(parser.parse_args(["--replot", str(src)])) == 0  # PNG next to the JSON
+    assert (tmp_path / "run.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (tmp_path / "run.csv").exists()  # nothing was run
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"meta": {}}')
+    assert bench.run(parser.parse_args(["--replot", str(bad), "--plot", str(tmp_path / "x.png")])) == 2
+    assert "not a kanfast bench result" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()

@@ -58,3 +58,31 @@ def test_plot_is_a_function_in_the_namespace():
     assert callable(kanfast.plot)
     with pytest.raises(ValueError):
         kanfast.plot(KAN([2, 1]), torch.zeros(4, 3))
+
+
+def _canvas_texts(fig):
+    return [t.get_text() for t in fig.axes[0].texts]
+
+
+def test_plot_labels_nodes_by_default():
+    torch.manual_seed(2)
+    fig = kanfast.plot(KAN([2, 3, 1], grid_size=4, dtype=torch.float64))
+    texts = _canvas_texts(fig)
+    for label in ("$x_{1}$", "$x_{2}$", "$y_{1}$", "$h_{1,1}$", "$h_{1,2}$", "$h_{1,3}$"):
+        assert label in texts, (label, texts)
+    plt.close(fig)
+    # names given replace the defaults; node_labels=False keeps only those given
+    fig = kanfast.plot(KAN([2, 3, 1], grid_size=4), in_vars=["a", "b"], out_vars=["f"])
+    texts = _canvas_texts(fig)
+    assert {"a", "b", "f", "$h_{1,1}$"} <= set(texts) and "$x_{1}$" not in texts
+    plt.close(fig)
+    fig = kanfast.plot(KAN([2, 3, 1], grid_size=4), in_vars=["a", "b"], node_labels=False)
+    assert sorted(_canvas_texts(fig)) == ["a", "b"]
+    plt.close(fig)
+
+
+def test_plot_rejects_wrong_number_of_labels():
+    with pytest.raises(ValueError, match="in_vars has 1 labels for 2 nodes"):
+        kanfast.plot(KAN([2, 1]), in_vars=["x"])
+    with pytest.raises(ValueError, match="out_vars"):
+        kanfast.plot(KAN([2, 1]), out_vars=["y", "z"])

@@ -38,8 +38,11 @@ and three times that for fwd+bwd (the MLP: ``2 * batch * in * out`` and
 compares useful work per second.
 
 Writes a JSON file (``meta`` + ``results``) and a CSV of the results next to it,
-optionally a PNG (``--plot``): fwd+bwd time and peak memory against G and
-against batch, one line per implementation.
+optionally a PNG (``--plot``): fwd+bwd time, forward time and peak memory
+against each swept axis (G, batch, ...), one line per implementation, the dense
+floor dashed (one shape: bars). ``--replot RESULT.json --plot OUT.png`` re-draws
+the figure of an earlier run from its JSON without timing anything
+(:func:`plot_results`).
 """
 
 from __future__ import annotations
@@ -68,7 +71,7 @@ from .provenance import versions as _versions
 
 from ..cli_checks import IMAGE_SUFFIXES, check_memory, check_outputs, float_range, int_list, int_range, name_list, open_output
 
-__all__ = ["add_arguments", "check_arguments", "run", "dense_flops", "estimate_bytes", "SWEEPS"]
+__all__ = ["add_arguments", "check_arguments", "run", "dense_flops", "estimate_bytes", "plot_results", "SWEEPS"]
 
 DEFAULT_OUT = "kanfast-bench.json"
 
@@ -116,6 +119,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     o.add_argument("--out", type=Path, default=Path(DEFAULT_OUT), help=f"JSON path (default {DEFAULT_OUT}); CSV next to it")
     o.add_argument("--plot", type=Path, default=None, help="PNG with time and memory against G and batch")
     o.add_argument("--force", action="store_true", help="overwrite existing output files")
+    o.add_argument("--replot", type=Path, default=None, metavar="JSON",
+                   help="only re-draw the figure of an earlier run's JSON (to --plot, default: the JSON's name .png); "
+                        "nothing is timed")
     o.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     o.add_argument("--quiet", action="store_true", help="no table on stdout")
 
@@ -514,52 +520,261 @@ def _print_table(rows: List[Dict[str, Any]], floors: List[Dict[str, Any]]) -> No
             print()
 
 
-def _plot(rows: List[Dict[str, Any]], path: Path, force: bool = False) -> None:
+#: Sweep axes a figure can be drawn against, in panel-row order, with their axis labels (units).
+_PLOT_AXES = (("G", "grid size G (intervals per feature)"), ("batch", "batch (samples)"),
+              ("in", "in features"), ("out", "out features"), ("k", "spline order k"))
+#: (key in a result row, key in a floor row, axis label, panel title); the floor has no memory entry.
+_PLOT_METRICS = (("fwd_bwd_ms", "fwd_bwd_ms", "time per step (ms)", "forward+backward time"),
+                 ("fwd_ms", "fwd_ms", "time per call (ms)", "forward time (no_grad)"),
+                 ("peak_extra_mb", None, "peak extra memory (MiB)", "fwd+bwd peak extra memory"))
+FLOOR_LABEL = "dense GEMM floor (3 matmuls)"
+#: One look per implementation, the same in every figure: kanfast bold and warm, the floor black dashed,
+#: baselines grey, peers thin and cool; a ``+compile`` variant is its eager twin dash-dotted with hollow markers.
+_PLOT_STYLES = {
+    "kanfast-torch": dict(color="#d62728", marker="o", lw=3.0, ms=8, zorder=6),
+    "kanfast-reference": dict(color="#e6820e", marker="D", lw=2.6, ms=7, zorder=5),
+    "kanfast-triton": dict(color="#7b3294", marker="s", lw=3.0, ms=8, zorder=6),
+    "materialized": dict(color="#5a5a5a", marker="^", lw=1.6, ms=6, zorder=3),
+    "mlp": dict(color="#9a9a9a", marker="x", lw=1.3, ms=6, ls=":", zorder=2),
+    "pykan": dict(color="#1f77b4", marker="v", lw=1.3, ms=6, zorder=3),
+    "flashkan": dict(color="#2ca02c", marker="s", lw=1.3, ms=6, zorder=3),
+    "inkan": dict(color="#17becf", marker="P", lw=1.3, ms=7, zorder=3),
+}
+_FLOOR_STYLE = dict(color="black", ls="--", lw=1.7, zorder=7)
+
+
+def _impl_style(impl: str) -> Dict[str, Any]:
+    """Line style of an implementation (stable across figures; unknown names get a colour from their name)."""
+    import zlib
+
+    base, compiled = (impl[: -len("+compile")], True) if impl.endswith("+compile") else (impl, False)
+    style = dict(_PLOT_STYLES.get(base) or dict(
+        color=("#8c564b", "#bcbd22", "#9467bd", "#7f7f7f", "#e377c2")[zlib.crc32(base.encode()) % 5],
+        marker="h", lw=1.3, ms=6, zorder=3))
+    style.setdefault("ls", "-")
+    if compiled:
+        style.update(ls="-.", mfc="none", mew=1.6)
+    return style
+
+
+def _impl_order(impl: str) -> Tuple[int, int, str]:
+    known = list(_PLOT_STYLES)
+    base = impl.split("+")[0]
+    rank = 0 if impl.startswith("kanfast-") else 2 if base in ("materialized", "mlp") else 3
+    return rank, known.index(base) if base in known else len(known), impl
+
+
+def _short_reason(r: Dict[str, Any]) -> str:
+    note = r.get("note") or ""
+    if r.get("status") == "missing":
+        return "not installed"
+    if "--max-elements" in note:
+        return "skipped, tensors over --max-elements"
+    return f"{r.get('status')}: {note[:60]}" if note else str(r.get("status"))
+
+
+def _plot_title(meta: Dict[str, Any], fixed: Dict[str, Any]) -> str:
+    m = meta.get("machine") or {}
+    where = m.get("gpu") or f"{m.get('cpu_model', '?')} ({m.get('cpu_count', '?')} CPUs, {m.get('torch_threads', '?')} " \
+                            f"thread{'s' if m.get('torch_threads') != 1 else ''})"
+    shape = " ".join(f"{k}={v}" for k, v in fixed.items())
+    date = str(meta.get("date_utc", ""))[:10]
+    head = f"kanfast bench: {shape}, {meta.get('dtype', '?')}, {meta.get('device', '?')}: {where}"
+    reps = meta.get("repeats")
+    tail = (f"median of {reps} repeats" if reps else "median") + (f", {date}" if date else "") + \
+        "; lower is better; dashed black: the dense GEMM floor (the three matmuls of an exact dense-basis layer)"
+    return head + "\n" + tail
+
+
+def _log_if_wide(vals: Sequence[float], ratio: float = 10.0) -> bool:
+    pos = [v for v in vals if v is not None and v > 0]
+    return len(pos) >= 2 and max(pos) / min(pos) >= ratio
+
+
+def _set_value_scale(ax, vals: Sequence[float], axis: str) -> None:
+    """Log where the data spans a decade or more; symlog (linear below the smallest positive value's decade)
+    when a value is 0."""
+    import math
+
+    vals = [v for v in vals if v is not None]
+    setter = ax.set_yscale if axis == "y" else ax.set_xscale
+    if _log_if_wide(vals):
+        if any(v <= 0 for v in vals):
+            setter("symlog", linthresh=10.0 ** math.floor(math.log10(min(v for v in vals if v > 0))))
+        else:
+            setter("log")
+    elif axis == "x":
+        ax.set_xlim(left=0, right=max(vals) * 1.18 if vals else 1)
+    else:
+        ax.set_ylim(bottom=0, top=max(vals) * 1.12 if vals else 1)
+
+
+def _plot(rows: List[Dict[str, Any]], path: Path, floors: Optional[List[Dict[str, Any]]] = None,
+          meta: Optional[Dict[str, Any]] = None, force: bool = False):
+    """Draw the figure of a run (rows/floors/meta as written to the JSON) to ``path`` (PNG).
+
+    One row of panels per swept axis (G, batch, in, out, k: those with more than one value; the other axes fixed at
+    their most common value): fwd+bwd time, forward time and peak memory against it, one line per implementation,
+    the dense floor as a dashed reference line. A run of one shape gives horizontal bars instead. Panels without data
+    are not drawn; implementations with no measurement are listed with their reason under the figure.
+    An existing ``path`` is kept unless ``force``. Returns the (closed) ``matplotlib.figure.Figure``.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import FixedLocator, NullLocator, ScalarFormatter
 
+    floors = floors or []
+    meta = meta or {}
+    keys = [k for k, _ in _PLOT_AXES]
+    shape_of = lambda r: tuple(r[k] for k in keys)  # noqa: E731
     ok = [r for r in rows if r.get("fwd_bwd_ms") is not None]
-    fig, axes = plt.subplots(2, 2, figsize=(12, 9))
-    for col, (xkey, other) in enumerate((("G", "batch"), ("batch", "G"))):
-        # the most common value of the other axis, so each line varies one thing
-        fixed_vals = [r[other] for r in ok]
-        if not fixed_vals:
-            continue
-        fixed = max(set(fixed_vals), key=fixed_vals.count)
-        sel = [r for r in ok if r[other] == fixed]
-        if len({r[xkey] for r in sel}) < 2:  # nothing varies along this axis
-            for row in range(2):
-                axes[row][col].text(0.5, 0.5, f"single {xkey} value in this run", ha="center", va="center",
-                                    transform=axes[row][col].transAxes)
-                axes[row][col].set_axis_off()
-            continue
-        for row, (ykey, ylabel) in enumerate((("fwd_bwd_ms", "forward+backward time (ms)"),
-                                              ("peak_extra_mb", "fwd+bwd peak extra memory (MiB)"))):
-            ax = axes[row][col]
-            for impl in sorted({r["impl"] for r in sel}):
-                pts = sorted((r[xkey], r[ykey]) for r in sel if r["impl"] == impl and r.get(ykey) is not None)
-                if pts:
-                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=impl)
-            ax.set_xlabel(xkey)
-            ax.set_ylabel(ylabel)
-            ax.set_xscale("log" if xkey == "batch" else "linear")
-            ax.set_yscale("log")
-            ax.set_title(f"{ylabel.split(' (')[0]} vs {xkey} ({other}={fixed})", fontsize=10)
-            ax.grid(True, which="both", alpha=0.3)
-    handles, labels = [], []
-    for ax in axes.flat:
-        for h, l in zip(*ax.get_legend_handles_labels()):
-            if l not in labels:
-                handles.append(h)
-                labels.append(l)
+    shapes = [shape_of(r) for r in rows]
+    if not ok:
+        raise ValueError("no implementation has a measurement in these results: nothing to plot")
+    common = max(dict.fromkeys(shapes), key=shapes.count)  # ties: the first shape of the run
+    sweep = [k for k in keys if len({r[k] for r in rows}) > 1]
+    metrics = [m for m in _PLOT_METRICS if any(r.get(m[0]) is not None for r in ok)]
+    nrows = max(1, len(sweep))
+    fig, axes = plt.subplots(nrows, len(metrics), figsize=(5.4 * len(metrics), 4.4 * nrows + 1.5), squeeze=False,
+                             layout="constrained")
+    drawn = set()
+    floor_drawn = False
+    if sweep:
+        for row, xkey in enumerate(sweep):
+            fixed = {k: common[i] for i, k in enumerate(keys) if k != xkey}
+            sel = [r for r in ok if all(r[k] == v for k, v in fixed.items())]
+            fsel = [f for f in floors if all(f[k] == v for k, v in fixed.items())]
+            xvals = sorted({r[xkey] for r in rows if all(r[k] == v for k, v in fixed.items())})
+            for col, (ykey, fkey, ylabel, what) in enumerate(metrics):
+                ax = axes[row][col]
+                yall = []
+                for impl in sorted({r["impl"] for r in sel}, key=_impl_order):
+                    pts = sorted((r[xkey], r[ykey]) for r in sel if r["impl"] == impl and r.get(ykey) is not None)
+                    if pts:
+                        st = _impl_style(impl)
+                        ax.plot([p[0] for p in pts], [p[1] for p in pts], label=impl, **st)
+                        yall += [p[1] for p in pts]
+                        drawn.add(impl)
+                if fkey:
+                    fpts = sorted((f[xkey], f[fkey]) for f in fsel if f.get(fkey) is not None)
+                    if fpts:
+                        ax.plot([p[0] for p in fpts], [p[1] for p in fpts], label=FLOOR_LABEL, **_FLOOR_STYLE)
+                        yall += [p[1] for p in fpts]
+                        floor_drawn = True
+                ax.set_xlabel(dict(_PLOT_AXES)[xkey])
+                ax.set_ylabel(ylabel)
+                _set_value_scale(ax, yall, "y")
+                if _log_if_wide(xvals, 8.0):
+                    ax.set_xscale("log")
+                    ax.xaxis.set_minor_locator(NullLocator())
+                else:
+                    ax.set_xlim(min(xvals) - 0.08 * (max(xvals) - min(xvals)),
+                                max(xvals) + 0.08 * (max(xvals) - min(xvals)))
+                ax.xaxis.set_major_locator(FixedLocator(xvals))
+                ax.xaxis.set_major_formatter(ScalarFormatter())
+                other = ", ".join(f"{k}={v}" for k, v in fixed.items() if k in sweep)
+                ax.set_title(f"{what} vs {xkey}" + (f" ({other})" if other else ""), fontsize=11)
+                ax.grid(True, which="major", alpha=0.35)
+                ax.grid(True, which="minor", alpha=0.12)
+        title_fixed = {k: common[i] for i, k in enumerate(keys) if k not in sweep}
+    else:  # one shape: horizontal bars, kanfast on top
+        impls = sorted({r["impl"] for r in ok}, key=_impl_order)
+        floor = floors[0] if floors else {}
+        for col, (ykey, fkey, ylabel, what) in enumerate(metrics):
+            ax = axes[0][col]
+            bars = [(i, next(r[ykey] for r in ok if r["impl"] == i)) for i in impls
+                    if next(r for r in ok if r["impl"] == i).get(ykey) is not None]
+            ypos = list(range(len(bars)))[::-1]
+            for y, (impl, v) in zip(ypos, bars):
+                st = _impl_style(impl)
+                ax.barh(y, v, color=st["color"], alpha=0.9 if impl.startswith("kanfast-") else 0.55,
+                        edgecolor="black" if impl.startswith("kanfast-") else "none", lw=1.5,
+                        hatch="//" if impl.endswith("+compile") else None, label=impl)
+                ax.annotate(f" {v:.3g}", (v, y), va="center", fontsize=8)
+                drawn.add(impl)
+            ax.set_yticks(ypos, [b[0] for b in bars])
+            for t in ax.get_yticklabels():
+                if t.get_text().startswith("kanfast-"):
+                    t.set_fontweight("bold")
+            vals = [b[1] for b in bars]
+            if fkey and floor.get(fkey) is not None:
+                ax.axvline(floor[fkey], label=FLOOR_LABEL, **_FLOOR_STYLE)
+                vals.append(floor[fkey])
+                floor_drawn = True
+            _set_value_scale(ax, vals, "x")
+            ax.set_xlabel(ylabel)
+            ax.set_title(what, fontsize=11)
+            ax.grid(True, axis="x", which="both", alpha=0.3)
+        title_fixed = dict(zip(keys, common))
+    fig.suptitle(_plot_title(meta, title_fixed), fontsize=11)
+    # bars carry their names on the axis; lines need a legend entry each
+    handles = [Line2D([], [], label=i, **_impl_style(i)) for i in sorted(drawn, key=_impl_order)] if sweep else []
+    if floor_drawn:
+        handles.insert(sum(1 for i in drawn if i.startswith("kanfast-")),
+                       Line2D([], [], label=FLOOR_LABEL, **_FLOOR_STYLE))
+    # what is not drawn, and why (the JSON has the full notes)
+    missing: Dict[Tuple[str, str], List[Any]] = {}
+    for r in rows:
+        if r.get("fwd_bwd_ms") is None:
+            where = ", ".join(f"{k}={r[k]}" for k in sweep) or "this shape"
+            missing.setdefault((r["impl"], _short_reason(r)), []).append(where)
+    note = ""
+    if missing:
+        parts = []
+        for (impl, why), where in sorted(missing.items(), key=lambda kv: _impl_order(kv[0][0])):
+            at = "" if len(where) == len({shape_of(r) for r in rows}) else " at " + "; ".join(where)
+            parts.append(f"{impl}{at} ({why})")
+        note = "not drawn: " + ", ".join(parts)
+    zeros = sorted({r["impl"] for r in ok if r.get("peak_extra_mb") is not None and r["peak_extra_mb"] <= 0
+                    and "RSS" in str(r.get("memory_method"))}, key=_impl_order)
+    if zeros:  # the RSS high-water method reads 0 when the step reused pages the process already held
+        note += ("; " if note else "") + (f"peak extra memory 0 ({', '.join(zeros)}): the step stayed within pages "
+                                          "the process already held (RSS high-water mark, page granularity)")
+    if note:
+        import textwrap
+
+        note = textwrap.fill(note, 200)
+    # bottom strip (inches): the note's lines, then the legend's rows above it; the panels fill the rest
+    ncol = max(1, min(5, len(handles)))
+    note_h = (0.3 + 0.16 * note.count("\n")) if note else 0.08
+    legend_h = (0.12 + 0.24 * -(-len(handles) // ncol)) if handles else 0.0
+    H = fig.get_figheight()
+    fig.get_layout_engine().set(rect=(0, (note_h + legend_h) / H, 1, 1 - (note_h + legend_h) / H))
     if handles:
-        fig.legend(handles, labels, loc="lower center", ncol=min(5, len(labels)))
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
+        fig.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, note_h / H), ncol=ncol, fontsize=9.5,
+                   frameon=False, columnspacing=2.2, borderaxespad=0.1)
+    if note:
+        fig.text(0.5, 0.06 / H, note, ha="center", va="bottom", fontsize=8.5, color="#444444")
+    path = Path(path)
     with open_output(path, force, "wb") as fh:
-        fig.savefig(fh, dpi=110, format=path.suffix.lstrip(".").lower())
+        fig.savefig(fh, dpi=110, format=path.suffix.lstrip(".").lower() or "png")
     plt.close(fig)
+    return fig
+
+
+def plot_results(json_path, png_path=None, force: bool = False):
+    """Re-draw the figure of a ``kanfast bench`` JSON without rerunning anything.
+
+    Args:
+        json_path: a JSON written by ``kanfast bench`` (``meta``, ``floors``, ``results``).
+        png_path: the PNG to write (default: ``json_path`` with the suffix ``.png``).
+        force: overwrite an existing PNG (else FileExistsError).
+
+    Returns:
+        the ``matplotlib.figure.Figure`` (closed; its axes and artists can still be inspected).
+
+    Raises:
+        ValueError: the file is not a bench result or has no measurement. OSError: unreadable file.
+    """
+    json_path = Path(json_path)
+    data = json.loads(json_path.read_text())
+    if not isinstance(data, dict) or not isinstance(data.get("results"), list):
+        raise ValueError(f"{json_path} is not a kanfast bench result (no 'results' list)")
+    return _plot(data["results"], Path(png_path) if png_path else json_path.with_suffix(".png"),
+                 data.get("floors") or [], data.get("meta") or {})
 
 
 def _csv_path(out: Path) -> Path:
@@ -581,7 +796,14 @@ def estimate_bytes(shape: Tuple[int, int, int, int, int], itemsize: int) -> int:
 def check_arguments(args: argparse.Namespace) -> None:
     """Everything ``run`` needs, checked before any work: the device, backends, peers, the shapes,
     the output files (see :func:`kanfast.cli_checks.check_outputs`; ``--force`` to overwrite) and
-    the memory the largest shape needs (:func:`estimate_bytes`). Raises ValueError (one line)."""
+    the memory the largest shape needs (:func:`estimate_bytes`); with ``--replot``, only that the
+    JSON can be read and the figure written. Raises ValueError (one line)."""
+    if getattr(args, "replot", None) is not None:
+        if not Path(args.replot).is_file():
+            raise ValueError(f"--replot {str(args.replot)!r}: no such file")
+        png = Path(args.plot) if args.plot else Path(args.replot).with_suffix(".png")
+        check_outputs([("--plot", png)], force=getattr(args, "force", False), suffixes={"--plot": IMAGE_SUFFIXES})
+        return
     try:
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     except RuntimeError as e:
@@ -627,14 +849,24 @@ def check_arguments(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark described by ``args`` (from :func:`add_arguments`). Returns the exit code
-    (0 on success, 2 on bad arguments, checked by :func:`check_arguments` before any work)."""
-    from tqdm import tqdm
-
+    (0 on success, 2 on bad arguments, checked by :func:`check_arguments` before any work).
+    With ``--replot JSON`` only the figure of that earlier run is drawn (nothing is timed)."""
     try:
         check_arguments(args)
     except ValueError as e:
         print(f"kanfast bench: error: {e}", file=sys.stderr)
         return 2
+    if getattr(args, "replot", None) is not None:
+        try:
+            plot_results(args.replot, args.plot, getattr(args, "force", False))
+        except (OSError, ValueError, KeyError) as e:
+            print(f"kanfast bench: --replot {args.replot}: {type(e).__name__}: {e}", file=sys.stderr)
+            return 2
+        if not args.quiet:
+            print(f"wrote {args.plot or Path(args.replot).with_suffix('.png')}")
+        return 0
+    from tqdm import tqdm
+
     dtype = getattr(torch, args.dtype)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.threads:
@@ -697,7 +929,7 @@ def run(args: argparse.Namespace) -> int:
                         "impl": "dense-floor", "kind": "floor", "status": "ok", "fwd_ms": f["fwd_ms"],
                         "fwd_ms_min": f["fwd_ms_min"], "fwd_bwd_ms": f["fwd_bwd_ms"], "fwd_bwd_ms_min": f["fwd_bwd_ms_min"]})
     if args.plot:
-        _plot(rows, Path(args.plot), getattr(args, "force", False))
+        _plot(rows, Path(args.plot), floors, meta, getattr(args, "force", False))
     if not args.quiet:
         _print_table(rows, floors)
         fc = meta.get("first_call")
