@@ -14,6 +14,18 @@ Entry point: :func:`kan_linear_triton` (same contract as
   whichever threads make them); compiled GPU launches do not.
 * float64 falls back to the torch backend (Triton's ``tl.dot`` has no useful
   fp64 path).
+* Wide layers take the wide-layer path (:func:`use_wide_path`: float16/bfloat16,
+  ``out >= 256`` and ``in * (G + k + 1) >= 2048``): per chunk of rows a Triton
+  kernel (:mod:`kanfast.kernels.basis_block`) writes the dense basis block
+  ``D = [silu(x) | B(x)]`` in x's dtype, and ``torch.mm`` (cuBLAS) makes
+  ``y = D @ Wcat^T``, ``grad_W = grad_y^T @ D`` (fp32, chunks summed in a fixed
+  order) and ``gD = grad_y @ Wcat`` (reduced to grad_x by a second kernel). Chunks
+  are sized so D is about half the assumed 50 MB L2 (:data:`WIDE_L2_BYTES`): memory
+  flat in batch x G. Only x and the weights are saved. ``KANFAST_TRITON_WIDE=auto|wide|fused``
+  (read at import) forces either path. On this path float32 products follow torch's
+  matmul precision setting (not :func:`set_fp32_precision`), and on CUDA
+  ``torch.use_deterministic_algorithms(True)`` needs ``CUBLAS_WORKSPACE_CONFIG``
+  set, as for any cuBLAS call.
 
 float32 uses TF32 tensor cores by default on the GPU; call
 ``set_fp32_precision("ieee")``, pass ``fp32_precision="ieee"``, or set the

@@ -206,6 +206,23 @@ def test_wide_spline_only_and_partial_grads(wide):
     assert wide == {"fwd": 3, "bwd": 3}
 
 
+def test_wide_strided_x_and_expanded_grad(wide):
+    """A transposed x and the stride-0 grad_y of y.sum().backward()."""
+    torch.manual_seed(16)
+    layer = FastKANLayer(6, 5, grid_size=5, spline_order=3, backend="triton")
+    base = torch.randn(6, 13)
+    leaf = base.clone().requires_grad_()
+    layer(leaf.t()).sum().backward()
+    grads = [leaf.grad] + [p.grad.clone() for p in (layer.base_weight, layer.spline_weight, layer.spline_scaler)]
+    ref = reference_of(layer)
+    leaf_r = base.double().requires_grad_()
+    ref(leaf_r.t()).sum().backward()
+    grads_r = [leaf_r.grad] + [p.grad for p in (ref.base_weight, ref.spline_weight, ref.spline_scaler)]
+    for a, b in zip(grads, grads_r):
+        assert_close(a, b, 1e-5, "grads")
+    assert wide == {"fwd": 1, "bwd": 1}
+
+
 def test_wide_float16(wide):
     torch.manual_seed(7)
     layer = FastKANLayer(9, 7, grid_size=5, spline_order=3, backend="triton")
