@@ -321,7 +321,7 @@ def test_bad_mode_env_is_refused():
     assert out.returncode != 0 and "KANFAST_TRITON_WIDE" in out.stderr
 
 
-def test_wide_kernels_compile_for_hopper():
+def test_wide_kernels_compile_for_hopper(tmp_path):
     """Both basis-block kernels lower to sm_90 code (ahead of time, with ptxas, no GPU)."""
     pytest.importorskip("triton.backends.nvidia")
     import importlib.util
@@ -337,26 +337,35 @@ def test_wide_kernels_compile_for_hopper():
             spec = importlib.util.spec_from_file_location("kanfast.kernels._basis_block_compiled", bm.__file__)
             bm = importlib.util.module_from_spec(spec)
             spec.loader.exec_module(bm)
-    cfg, bj = tb._wide_cfg(bm, 8)
-    blocks = {k: v for k, v in cfg.items() if k.startswith("BLOCK")}
-    for kern, extra in ((bm.basis_block_kernel, {"BLOCK_J": bj}), (bm.basis_grad_x_kernel, {})):
-        cons = dict(K=3, HAS_BASE=True, **blocks, **extra)
-        sig = {}
-        for n in inspect.signature(kern.fn).parameters:
-            if n in cons:
-                sig[n] = "constexpr"
-            elif n.startswith("p_"):
-                sig[n] = "*fp32" if n in ("p_t", "p_t0", "p_tn") else "*bf16"
-            else:
-                sig[n] = "i32"
-        try:
-            compiled = triton.compile(
-                ASTSource(fn=kern, signature=sig, constexprs=cons),
-                target=GPUTarget("cuda", 90, 32),
-                options=dict(num_warps=cfg["num_warps"]),
-            )
-        except Exception as e:  # only a missing ptxas is a reason to skip
-            if "ptxas" in str(e).lower() and "not found" in str(e).lower():
-                pytest.skip(f"ptxas missing: {e}")
-            raise
-        assert len(compiled.asm["cubin"]) > 0
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    cfgs = tb._wide_cfg(bm, 53)  # G + k = 53: several BLOCK_J slices
+    for kern, cfg in zip((bm.basis_block_kernel, bm.basis_grad_x_kernel), cfgs):
+        for k in (1, 3, 7):
+            cons = dict(K=k, HAS_BASE=True, **{n: v for n, v in cfg.items() if n.startswith("BLOCK")})
+            sig = {}
+            for n in inspect.signature(kern.fn).parameters:
+                if n in cons:
+                    sig[n] = "constexpr"
+                elif n.startswith("p_"):
+                    sig[n] = "*fp32" if n in ("p_t", "p_t0", "p_tn") else "*bf16"
+                else:
+                    sig[n] = "i32"
+            try:
+                compiled = triton.compile(
+                    ASTSource(fn=kern, signature=sig, constexprs=cons),
+                    target=GPUTarget("cuda", 90, 32),
+                    options=dict(num_warps=cfg["num_warps"]),
+                )
+            except Exception as e:  # only a missing ptxas is a reason to skip
+                if "ptxas" in str(e).lower() and "not found" in str(e).lower():
+                    pytest.skip(f"ptxas missing: {e}")
+                raise
+            assert len(compiled.asm["cubin"]) > 0
+            # the configs are chosen spill-free (ptxas -v on the same PTX)
+            ptx = tmp_path / f"{kern.fn.__name__}_{k}.ptx"
+            ptx.write_text(compiled.asm["ptx"])
+            out = subprocess.run([get_ptxas(90).path, "-v", "--gpu-name", "sm_90a", str(ptx), "-o", os.devnull],
+                                 capture_output=True, text=True, timeout=300)
+            assert out.returncode == 0, out.stderr[-2000:]
+            assert "0 bytes spill stores" in out.stderr, out.stderr[-2000:]
