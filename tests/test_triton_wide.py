@@ -105,6 +105,8 @@ CASES = [
     (9, 3, 4, 5, 3, "uniform"),
     (12, 3, 4, 5, 5, "adapted"),
     (6, 1, 1, 3, 1, "uniform"),
+    (7, 3, 2, 0, 3, "uniform"),  # k = 0: step functions
+    (9, 4, 3, 3, 20, "adapted"),  # G + k = 23 > BLOCK_J: several j slices per block
 ]
 
 
