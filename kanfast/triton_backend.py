@@ -495,7 +495,7 @@ def _acc_gemm(acc, a, b):
     if a.dtype == torch.float32:
         acc.addmm_(a, b)
         return
-    if a.is_cuda:
+    if a.device.type != "cpu":  # CUDA (and meta tensors): a 16-bit GEMM with fp32 output
         try:
             acc.add_(torch.mm(a, b, out_dtype=torch.float32))
             return
