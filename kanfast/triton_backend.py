@@ -456,10 +456,20 @@ def _wide_chunk_rows(n_cols: int, elt: int) -> int:
     return max(WIDE_MIN_CHUNK_ROWS, rows // WIDE_MIN_CHUNK_ROWS * WIDE_MIN_CHUNK_ROWS)
 
 
+#: Basis columns per feature in the wide path's block: G + k rounded up to a multiple of this
+#: (16 bytes of a 16-bit dtype: each feature's slice starts aligned, so stores vectorise).
+WIDE_COL_ALIGN = 8
+
+
+def _wide_nbp(nb: int) -> int:
+    return -(-nb // WIDE_COL_ALIGN) * WIDE_COL_ALIGN
+
+
 def _wide_weights(coef, base_weight, dtype):
-    """Wcat (out, [in] + in * nb) = [base_weight | coef.reshape(out, in * nb)] in ``dtype``."""
+    """Wcat (out, [in] + in * nbp) = [base_weight | coef zero-padded to nbp, reshaped] in ``dtype``."""
     nout, nin, nb = coef.shape
-    w = coef.detach().to(dtype).reshape(nout, nin * nb)
+    nbp = _wide_nbp(nb)
+    w = torch.nn.functional.pad(coef.detach().to(dtype), (0, nbp - nb)).reshape(nout, nin * nbp)
     if base_weight is None:
         return w.contiguous()
     return torch.cat([base_weight.detach().to(dtype), w], dim=1)
@@ -470,10 +480,10 @@ def _wide_cfg(bm, nb):
     reports no spills for either; the block kernel uses 105-246 registers (162 at k = 3:
     3 CTAs of 4 warps per SM), the grad_x kernel 61-103 (80 at k = 3)."""
     if bm.INTERPRETED:
-        cfg = dict(BLOCK_N=16, BLOCK_I=16, num_warps=1)
-        return dict(cfg, BLOCK_J=min(16, triton.next_power_of_2(nb))), cfg
-    return (dict(BLOCK_N=16, BLOCK_I=16, BLOCK_J=min(8, triton.next_power_of_2(nb)), num_warps=4),
-            dict(BLOCK_N=32, BLOCK_I=16, num_warps=4))
+        cfg = dict(BLOCK_N=16, BLOCK_I=16, NBP=_wide_nbp(nb), num_warps=1)
+        return dict(cfg, BLOCK_J=16), cfg
+    return (dict(BLOCK_N=16, BLOCK_I=16, BLOCK_J=8, NBP=_wide_nbp(nb), num_warps=4),
+            dict(BLOCK_N=32, BLOCK_I=16, NBP=_wide_nbp(nb), num_warps=4))
 
 
 def _basis_block(bm, xc, tables, nb, k, has_base, d):
@@ -570,7 +580,7 @@ def _wide_backward(grad_y, x, grid, coef, base_weight, k, gx, need_x, need_coef,
     # fresh tensors (never views of acc: custom-op outputs must not alias)
     if need_coef:
         gc = torch.empty_like(coef, memory_format=torch.contiguous_format)
-        gc.copy_(acc[:, base:].reshape(nout, nin, nb))
+        gc.copy_(acc[:, base:].reshape(nout, nin, -1)[:, :, :nb])
     if want_base:
         gb = torch.empty_like(base_weight, memory_format=torch.contiguous_format)
         gb.copy_(acc[:, :nin])

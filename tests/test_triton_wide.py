@@ -106,7 +106,7 @@ CASES = [
     (12, 3, 4, 5, 5, "adapted"),
     (6, 1, 1, 3, 1, "uniform"),
     (7, 3, 2, 0, 3, "uniform"),  # k = 0: step functions
-    (9, 4, 3, 3, 20, "adapted"),  # G + k = 23 > BLOCK_J: several j slices per block
+    (9, 4, 3, 3, 20, "adapted"),  # G + k = 23, 24 columns > BLOCK_J (16): several j slices per block
 ]
 
 
@@ -344,7 +344,7 @@ def test_wide_kernels_compile_for_hopper(tmp_path):
     cfgs = tb._wide_cfg(bm, 53)  # G + k = 53: several BLOCK_J slices
     for kern, cfg in zip((bm.basis_block_kernel, bm.basis_grad_x_kernel), cfgs):
         for k in (1, 3, 7):
-            cons = dict(K=k, HAS_BASE=True, **{n: v for n, v in cfg.items() if n.startswith("BLOCK")})
+            cons = dict(K=k, HAS_BASE=True, **{n: v for n, v in cfg.items() if n != "num_warps"})
             sig = {}
             for n in inspect.signature(kern.fn).parameters:
                 if n in cons:

@@ -6,23 +6,26 @@ The wide-layer path (``kanfast.triton_backend``, chosen by ``use_wide_path``)
 writes the KAN layer as one dense product per chunk of batch rows, the CPU
 engine's design on the GPU:
 
-    D[n, :] = [ silu(x[n, 0..IN-1]) | B_0..B_{NB-1}(x[n, 0]) | ... | B_0..B_{NB-1}(x[n, IN-1]) ]
-    y_chunk = D @ Wcat^T,   Wcat = [ base_weight | coef.reshape(OUT, IN * NB) ]   (OUT, C)
+    D[n, :] = [ silu(x[n, 0..IN-1]) | B_0..B_{NB-1}(x[n, 0]), 0.. | ... | B_0..B_{NB-1}(x[n, IN-1]), 0.. ]
+    y_chunk = D @ Wcat^T,   Wcat = [ base_weight | pad(coef).reshape(OUT, IN * NBP) ]   (OUT, C)
 
-with ``NB = G + k`` and ``C = IN * NB (+ IN with a base branch)``: the column of
-``B_j(x_i)`` is ``BASE + i * NB + j`` (``BASE = IN`` or 0), the order of
-``coef.reshape`` for a contiguous ``coef`` of shape ``(OUT, IN, NB)``.
+with ``NB = G + k`` bases per feature stored in ``NBP`` columns (``NB`` rounded up
+to a multiple of 8, so each feature's slice starts 16-byte aligned in 16-bit D
+and the stores vectorise; the padding columns hold zeros in D and in Wcat) and
+``C = IN * NBP (+ IN with a base branch)``: the column of ``B_j(x_i)`` is
+``BASE + i * NBP + j`` (``BASE = IN`` or 0), the order of ``reshape`` for the
+contiguous zero-padded ``coef`` of shape ``(OUT, IN, NBP)``.
 
 * :func:`basis_block_kernel` fills ``D`` for a chunk of rows: one program per
   (row tile, input tile) finds each element's knot interval ``m`` by a binary
   search over that feature's stored knots (exact on every grid, uniform or not),
   evaluates the ``k + 1`` non-zero bases ``B_{m-k..m}`` by de Boor's triangle
   (NURBS Book alg. A2.2) in fp32 registers, and stores them into the
-  ``(BLOCK_N, BLOCK_I, NB)`` block in ``BLOCK_J``-wide slices (zeros elsewhere),
+  ``(BLOCK_N, BLOCK_I, NBP)`` block in ``BLOCK_J``-wide slices (zeros elsewhere),
   contiguous along j, in D's dtype. The products with ``Wcat`` are
   ``torch.matmul`` calls (cuBLAS on the GPU), made by the launcher.
 * :func:`basis_grad_x_kernel` finishes grad_x from ``gD = grad_y_chunk @ Wcat``
-  (rows, C): ``grad_x[n, i] = gD[n, i] * silu'(x) + sum_r gD[n, BASE + i*NB + m-k+r]
+  (rows, C): ``grad_x[n, i] = gD[n, i] * silu'(x) + sum_r gD[n, BASE + i*NBP + m-k+r]
   * dB_{m-k+r}/dx`` -- it reads only the ``k + 2`` columns of gD that can be
   non-zero for each element (gathered), recomputing ``m`` and the derivatives.
 
@@ -45,7 +48,7 @@ its tensor.
 Limits: ``k <= MAX_SPLINE_ORDER`` (7, the k + 1 values live in registers,
 unrolled); knots padded by k on each side, fp32 ``(IN, n_knots + 2k)`` (the
 launcher's table, shared with the fused kernels). D and gD rows contiguous.
-Tiles (launcher, sm_90): block kernel 16 x 16 x min(8, NB) with 4 warps, grad_x
+Tiles (launcher, sm_90): block kernel 16 x 16 x 8 with 4 warps, grad_x
 kernel 32 x 16 with 4 warps; ptxas reports no spills for k = 1..7 (the 3-D
 store tile holds the k + 1 broadcast values, so registers grow with k: 162 at k = 3).
 """
@@ -125,10 +128,11 @@ def basis_block_kernel(
     p_x, p_t, p_t0, p_tn, p_d,
     N, IN, NB, n_knots, n_steps,
     s_xn, s_xi, s_dn,
-    K: tl.constexpr, HAS_BASE: tl.constexpr,
+    K: tl.constexpr, HAS_BASE: tl.constexpr, NBP: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
 ):
-    """D (N, IN*NB (+ IN)) = [silu(x) | B_j(x_i) at column BASE + i*NB + j], in D's dtype."""
+    """D (N, IN*NBP (+ IN)) = [silu(x) | B_j(x_i) at column BASE + i*NBP + j], in D's dtype
+    (columns NB <= j < NBP: zeros)."""
     pid_n = tl.program_id(0)
     pid_i = tl.program_id(1)
     o_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -148,16 +152,17 @@ def basis_block_kernel(
         tl.store(p_drow + o_i[None, :], _silu(b_x).to(p_d.dtype.element_ty), mask=m_x)
     base = IN if HAS_BASE else 0
     # (BN, BI, BJ) slices of the block, contiguous along j; slot s = j - (m - K) in [0, K] holds vals[s]
-    p_blk = p_drow[:, :, None] + (base + o_i.to(tl.int64) * NB)[None, :, None]
+    p_blk = p_drow[:, :, None] + (base + o_i.to(tl.int64) * NBP)[None, :, None]
     m_blk = m_x[:, :, None]
     b_m3 = b_m[:, :, None]
-    for j0 in range(0, NB, BLOCK_J):
+    for j0 in range(0, NBP, BLOCK_J):
         o_j = j0 + tl.arange(0, BLOCK_J)
         b_s = o_j[None, None, :] - b_m3 + K
         b_v = tl.full((BLOCK_N, BLOCK_I, BLOCK_J), 0, tl.float32)
         for r in tl.static_range(K + 1):
             b_v = tl.where(b_s == r, vals[r][:, :, None], b_v)
-        tl.store(p_blk + o_j[None, None, :], b_v.to(p_d.dtype.element_ty), mask=m_blk & (o_j < NB)[None, None, :])
+        b_v = tl.where((o_j < NB)[None, None, :], b_v, 0.0)  # j >= NB: padding (no such basis)
+        tl.store(p_blk + o_j[None, None, :], b_v.to(p_d.dtype.element_ty), mask=m_blk & (o_j < NBP)[None, None, :])
 
 
 @triton.jit(do_not_specialize=["N"])
@@ -165,10 +170,10 @@ def basis_grad_x_kernel(
     p_x, p_t, p_t0, p_tn, p_gd, p_gx,
     N, IN, NB, n_knots, n_steps,
     s_xn, s_xi, s_gdn, s_gxn, s_gxi,
-    K: tl.constexpr, HAS_BASE: tl.constexpr,
+    K: tl.constexpr, HAS_BASE: tl.constexpr, NBP: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_I: tl.constexpr,
 ):
-    """grad_x (N, IN) = sum_r gD[:, BASE + i*NB + m-K+r] * dB_{m-K+r}/dx (+ gD[:, i] * silu'(x)),
+    """grad_x (N, IN) = sum_r gD[:, BASE + i*NBP + m-K+r] * dB_{m-K+r}/dx (+ gD[:, i] * silu'(x)),
     gD = grad_y @ Wcat in the layout of basis_block_kernel; fp32 arithmetic."""
     pid_n = tl.program_id(0)
     pid_i = tl.program_id(1)
@@ -186,7 +191,7 @@ def basis_grad_x_kernel(
     b_m, m_in, vals, dvals = _bases(b_x, m_x, p_row, b_t0, b_tn, n_knots, n_steps, K, True)
     p_grow = p_gd + o_n[:, None] * s_gdn
     base = IN if HAS_BASE else 0
-    p_col = p_grow + base + o_i[None, :].to(tl.int64) * NB
+    p_col = p_grow + base + o_i[None, :].to(tl.int64) * NBP
     b_gx = tl.full((BLOCK_N, BLOCK_I), 0, tl.float32)
     for r in tl.static_range(K + 1):
         b_j = b_m - K + r
