@@ -15,7 +15,8 @@ Entry point: :func:`kan_linear_triton` (same contract as
 * float64 falls back to the torch backend (Triton's ``tl.dot`` has no useful
   fp64 path).
 * Wide layers take the wide-layer path (:func:`use_wide_path`: float16/bfloat16,
-  ``out >= 256`` and ``in * (G + k + 1) >= 2048``): per chunk of rows a Triton
+  ``out >= 128`` and ``in * (G + k + 1) >= 512``, where the static sm_90 model
+  says it wins): per chunk of rows a Triton
   kernel (:mod:`kanfast.kernels.basis_block`) writes the dense basis block
   ``D = [silu(x) | B(x)]`` in x's dtype, and ``torch.mm`` (cuBLAS) makes
   ``y = D @ Wcat^T``, ``grad_W = grad_y^T @ D`` (fp32, chunks summed in a fixed
@@ -401,17 +402,19 @@ def use_wide_path(in_features: int, out_features: int, grid_size: int, spline_or
     """True when the wide-layer path (dense basis block + ``torch.mm``) is chosen over the
     fused kernels for a layer of this shape and dtype (KANFAST_TRITON_WIDE=auto).
 
-    Rule: float16/bfloat16, ``out_features >= 256`` and ``in_features * (G + k + 1) >= 2048``.
+    Rule: float16/bfloat16, ``out_features >= 128`` and ``in_features * (G + k + 1) >= 512``.
 
-    Why (an estimate from the static sm_90 model's figures -- 790 TFLOP/s bf16, L2 at an
-    assumed 8 TB/s --, not a measurement): per (row, basis column) the path moves about 6
-    x 2 bytes through L2 (D written and read in the forward and again in the backward, gD
-    written and read) against 6 x out FLOPs of GEMM, an overhead of about 200 / out over
-    the dense GEMMs (< 0.8 x at out >= 256), while the fused kernels were modelled at
-    12-19 % of the dense rate at in = out = 1024; the GEMMs' K = in * (G + k + 1) must be
-    long enough for cuBLAS to run at rate. float32 stays on the fused kernels: cuBLAS
-    float32 follows torch's matmul precision setting (IEEE by default, far below the
-    fused kernels' TF32), not :func:`set_fp32_precision`.
+    Why: the static sm_90 model (``benchmarks/wide_model.py`` on ``benchmarks/gpu_model.py``;
+    a MODEL, not a measurement; it assumes cuBLAS reaches 790 TFLOP/s on every GEMM)
+    at batch 65536, G = 5, k = 3, bf16, forward + backward, wide vs fused: in x out =
+    1024 x 1024: 7.8 vs 27.1 ms; 256 x 256: 1.1 vs 2.4; 64 x 1024: 0.49 vs 2.35;
+    128 x 256: 0.55 vs 1.22; 1024 x 128: 4.1 vs 5.1; 1024 x 64: 4.1 vs 3.6 (fused wins).
+    The basis block costs about the same whatever ``out``, while the GEMM work it
+    enables grows with ``out``; so the crossover is in ``out`` (between 64 and 128).
+    Smaller GEMM depths than ``in * (G + k + 1) = 576`` were not modelled. float32 stays
+    on the fused kernels: cuBLAS float32 follows torch's matmul precision setting (IEEE
+    by default, far below the fused kernels' TF32), not :func:`set_fp32_precision`.
+    Figures and commands: ``benchmarks/results/wide_model_*.json``.
 
     Args:
         in_features, out_features, grid_size (G), spline_order (k): the layer's sizes.
@@ -422,7 +425,7 @@ def use_wide_path(in_features: int, out_features: int, grid_size: int, spline_or
     """
     if dtype not in (torch.float16, torch.bfloat16):
         return False
-    return out_features >= 256 and in_features * (grid_size + spline_order + 1) >= 2048
+    return out_features >= 128 and in_features * (grid_size + spline_order + 1) >= 512
 
 
 def _wide_selected(nin: int, nout: int, G: int, k: int, dtype: torch.dtype) -> bool:

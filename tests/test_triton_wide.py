@@ -262,14 +262,14 @@ def test_wide_opcheck(wide):
 
 
 def test_rule_picks_what_it_documents():
-    """use_wide_path: float16/bfloat16, out >= 256 and in * (G + k + 1) >= 2048."""
+    """use_wide_path: float16/bfloat16, out >= 128 and in * (G + k + 1) >= 512."""
     for dt in (torch.float16, torch.bfloat16):
         assert tb.use_wide_path(1024, 1024, 5, 3, dt)  # the issue's target shape
-        assert tb.use_wide_path(256, 256, 5, 2, dt)  # 256 * 8 = 2048: on the boundary
-        assert not tb.use_wide_path(256, 255, 5, 2, dt)  # out one short
-        assert not tb.use_wide_path(255, 256, 5, 2, dt)  # K = 2040 < 2048
-        assert tb.use_wide_path(64, 4096, 50, 3, dt)  # 64 * 54 = 3456
-        assert not tb.use_wide_path(64, 64, 5, 3, dt)
+        assert tb.use_wide_path(64, 128, 5, 2, dt)  # 64 * 8 = 512, out = 128: on both boundaries
+        assert not tb.use_wide_path(64, 127, 5, 2, dt)  # out one short
+        assert not tb.use_wide_path(63, 128, 5, 2, dt)  # K = 504 < 512
+        assert not tb.use_wide_path(1024, 64, 5, 3, dt)  # the model's fused win
+        assert tb.use_wide_path(16, 4096, 50, 3, dt)  # 16 * 54 = 864
     for dt in (torch.float32, torch.float64):
         assert not tb.use_wide_path(1024, 1024, 5, 3, dt)
 
@@ -291,9 +291,9 @@ def test_auto_mode_dispatches_by_rule(monkeypatch):
     monkeypatch.setattr(tb, "_WIDE_MODE", "auto")
     monkeypatch.setattr(tb, "_wide_forward", lambda *a, **kw: calls.append(a[0].dtype) or fwd(*a, **kw))
     torch.manual_seed(15)
-    layer = FastKANLayer(256, 256, grid_size=5, spline_order=2, backend="triton")
+    layer = FastKANLayer(64, 128, grid_size=5, spline_order=2, backend="triton")
     half = copy.deepcopy(layer).half()
-    x = torch.randn(2, 256)
+    x = torch.randn(2, 64)
     try:
         y = half(x.half())
     except Exception as e:  # pragma: no cover - depends on the interpreter
