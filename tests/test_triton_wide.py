@@ -323,6 +323,31 @@ def test_bad_mode_env_is_refused():
     assert out.returncode != 0 and "KANFAST_TRITON_WIDE" in out.stderr
 
 
+def test_wide_env_and_cpu_without_interpret_env():
+    """KANFAST_TRITON_WIDE=wide forces the path; without TRITON_INTERPRET the CPU tensors run
+    a private interpreted copy of the basis-block kernels."""
+    code = (
+        "import torch, kanfast.triton_backend as tb\n"
+        "from kanfast import FastKANLayer\n"
+        "assert tb._WIDE_MODE == 'wide'\n"
+        "torch.manual_seed(0)\n"
+        "l = FastKANLayer(3, 2, backend='triton'); x = torch.randn(5, 3, requires_grad=True)\n"
+        "r = FastKANLayer(3, 2, backend='torch'); r.load_state_dict(l.state_dict())\n"
+        "import os; assert os.environ.get('TRITON_INTERPRET') is None\n"
+        "y, yr = l(x), r(x)\n"
+        "assert tb._interp_bmod is not None and tb._interp_bmod.INTERPRETED\n"
+        "assert os.environ.get('TRITON_INTERPRET') is None\n"
+        "assert (y - yr).abs().max() < 1e-5, (y, yr)\n"
+        "g, = torch.autograd.grad(y.sum(), x); gr, = torch.autograd.grad(yr.sum(), x)\n"
+        "assert (g - gr).abs().max() < 1e-5, (g, gr)\n"
+        "print('ok')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["KANFAST_TRITON_WIDE"] = "wide"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+
+
 def test_wide_kernels_compile_for_hopper(tmp_path):
     """Both basis-block kernels lower to sm_90 code (ahead of time, with ptxas, no GPU)."""
     pytest.importorskip("triton.backends.nvidia")
