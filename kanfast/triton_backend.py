@@ -14,6 +14,19 @@ Entry point: :func:`kan_linear_triton` (same contract as
   whichever threads make them); compiled GPU launches do not.
 * float64 falls back to the torch backend (Triton's ``tl.dot`` has no useful
   fp64 path).
+* Wide layers take the wide-layer path (:func:`use_wide_path`: float16/bfloat16,
+  ``out >= 128`` and ``in * (G + k + 1) >= 512``, where the static sm_90 model
+  says it wins): per chunk of rows a Triton
+  kernel (:mod:`kanfast.kernels.basis_block`) writes the dense basis block
+  ``D = [silu(x) | B(x)]`` in x's dtype, and ``torch.mm`` (cuBLAS) makes
+  ``y = D @ Wcat^T``, ``grad_W = grad_y^T @ D`` (fp32, chunks summed in a fixed
+  order) and ``gD = grad_y @ Wcat`` (reduced to grad_x by a second kernel). Chunks
+  are sized so D is about half the assumed 50 MB L2 (:data:`WIDE_L2_BYTES`): memory
+  flat in batch x G. Only x and the weights are saved. ``KANFAST_TRITON_WIDE=auto|wide|fused``
+  (read at import) forces either path. On this path float32 products follow torch's
+  matmul precision setting (not :func:`set_fp32_precision`), and on CUDA
+  ``torch.use_deterministic_algorithms(True)`` needs ``CUBLAS_WORKSPACE_CONFIG``
+  set, as for any cuBLAS call.
 
 float32 uses TF32 tensor cores by default on the GPU; call
 ``set_fp32_precision("ieee")``, pass ``fp32_precision="ieee"``, or set the
@@ -45,7 +58,10 @@ import torch
 
 from .torch_backend import _pad_knots, grid_is_uniform, kan_linear_torch
 
-__all__ = ["AVAILABLE", "kan_linear_triton", "set_fp32_precision", "get_fp32_precision", "MAX_SPLINE_ORDER", "MAX_N_BASIS"]
+__all__ = [
+    "AVAILABLE", "kan_linear_triton", "set_fp32_precision", "get_fp32_precision", "use_wide_path",
+    "MAX_SPLINE_ORDER", "MAX_N_BASIS",
+]
 
 def _load_kernel_file(name: str, path: str):
     spec = importlib.util.spec_from_file_location(name, path)
@@ -59,10 +75,12 @@ try:  # pragma: no cover - depends on the installation
     from triton import knobs as _knobs
 
     from .kernels import kan_spline as _kmod
+    from .kernels import basis_block as _bmod
 
     AVAILABLE = True
 except Exception:  # pragma: no cover
     _kmod = None
+    _bmod = None
     AVAILABLE = False
 
 #: Largest spline order k and number of bases G + k the kernels accept (see kanfast/kernels/kan_spline.py).
@@ -251,6 +269,8 @@ def _forward(x, grid, coef, base_weight, k, ieee):
     y = torch.empty(N, nout, dtype=x.dtype, device=x.device)
     if N == 0:
         return y
+    if _wide_selected(nin, nout, nb - k, k, x.dtype):
+        return _wide_forward(x, grid, coef, base_weight, k, y)
     km = _kernels(x.device)
     x = _row_major(x)
     uniform, tp, t0, tn, h = _grid_info(grid, k)
@@ -304,6 +324,8 @@ def _backward(grad_y, x, grid, coef, base_weight, k, ieee, need_x, need_coef, ne
         if need_base and has_base:
             gb = torch.zeros_like(base_weight)
         return gx, gc, gb
+    if _wide_selected(nin, nout, nb - k, k, x.dtype):
+        return _wide_backward(grad_y, x, grid, coef, base_weight, k, gx, need_x, need_coef, need_base)
     km = _kernels(x.device)
     x = _row_major(x)
     grad_y = _row_major(grad_y)
@@ -352,6 +374,219 @@ def _backward(grad_y, x, grid, coef, base_weight, k, ieee, need_x, need_coef, ne
         if want_base:
             gb = torch.empty_like(base_weight, memory_format=torch.contiguous_format)
             gb.copy_(total[nb].t())
+    return gx, gc, gb
+
+
+# ------------------------------------------------------------ wide-layer path
+# y = D @ Wcat^T per chunk of rows, D the dense basis block written by a Triton kernel
+# (kanfast/kernels/basis_block.py), the products by torch.mm (cuBLAS on the GPU).
+
+#: Assumed L2 cache size of the target GPU (H100/H200: 50 MB; not queried). The wide path
+#: sizes a chunk's basis block D to half of it, so that D and the backward's gD chunk fit
+#: in L2 together.
+WIDE_L2_BYTES = 50 * 10**6
+#: Smallest rows per chunk (a GEMM needs some rows to run at rate; past this the block
+#: outgrows L2 but stays flat in batch).
+WIDE_MIN_CHUNK_ROWS = 128
+#: Path choice: "auto" (the rule of :func:`use_wide_path`), "wide" or "fused" (forced);
+#: the environment variable KANFAST_TRITON_WIDE sets it at import.
+_WIDE_MODE = os.environ.get("KANFAST_TRITON_WIDE", "auto").strip().lower()
+if _WIDE_MODE not in ("auto", "wide", "fused"):
+    raise ValueError(f"KANFAST_TRITON_WIDE must be 'auto', 'wide' or 'fused', got {_WIDE_MODE!r}")
+#: Tests set this to force small chunks (several per batch) on CPU.
+_WIDE_CHUNK_ROWS_OVERRIDE: Optional[int] = None
+_interp_bmod = None
+
+
+def use_wide_path(in_features: int, out_features: int, grid_size: int, spline_order: int, dtype: torch.dtype) -> bool:
+    """True when the wide-layer path (dense basis block + ``torch.mm``) is chosen over the
+    fused kernels for a layer of this shape and dtype (KANFAST_TRITON_WIDE=auto).
+
+    Rule: float16/bfloat16, ``out_features >= 128`` and ``in_features * (G + k + 1) >= 512``.
+
+    Why: the static sm_90 model (``benchmarks/wide_model.py`` on ``benchmarks/gpu_model.py``;
+    a MODEL, not a measurement; it assumes cuBLAS reaches 790 TFLOP/s on every GEMM)
+    at batch 65536, G = 5, k = 3, bf16, forward + backward, wide vs fused: in x out =
+    1024 x 1024: 7.8 vs 27.1 ms; 256 x 256: 1.1 vs 2.4; 64 x 1024: 0.49 vs 2.35;
+    128 x 256: 0.55 vs 1.22; 1024 x 128: 4.1 vs 5.1; 1024 x 64: 4.1 vs 3.6 (fused wins).
+    The basis block costs about the same whatever ``out``, while the GEMM work it
+    enables grows with ``out``; so the crossover is in ``out`` (between 64 and 128).
+    Smaller GEMM depths than ``in * (G + k + 1) = 576`` were not modelled. float32 stays
+    on the fused kernels: cuBLAS float32 follows torch's matmul precision setting (IEEE
+    by default, far below the fused kernels' TF32), not :func:`set_fp32_precision`.
+    Figures and commands: ``benchmarks/results/wide_model_*.json``.
+
+    Args:
+        in_features, out_features, grid_size (G), spline_order (k): the layer's sizes.
+        dtype: the compute dtype (x's dtype).
+
+    Returns:
+        bool; a pure function of its arguments.
+    """
+    if dtype not in (torch.float16, torch.bfloat16):
+        return False
+    return out_features >= 128 and in_features * (grid_size + spline_order + 1) >= 512
+
+
+def _wide_selected(nin: int, nout: int, G: int, k: int, dtype: torch.dtype) -> bool:
+    if _WIDE_MODE == "wide":
+        return True
+    if _WIDE_MODE == "fused":
+        return False
+    return use_wide_path(nin, nout, G, k, dtype)
+
+
+def _wide_kernels(device: torch.device):
+    """The basis-block kernel module for ``device`` (compiled, or an interpreted copy on CPU)."""
+    global _interp_bmod
+    if _kernels(device) is _kmod:  # compiled for CUDA, or everything interpreted (TRITON_INTERPRET=1)
+        return _bmod
+    if _interp_bmod is not None:
+        return _interp_bmod
+    with _SETUP_LOCK:
+        if _interp_bmod is None:
+            with _knobs.runtime.scope():
+                _knobs.runtime.interpret = True
+                _interp_bmod = _load_kernel_file("kanfast.kernels._basis_block_interpreted", _bmod.__file__)
+        return _interp_bmod
+
+
+def _wide_chunk_rows(n_cols: int, elt: int) -> int:
+    """Rows per chunk: the basis block D of a chunk takes about half the assumed L2."""
+    if _WIDE_CHUNK_ROWS_OVERRIDE is not None:
+        return int(_WIDE_CHUNK_ROWS_OVERRIDE)
+    rows = (WIDE_L2_BYTES // 2) // max(1, n_cols * elt)
+    return max(WIDE_MIN_CHUNK_ROWS, rows // WIDE_MIN_CHUNK_ROWS * WIDE_MIN_CHUNK_ROWS)
+
+
+#: Basis columns per feature in the wide path's block: G + k rounded up to a multiple of this
+#: (16 bytes of a 16-bit dtype: each feature's slice starts aligned, so stores vectorise).
+WIDE_COL_ALIGN = 8
+
+
+def _wide_nbp(nb: int) -> int:
+    return -(-nb // WIDE_COL_ALIGN) * WIDE_COL_ALIGN
+
+
+def _wide_weights(coef, base_weight, dtype):
+    """Wcat (out, [in] + in * nbp) = [base_weight | coef zero-padded to nbp, reshaped] in ``dtype``."""
+    nout, nin, nb = coef.shape
+    nbp = _wide_nbp(nb)
+    w = torch.nn.functional.pad(coef.detach().to(dtype), (0, nbp - nb)).reshape(nout, nin * nbp)
+    if base_weight is None:
+        return w.contiguous()
+    return torch.cat([base_weight.detach().to(dtype), w], dim=1)
+
+
+def _wide_cfg(bm, nb):
+    """(basis-block config, grad_x config). On the GPU: ptxas for sm_90 (bf16, k = 1..7)
+    reports no spills for either; the block kernel uses 105-246 registers (162 at k = 3:
+    3 CTAs of 4 warps per SM), the grad_x kernel 61-103 (80 at k = 3)."""
+    if bm.INTERPRETED:
+        cfg = dict(BLOCK_N=16, BLOCK_I=16, NBP=_wide_nbp(nb), num_warps=1)
+        return dict(cfg, BLOCK_J=16), cfg
+    return (dict(BLOCK_N=16, BLOCK_I=16, BLOCK_J=8, NBP=_wide_nbp(nb), num_warps=4),
+            dict(BLOCK_N=32, BLOCK_I=16, NBP=_wide_nbp(nb), num_warps=4))
+
+
+def _basis_block(bm, xc, tables, nb, k, has_base, d):
+    """Fill d (rows, C) with the basis block of the rows xc (rows, in)."""
+    tp, t0, tn, n_knots = tables
+    rows, nin = xc.shape
+    cfg, _ = _wide_cfg(bm, nb)
+    _launch(
+        bm.basis_block_kernel, lambda meta: (triton.cdiv(rows, meta["BLOCK_N"]), triton.cdiv(nin, meta["BLOCK_I"])),
+        xc, tp, t0, tn, d,
+        rows, nin, nb, n_knots, _n_steps(n_knots),
+        xc.stride(0), xc.stride(1), d.stride(0),
+        K=k, HAS_BASE=has_base, **cfg, interpreted=bm.INTERPRETED,
+    )
+
+
+def _acc_gemm(acc, a, b):
+    """acc (fp32) += a @ b, the product accumulated in fp32 whatever a's dtype."""
+    if a.dtype == torch.float32:
+        acc.addmm_(a, b)
+        return
+    if a.device.type != "cpu":  # CUDA (and meta tensors): a 16-bit GEMM with fp32 output
+        try:
+            acc.add_(torch.mm(a, b, out_dtype=torch.float32))
+            return
+        except (TypeError, RuntimeError):  # pragma: no cover - a torch without mm(out_dtype=)
+            pass
+    acc.addmm_(a.float(), b.float())
+
+
+def _wide_forward(x, grid, coef, base_weight, k, y):
+    """y (N, out) = D_chunk @ Wcat^T for each chunk of rows (only x and the weights are read)."""
+    N, nin = x.shape
+    nout, _, nb = coef.shape
+    bm = _wide_kernels(x.device)
+    x = _row_major(x)
+    _, tp, t0, tn, _ = _grid_info(grid, k)
+    tables = (tp, t0, tn, grid.shape[1])
+    has_base = base_weight is not None
+    wt = _wide_weights(coef, base_weight, x.dtype).t()
+    rows = _wide_chunk_rows(wt.shape[0], x.element_size())
+    d = torch.empty(min(rows, N), wt.shape[0], dtype=x.dtype, device=x.device)
+    for a in range(0, N, rows):
+        b = min(N, a + rows)
+        dc = d[: b - a]
+        _basis_block(bm, x[a:b], tables, nb, k, has_base, dc)
+        torch.mm(dc, wt, out=y[a:b])
+    return y
+
+
+def _wide_backward(grad_y, x, grid, coef, base_weight, k, gx, need_x, need_coef, need_base):
+    """Per chunk (in a fixed order): D recomputed from x; grad_x from gD = grad_y @ Wcat by
+    :func:`basis_grad_x_kernel`; grad_Wcat += grad_y^T @ D in fp32 (no atomics)."""
+    N, nin = x.shape
+    nout, _, nb = coef.shape
+    has_base = base_weight is not None
+    want_base = need_base and has_base
+    gc = torch.empty(0, dtype=coef.dtype, device=x.device)
+    gb = torch.empty(0, dtype=coef.dtype, device=x.device)
+    bm = _wide_kernels(x.device)
+    x = _row_major(x)
+    grad_y = _row_major(grad_y.to(x.dtype))
+    _, tp, t0, tn, _ = _grid_info(grid, k)
+    tables = (tp, t0, tn, grid.shape[1])
+    n_knots = grid.shape[1]
+    wcat = _wide_weights(coef, base_weight, x.dtype)
+    n_cols = wcat.shape[1]
+    rows = _wide_chunk_rows(n_cols, x.element_size())
+    want_w = need_coef or want_base
+    d = torch.empty(min(rows, N), n_cols, dtype=x.dtype, device=x.device) if want_w else None
+    gd = torch.empty(min(rows, N), n_cols, dtype=x.dtype, device=x.device) if need_x else None
+    acc = torch.zeros(nout, n_cols, dtype=torch.float32, device=x.device) if want_w else None
+    _, cfg = _wide_cfg(bm, nb)
+    for a in range(0, N, rows):
+        b = min(N, a + rows)
+        xc, gyc = x[a:b], grad_y[a:b]
+        if need_x:
+            gdc = gd[: b - a]
+            torch.mm(gyc, wcat, out=gdc)
+            gxc = gx[a:b]
+            _launch(
+                bm.basis_grad_x_kernel,
+                lambda meta: (triton.cdiv(b - a, meta["BLOCK_N"]), triton.cdiv(nin, meta["BLOCK_I"])),
+                xc, tp, t0, tn, gdc, gxc,
+                b - a, nin, nb, n_knots, _n_steps(n_knots),
+                xc.stride(0), xc.stride(1), gdc.stride(0), gxc.stride(0), gxc.stride(1),
+                K=k, HAS_BASE=has_base, **cfg, interpreted=bm.INTERPRETED,
+            )
+        if want_w:
+            dc = d[: b - a]
+            _basis_block(bm, xc, tables, nb, k, has_base, dc)
+            _acc_gemm(acc, gyc.t(), dc)
+    base = nin if has_base else 0
+    # fresh tensors (never views of acc: custom-op outputs must not alias)
+    if need_coef:
+        gc = torch.empty_like(coef, memory_format=torch.contiguous_format)
+        gc.copy_(acc[:, base:].reshape(nout, nin, -1)[:, :, :nb])
+    if want_base:
+        gb = torch.empty_like(base_weight, memory_format=torch.contiguous_format)
+        gb.copy_(acc[:, :nin])
     return gx, gc, gb
 
 
