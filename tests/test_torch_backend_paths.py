@@ -13,9 +13,15 @@ import pytest
 import torch
 
 from conftest import assert_close, backend_grads, compare_to_reference
-from kanfast import FastKANLayer, torch_backend
+from kanfast import FastKANLayer, sparse_backend, torch_backend
 from kanfast.kernels import cpu_spline
 from kanfast.reference import kan_linear_reference
+
+
+@pytest.fixture(autouse=True)
+def _dense_engine(monkeypatch):
+    """These tests exercise the dense-block engine: the small-call path (kanfast.sparse_backend) off."""
+    monkeypatch.setattr(sparse_backend, "ENABLED", False)
 
 
 @pytest.fixture(params=["kernels", "torch-ops"], autouse=True)

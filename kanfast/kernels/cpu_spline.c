@@ -37,7 +37,7 @@
 
 #ifndef KF_BODY
 
-int kf_abi_version(void) { return 2; }
+int kf_abi_version(void) { return 3; }
 
 /* exp for float, vectorisable (Cephes expf: range reduction by ln 2, degree-6 polynomial).
  * Arguments below -87.3 give exp(-87.3) (~1e-38: 1 + e rounds to 1, as it would for the exact
@@ -192,3 +192,261 @@ void SFX(kf_grad_x)(int64_t rows, int64_t fw, const T* x, int64_t sx, const T* t
 }
 
 #endif /* KF_BODY */
+
+/* ------------------------------------------------------------------------------------------
+ * Sparse contraction kernels (kf_sparse_*): the small-call path of the CPU engine
+ * (kanfast.sparse_backend), and the sparse contraction of issue 18.
+ *
+ * Algorithm: for every row b and input feature i, the span m with t_m <= x < t_{m+1} by
+ * binary search over the STORED knots t = grid[i] (any non-decreasing knots, no uniformity
+ * assumed), then the k + 1 non-zero bases B_{m-k..m}(x) by de Boor's triangle (NURBS Book,
+ * alg. A2.2: one division per entry, its denominator the knot difference
+ * t_{m+r+1} - t_{m+r+1-p} of the Cox-de Boor recursion, a zero denominator (repeated knots)
+ * giving 0), and contract them directly with the coefficient table, laid out (in, G + k, out)
+ * so that each row W[i, j, :] is contiguous and the loop over out vectorises:
+ *     y[b, :] = sum_i ( silu(x_bi) Bt[i, :] + sum_r B_r(x_bi) W[i, m_bi - k + r, :] ).
+ * No dense basis block, no GEMM. Knot indices outside [0, n) (the bases B_j with j < 0 or
+ * j > G + k - 1 that the triangle carries near the ends) read the clamped end knot: those
+ * entries are never used, and every real basis B_j depends only on t_j .. t_{j+k+1}, inside.
+ * Inputs outside [t_0, t_last) (NaN and +-inf included) contribute no spline term (their
+ * bases are 0, as in the reference); their SiLU term carries NaN/inf.
+ * Backward (rows of one worker): grad_W[i, m - k + r, :] += B_r grad_y[b, :] (the transposed
+ * scatter, rows in order: deterministic), grad_Bt[i, :] += silu(x) grad_y[b, :], and
+ * grad_x[b, i] = silu'(x) <grad_y[b], Bt[i]> + sum_r B_r'(x) <grad_y[b], W[i, m - k + r]>
+ * (k + 2 dot products), B_r' = k (B_{j,k-1} / (t_{j+k} - t_j) - B_{j+1,k-1} / (t_{j+k+1} - t_{j+1}))
+ * from the triangle's last-level quotients. Weight gradients of bases that are 0 on every row
+ * are never written: exactly 0. kf_sparse_finish sums the workers' partial weight gradients in
+ * worker order (deterministic for a given split) and turns them into the gradients of
+ * efficient-kan's parameters: spline_weight (out, in, G + k) (times the scale) and the scale.
+ *
+ * Knots: every call checks them (fwd/bwd with pack = 1: finite and non-decreasing, O(in n));
+ * a return value of 1 means "not so", and the caller takes another path. Nothing derived from
+ * the knots is kept between calls, so no edit of the knots (in place, through .data, a new
+ * tensor) can leave anything stale.
+ * Work: the caller's buffer holds the packed tables Wt (in * (G + k) * out) and Bt (in * out).
+ * Addresses are formed only from indices checked to lie in range (m in [0, n - 2] by the
+ * search's invariant, j tested against [0, G + k)): no input value can move a load or store.
+ * ------------------------------------------------------------------------------------------ */
+#if defined(KF_BODY) && !defined(KF_SPARSE_PASS2)
+#if !defined(KF_SPARSE_PASS1)
+#define KF_SPARSE_PASS1 /* first inclusion: float; the second defines PASS2 (double), the outer pass skips */
+#else
+#define KF_SPARSE_PASS2
+#endif
+
+#define KS_MAXK 16
+
+/* span m in [0, n - 2] with t[m] <= x < t[m + 1] (precondition t[0] <= x < t[n - 1]) */
+static inline int64_t SFX(ks_span)(const T* restrict t, int64_t n, T x) {
+    int64_t lo = 0, hi = n - 1;
+    while (hi - lo > 1) {
+        const int64_t mid = (lo + hi) >> 1;
+        if (t[mid] <= x) lo = mid; else hi = mid;
+    }
+    return lo;
+}
+
+static inline T SFX(ks_knot)(const T* restrict t, int64_t n, int64_t j) {
+    return t[j < 0 ? 0 : (j > n - 1 ? n - 1 : j)];
+}
+
+/* v[r] = B_{m-k+r,k}(x), r = 0..k; q (when not NULL) the last level's quotients
+ * q[r] = B_{m-k+1+r,k-1}(x) / (t_{m+1+r} - t_{m+1+r-k}), r = 0..k-1 (0 where the difference is 0) */
+static inline void SFX(ks_bases)(const T* restrict t, int64_t n, int64_t m, int64_t k, T x, T* restrict v,
+                                 T* restrict q) {
+    v[0] = (T)1;
+    for (int64_t p = 1; p <= k; p++) {
+        T saved = 0;
+        for (int64_t r = 0; r < p; r++) {
+            const T hi = SFX(ks_knot)(t, n, m + r + 1), lo = SFX(ks_knot)(t, n, m + r + 1 - p);
+            const T den = hi - lo;
+            const T temp = den > 0 ? v[r] / den : (T)0;
+            if (q != 0 && p == k) q[r] = temp;
+            v[r] = saved + (hi - x) * temp;
+            saved = (x - lo) * temp;
+        }
+        v[p] = saved;
+    }
+}
+
+/* 1 unless every knot row is finite and non-decreasing */
+static int64_t SFX(ks_check)(int64_t nin, int64_t n, const T* grid) {
+    for (int64_t i = 0; i < nin; i++) {
+        const T* t = grid + i * n;
+        int bad = 0;
+        for (int64_t j = 0; j < n; j++) bad |= !(t[j] - t[j] == 0); /* NaN or +-inf */
+        for (int64_t j = 0; j + 1 < n; j++) bad |= !(t[j] <= t[j + 1]);
+        if (bad) return 1;
+    }
+    return 0;
+}
+
+/* Wt[i, j, o] = sw[o, i, j] * sc[o, i] (sc NULL: 1); Bt[i, o] = bw[o, i] (bw NULL: skipped) */
+static void SFX(ks_pack)(int64_t nin, int64_t nout, int64_t nb, const T* sw, const T* sc, const T* bw, T* Wt,
+                         T* Bt) {
+    for (int64_t o = 0; o < nout; o++)
+        for (int64_t i = 0; i < nin; i++) {
+            const T s = sc ? sc[o * nin + i] : (T)1;
+            const T* restrict w = sw + (o * nin + i) * nb;
+            T* restrict d = Wt + i * nb * nout + o;
+            for (int64_t j = 0; j < nb; j++) d[j * nout] = w[j] * s;
+            if (bw) Bt[i * nout + o] = bw[o * nin + i];
+        }
+}
+
+static inline T SFX(ks_silu)(T x) { return x / ((T)1 + EXP(-x)); }
+
+/* a . b over n elements with 8 partial sums in a fixed order (vectorised; deterministic) */
+static inline T SFX(ks_dot)(int64_t n, const T* restrict a, const T* restrict b) {
+    T s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int64_t o = 0;
+    for (; o + 8 <= n; o += 8)
+        for (int l = 0; l < 8; l++) s[l] += a[o + l] * b[o + l];
+    T tail = 0;
+    for (; o < n; o++) tail += a[o] * b[o];
+    return (((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7]))) + tail;
+}
+
+/* rows [0, N) of y (N, nout), row stride nout. pack: check the knots (return 1 if not finite
+ * and non-decreasing) and pack Wt/Bt from sw, sc, bw first; else Wt/Bt are the caller's. */
+int64_t SFX(kf_sparse_fwd)(int64_t N, int64_t nin, int64_t nout, int64_t k, int64_t n, const T* x, int64_t sx,
+                           const T* grid, const T* sw, const T* sc, const T* bw, int64_t has_base, int64_t pack,
+                           T* Wt, T* Bt, T* y) {
+    const int64_t nb = n - k - 1;
+    if (k < 0 || k >= KS_MAXK || nb < 1) return 2;
+    if (pack) {
+        if (SFX(ks_check)(nin, n, grid)) return 1;
+        SFX(ks_pack)(nin, nout, nb, sw, sc, has_base ? bw : 0, Wt, Bt);
+    }
+    /* row tiles whose output stays in L1 while every feature's table rows pass over it */
+    int64_t tile = 8192 / (nout > 0 ? nout : 1);
+    tile = tile < 1 ? 1 : tile;
+    T v[KS_MAXK + 1];
+    for (int64_t b0 = 0; b0 < N; b0 += tile) {
+        const int64_t b1 = b0 + tile < N ? b0 + tile : N;
+        memset(y + b0 * nout, 0, (size_t)((b1 - b0) * nout) * sizeof(T));
+        for (int64_t i = 0; i < nin; i++) {
+            const T* restrict t = grid + i * n;
+            const T t0 = t[0], tn = t[n - 1];
+            const T* restrict Wi = Wt + i * nb * nout;
+            const T* restrict Bi = Bt + i * nout;
+            for (int64_t b = b0; b < b1; b++) {
+                const T xi = x[b * sx + i];
+                T* restrict yr = y + b * nout;
+                if (has_base) {
+                    const T s = SFX(ks_silu)(xi);
+                    for (int64_t o = 0; o < nout; o++) yr[o] += s * Bi[o];
+                }
+                if (!(xi >= t0 && xi < tn)) continue; /* outside, NaN, +-inf: no spline term */
+                const int64_t m = SFX(ks_span)(t, n, xi);
+                SFX(ks_bases)(t, n, m, k, xi, v, 0);
+                const int64_t r0 = k - m > 0 ? k - m : 0;                 /* j = m - k + r >= 0 */
+                const int64_t r1 = nb - 1 - m + k < k ? nb - 1 - m + k : k; /* j <= nb - 1 */
+                for (int64_t r = r0; r <= r1; r++) {
+                    const T vr = v[r];
+                    const T* restrict w = Wi + (m - k + r) * nout;
+                    for (int64_t o = 0; o < nout; o++) yr[o] += vr * w[o];
+                }
+            }
+        }
+    }
+    return 0;
+}
+
+/* Backward over rows [0, N): gW (in, nb, out) and gB (in, out) zeroed, then accumulated (NULL:
+ * not needed); gx (N, nin) with row stride sgx (NULL: not needed; then Wt/Bt are not read).
+ * pack as in kf_sparse_fwd (the tables are needed only for gx). */
+int64_t SFX(kf_sparse_bwd)(int64_t N, int64_t nin, int64_t nout, int64_t k, int64_t n, const T* x, int64_t sx,
+                           const T* grid, const T* gy, const T* sw, const T* sc, const T* bw, int64_t has_base,
+                           int64_t pack, T* Wt, T* Bt, T* gx, int64_t sgx, T* gW, T* gB) {
+    const int64_t nb = n - k - 1;
+    if (k < 0 || k >= KS_MAXK || nb < 1) return 2;
+    if (pack) {
+        if (SFX(ks_check)(nin, n, grid)) return 1;
+        if (gx) SFX(ks_pack)(nin, nout, nb, sw, sc, has_base ? bw : 0, Wt, Bt);
+    }
+    if (gW) memset(gW, 0, (size_t)(nin * nb * nout) * sizeof(T));
+    if (gB) memset(gB, 0, (size_t)(nin * nout) * sizeof(T));
+    int64_t tile = 8192 / (nout > 0 ? nout : 1);
+    tile = tile < 1 ? 1 : tile;
+    T v[KS_MAXK + 1], q[KS_MAXK + 1];
+    for (int64_t b0 = 0; b0 < N; b0 += tile) {
+        const int64_t b1 = b0 + tile < N ? b0 + tile : N;
+        for (int64_t i = 0; i < nin; i++) {
+            const T* restrict t = grid + i * n;
+            const T t0 = t[0], tn = t[n - 1];
+            const T* restrict Wi = gx ? Wt + i * nb * nout : 0;
+            const T* restrict Bi = gx ? Bt + i * nout : 0;
+            T* restrict gWi = gW ? gW + i * nb * nout : 0;
+            T* restrict gBi = gB ? gB + i * nout : 0;
+            for (int64_t b = b0; b < b1; b++) {
+                const T xi = x[b * sx + i];
+                const T* restrict g = gy + b * nout;
+                T acc = 0;
+                if (has_base && (gx || gBi)) {
+                    const T e = EXP(-xi);
+                    if (gBi) {
+                        const T s = xi / ((T)1 + e);
+                        for (int64_t o = 0; o < nout; o++) gBi[o] += s * g[o];
+                    }
+                    if (gx) { /* silu'(x) = sig (1 + x (1 - sig)) */
+                        const T sig = (T)1 / ((T)1 + e);
+                        acc = SFX(ks_dot)(nout, g, Bi) * (sig * ((T)1 + xi * ((T)1 - sig)));
+                    }
+                }
+                if (xi >= t0 && xi < tn) {
+                    const int64_t m = SFX(ks_span)(t, n, xi);
+                    SFX(ks_bases)(t, n, m, k, xi, v, q);
+                    const int64_t r0 = k - m > 0 ? k - m : 0;
+                    const int64_t r1 = nb - 1 - m + k < k ? nb - 1 - m + k : k;
+                    for (int64_t r = r0; r <= r1; r++) {
+                        const int64_t off = (m - k + r) * nout;
+                        if (gWi) {
+                            const T vr = v[r];
+                            T* restrict gw = gWi + off;
+                            for (int64_t o = 0; o < nout; o++) gw[o] += vr * g[o];
+                        }
+                        if (gx && k > 0) {
+                            const T dr = (T)k * ((r > 0 ? q[r - 1] : (T)0) - (r < k ? q[r] : (T)0));
+                            acc += dr * SFX(ks_dot)(nout, g, Wi + off);
+                        }
+                    }
+                }
+                if (gx) gx[b * sgx + i] = acc;
+            }
+        }
+    }
+    return 0;
+}
+
+/* Sum P partial weight gradients (each gW (in, nb, out) then gB (in, out), part p at
+ * parts + p * stride) in order p = 0..P-1, then: gsw[o, i, j] = GW[i, j, o] * sc[o, i] (sc NULL:
+ * 1), gsc[o, i] = sum_j GW[i, j, o] sw[o, i, j], gbw[o, i] = GB[i, o]; any output may be NULL. */
+void SFX(kf_sparse_finish)(int64_t P, int64_t nin, int64_t nout, int64_t nb, T* parts, int64_t stride,
+                           int64_t has_gb, const T* sw, const T* sc, T* gsw, T* gsc, T* gbw) {
+    const int64_t nw = nin * nb * nout, tot = nw + (has_gb ? nin * nout : 0);
+    for (int64_t p = 1; p < P; p++) {
+        const T* restrict src = parts + p * stride;
+        for (int64_t e = 0; e < tot; e++) parts[e] += src[e];
+    }
+    const T* GW = parts;
+    const T* GB = parts + nw;
+    for (int64_t o = 0; o < nout; o++)
+        for (int64_t i = 0; i < nin; i++) {
+            const T* restrict gwi = GW + i * nb * nout + o;
+            if (gsw) {
+                const T s = sc ? sc[o * nin + i] : (T)1;
+                T* restrict d = gsw + (o * nin + i) * nb;
+                for (int64_t j = 0; j < nb; j++) d[j] = gwi[j * nout] * s;
+            }
+            if (gsc) {
+                const T* restrict w = sw + (o * nin + i) * nb;
+                T acc = 0;
+                for (int64_t j = 0; j < nb; j++) acc += gwi[j * nout] * w[j];
+                gsc[o * nin + i] = acc;
+            }
+            if (gbw && has_gb) gbw[o * nin + i] = GB[i * nout + o];
+        }
+}
+
+#endif /* sparse kernels */
