@@ -20,16 +20,21 @@ grad_x (k + 2 dot products per input), and the weight gradients by the transpose
 into the gradients of ``spline_weight``, ``spline_scaler`` and ``base_weight`` in the same
 call. Weights whose bases are 0 on every row get exactly 0.
 
-When (the size rule, :func:`chooses`; measured on the development VM, see
-``benchmarks/results/small_t1.json``): a call takes this path when the kernels are built,
-x is a plain float32/float64 CPU tensor (no dispatch/function mode, no ``jit.trace``), and its
-dense work ``rows x in x (G + k + 1) x out`` multiply-adds is at most :data:`SMALL_WORK`
-(per thread of ``torch.get_num_threads()``), or ``G + k + 1 >= SPARSE_RATIO x (k + 2)``
-(the dense block then multiplies mostly zeros). Else the dense-block engine of
-:mod:`kanfast.torch_backend` runs. Inputs outside the knots, NaN and +-inf give the
-reference's result (no spline term; the SiLU term carries NaN/inf); knots that are not
-finite and non-decreasing make the kernel decline, and the caller falls back to the dense
-engine (whose result on such knots is its own).
+When (the size rule, :func:`chooses`): a call takes this path when the kernels are built,
+x and the parameters are plain float32/float64 CPU tensors of one dtype (no dispatch/function
+mode, no ``jit.trace``), and either its dense work ``rows x in x (G + k + 1) x out``
+multiply-adds is at most :data:`SMALL_WORK` per thread of ``torch.get_num_threads()`` (every
+small call: the dense engine's fixed cost of ~100 small torch ops per call dominates there),
+or its coefficient table ``in x (G + k + 1) x out`` takes at most :data:`TABLE_BYTES`
+(measured: the sparse kernel then beats the dense GEMMs, forward and backward, at every G).
+Else the dense-block engine of :mod:`kanfast.torch_backend` runs. The rule is the same for
+training and inference. Large calls are split by rows across the CPU workers
+(:mod:`kanfast.cpu_workers`, same rule as the dense engine); backward then gives each worker a
+partial weight gradient, summed in worker order: bit-repeatable for a given thread count
+(not across thread counts). Inputs outside the knots, NaN and +-inf give the reference's
+result (no spline term; the SiLU term carries NaN/inf); knots that are not finite and
+non-decreasing make the kernel decline, and the caller falls back to the dense engine (whose
+result on such knots is its own).
 
 Memory: nothing saved but x (and the parameters); per thread one packed table of
 ``in x (G + k + 1) x out`` elements (forward) and one weight-gradient buffer of the same
@@ -44,20 +49,24 @@ from typing import Optional, Tuple
 
 import torch
 
+from . import cpu_workers
 from .kernels import cpu_spline
 
-__all__ = ["ENABLED", "SMALL_WORK", "SPARSE_RATIO", "chooses", "forward", "backward", "release_buffers"]
+__all__ = ["ENABLED", "SMALL_WORK", "TABLE_BYTES", "chooses", "forward", "backward", "release_buffers"]
 
 Tensor = torch.Tensor
 
 #: Dense multiply-adds (rows x in x (G + k + 1) x out) per thread up to which a call takes the
-#: sparse path whatever G (the dense engine's fixed cost per call is a few hundred
-#: microseconds of small torch ops; see the module docstring).
+#: sparse path whatever its coefficient table's size (the dense engine's fixed cost per call
+#: is a few hundred microseconds of small torch ops).
 SMALL_WORK = 1 << 24
-#: ``G + k + 1`` (columns of the dense block per input) at least this many times the
-#: ``k + 2`` rows the sparse kernel touches per input: the sparse path at any size.
-SPARSE_RATIO = 4.0
-
+#: Largest coefficient table (in x (G + k + 1) x out elements, in bytes) of the sparse path
+#: for larger calls: its kernel reads the rows of the table it needs once per tile of 64 rows,
+#: which stays cheap while the table sits in the last-level cache; past that the dense GEMMs,
+#: which block for the cache, win (development VM, one thread, fwd+bwd: in = out = 256, batch
+#: 4096: G = 5 (2.4 MB) sparse 148 ms / dense 163 ms, G = 10 168 / 275; in = out = 1024, batch
+#: 256: G = 5 (37 MB) 379 / 238, G = 20 (96 MB) 968 / 667).
+TABLE_BYTES = 16 << 20
 #: Off: every call takes the dense engine (``KANFAST_SPARSE=0`` in the environment at import;
 #: tests of the dense engine's own paths set it).
 ENABLED = os.environ.get("KANFAST_SPARSE", "1").strip().lower() not in ("0", "false", "no", "off")
@@ -90,9 +99,10 @@ def chooses(x: Tensor, grid: Tensor, coef: Tensor, base_weight: Optional[Tensor]
     ):
         return False
     N, nin = x.shape
-    cols = coef.shape[2] + 1
+    cols = coef.shape[2] + 1  # bases and the SiLU column per input
     work = N * nin * cols * coef.shape[0]
-    if work > SMALL_WORK * max(1, torch.get_num_threads()) and cols < SPARSE_RATIO * (k + 2):
+    table = nin * cols * coef.shape[0] * x.element_size()
+    if work > SMALL_WORK * max(1, torch.get_num_threads()) and table > TABLE_BYTES:
         return False
     return _kernels() is not None
 
@@ -131,12 +141,28 @@ def forward(x: Tensor, grid: Tensor, coef: Tensor, base_weight: Optional[Tensor]
     x = x if (x.shape[1] <= 1 or x.stride(1) == 1) else x.contiguous()
     grid, coef, base_weight, scale = _c(grid), _c(coef), _c(base_weight), _c(scale)
     nout, nin, nb = coef.shape
-    y = torch.empty(x.shape[0], nout, dtype=x.dtype)
+    N = x.shape[0]
+    y = torch.empty(N, nout, dtype=x.dtype)
     nw = nin * nb * nout
     buf = _buffer("W", nw + nin * nout, x.dtype)
-    if kern.sparse_fwd(x, grid, k, coef, scale, base_weight, buf, buf[nw:], y, True):
+    parts = _parts(x, grid, coef, base_weight, scale)
+    if len(parts) == 1:
+        return None if kern.sparse_fwd(x, grid, k, coef, scale, base_weight, buf, buf[nw:], y, True) else y
+    # the knots checked and the table packed once, by the caller; the workers share it (read-only)
+    if kern.sparse_fwd(x[:0], grid, k, coef, scale, base_weight, buf, buf[nw:], y[:0], True):
         return None
+    cpu_workers.run(
+        lambda a, b: kern.sparse_fwd(x[a:b], grid, k, coef, scale, base_weight, buf, buf[nw:], y[a:b], False), parts
+    )
     return y
+
+
+def _parts(x, grid, coef, base_weight, scale):
+    """Row ranges of the CPU workers (:mod:`kanfast.cpu_workers`, its rule on the dense work
+    ``rows x in x (G + k + 1)``): one range runs inline."""
+    N, nin = x.shape
+    work = N * nin * (coef.shape[2] + 1)
+    return cpu_workers.split(N, cpu_workers.worker_count(work, x, grid, coef, base_weight, scale))
 
 
 def backward(grad_y: Tensor, x: Tensor, grid: Tensor, coef: Tensor, base_weight: Optional[Tensor], k: int,
@@ -156,16 +182,30 @@ def backward(grad_y: Tensor, x: Tensor, grid: Tensor, coef: Tensor, base_weight:
     nw = nin * nb * nout
     gx = torch.empty(x.shape, dtype=dt) if need_x else None
     tab = _buffer("W", nw + nin * nout, dt) if need_x else None
-    part = _buffer("gW", nw + nin * nout, dt) if (need_w or need_b) else None
-    rc = kern.sparse_bwd(
-        x, grid, k, grad_y, coef, scale, base_weight, tab, None if tab is None else tab[nw:], gx,
-        part if need_w else None, part[nw:] if need_b else None, True,
-    )
-    if rc:
-        return None
+    tb = None if tab is None else tab[nw:]
+    need_p = need_w or need_b
+    parts = _parts(x, grid, coef, base_weight, scale)
+    P = len(parts)
+    stride = nw + nin * nout
+    part = _buffer("gW", P * stride, dt) if need_p else None
+    if P == 1:
+        rc = kern.sparse_bwd(x, grid, k, grad_y, coef, scale, base_weight, tab, tb, gx, part,
+                             part[nw:] if need_b else None, True)
+        if rc:
+            return None
+    else:  # rows split across the workers, each its own partial weight gradient (summed in part order)
+        if kern.sparse_bwd(x[:0], grid, k, grad_y[:0], coef, scale, base_weight, tab, tb, None, None, None, True):
+            return None
+
+        def rows(a, b):
+            p = part[parts.index((a, b)) * stride:] if need_p else None
+            kern.sparse_bwd(x[a:b], grid, k, grad_y[a:b], coef, scale, base_weight, tab, tb,
+                            None if gx is None else gx[a:b], p, p[nw:] if (need_b and p is not None) else None, False)
+
+        cpu_workers.run(rows, parts)
     gc = torch.empty(nout, nin, nb, dtype=dt) if need_c else None
     gs = torch.empty(nout, nin, dtype=dt) if need_s else None
     gb = torch.empty(nout, nin, dtype=dt) if need_b else None
-    if need_w or need_b:
-        kern.sparse_finish(part, 1, 0, nin, nout, nb, need_b, coef, scale, gc, gs, gb)
+    if need_p:
+        kern.sparse_finish(part, P, stride, nin, nout, nb, need_b, coef, scale, gc, gs, gb)
     return gx, gc, gb, gs

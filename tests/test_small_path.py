@@ -174,20 +174,23 @@ def test_deterministic(calls):
 
 
 def test_size_rule(monkeypatch):
-    """The documented rule: small calls sparse, the wide dense-floor shape at G = 5 dense, any call
-    whose dense block is mostly zeros (large G) sparse; unsupported tensors never."""
+    """The documented rule: small calls sparse; larger ones sparse while the coefficient table
+    fits TABLE_BYTES, dense past it; unsupported dtypes never."""
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
 
     def case(N, nin, nout, G, k=3, dtype=torch.float32):
-        x = torch.zeros(N, nin, dtype=dtype)
-        return sparse_backend.chooses(x, torch.zeros(nin, G + 2 * k + 1, dtype=dtype),
-                                      torch.zeros(nout, nin, G + k, dtype=dtype), None, k, None)
+        x = torch.empty(N, nin, dtype=dtype)
+        return sparse_backend.chooses(x, torch.empty(nin, G + 2 * k + 1, dtype=dtype),
+                                      torch.empty(nout, nin, G + k, dtype=dtype), None, k, None)
 
-    assert case(1000, 2, 5, 5) and case(64, 4, 16, 5) and case(64, 16, 1, 5)
-    assert not case(4096, 256, 256, 5)
-    assert case(4096, 256, 256, 200)
+    assert case(1000, 2, 5, 5) and case(64, 4, 16, 5) and case(128, 784, 64, 5)
+    assert case(4096, 256, 256, 5) and case(4096, 256, 256, 50)  # tables of 2.4 and 14 MB
+    assert not case(256, 1024, 1024, 5)  # 37 MB
+    assert case(1, 1024, 1024, 5)  # one row: small work
     assert not case(64, 4, 16, 5, dtype=torch.float16)
     assert case(64, 4, 16, 5, dtype=torch.float64)
+    monkeypatch.setattr(sparse_backend, "ENABLED", False)
+    assert not case(64, 4, 16, 5)
 
 
 def test_inference_saves_nothing(calls):
@@ -274,3 +277,47 @@ def test_kan_linear_op_functional(calls):
     assert calls == {"fwd": 1, "bwd": 1}
     for a, b in ((y, yr), (x.grad, xr.grad), (coef.grad, cr.grad), (bw.grad, br.grad)):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+@pytest.fixture
+def three_workers(monkeypatch):
+    """Force the CPU workers (3 parts) for any call; records the parts of every split call."""
+    from kanfast import cpu_workers
+
+    if not cpu_workers._uses_openmp():
+        pytest.skip("workers need torch's OpenMP backend")
+    monkeypatch.setattr(cpu_workers, "MIN_ELEMENTS", 1)
+    monkeypatch.setattr(cpu_workers, "_usable_cpus", lambda: 64)
+    n = torch.get_num_threads()
+    torch.set_num_threads(3)
+    calls = []
+    real = cpu_workers.run
+
+    def spy(fn, ranges):
+        calls.append(list(ranges))
+        return real(fn, ranges)
+
+    monkeypatch.setattr(cpu_workers, "run", spy)
+    yield calls
+    torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_split_across_workers(dtype, three_workers, calls):
+    """Rows split across 3 workers (forward: disjoint rows; backward: a partial weight gradient
+    per worker, summed in worker order): the reference's values and gradients, bit-repeatable."""
+    layer = _layer(6, 5, 5, 3, torch.float64, False, seed=4).to(dtype)
+    x = _inputs(layer, 40, dtype, seed=4)
+    gy = torch.randn(x.shape[0], 5, dtype=dtype, generator=torch.Generator().manual_seed(3))
+    got = _grads(layer, x, gy, reference=False)
+    assert calls == {"fwd": 1, "bwd": 1}
+    assert len(three_workers) == 2 and all(len(r) == 3 for r in three_workers)
+    want = _grads(layer, x, gy, reference=True)
+    for a, b in zip(got, want):
+        assert torch.equal(torch.isnan(a), torch.isnan(b))
+        fin = torch.isfinite(b)
+        tol = 1e-12 if dtype == torch.float64 else 2e-5
+        assert rel_rms(a[fin], b[fin]) <= tol
+    again = _grads(layer, x, gy, reference=False)
+    for a, b in zip(got, again):
+        assert torch.equal(a.nan_to_num(), b.nan_to_num())

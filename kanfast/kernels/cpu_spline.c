@@ -230,8 +230,19 @@ void SFX(kf_grad_x)(int64_t rows, int64_t fw, const T* x, int64_t sx, const T* t
 #if defined(KF_BODY) && !defined(KF_SPARSE_PASS2)
 #if !defined(KF_SPARSE_PASS1)
 #define KF_SPARSE_PASS1 /* first inclusion: float; the second defines PASS2 (double), the outer pass skips */
+#ifdef __FMA__ /* fused multiply-add in the contractions (one rounding); plain a * b + c without the hardware */
+#define KS_FMA(a, b, c) fmaf(a, b, c)
+#else
+#define KS_FMA(a, b, c) ((a) * (b) + (c))
+#endif
 #else
 #define KF_SPARSE_PASS2
+#undef KS_FMA
+#ifdef __FMA__
+#define KS_FMA(a, b, c) fma(a, b, c)
+#else
+#define KS_FMA(a, b, c) ((a) * (b) + (c))
+#endif
 #endif
 
 #define KS_MAXK 16
@@ -296,15 +307,104 @@ static void SFX(ks_pack)(int64_t nin, int64_t nout, int64_t nb, const T* sw, con
 
 static inline T SFX(ks_silu)(T x) { return x / ((T)1 + EXP(-x)); }
 
-/* a . b over n elements with 8 partial sums in a fixed order (vectorised; deterministic) */
+/* a . b over n elements: two vectors of partial sums (GCC/clang vector extensions: SIMD of
+ * whatever width the target has), then their lanes in index order, then the tail: one fixed
+ * order for a given n (deterministic). */
+typedef T SFX(ks_vec) __attribute__((vector_size(32)));
 static inline T SFX(ks_dot)(int64_t n, const T* restrict a, const T* restrict b) {
-    T s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    enum { L = 32 / sizeof(T) };
+    SFX(ks_vec) s0 = {0}, s1 = {0}, va, vb;
     int64_t o = 0;
-    for (; o + 8 <= n; o += 8)
-        for (int l = 0; l < 8; l++) s[l] += a[o + l] * b[o + l];
-    T tail = 0;
-    for (; o < n; o++) tail += a[o] * b[o];
-    return (((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7]))) + tail;
+    for (; o + 2 * L <= n; o += 2 * L) {
+        memcpy(&va, a + o, sizeof va);
+        memcpy(&vb, b + o, sizeof vb);
+        s0 += va * vb;
+        memcpy(&va, a + o + L, sizeof va);
+        memcpy(&vb, b + o + L, sizeof vb);
+        s1 += va * vb;
+    }
+    s0 += s1;
+    T acc = 0;
+    for (int l = 0; l < L; l++) acc += s0[l];
+    for (; o < n; o++) acc = KS_FMA(a[o], b[o], acc);
+    return acc;
+}
+
+/* One feature i on a tile of nr <= KS_TILE rows: xs (the inputs), in (inside [t_0, t_last)),
+ * m (span, as an index), v (k + 1 rows of KS_TILE: the bases, 0 for inputs outside), q (k rows:
+ * the last level's quotients, when want_q) and e = exp(-x). Vectorised over the rows: the spans
+ * by counting knots (n <= KS_COUNT_MAX) or binary search, the triangle on gathered knots. */
+#define KS_TILE 64
+#define KS_COUNT_MAX 48
+static void SFX(ks_tile_bases)(int64_t nr, const T* restrict x, int64_t sx, const T* restrict t, int64_t n,
+                               int64_t k, int want_q, T* restrict xs, T* restrict in, int64_t* restrict m,
+                               T* restrict v, T* restrict q, T* restrict e) {
+    const T t0 = t[0], tn = t[n - 1];
+    T xc[KS_TILE], mf[KS_TILE], kt[2 * KS_MAXK * KS_TILE], saved[KS_TILE];
+    for (int64_t b = 0; b < nr; b++) xs[b] = x[b * sx];
+    for (int64_t b = 0; b < nr; b++) {
+        const T xi = xs[b];
+        const int inside = xi >= t0 && xi < tn; /* NaN: outside */
+        in[b] = inside ? (T)1 : (T)0;
+        xc[b] = inside ? xi : t0;
+        e[b] = EXP(-xi);
+    }
+    if (n <= KS_COUNT_MAX) { /* m = #{1 <= j <= n - 2 : t_j <= x} (knots non-decreasing) */
+        for (int64_t b = 0; b < nr; b++) mf[b] = 0;
+        for (int64_t j = 1; j <= n - 2; j++) {
+            const T tj = t[j];
+            for (int64_t b = 0; b < nr; b++) mf[b] += tj <= xc[b] ? (T)1 : (T)0;
+        }
+        for (int64_t b = 0; b < nr; b++) m[b] = (int64_t)mf[b];
+    } else {
+        for (int64_t b = 0; b < nr; b++) m[b] = SFX(ks_span)(t, n, xc[b]);
+    }
+    const int64_t nk = 2 * k; /* knots m - k + 1 .. m + k, clamped to the row */
+    for (int64_t b = 0; b < nr; b++) {
+        const int64_t mb = m[b];
+        for (int64_t d = 0; d < nk; d++) kt[d * KS_TILE + b] = SFX(ks_knot)(t, n, mb - k + 1 + d);
+    }
+    for (int64_t b = 0; b < nr; b++) v[b] = in[b]; /* level 0: 1 inside, 0 outside (all levels follow) */
+    for (int64_t p = 1; p <= k; p++) {
+        for (int64_t b = 0; b < nr; b++) saved[b] = 0;
+        for (int64_t r = 0; r < p; r++) {
+            const T* restrict hi = kt + (r + k) * KS_TILE;     /* t_{m+r+1} */
+            const T* restrict lo = kt + (r + k - p) * KS_TILE; /* t_{m+r+1-p} */
+            T* restrict vr = v + r * KS_TILE;
+            T* restrict qr = q + r * KS_TILE;
+            const int store_q = want_q && p == k;
+            for (int64_t b = 0; b < nr; b++) {
+                const T den = hi[b] - lo[b];
+                const T temp = den > 0 ? vr[b] / (den > 0 ? den : (T)1) : (T)0;
+                if (store_q) qr[b] = temp;
+                vr[b] = saved[b] + (hi[b] - xc[b]) * temp;
+                saved[b] = (xc[b] - lo[b]) * temp;
+            }
+        }
+        T* restrict vp = v + p * KS_TILE;
+        for (int64_t b = 0; b < nr; b++) vp[b] = saved[b];
+    }
+}
+
+/* y[o] += s Bi[o] (Bi not NULL) + sum_{r <= K} v[r * KS_TILE] W[r * nout + o] */
+static inline __attribute__((always_inline)) void SFX(ks_fwd_row)(int64_t K, int64_t nout, T* restrict y, T s,
+                                                                   const T* restrict Bi, const T* restrict v,
+                                                                   const T* restrict W) {
+    T c[KS_MAXK + 1];
+    for (int64_t r = 0; r <= K; r++) c[r] = v[r * KS_TILE];
+    if (Bi) {
+        for (int64_t o = 0; o < nout; o++) {
+            T a = KS_FMA(s, Bi[o], y[o]);
+            for (int64_t r = 0; r <= K; r++) a = KS_FMA(c[r], W[r * nout + o], a);
+            y[o] = a;
+        }
+    } else {
+        for (int64_t o = 0; o < nout; o++) {
+            T a = y[o];
+            for (int64_t r = 0; r <= K; r++) a = KS_FMA(c[r], W[r * nout + o], a);
+            y[o] = a;
+        }
+    }
 }
 
 /* rows [0, N) of y (N, nout), row stride nout. pack: check the knots (return 1 if not finite
@@ -318,39 +418,61 @@ int64_t SFX(kf_sparse_fwd)(int64_t N, int64_t nin, int64_t nout, int64_t k, int6
         if (SFX(ks_check)(nin, n, grid)) return 1;
         SFX(ks_pack)(nin, nout, nb, sw, sc, has_base ? bw : 0, Wt, Bt);
     }
-    /* row tiles whose output stays in L1 while every feature's table rows pass over it */
-    int64_t tile = 8192 / (nout > 0 ? nout : 1);
-    tile = tile < 1 ? 1 : tile;
-    T v[KS_MAXK + 1];
-    for (int64_t b0 = 0; b0 < N; b0 += tile) {
-        const int64_t b1 = b0 + tile < N ? b0 + tile : N;
-        memset(y + b0 * nout, 0, (size_t)((b1 - b0) * nout) * sizeof(T));
+    T xs[KS_TILE], in[KS_TILE], e[KS_TILE], v[(KS_MAXK + 1) * KS_TILE], q[KS_MAXK * KS_TILE], zero[KS_MAXK + 1];
+    int64_t m[KS_TILE];
+    for (int64_t r = 0; r <= KS_MAXK; r++) zero[r] = 0;
+    (void)zero;
+    for (int64_t b0 = 0; b0 < N; b0 += KS_TILE) {
+        const int64_t nr = b0 + KS_TILE < N ? KS_TILE : N - b0;
+        T* restrict yt = y + b0 * nout;
+        memset(yt, 0, (size_t)(nr * nout) * sizeof(T));
         for (int64_t i = 0; i < nin; i++) {
             const T* restrict t = grid + i * n;
-            const T t0 = t[0], tn = t[n - 1];
             const T* restrict Wi = Wt + i * nb * nout;
-            const T* restrict Bi = Bt + i * nout;
-            for (int64_t b = b0; b < b1; b++) {
-                const T xi = x[b * sx + i];
-                T* restrict yr = y + b * nout;
-                if (has_base) {
-                    const T s = SFX(ks_silu)(xi);
-                    for (int64_t o = 0; o < nout; o++) yr[o] += s * Bi[o];
+            const T* restrict Bi = has_base ? Bt + i * nout : 0;
+            SFX(ks_tile_bases)(nr, x + b0 * sx + i, sx, t, n, k, 0, xs, in, m, v, q, e);
+            for (int64_t b = 0; b < nr; b++) {
+                T* restrict yr = yt + b * nout;
+                const T s = xs[b] / ((T)1 + e[b]); /* silu */
+                if (in[b] != 0 && m[b] >= k && m[b] <= nb - 1) { /* all k + 1 bases exist */
+                    const T* restrict W = Wi + (m[b] - k) * nout;
+                    switch (k) { /* constant K: the loop over r unrolled, the loop over out vectorised */
+                    case 1: SFX(ks_fwd_row)(1, nout, yr, s, Bi, v + b, W); break;
+                    case 2: SFX(ks_fwd_row)(2, nout, yr, s, Bi, v + b, W); break;
+                    case 3: SFX(ks_fwd_row)(3, nout, yr, s, Bi, v + b, W); break;
+                    case 4: SFX(ks_fwd_row)(4, nout, yr, s, Bi, v + b, W); break;
+                    case 5: SFX(ks_fwd_row)(5, nout, yr, s, Bi, v + b, W); break;
+                    default: SFX(ks_fwd_row)(k, nout, yr, s, Bi, v + b, W); break;
+                    }
+                    continue;
                 }
-                if (!(xi >= t0 && xi < tn)) continue; /* outside, NaN, +-inf: no spline term */
-                const int64_t m = SFX(ks_span)(t, n, xi);
-                SFX(ks_bases)(t, n, m, k, xi, v, 0);
-                const int64_t r0 = k - m > 0 ? k - m : 0;                 /* j = m - k + r >= 0 */
-                const int64_t r1 = nb - 1 - m + k < k ? nb - 1 - m + k : k; /* j <= nb - 1 */
-                for (int64_t r = r0; r <= r1; r++) {
-                    const T vr = v[r];
-                    const T* restrict w = Wi + (m - k + r) * nout;
-                    for (int64_t o = 0; o < nout; o++) yr[o] += vr * w[o];
+                if (Bi) SFX(ks_fwd_row)(-1, nout, yr, s, Bi, v + b, Wi); /* (K = -1: the SiLU term alone) */
+                if (in[b] == 0) continue;
+                for (int64_t r = 0; r <= k; r++) { /* an end span: the slots whose basis exists */
+                    const int64_t j = m[b] - k + r;
+                    if (j >= 0 && j < nb) SFX(ks_fwd_row)(0, nout, yr, 0, 0, v + b + r * KS_TILE, Wi + j * nout);
                 }
             }
         }
     }
     return 0;
+}
+
+/* gW[r * nout + o] += v_r g[o] (gW not NULL) for r <= K; returns sum_o g[o] (sp Bi[o] + sum_r d_r W[r * nout + o])
+ * (W not NULL; sp * Bi only when Bi not NULL) */
+static inline __attribute__((always_inline)) T SFX(ks_bwd_row)(int64_t K, int64_t nout, const T* restrict g,
+                                                                const T* restrict v, const T* restrict d, T* restrict gW,
+                                                                T sp, const T* restrict Bi, const T* restrict W) {
+    if (gW)
+        for (int64_t r = 0; r <= K; r++) { /* one row at a time: plain axpys, vectorised */
+            const T c = v[r * KS_TILE];
+            T* restrict gr = gW + r * nout;
+            for (int64_t o = 0; o < nout; o++) gr[o] = KS_FMA(c, g[o], gr[o]);
+        }
+    if (!W) return 0;
+    T acc = Bi ? sp * SFX(ks_dot)(nout, g, Bi) : (T)0;
+    for (int64_t r = 0; r <= K; r++) acc += d[r * KS_TILE] * SFX(ks_dot)(nout, g, W + r * nout);
+    return acc;
 }
 
 /* Backward over rows [0, N): gW (in, nb, out) and gB (in, out) zeroed, then accumulated (NULL:
@@ -367,52 +489,59 @@ int64_t SFX(kf_sparse_bwd)(int64_t N, int64_t nin, int64_t nout, int64_t k, int6
     }
     if (gW) memset(gW, 0, (size_t)(nin * nb * nout) * sizeof(T));
     if (gB) memset(gB, 0, (size_t)(nin * nout) * sizeof(T));
-    int64_t tile = 8192 / (nout > 0 ? nout : 1);
-    tile = tile < 1 ? 1 : tile;
-    T v[KS_MAXK + 1], q[KS_MAXK + 1];
-    for (int64_t b0 = 0; b0 < N; b0 += tile) {
-        const int64_t b1 = b0 + tile < N ? b0 + tile : N;
+    T xs[KS_TILE], in[KS_TILE], e[KS_TILE], v[(KS_MAXK + 1) * KS_TILE], q[KS_MAXK * KS_TILE];
+    T dv[(KS_MAXK + 1) * KS_TILE];
+    int64_t m[KS_TILE];
+    for (int64_t b0 = 0; b0 < N; b0 += KS_TILE) {
+        const int64_t nr = b0 + KS_TILE < N ? KS_TILE : N - b0;
         for (int64_t i = 0; i < nin; i++) {
             const T* restrict t = grid + i * n;
-            const T t0 = t[0], tn = t[n - 1];
             const T* restrict Wi = gx ? Wt + i * nb * nout : 0;
-            const T* restrict Bi = gx ? Bt + i * nout : 0;
+            const T* restrict Bi = (gx && has_base) ? Bt + i * nout : 0;
             T* restrict gWi = gW ? gW + i * nb * nout : 0;
-            T* restrict gBi = gB ? gB + i * nout : 0;
-            for (int64_t b = b0; b < b1; b++) {
-                const T xi = x[b * sx + i];
-                const T* restrict g = gy + b * nout;
+            T* restrict gBi = (gB && has_base) ? gB + i * nout : 0;
+            SFX(ks_tile_bases)(nr, x + b0 * sx + i, sx, t, n, k, gx != 0 && k > 0, xs, in, m, v, q, e);
+            if (gx) { /* B_r' = k (q_{r-1} - q_r), q_{-1} = q_k = 0 */
+                for (int64_t r = 0; r <= k; r++) {
+                    T* restrict dr = dv + r * KS_TILE;
+                    const T* restrict qa = q + (r > 0 ? r - 1 : 0) * KS_TILE;
+                    const T* restrict qb = q + (r < k ? r : 0) * KS_TILE;
+                    const T ka = r > 0 ? (T)k : (T)0, kb = r < k ? (T)k : (T)0;
+                    for (int64_t b = 0; b < nr; b++) dr[b] = ka * qa[b] - kb * qb[b];
+                }
+            }
+            for (int64_t b = 0; b < nr; b++) {
+                const T* restrict g = gy + (b0 + b) * nout;
+                const T xi = xs[b], sig = (T)1 / ((T)1 + e[b]);
+                if (gBi) {
+                    const T s = xi / ((T)1 + e[b]);
+                    for (int64_t o = 0; o < nout; o++) gBi[o] = KS_FMA(s, g[o], gBi[o]);
+                }
+                const T sp = sig * ((T)1 + xi * ((T)1 - sig)); /* silu'(x) */
                 T acc = 0;
-                if (has_base && (gx || gBi)) {
-                    const T e = EXP(-xi);
-                    if (gBi) {
-                        const T s = xi / ((T)1 + e);
-                        for (int64_t o = 0; o < nout; o++) gBi[o] += s * g[o];
+                if (in[b] != 0 && m[b] >= k && m[b] <= nb - 1) {
+                    const int64_t off = (m[b] - k) * nout;
+                    T* restrict gw = gWi ? gWi + off : 0;
+                    const T* restrict W = Wi ? Wi + off : 0;
+                    switch (k) {
+                    case 1: acc = SFX(ks_bwd_row)(1, nout, g, v + b, dv + b, gw, sp, Bi, W); break;
+                    case 2: acc = SFX(ks_bwd_row)(2, nout, g, v + b, dv + b, gw, sp, Bi, W); break;
+                    case 3: acc = SFX(ks_bwd_row)(3, nout, g, v + b, dv + b, gw, sp, Bi, W); break;
+                    case 4: acc = SFX(ks_bwd_row)(4, nout, g, v + b, dv + b, gw, sp, Bi, W); break;
+                    case 5: acc = SFX(ks_bwd_row)(5, nout, g, v + b, dv + b, gw, sp, Bi, W); break;
+                    default: acc = SFX(ks_bwd_row)(k, nout, g, v + b, dv + b, gw, sp, Bi, W); break;
                     }
-                    if (gx) { /* silu'(x) = sig (1 + x (1 - sig)) */
-                        const T sig = (T)1 / ((T)1 + e);
-                        acc = SFX(ks_dot)(nout, g, Bi) * (sig * ((T)1 + xi * ((T)1 - sig)));
-                    }
-                }
-                if (xi >= t0 && xi < tn) {
-                    const int64_t m = SFX(ks_span)(t, n, xi);
-                    SFX(ks_bases)(t, n, m, k, xi, v, q);
-                    const int64_t r0 = k - m > 0 ? k - m : 0;
-                    const int64_t r1 = nb - 1 - m + k < k ? nb - 1 - m + k : k;
-                    for (int64_t r = r0; r <= r1; r++) {
-                        const int64_t off = (m - k + r) * nout;
-                        if (gWi) {
-                            const T vr = v[r];
-                            T* restrict gw = gWi + off;
-                            for (int64_t o = 0; o < nout; o++) gw[o] += vr * g[o];
+                } else {
+                    if (Bi) acc = SFX(ks_bwd_row)(-1, nout, g, v + b, dv + b, 0, sp, Bi, Wi);
+                    if (in[b] != 0)
+                        for (int64_t r = 0; r <= k; r++) { /* an end span: the slots whose basis exists */
+                            const int64_t j = m[b] - k + r;
+                            if (j < 0 || j >= nb) continue;
+                            acc += SFX(ks_bwd_row)(0, nout, g, v + b + r * KS_TILE, dv + b + r * KS_TILE,
+                                                   gWi ? gWi + j * nout : 0, 0, 0, Wi ? Wi + j * nout : 0);
                         }
-                        if (gx && k > 0) {
-                            const T dr = (T)k * ((r > 0 ? q[r - 1] : (T)0) - (r < k ? q[r] : (T)0));
-                            acc += dr * SFX(ks_dot)(nout, g, Wi + off);
-                        }
-                    }
                 }
-                if (gx) gx[b * sgx + i] = acc;
+                if (gx) gx[(b0 + b) * sgx + i] = acc;
             }
         }
     }
