@@ -507,7 +507,10 @@ int64_t SFX(kf_sparse_bwd)(int64_t N, int64_t nin, int64_t nout, int64_t k, int6
                     const T* restrict qa = q + (r > 0 ? r - 1 : 0) * KS_TILE;
                     const T* restrict qb = q + (r < k ? r : 0) * KS_TILE;
                     const T ka = r > 0 ? (T)k : (T)0, kb = r < k ? (T)k : (T)0;
-                    for (int64_t b = 0; b < nr; b++) dr[b] = ka * qa[b] - kb * qb[b];
+                    if (k == 0) /* piecewise constant: no derivative (and no quotients computed) */
+                        for (int64_t b = 0; b < nr; b++) dr[b] = 0;
+                    else
+                        for (int64_t b = 0; b < nr; b++) dr[b] = ka * qa[b] - kb * qb[b];
                 }
             }
             for (int64_t b = 0; b < nr; b++) {
