@@ -27,6 +27,14 @@ and an optional SiLU base weight ``base_weight: (out, in)``:
   first-order only). It takes 16-bit operands with float32 knots and float32
   accumulation.
 
+Eager dispatch (:func:`kan_linear_op`): a call that :func:`kanfast.sparse_backend.chooses`
+(the size rule documented there: small calls, or a coefficient table that fits in cache)
+runs the sparse contraction kernels (one C call forward, one backward, through
+``_SparseKAN``); the others the dense-block engine of :mod:`kanfast.torch_backend`
+(``_EagerTorchKAN``). When no gradient is needed (``torch.no_grad()``, ``inference_mode()``,
+or no input requiring grad) either engine's forward runs without an autograd node, so
+nothing is saved. Compiled graphs keep the dense custom op.
+
 The ``uniform`` flag (closed-form interval search for equally spaced knots) is
 an op argument decided by the caller in Python, so no ``.item()`` runs inside a
 compiled graph; :class:`kanfast.FastKANLayer` computes it when its grid is set.

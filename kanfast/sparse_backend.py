@@ -38,21 +38,21 @@ result on such knots is its own).
 
 Memory: nothing saved but x (and the parameters); per thread one packed table of
 ``in x (G + k + 1) x out`` elements (forward) and one weight-gradient buffer of the same
-size (backward), kept between calls (:func:`release_buffers`).
+size (backward, one per worker when split), kept between calls in the CPU engine's per-thread
+cache (:func:`kanfast.torch_backend.release_buffers` frees them).
 """
 
 from __future__ import annotations
 
 import os
-import threading
 from typing import Optional, Tuple
 
 import torch
 
-from . import cpu_workers
+from . import cpu_workers, torch_backend
 from .kernels import cpu_spline
 
-__all__ = ["ENABLED", "SMALL_WORK", "TABLE_BYTES", "chooses", "forward", "backward", "release_buffers"]
+__all__ = ["ENABLED", "SMALL_WORK", "TABLE_BYTES", "chooses", "forward", "backward"]
 
 Tensor = torch.Tensor
 
@@ -72,7 +72,6 @@ TABLE_BYTES = 16 << 20
 ENABLED = os.environ.get("KANFAST_SPARSE", "1").strip().lower() not in ("0", "false", "no", "off")
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
-_local = threading.local()
 
 
 def _kernels():
@@ -108,21 +107,17 @@ def chooses(x: Tensor, grid: Tensor, coef: Tensor, base_weight: Optional[Tensor]
 
 
 def _buffer(name: str, n: int, dtype: torch.dtype) -> Tensor:
-    """A per-thread work buffer of at least ``n`` elements, kept between calls."""
-    bufs = getattr(_local, "bufs", None)
-    if bufs is None:
-        bufs = _local.bufs = {}
-    buf = bufs.get((name, dtype))
+    """A work buffer of at least ``n`` elements in the calling thread's cache of the CPU engine,
+    kept between calls (freed by :func:`kanfast.torch_backend.release_buffers`, as the dense
+    engine's)."""
+    bufs = torch_backend._thread_buffers()
+    key = ("sparse", name, dtype)
+    buf = bufs.get(key)
     if buf is None or buf.numel() < n:
-        bufs.pop((name, dtype), None)
+        bufs.pop(key, None)
         with torch.inference_mode(False):  # written through pointers only; never an inference tensor
-            buf = bufs[(name, dtype)] = torch.empty(max(n, 1), dtype=dtype)
+            buf = bufs[key] = torch.empty(max(n, 1), dtype=dtype)
     return buf
-
-
-def release_buffers() -> None:
-    """Free the calling thread's work buffers of this engine."""
-    _local.bufs = {}
 
 
 def _c(t: Optional[Tensor]) -> Optional[Tensor]:

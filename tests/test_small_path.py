@@ -321,3 +321,32 @@ def test_split_across_workers(dtype, three_workers, calls):
     again = _grads(layer, x, gy, reference=False)
     for a, b in zip(got, again):
         assert torch.equal(a.nan_to_num(), b.nan_to_num())
+
+
+def test_bench_small_writes_json_csv_png(tmp_path, monkeypatch):
+    """``kanfast bench --small`` on two tiny models: every implementation per model, the kanfast
+    ones agreeing with efficient-kan's formulation, the usual output files (no timing asserted)."""
+    import argparse
+    import json
+
+    from kanfast.benchmarks import bench
+
+    monkeypatch.setattr(bench, "SMALL_MODELS", [("KAN[2,3,1]", [2, 3, 1], 20), ("layer 4->2", [4, 2], 8)])
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    args = parser.parse_args(["--small", "--repeats", "1", "--warmup", "0", "--peers", "none", "--no-progress",
+                              "--quiet", "--device", "cpu", "--out", str(tmp_path / "s.json"),
+                              "--plot", str(tmp_path / "s.png")])
+    assert bench.run(args) == 0
+    data = json.loads((tmp_path / "s.json").read_text())
+    assert data["floors"] == [] and "host_load" in data["meta"] and data["meta"]["G"] == 5
+    rows = data["results"]
+    assert {(r["model"], r["impl"]) for r in rows} == {
+        (m, i) for m in ("KAN[2,3,1]", "layer 4->2") for i in ("kanfast-torch", "kanfast-reference", "materialized", "mlp")
+    }
+    for r in rows:
+        assert r["status"] == "ok" and r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 and r["fwd_bwd_cpu_ms"] >= 0
+        if r["impl"].startswith("kanfast"):
+            assert r["max_abs_diff_vs_materialized"] < 1e-5
+    assert (tmp_path / "s.csv").read_text().count("\n") == len(rows) + 1
+    assert (tmp_path / "s.png").stat().st_size > 0
