@@ -350,3 +350,16 @@ def test_bench_small_writes_json_csv_png(tmp_path, monkeypatch):
             assert r["max_abs_diff_vs_materialized"] < 1e-5
     assert (tmp_path / "s.csv").read_text().count("\n") == len(rows) + 1
     assert (tmp_path / "s.png").stat().st_size > 0
+
+
+def test_empty_batch(calls):
+    """No rows: an empty output, and zero weight gradients (as the reference's)."""
+    layer = _layer(3, 2, 5, 3, torch.float64, True, seed=1)
+    x = torch.zeros(0, 3, dtype=torch.float64, requires_grad=True)
+    y = layer(x)
+    assert y.shape == (0, 2)
+    y.sum().backward()
+    assert calls == {"fwd": 1, "bwd": 1}
+    assert x.grad.shape == (0, 3)
+    for p in (layer.base_weight, layer.spline_weight, layer.spline_scaler):
+        assert torch.equal(p.grad, torch.zeros_like(p))

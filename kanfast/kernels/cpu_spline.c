@@ -335,6 +335,7 @@ static inline T SFX(ks_dot)(int64_t n, const T* restrict a, const T* restrict b)
  * the last level's quotients, when want_q) and e = exp(-x). Vectorised over the rows: the spans
  * by counting knots (n <= KS_COUNT_MAX) or binary search, the triangle on gathered knots. */
 #define KS_TILE 64
+#define KS_UMAX 1024 /* outputs up to which grad_x forms u on the stack (one dot product per input) */
 #define KS_COUNT_MAX 48
 static void SFX(ks_tile_bases)(int64_t nr, const T* restrict x, int64_t sx, const T* restrict t, int64_t n,
                                int64_t k, int want_q, T* restrict xs, T* restrict in, int64_t* restrict m,
@@ -470,6 +471,24 @@ static inline __attribute__((always_inline)) T SFX(ks_bwd_row)(int64_t K, int64_
             for (int64_t o = 0; o < nout; o++) gr[o] = KS_FMA(c, g[o], gr[o]);
         }
     if (!W) return 0;
+    if (nout <= KS_UMAX) { /* u = sp Bi + sum_r d_r W_r (axpys), then one dot product */
+        T u[KS_UMAX], dd[KS_MAXK + 1];
+        for (int64_t r = 0; r <= K; r++) dd[r] = d[r * KS_TILE];
+        if (Bi) {
+            for (int64_t o = 0; o < nout; o++) {
+                T a = sp * Bi[o];
+                for (int64_t r = 0; r <= K; r++) a = KS_FMA(dd[r], W[r * nout + o], a);
+                u[o] = a;
+            }
+        } else {
+            for (int64_t o = 0; o < nout; o++) {
+                T a = 0;
+                for (int64_t r = 0; r <= K; r++) a = KS_FMA(dd[r], W[r * nout + o], a);
+                u[o] = a;
+            }
+        }
+        return SFX(ks_dot)(nout, g, u);
+    }
     T acc = Bi ? sp * SFX(ks_dot)(nout, g, Bi) : (T)0;
     for (int64_t r = 0; r <= K; r++) acc += d[r * KS_TILE] * SFX(ks_dot)(nout, g, W + r * nout);
     return acc;
