@@ -337,7 +337,7 @@ static inline T SFX(ks_dot)(int64_t n, const T* restrict a, const T* restrict b)
 #define KS_TILE 64
 #define KS_UMAX 1024 /* outputs up to which grad_x forms u on the stack (one dot product per input) */
 #define KS_COUNT_MAX 48
-static void SFX(ks_tile_bases)(int64_t nr, const T* restrict x, int64_t sx, const T* restrict t, int64_t n,
+static __attribute__((noinline)) void SFX(ks_tile_bases)(int64_t nr, const T* restrict x, int64_t sx, const T* restrict t, int64_t n,
                                int64_t k, int want_q, T* restrict xs, T* restrict in, int64_t* restrict m,
                                T* restrict v, T* restrict q, T* restrict e) {
     const T t0 = t[0], tn = t[n - 1];
@@ -408,6 +408,12 @@ static inline __attribute__((always_inline)) void SFX(ks_fwd_row)(int64_t K, int
     }
 }
 
+/* ks_fwd_row for any K (one out-of-line copy: the build stays short) */
+static __attribute__((noinline)) void SFX(ks_fwd_any)(int64_t K, int64_t nout, T* restrict y, T s, const T* restrict Bi,
+                                                      const T* restrict v, const T* restrict W) {
+    SFX(ks_fwd_row)(K, nout, y, s, Bi, v, W);
+}
+
 /* rows [0, N) of y (N, nout), row stride nout. pack: check the knots (return 1 if not finite
  * and non-decreasing) and pack Wt/Bt from sw, sc, bw first; else Wt/Bt are the caller's. */
 int64_t SFX(kf_sparse_fwd)(int64_t N, int64_t nin, int64_t nout, int64_t k, int64_t n, const T* x, int64_t sx,
@@ -437,21 +443,17 @@ int64_t SFX(kf_sparse_fwd)(int64_t N, int64_t nin, int64_t nout, int64_t k, int6
                 const T s = xs[b] / ((T)1 + e[b]); /* silu */
                 if (in[b] != 0 && m[b] >= k && m[b] <= nb - 1) { /* all k + 1 bases exist */
                     const T* restrict W = Wi + (m[b] - k) * nout;
-                    switch (k) { /* constant K: the loop over r unrolled, the loop over out vectorised */
-                    case 1: SFX(ks_fwd_row)(1, nout, yr, s, Bi, v + b, W); break;
-                    case 2: SFX(ks_fwd_row)(2, nout, yr, s, Bi, v + b, W); break;
-                    case 3: SFX(ks_fwd_row)(3, nout, yr, s, Bi, v + b, W); break;
-                    case 4: SFX(ks_fwd_row)(4, nout, yr, s, Bi, v + b, W); break;
-                    case 5: SFX(ks_fwd_row)(5, nout, yr, s, Bi, v + b, W); break;
-                    default: SFX(ks_fwd_row)(k, nout, yr, s, Bi, v + b, W); break;
-                    }
+                    if (k == 3) /* the default order: a constant K, the loop over r unrolled */
+                        SFX(ks_fwd_row)(3, nout, yr, s, Bi, v + b, W);
+                    else
+                        SFX(ks_fwd_any)(k, nout, yr, s, Bi, v + b, W);
                     continue;
                 }
-                if (Bi) SFX(ks_fwd_row)(-1, nout, yr, s, Bi, v + b, Wi); /* (K = -1: the SiLU term alone) */
+                if (Bi) SFX(ks_fwd_any)(-1, nout, yr, s, Bi, v + b, Wi); /* (K = -1: the SiLU term alone) */
                 if (in[b] == 0) continue;
                 for (int64_t r = 0; r <= k; r++) { /* an end span: the slots whose basis exists */
                     const int64_t j = m[b] - k + r;
-                    if (j >= 0 && j < nb) SFX(ks_fwd_row)(0, nout, yr, 0, 0, v + b + r * KS_TILE, Wi + j * nout);
+                    if (j >= 0 && j < nb) SFX(ks_fwd_any)(0, nout, yr, 0, 0, v + b + r * KS_TILE, Wi + j * nout);
                 }
             }
         }
@@ -492,6 +494,13 @@ static inline __attribute__((always_inline)) T SFX(ks_bwd_row)(int64_t K, int64_
     T acc = Bi ? sp * SFX(ks_dot)(nout, g, Bi) : (T)0;
     for (int64_t r = 0; r <= K; r++) acc += d[r * KS_TILE] * SFX(ks_dot)(nout, g, W + r * nout);
     return acc;
+}
+
+/* ks_bwd_row for any K (one out-of-line copy) */
+static __attribute__((noinline)) T SFX(ks_bwd_any)(int64_t K, int64_t nout, const T* restrict g, const T* restrict v,
+                                                   const T* restrict d, T* restrict gW, T sp, const T* restrict Bi,
+                                                   const T* restrict W) {
+    return SFX(ks_bwd_row)(K, nout, g, v, d, gW, sp, Bi, W);
 }
 
 /* Backward over rows [0, N): gW (in, nb, out) and gB (in, out) zeroed, then accumulated (NULL:
@@ -545,21 +554,17 @@ int64_t SFX(kf_sparse_bwd)(int64_t N, int64_t nin, int64_t nout, int64_t k, int6
                     const int64_t off = (m[b] - k) * nout;
                     T* restrict gw = gWi ? gWi + off : 0;
                     const T* restrict W = Wi ? Wi + off : 0;
-                    switch (k) {
-                    case 1: acc = SFX(ks_bwd_row)(1, nout, g, v + b, dv + b, gw, sp, Bi, W); break;
-                    case 2: acc = SFX(ks_bwd_row)(2, nout, g, v + b, dv + b, gw, sp, Bi, W); break;
-                    case 3: acc = SFX(ks_bwd_row)(3, nout, g, v + b, dv + b, gw, sp, Bi, W); break;
-                    case 4: acc = SFX(ks_bwd_row)(4, nout, g, v + b, dv + b, gw, sp, Bi, W); break;
-                    case 5: acc = SFX(ks_bwd_row)(5, nout, g, v + b, dv + b, gw, sp, Bi, W); break;
-                    default: acc = SFX(ks_bwd_row)(k, nout, g, v + b, dv + b, gw, sp, Bi, W); break;
-                    }
+                    if (k == 3)
+                        acc = SFX(ks_bwd_row)(3, nout, g, v + b, dv + b, gw, sp, Bi, W);
+                    else
+                        acc = SFX(ks_bwd_any)(k, nout, g, v + b, dv + b, gw, sp, Bi, W);
                 } else {
-                    if (Bi) acc = SFX(ks_bwd_row)(-1, nout, g, v + b, dv + b, 0, sp, Bi, Wi);
+                    if (Bi) acc = SFX(ks_bwd_any)(-1, nout, g, v + b, dv + b, 0, sp, Bi, Wi);
                     if (in[b] != 0)
                         for (int64_t r = 0; r <= k; r++) { /* an end span: the slots whose basis exists */
                             const int64_t j = m[b] - k + r;
                             if (j < 0 || j >= nb) continue;
-                            acc += SFX(ks_bwd_row)(0, nout, g, v + b + r * KS_TILE, dv + b + r * KS_TILE,
+                            acc += SFX(ks_bwd_any)(0, nout, g, v + b + r * KS_TILE, dv + b + r * KS_TILE,
                                                    gWi ? gWi + j * nout : 0, 0, 0, Wi ? Wi + j * nout : 0);
                         }
                 }

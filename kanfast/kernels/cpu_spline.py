@@ -14,7 +14,7 @@ CPU's model and feature flags, so a cache shared between different machines neve
 hands one a library built for another's instruction set. Each build records its
 SHA-256 beside it; a cached library that does not match it, or does not load, is built
 again (a damaged shared object would crash the process that maps it). The build
-takes ~0.5 s once per machine (measured on a 2-core AMD EPYC VM, gcc 12); later
+takes ~2 s of CPU once per machine (measured on a 2-core AMD EPYC VM, gcc 12); later
 processes load the cached file in milliseconds. The kernels are called through
 :mod:`ctypes`, which releases the GIL for the duration of each call (the CPU
 workers of :mod:`kanfast.cpu_workers` run them side by side).
