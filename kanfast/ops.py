@@ -27,6 +27,14 @@ and an optional SiLU base weight ``base_weight: (out, in)``:
   first-order only). It takes 16-bit operands with float32 knots and float32
   accumulation.
 
+Eager dispatch (:func:`kan_linear_op`): a call that :func:`kanfast.sparse_backend.chooses`
+(the size rule documented there: small calls, or a coefficient table that fits in cache)
+runs the sparse contraction kernels (one C call forward, one backward, through
+``_SparseKAN``); the others the dense-block engine of :mod:`kanfast.torch_backend`
+(``_EagerTorchKAN``). When no gradient is needed (``torch.no_grad()``, ``inference_mode()``,
+or no input requiring grad) either engine's forward runs without an autograd node, so
+nothing is saved. Compiled graphs keep the dense custom op.
+
 The ``uniform`` flag (closed-form interval search for equally spaced knots) is
 an op argument decided by the caller in Python, so no ``.item()`` runs inside a
 compiled graph; :class:`kanfast.FastKANLayer` computes it when its grid is set.
@@ -49,7 +57,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from . import torch_backend
+from . import sparse_backend, torch_backend
 from .reference import b_spline_basis
 
 __all__ = ["kan_fwd", "kan_bwd", "kan_linear_op", "kan_linear_differentiable", "triton_ops_available"]
@@ -242,6 +250,40 @@ class _EagerTorchKAN(torch.autograd.Function):
 kan_fwd.register_autograd(_make_backward(kan_bwd), setup_context=_setup_context)
 
 
+# -------------------------------------------------------------------- sparse
+def _sparse_backward(
+    grad_y, x, grid, coef, base_weight, k, uniform, need_x, need_c, need_b, scale=None, need_s=False, knots=None
+):
+    """The sparse engine's backward; the dense engine's when the kernel declines the knots
+    (edited through ``.data`` between forward and backward to non-finite or decreasing ones)."""
+    out = sparse_backend.backward(grad_y, x, grid, coef, base_weight, k, scale, need_x, need_c, need_b, need_s)
+    if out is None:
+        return _torch_backward_eager(grad_y, x, grid, coef, base_weight, k, uniform, need_x, need_c, need_b, scale,
+                                     need_s)
+    return out
+
+
+class _SparseKAN(torch.autograd.Function):
+    """The small-call path (:mod:`kanfast.sparse_backend`): one kernel call forward, one
+    backward, only the inputs saved; the same autograd formula (and ``create_graph``
+    route) as the dense engine. Forward falls back to the dense engine when the kernel
+    declines the knots."""
+
+    @staticmethod
+    def forward(ctx, x, grid, coef, base_weight, spline_order, uniform, scale):
+        _setup_context(ctx, (x, grid, coef, base_weight, spline_order, uniform, scale), None)
+        y = sparse_backend.forward(x, grid, coef, base_weight, spline_order, scale)
+        if y is None:
+            return _torch_forward(x.contiguous(), grid.contiguous(), coef, base_weight, spline_order, uniform, scale)
+        return y
+
+    backward = staticmethod(_make_backward(_sparse_backward))
+
+
+def _needs_graph(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 # -------------------------------------------------------------------- triton
 _TRITON_OPS = None  # (fwd_op, triton_backend module) once registered, False when unavailable
 _TRITON_OPS_LOCK = threading.Lock()  # registration happens once, whichever threads call first
@@ -352,6 +394,16 @@ def kan_linear_op(
             coef = coef * scale.unsqueeze(-1)
         return _kan_linear_triton_op(x, grid, coef, base_weight, spline_order)
     grid = grid.to(x.dtype)
+    k = int(spline_order)
     if torch.compiler.is_compiling():  # one opaque graph node for Dynamo/AOTAutograd
-        return kan_fwd(x, grid, coef, base_weight, int(spline_order), bool(uniform), scale)
-    return _EagerTorchKAN.apply(x, grid, coef, base_weight, int(spline_order), bool(uniform), scale)
+        return kan_fwd(x, grid, coef, base_weight, k, bool(uniform), scale)
+    graph = _needs_graph(x, coef, base_weight, scale)
+    if sparse_backend.chooses(x, grid, coef, base_weight, k, scale):  # the size rule
+        if graph:
+            return _SparseKAN.apply(x, grid, coef, base_weight, k, bool(uniform), scale)
+        y = sparse_backend.forward(x, grid, coef, base_weight, k, scale)  # inference: nothing saved
+        if y is not None:
+            return y
+    if not graph:  # inference on the dense engine: no autograd node, nothing saved
+        return _torch_forward(x.contiguous(), grid.contiguous(), coef, base_weight, k, bool(uniform), scale)
+    return _EagerTorchKAN.apply(x, grid, coef, base_weight, k, bool(uniform), scale)

@@ -83,11 +83,12 @@ workers side by side are half a chunk out of phase and one's memory-bound basis
 work overlaps the other's GEMM (measured: 1.17x -> 1.13x the floor at G = 5).
 Each thread keeps its work buffers between calls (:func:`release_buffers`).
 
-Why no sparse path: on CPU an index op (gather/scatter) costs ~1-3 ns per element
-against ~0.1 ns for a contiguous element-wise op and ~0.01 ns per multiply-add
-inside a GEMM, so contracting only the ``k + 1`` non-zero bases by gathers of
-``W`` is slower than the dense GEMM at every grid size measured (G = 5..50,
-``benchmarks/results``). The dense block is kept, but built cheaply.
+Sparse path: calls whose coefficient table fits in cache (and every small call) take the
+sparse contraction of :mod:`kanfast.sparse_backend` instead (the rule is there; :mod:`kanfast.ops`
+chooses), whose compiled kernel contracts only the ``k + 1`` non-zero bases per input. Built from
+torch index ops (gather/scatter, ~1-3 ns per element against ~0.01 ns per multiply-add inside a
+GEMM) such a contraction lost to the dense GEMMs at every grid size measured (G = 5..50); this
+engine keeps the dense block, built cheaply, for the calls the rule leaves to it.
 
 Memory bound: nothing of size (batch, in, G + k) lives between forward and
 backward (saved: ``x``, the knots and the coefficients). The transient memory

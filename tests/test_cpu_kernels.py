@@ -14,10 +14,16 @@ import pytest
 import torch
 
 from conftest import assert_close, backend_grads, compare_to_reference, grid_case_inputs, grid_case_layer
-from kanfast import FastKANLayer, torch_backend
+from kanfast import FastKANLayer, sparse_backend, torch_backend
 from kanfast.kernels import cpu_spline
 
 needs_kernels = pytest.mark.skipif(cpu_spline.load() is None, reason="the CPU block kernels are not built here")
+
+
+@pytest.fixture(autouse=True)
+def _dense_engine(monkeypatch):
+    """These tests exercise the dense-block engine: the small-call path (kanfast.sparse_backend) off."""
+    monkeypatch.setattr(sparse_backend, "ENABLED", False)
 
 
 @pytest.fixture

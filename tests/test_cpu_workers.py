@@ -14,10 +14,16 @@ import pytest
 import torch
 
 from conftest import backend_grads, compare_to_reference
-from kanfast import FastKANLayer, cpu_workers, torch_backend
+from kanfast import FastKANLayer, cpu_workers, sparse_backend, torch_backend
 from kanfast.reference import kan_linear_reference
 
 pytestmark = pytest.mark.skipif(not cpu_workers._uses_openmp(), reason="workers need torch's OpenMP backend")
+
+
+@pytest.fixture(autouse=True)
+def _dense_engine(monkeypatch):
+    """These tests exercise the dense-block engine: the small-call path (kanfast.sparse_backend) off."""
+    monkeypatch.setattr(sparse_backend, "ENABLED", False)
 
 
 @pytest.fixture

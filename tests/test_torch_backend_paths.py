@@ -21,10 +21,16 @@ from conftest import (
     grid_case_inputs,
     grid_case_layer,
 )
-from kanfast import FastKANLayer, torch_backend
+from kanfast import FastKANLayer, sparse_backend, torch_backend
 from kanfast.layer import uniform_grid
 from kanfast.kernels import cpu_spline
 from kanfast.reference import kan_linear_reference
+
+
+@pytest.fixture(autouse=True)
+def _dense_engine(monkeypatch):
+    """These tests exercise the dense-block engine: the small-call path (kanfast.sparse_backend) off."""
+    monkeypatch.setattr(sparse_backend, "ENABLED", False)
 
 
 @pytest.fixture(params=["kernels", "torch-ops"], autouse=True)

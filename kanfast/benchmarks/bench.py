@@ -71,7 +71,8 @@ from .provenance import versions as _versions
 
 from ..cli_checks import IMAGE_SUFFIXES, check_memory, check_outputs, float_range, int_list, int_range, name_list, open_output
 
-__all__ = ["add_arguments", "check_arguments", "run", "dense_flops", "estimate_bytes", "plot_results", "SWEEPS"]
+__all__ = ["add_arguments", "check_arguments", "run", "dense_flops", "estimate_bytes", "plot_results", "run_small", "SWEEPS",
+           "SMALL_MODELS"]
 
 DEFAULT_OUT = "kanfast-bench.json"
 
@@ -97,6 +98,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--spline-order", "-k", dest="spline_order", type=_int_list, default=[3], help="k (default 3)")
     g.add_argument("--sweep", choices=sorted(SWEEPS), action="append", default=[],
                    help="grid: G in 3,5,10,20,50; batch: 256..16384 (repeatable)")
+    g.add_argument("--small", action="store_true",
+                   help="the small-model sweep instead (SMALL_MODELS: whole KANs and two single layers, G = first "
+                        "--grid-size, k = first --spline-order; see run_small)")
     r = parser.add_argument_group("run")
     r.add_argument("--dtype", choices=["float32", "float64", "bfloat16"], default="float32")
     r.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available, else cpu)")
@@ -871,6 +875,8 @@ def run(args: argparse.Namespace) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.threads:
         torch.set_num_threads(args.threads)
+    if getattr(args, "small", False):
+        return run_small(args, device, dtype)
     backends = args.backends or (["torch", "reference"] + (["triton"] if device.type == "cuda" else []))
     peers = [] if args.peers in (["none"], []) else args.peers
     shapes = _shapes(args)
@@ -938,6 +944,191 @@ def run(args: argparse.Namespace) -> int:
                   f"first fwd+bwd {fc['first_fwd_bwd_s']:.3f} s, second {fc['second_fwd_bwd_s']:.3f} s; "
                   f"first fwd+bwd on this machine (CPU block kernels built) {fc['first_fwd_bwd_cold_cache_s']:.3f} s")
         print(f"wrote {out} and {_csv_path(out)}" + (f" and {args.plot}" if args.plot else ""))
+    return 0
+
+
+#: ``kanfast bench --small``: (label, layer widths, batch): the KAN paper's tiny networks
+#: (Liu et al. 2024, sec. 3: [2,5,1], [4,16,16,1]), the digits model and an MNIST-sized one,
+#: and two single layers.
+SMALL_MODELS = [("KAN[2,5,1]", [2, 5, 1], 1000), ("KAN[4,16,16,1]", [4, 16, 16, 1], 64),
+                ("KAN[64,32,10]", [64, 32, 10], 256), ("KAN[784,64,10]", [784, 64, 10], 128),
+                ("layer 64->64", [64, 64], 1024), ("layer 256->256", [256, 256], 4096)]
+
+
+def run_small(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> int:
+    """``kanfast bench --small``: each model of :data:`SMALL_MODELS` as a stack of layers of every
+    implementation (kanfast's torch backend and reference, efficient-kan's formulation
+    (``materialized``), peers when installed, an MLP of the same widths (Linear+SiLU per layer)),
+    all with the same parameters and knots (MLP and peers excepted), timed in one process,
+    implementations interleaved per repeat. Each sample times as many calls as take >= 5 ms
+    (at most 200; per-call time reported; an implementation whose call takes over 0.5 s gets
+    at most 3 repeats): forward under ``torch.no_grad()``, and
+    forward+backward; wall clock and the process's CPU time. Writes the JSON/CSV (+ ``--plot``
+    PNG: per model, fwd+bwd and forward wall time of each implementation) like :func:`run`;
+    ``floors`` is empty (models, not one GEMM)."""
+    from tqdm import tqdm
+
+    from kanfast import KAN
+
+    from .baselines import PEERS, MaterializedKAN, PeerStatus, compile_module, make_peers, mlp
+
+    G, k = args.grid_size[0], args.spline_order[0]
+    peers = [] if args.peers in (["none"], []) else [p for p in args.peers if p in PEERS]
+    started = _dt.datetime.now(_dt.timezone.utc)
+    machine = _machine(device)
+    load = machine.get("loadavg_start")
+    meta: Dict[str, Any] = {
+        "date_utc": started.isoformat(timespec="seconds"),
+        "command": "kanfast bench " + " ".join(getattr(args, "_argv", None) or sys.argv[1:]),
+        "machine": machine, "versions": _versions(), "cpu_block_kernels": _cpu_kernels_info(), "git": _git_commit(),
+        "device": str(device), "dtype": args.dtype, "repeats": args.repeats, "warmup": args.warmup, "G": G, "k": k,
+        "models": [{"label": m[0], "widths": m[1], "batch": m[2]} for m in SMALL_MODELS],
+        "timing": "median over repeats of the per-call time of a sample of n calls (n: >= 5 ms per sample, <= 200), "
+                  "implementations interleaved per repeat; forward under torch.no_grad(); fwd_bwd = forward + "
+                  "backward(gy) with input and parameters requiring grad. *_ms: wall clock; *_cpu_ms: the process's "
+                  "CPU time (all its threads) per call, less affected by other processes on a loaded host",
+        "host_load": (f"load average {load[0]:.1f} on {machine['cpu_count']} CPUs at the start: the host was loaded "
+                      "(other processes); times are upper bounds" if load and load[0] > 0.5 * (machine["cpu_count"] or 1)
+                      else "quiet host"),
+    }
+    rows: List[Dict[str, Any]] = []
+    for label, widths, b in tqdm(SMALL_MODELS, disable=args.no_progress, desc="kanfast bench --small", file=sys.stderr):
+        torch.manual_seed(0)
+        kan = KAN(widths, grid_size=G, spline_order=k).to(device=device, dtype=dtype)
+        pairs = list(zip(widths[:-1], widths[1:]))
+        impls: List[Tuple[str, str, Any]] = []
+        for be in ("torch", "reference"):
+            m = KAN(widths, grid_size=G, spline_order=k).to(device=device, dtype=dtype)
+            m.load_state_dict(kan.state_dict())
+            m.backend = be
+            impls.append((f"kanfast-{be}", "kan", m))
+        mat = nn.Sequential(*[MaterializedKAN.from_layer(layer) for layer in kan.layers])
+        impls.append(("materialized", "baseline", mat))
+        if args.compile:
+            impls.append(("materialized+compile", "baseline",
+                          compile_module(nn.Sequential(*[MaterializedKAN.from_layer(layer) for layer in kan.layers]))))
+        impls.append(("mlp", "mlp", nn.Sequential(*[mlp(i, o, device=device, dtype=dtype) for i, o in pairs])))
+        for compiled in ([False, True] if args.compile_peers else [False]):
+            per_layer = [make_peers(peers, i, o, G, k, (-1.0, 1.0), device=device, dtype=dtype, compiled=compiled)
+                         for i, o in pairs]
+            for j, (plabel, first) in enumerate(per_layer[0] if per_layer else []):
+                mods = [pl[j][1] for pl in per_layer]
+                bad = next((m for m in mods if isinstance(m, PeerStatus)), None)
+                impls.append((plabel, "peer", bad if bad is not None else nn.Sequential(*mods)))
+        gen = torch.Generator().manual_seed(1)
+        x = (torch.rand(b, widths[0], generator=gen, dtype=dtype) * 2 - 1).to(device)
+        gy = torch.randn(b, widths[-1], generator=gen, dtype=dtype).to(device)
+        with torch.no_grad():
+            y_mat = mat(x)
+        calls, samples, notes = {}, {}, {}
+        for name, kind, mod in impls:
+            if isinstance(mod, PeerStatus):
+                notes[name] = (mod.status, mod.reason)
+                continue
+            params = [p for p in mod.parameters() if p.requires_grad]
+
+            def fwd(mod=mod):
+                with torch.no_grad():
+                    return mod(x)
+
+            def fb(mod=mod, params=params):
+                for p in params:
+                    p.grad = None
+                mod(x.detach().requires_grad_(True)).backward(gy)
+
+            try:
+                diff = (fwd() - y_mat).abs().max().item() if kind != "mlp" and not name.startswith(
+                    ("pykan", "flashkan", "inkan")) else None
+                n = {}
+                for tag, fn in (("fwd", fwd), ("fb", fb)):
+                    for _ in range(max(1, args.warmup)):
+                        fn()
+                    t = _timed(fn, device)
+                    n[tag] = int(min(200, max(1, 0.005 // max(t, 1e-7))))
+            except Exception as e:
+                notes[name] = ("failed", f"{type(e).__name__}: {str(e)[:300]}")
+                continue
+            calls[name] = (fwd, fb, n, kind, diff)
+            samples[name] = {"fwd": [], "fb": [], "fwd_cpu": [], "fb_cpu": []}
+        for rep in range(args.repeats):
+            for name, (fwd, fb, n, _, _) in calls.items():
+                if rep >= 3 and samples[name]["fb"][0] > 0.5:  # calls over 0.5 s (the reference on wide layers): 3
+                    continue
+                for tag, fn in (("fwd", fwd), ("fb", fb)):
+                    c0 = time.process_time()
+                    samples[name][tag].append(_timed(lambda fn=fn, m=n[tag]: [fn() for _ in range(m)], device) / n[tag])
+                    samples[name][tag + "_cpu"].append((time.process_time() - c0) / n[tag])
+        med = {nm: (statistics.median(s["fwd"]) * 1e3, statistics.median(s["fb"]) * 1e3) for nm, s in samples.items()}
+        for name, kind, _ in impls:
+            r: Dict[str, Any] = {"model": label, "widths": "-".join(map(str, widths)), "batch": b, "in": widths[0],
+                                 "out": widths[-1], "G": G, "k": k, "impl": name,
+                                 "kind": calls[name][3] if name in calls else kind}
+            if name not in med:
+                r["status"], r["note"] = notes.get(name, ("failed", ""))
+                rows.append(r)
+                continue
+            f_ms, fb_ms = med[name]
+            mlp_t, mat_t = med.get("mlp"), med.get("materialized")
+            r.update({"status": "ok", "note": f"{calls[name][2]['fwd']}/{calls[name][2]['fb']} calls per sample",
+                      "fwd_ms": f_ms, "fwd_ms_min": min(samples[name]["fwd"]) * 1e3, "fwd_bwd_ms": fb_ms,
+                      "fwd_bwd_ms_min": min(samples[name]["fb"]) * 1e3, "fwd_samples_per_s": b / (f_ms / 1e3),
+                      "fwd_bwd_samples_per_s": b / (fb_ms / 1e3),
+                      "fwd_vs_mlp": f_ms / mlp_t[0] if mlp_t else None, "fwd_bwd_vs_mlp": fb_ms / mlp_t[1] if mlp_t else None,
+                      "fwd_vs_materialized": f_ms / mat_t[0] if mat_t else None,
+                      "fwd_bwd_vs_materialized": fb_ms / mat_t[1] if mat_t else None,
+                      "fwd_cpu_ms": statistics.median(samples[name]["fwd_cpu"]) * 1e3,
+                      "fwd_bwd_cpu_ms": statistics.median(samples[name]["fb_cpu"]) * 1e3,
+                      "max_abs_diff_vs_materialized": calls[name][4]})
+            rows.append(r)
+    meta["machine"]["loadavg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    meta["elapsed_s"] = (_dt.datetime.now(_dt.timezone.utc) - started).total_seconds()
+    out = Path(args.out)
+    force = getattr(args, "force", False)
+    with open_output(out, force) as fh:  # (checked before any work by check_arguments)
+        json.dump({"meta": meta, "floors": [], "results": rows}, fh, indent=1)
+    fields = ["model", "widths", "batch", "in", "out", "G", "k", "impl", "kind", "status", "note", "fwd_ms",
+              "fwd_ms_min", "fwd_bwd_ms", "fwd_bwd_ms_min", "fwd_samples_per_s", "fwd_bwd_samples_per_s", "fwd_vs_mlp",
+              "fwd_bwd_vs_mlp", "fwd_vs_materialized", "fwd_bwd_vs_materialized", "fwd_cpu_ms", "fwd_bwd_cpu_ms",
+              "max_abs_diff_vs_materialized"]
+    with open_output(_csv_path(out), force, newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    if args.plot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        ok = [r for r in rows if r.get("fwd_bwd_ms") is not None]
+        names = list(dict.fromkeys(r["impl"] for r in ok))
+        models = [m[0] for m in SMALL_MODELS]
+        fig, axes = plt.subplots(2, 1, figsize=(13, 9))
+        width = 0.8 / max(1, len(names))
+        for ax, key, title in ((axes[0], "fwd_bwd_ms", "forward+backward"), (axes[1], "fwd_ms", "forward (no_grad)")):
+            for j, nm in enumerate(names):
+                vals = [next((r[key] for r in ok if r["model"] == m and r["impl"] == nm), float("nan")) for m in models]
+                ax.bar([i + (j - (len(names) - 1) / 2) * width for i in range(len(models))], vals, width, label=nm)
+            ax.set_xticks(range(len(models)))
+            ax.set_xticklabels([f"{m}\nbatch {b}" for m, _, b in SMALL_MODELS], fontsize=8)
+            ax.set_yscale("log")
+            ax.set_ylabel("ms per call (median)")
+            ax.set_title(f"{title}, G={G} k={k}, {args.dtype}, {torch.get_num_threads()} thread(s); {meta['host_load']}",
+                         fontsize=9)
+            ax.grid(True, axis="y", which="both", alpha=0.3)
+        axes[0].legend(fontsize=8, ncol=min(4, len(names)))
+        fig.tight_layout()
+        with open_output(Path(args.plot), force, "wb") as fh:
+            fig.savefig(fh, dpi=110, format=Path(args.plot).suffix.lstrip(".").lower() or "png")
+        plt.close(fig)
+    if not args.quiet:
+        print(f"{'model':16s} {'impl':22s} {'fwd ms':>9s} {'f+b ms':>9s} {'f+b/mlp':>8s} {'f+b/mat':>8s}  status")
+        for r in rows:
+            fmt = lambda v, s: "" if v is None else format(v, s)  # noqa: E731
+            print(f"{r['model']:16s} {r['impl']:22s} {fmt(r.get('fwd_ms'), '9.3f'):>9s} {fmt(r.get('fwd_bwd_ms'), '9.3f'):>9s} "
+                  f"{fmt(r.get('fwd_bwd_vs_mlp'), '8.2f'):>8s} {fmt(r.get('fwd_bwd_vs_materialized'), '8.2f'):>8s}  "
+                  f"{r['status']}{': ' + r['note'] if r['status'] != 'ok' else ''}")
+        print(f"{meta['host_load']}; wrote {out} and {out.with_suffix('.csv')}" + (f" and {args.plot}" if args.plot else ""))
     return 0
 
 

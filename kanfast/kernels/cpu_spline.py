@@ -14,7 +14,7 @@ CPU's model and feature flags, so a cache shared between different machines neve
 hands one a library built for another's instruction set. Each build records its
 SHA-256 beside it; a cached library that does not match it, or does not load, is built
 again (a damaged shared object would crash the process that maps it). The build
-takes ~0.5 s once per machine (measured on a 2-core AMD EPYC VM, gcc 12); later
+takes ~2 s of CPU once per machine (measured on a 2-core AMD EPYC VM, gcc 12); later
 processes load the cached file in milliseconds.
 
 Trust: the file name is computed from public inputs and the SHA-256 proves integrity, not
@@ -70,7 +70,7 @@ MAX_ORDER = 16
 #: selecting them by compares over every column (see the C header).
 SELECT_MAX = 64
 _SOURCE = Path(__file__).with_name("cpu_spline.c")
-_ABI = 3
+_ABI = 4
 
 _lock = threading.Lock()
 _loaded = False
@@ -480,4 +480,69 @@ class CpuSplineKernels:
             R, np_,
             poly.data_ptr(), g.data_ptr(), g.stride(0), off, C, self.direct(k, C, off), gx.data_ptr(), gx.stride(0),
             work.data_ptr(),
+        )
+
+    # ------------------------------------------------------------------ sparse contraction
+    # (kf_sparse_* in cpu_spline.c: the small-call path of kanfast.sparse_backend)
+    def _sparse_fn(self, name: str, dtype: torch.dtype):
+        """The ctypes function ``kf_sparse_<name>`` for ``dtype``, its signature set on first use."""
+        fns = self.__dict__.setdefault("_sparse_fns", {})
+        fn = fns.get((name, dtype))
+        if fn is None:
+            sfx = "f32" if dtype == torch.float32 else "f64"
+            fn = getattr(self._lib, f"kf_sparse_{name}_{sfx}")
+            fn.argtypes = {
+                "fwd": [_I, _I, _I, _I, _I, _P, _I, _P, _P, _P, _P, _I, _I, _P, _P, _P],
+                "bwd": [_I, _I, _I, _I, _I, _P, _I, _P, _P, _P, _P, _P, _I, _I, _P, _P, _P, _I, _P, _P],
+                "finish": [_I, _I, _I, _I, _P, _I, _I, _P, _P, _P, _P, _P],
+            }[name]
+            fn.restype = None if name == "finish" else _I
+            fns[(name, dtype)] = fn
+        return fn
+
+    @staticmethod
+    def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:
+        return None if t is None else t.data_ptr()
+
+    def sparse_fwd(self, x, grid, k: int, sw, sc, bw, Wt, Bt, y, pack: bool) -> int:
+        """``y`` (rows, out) of the rows of ``x`` (rows, in; unit feature stride) on knots ``grid``
+        (in, n) contiguous: the sparse contraction of ``cpu_spline.c``. ``sw`` (out, in, n-k-1),
+        ``sc`` and ``bw`` (out, in) or None, all contiguous, x's dtype. ``pack``: check the knots
+        and pack the tables ``Wt`` (>= in*(n-k-1)*out elements) and ``Bt`` (>= in*out) from sw, sc,
+        bw first (else they hold a previous pack). Returns 0, or 1 when the knots are not finite
+        and non-decreasing (nothing written to y)."""
+        rows, nin = x.shape
+        nout = y.shape[1]
+        assert y.is_contiguous() and grid.is_contiguous() and (x.stride(1) == 1 or nin <= 1)
+        p = self._ptr
+        return self._sparse_fn("fwd", x.dtype)(
+            rows, nin, nout, k, grid.shape[1], x.data_ptr(), x.stride(0), grid.data_ptr(), p(sw), p(sc), p(bw),
+            int(bw is not None), int(pack), Wt.data_ptr(), Bt.data_ptr(), y.data_ptr(),
+        )
+
+    def sparse_bwd(self, x, grid, k: int, gy, sw, sc, bw, Wt, Bt, gx, gW, gB, pack: bool) -> int:
+        """Backward of :meth:`sparse_fwd` over the rows of ``x``: ``gx`` (rows, in) or None, and the
+        partial weight gradients ``gW`` (in*(n-k-1)*out elements, layout (in, n-k-1, out)) and ``gB``
+        (in*out, layout (in, out)) or None, zeroed and accumulated over the rows in order. ``gy``
+        (rows, out) contiguous. Returns 0, or 1 for knots that are not finite and non-decreasing."""
+        rows, nin = x.shape
+        nout = gy.shape[1]
+        assert gy.is_contiguous() and grid.is_contiguous() and (x.stride(1) == 1 or nin <= 1)
+        assert gx is None or gx.stride(1) == 1 or nin <= 1
+        p = self._ptr
+        return self._sparse_fn("bwd", x.dtype)(
+            rows, nin, nout, k, grid.shape[1], x.data_ptr(), x.stride(0), grid.data_ptr(), gy.data_ptr(), p(sw),
+            p(sc), p(bw), int(bw is not None), int(pack), p(Wt), p(Bt), p(gx), 0 if gx is None else gx.stride(0),
+            p(gW), p(gB),
+        )
+
+    def sparse_finish(self, parts, P: int, stride: int, nin: int, nout: int, nb: int, has_gb: bool, sw, sc, gsw,
+                      gsc, gbw) -> None:
+        """Sum the ``P`` partial weight gradients of :meth:`sparse_bwd` (part p at element offset
+        ``p * stride`` of ``parts``: gW then gB) in order, then write the parameter gradients
+        ``gsw`` (out, in, nb) = GW^T * sc, ``gsc`` (out, in) = sum_j GW^T * sw, ``gbw`` (out, in)
+        = GB^T (each None when not needed)."""
+        p = self._ptr
+        self._sparse_fn("finish", parts.dtype)(
+            P, nin, nout, nb, parts.data_ptr(), stride, int(has_gb), p(sw), p(sc), p(gsw), p(gsc), p(gbw),
         )

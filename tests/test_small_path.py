@@ -1,0 +1,365 @@
+"""The sparse small-call path (kanfast.sparse_backend, kf_sparse_* in cpu_spline.c) against
+the reference oracle: values and every gradient in float64 and float32, k = 0..5, uniform and
+non-uniform knots, odd shapes, NaN/inf rows, inputs outside the grid, gradcheck; the size
+rule; inference without an autograd node; and the knot edits that must never leave anything
+stale (``.data`` write, ``load_state_dict``, ``update_grid``, ``extend_grid``, ``.to()``)."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+
+import pytest
+import torch
+
+from conftest import rel_rms
+from kanfast import KAN, FastKANLayer, ops, sparse_backend
+from kanfast.kernels import cpu_spline
+from kanfast.reference import b_spline_basis, kan_linear_reference
+
+pytestmark = pytest.mark.skipif(cpu_spline.load() is None, reason="the CPU kernels are not built here (no C compiler?)")
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Counts of the sparse engine's forward and backward calls (the path taken)."""
+    n = {"fwd": 0, "bwd": 0}
+    fwd, bwd = sparse_backend.forward, sparse_backend.backward
+
+    def f(*a, **kw):
+        n["fwd"] += 1
+        return fwd(*a, **kw)
+
+    def b(*a, **kw):
+        n["bwd"] += 1
+        return bwd(*a, **kw)
+
+    monkeypatch.setattr(sparse_backend, "forward", f)
+    monkeypatch.setattr(sparse_backend, "backward", b)
+    return n
+
+
+def _grads(layer, x, gy, reference: bool):
+    """[y, grad_x, grad base_weight, grad spline_weight, grad spline_scaler] of the layer
+    (or of the reference formula on its parameters)."""
+    layer.zero_grad(set_to_none=True)
+    xx = x.clone().requires_grad_(True)
+    if reference:
+        y = kan_linear_reference(xx, layer.grid, layer.base_weight, layer.spline_weight, layer.spline_scaler,
+                                 layer.spline_order)
+    else:
+        y = layer(xx)
+    y.backward(gy)
+    return [y.detach(), xx.grad, layer.base_weight.grad, layer.spline_weight.grad, layer.spline_scaler.grad]
+
+
+def _inputs(layer, n, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    nin = layer.in_features
+    inner = torch.rand(n, nin, generator=g, dtype=torch.float64) * 1.8 - 0.9
+    wide = torch.randn(n, nin, generator=g, dtype=torch.float64) * 1.6  # extension spans and outside
+    knots = layer.grid.t().to(torch.float64)  # every knot exactly (the first and last included)
+    odd = torch.zeros(3, nin, dtype=torch.float64)
+    odd[0, 0], odd[1, -1], odd[2, nin // 2] = float("nan"), float("inf"), -float("inf")
+    return torch.cat([inner, wide, knots, odd]).to(dtype)
+
+
+def _layer(nin, nout, G, k, dtype, uniform, seed):
+    torch.manual_seed(seed)
+    layer = FastKANLayer(nin, nout, grid_size=G, spline_order=k, dtype=torch.float64)
+    with torch.no_grad():
+        layer.spline_weight.normal_()
+        layer.spline_scaler.normal_()
+    if not uniform:
+        layer.update_grid(torch.randn(300, nin, dtype=torch.float64) ** 3)  # uneven quantile knots
+    return layer.to(dtype)
+
+
+def _check(got, want, dtype, scale_ref=None):
+    """float64: 1e-12 relative; float32: within 4x the float32 reference's own error against float64
+    (``scale_ref``: those errors, per tensor). NaN exactly where the reference has NaN."""
+    names = ["y", "grad_x", "grad_base_weight", "grad_spline_weight", "grad_spline_scaler"]
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert torch.equal(torch.isnan(a), torch.isnan(b)), names[i]
+        fin = torch.isfinite(b)
+        assert torch.equal(torch.isfinite(a), fin), names[i]
+        tol = 1e-12 if dtype == torch.float64 else 4 * scale_ref[i] + 1e-7
+        err = rel_rms(a[fin], b[fin])
+        assert err <= tol, f"{names[i]}: relative error {err:.3e} > {tol:.3e}"
+
+
+CASES = list(itertools.product([0, 1, 2, 3, 4, 5], [True, False]))
+
+
+@pytest.mark.parametrize("k,uniform", CASES)
+@pytest.mark.parametrize("shape", [(1, 1, 1), (7, 3, 4), (13, 17, 2)], ids=["1x1", "7-3", "13-17"])
+def test_float64_matches_reference(k, uniform, shape, calls):
+    nin, nout, G = shape
+    layer = _layer(nin, nout, G, k, torch.float64, uniform, seed=k * 10 + nin)
+    x = _inputs(layer, 23, torch.float64, seed=k)
+    gy = torch.randn(x.shape[0], nout, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    want = _grads(layer, x, gy, reference=True)
+    got = _grads(layer, x, gy, reference=False)
+    assert calls == {"fwd": 1, "bwd": 1}  # the sparse path, forward and backward
+    _check(got, want, torch.float64)
+
+
+@pytest.mark.parametrize("k,uniform", CASES)
+def test_float32_within_reference_error(k, uniform, calls):
+    layer64 = _layer(9, 5, 6, k, torch.float64, uniform, seed=k)
+    layer32 = copy.deepcopy(layer64).to(torch.float32)
+    x64 = _inputs(layer64, 40, torch.float64, seed=k)
+    # float32 inputs and knots: the truth is the float64 reference on the same (rounded) values
+    x32 = x64.to(torch.float32)
+    with torch.no_grad():
+        layer64.grid.copy_(layer32.grid.to(torch.float64))
+    gy = torch.randn(x64.shape[0], 5, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    truth = _grads(layer64, x32.to(torch.float64), gy, reference=True)
+    ref32 = _grads(layer32, x32, gy.float(), reference=True)
+    got = _grads(layer32, x32, gy.float(), reference=False)
+    assert calls == {"fwd": 1, "bwd": 1}
+    ref_err = []
+    for a, b in zip(ref32, truth):
+        fin = torch.isfinite(b)
+        ref_err.append(rel_rms(a[fin], b[fin]))
+    _check([g.double() for g in got], truth, torch.float32, ref_err)
+
+
+def test_gradcheck_float64(calls):
+    torch.manual_seed(0)
+    layer = _layer(3, 2, 4, 3, torch.float64, False, seed=3)
+    x = (torch.rand(6, 3, dtype=torch.float64) * 1.8 - 0.9).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda x, *p: layer(x), (x,) + tuple(layer.parameters()))
+    assert calls["bwd"] > 0
+
+
+def test_second_derivative_matches_reference(calls):
+    """create_graph=True (physics-informed losses) takes the differentiable route, as the dense engine."""
+    layer = _layer(4, 3, 5, 3, torch.float64, True, seed=5)
+    x = (torch.rand(10, 4, dtype=torch.float64) * 1.8 - 0.9).requires_grad_(True)
+
+    def d2(fn):
+        (g,) = torch.autograd.grad(fn(x).sum(), x, create_graph=True)
+        return torch.autograd.grad(g.sum(), x)[0]
+
+    got = d2(layer)
+    want = d2(lambda z: kan_linear_reference(z, layer.grid, layer.base_weight, layer.spline_weight,
+                                             layer.spline_scaler, 3))
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    assert calls["fwd"] >= 1
+
+
+def test_zero_gradient_where_bases_vanish(calls):
+    """Coefficients whose bases are 0 on every row get a gradient of exactly 0 (inputs in a narrow
+    band, outside the grid, NaN), also when grad_y is huge."""
+    layer = _layer(3, 2, 8, 3, torch.float64, True, seed=1)
+    x = torch.full((5, 3), 0.05, dtype=torch.float64)
+    x[:, 1] = 3.0  # outside: no basis
+    x[0, 2] = float("nan")
+    layer.zero_grad()
+    layer(x).backward(torch.full((5, 2), 1e300, dtype=torch.float64))
+    used = (b_spline_basis(x, layer.grid, 3) != 0).any(0)  # (in, G + k)
+    g = layer.spline_weight.grad
+    assert calls["bwd"] == 1
+    assert (g[:, ~used] == 0).all()
+    assert (g[:, used] != 0).all()
+
+
+def test_deterministic(calls):
+    layer = _layer(16, 16, 5, 3, torch.float32, True, seed=0)
+    x = torch.rand(64, 16) * 2 - 1
+    runs = [_grads(layer, x, torch.ones(64, 16), reference=False) for _ in range(2)]
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_size_rule(monkeypatch):
+    """The documented rule: small calls sparse; larger ones sparse while the coefficient table
+    fits TABLE_BYTES, dense past it; unsupported dtypes never."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+
+    def case(N, nin, nout, G, k=3, dtype=torch.float32):
+        x = torch.empty(N, nin, dtype=dtype)
+        return sparse_backend.chooses(x, torch.empty(nin, G + 2 * k + 1, dtype=dtype),
+                                      torch.empty(nout, nin, G + k, dtype=dtype), None, k, None)
+
+    assert case(1000, 2, 5, 5) and case(64, 4, 16, 5) and case(128, 784, 64, 5)
+    assert case(4096, 256, 256, 5) and case(4096, 256, 256, 50)  # tables of 2.4 and 14 MB
+    assert not case(256, 1024, 1024, 5)  # 37 MB
+    assert case(1, 1024, 1024, 5)  # one row: small work
+    assert not case(64, 4, 16, 5, dtype=torch.float16)
+    assert case(64, 4, 16, 5, dtype=torch.float64)
+    monkeypatch.setattr(sparse_backend, "ENABLED", False)
+    assert not case(64, 4, 16, 5)
+
+
+def test_inference_saves_nothing(calls):
+    model = KAN([4, 16, 16, 1])
+    x = torch.rand(64, 4) * 2 - 1
+    with torch.no_grad():
+        y = model(x)
+    assert y.grad_fn is None and calls["fwd"] == 3
+    with torch.inference_mode():
+        y2 = model(x)
+    assert y2.grad_fn is None and calls["fwd"] == 6
+    assert torch.equal(y, y2)
+    y3 = model(x)  # training mode: the autograd node
+    assert y3.grad_fn is not None and torch.equal(y3.detach(), y)
+
+
+def _ref_out(layer, x):
+    with torch.no_grad():
+        return kan_linear_reference(x, layer.grid, layer.base_weight, layer.spline_weight, layer.spline_scaler,
+                                    layer.spline_order)
+
+
+def _assert_ref(layer, x, calls):
+    before = calls["fwd"]
+    with torch.no_grad():
+        y = layer(x)
+    assert calls["fwd"] == before + 1  # still the sparse path
+    torch.testing.assert_close(y, _ref_out(layer, x), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("edit", ["data", "load_state_dict", "update_grid", "extend_grid", "to"])
+def test_grid_edits_never_stale(edit, calls):
+    """After each way of changing the knots the small path gives the reference's result on the
+    new knots (nothing derived from the knots is kept between calls)."""
+    layer = _layer(3, 2, 5, 3, torch.float64, True, seed=7)
+    x = torch.rand(50, 3, dtype=torch.float64) * 2.4 - 1.2
+    _assert_ref(layer, x, calls)  # first call on the uniform knots
+    if edit == "data":  # no version bump
+        v = layer.grid._version
+        layer.grid.data.copy_(layer.grid * 1.3 + 0.1 * torch.arange(layer.grid.shape[1], dtype=torch.float64) ** 2)
+        assert layer.grid._version == v
+    elif edit == "load_state_dict":
+        other = _layer(3, 2, 5, 3, torch.float64, False, seed=8)
+        layer.load_state_dict(other.state_dict())
+        assert torch.equal(layer.grid, other.grid)
+    elif edit == "update_grid":
+        layer.update_grid(torch.randn(100, 3, dtype=torch.float64) * 0.5)
+    elif edit == "extend_grid":
+        layer.extend_grid(9)
+    else:
+        layer.to(torch.float32).to(torch.float64)  # new grid tensors
+    _assert_ref(layer, x, calls)
+
+
+def test_unsorted_knots_fall_back(calls, monkeypatch):
+    """Knots that are not non-decreasing (written through .data) make the kernel decline; the
+    layer then gives the dense engine's result, as it did before the small path existed."""
+    layer = _layer(3, 2, 5, 3, torch.float64, True, seed=9)
+    x = torch.rand(20, 3, dtype=torch.float64) * 1.8 - 0.9
+    layer.grid.data[1, 4] = 5.0  # decreasing afterwards
+    with torch.no_grad():
+        y = layer(x)
+    assert calls["fwd"] == 1
+    monkeypatch.setattr(sparse_backend, "chooses", lambda *a: False)
+    with torch.no_grad():
+        y_dense = layer(x)
+    torch.testing.assert_close(y, y_dense, rtol=0, atol=0)
+    assert sparse_backend.forward(x, layer.grid, layer.spline_weight, layer.base_weight, 3,
+                                  layer.spline_scaler) is None
+
+
+def test_kan_linear_op_functional(calls):
+    """The op with 2-D input and no scale (kan_linear_torch's path): values and gradients."""
+    torch.manual_seed(0)
+    layer = _layer(5, 3, 4, 2, torch.float64, False, seed=2)
+    x = torch.randn(30, 5, dtype=torch.float64).requires_grad_(True)
+    coef = layer.scaled_spline_weight.detach().clone().requires_grad_(True)
+    bw = layer.base_weight.detach().clone().requires_grad_(True)
+    y = ops.kan_linear_op(x, layer.grid, coef, bw, 2, False)
+    y.sum().backward()
+    xr, cr, br = (t.detach().clone().requires_grad_(True) for t in (x, coef, bw))
+    yr = kan_linear_reference(xr, layer.grid, br, cr, None, 2)
+    yr.sum().backward()
+    assert calls == {"fwd": 1, "bwd": 1}
+    for a, b in ((y, yr), (x.grad, xr.grad), (coef.grad, cr.grad), (bw.grad, br.grad)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+@pytest.fixture
+def three_workers(monkeypatch):
+    """Force the CPU workers (3 parts) for any call; records the parts of every split call."""
+    from kanfast import cpu_workers
+
+    if not cpu_workers._uses_openmp():
+        pytest.skip("workers need torch's OpenMP backend")
+    monkeypatch.setattr(cpu_workers, "MIN_ELEMENTS", 1)
+    monkeypatch.setattr(cpu_workers, "_usable_cpus", lambda: 64)
+    n = torch.get_num_threads()
+    torch.set_num_threads(3)
+    calls = []
+    real = cpu_workers.run
+
+    def spy(fn, ranges):
+        calls.append(list(ranges))
+        return real(fn, ranges)
+
+    monkeypatch.setattr(cpu_workers, "run", spy)
+    yield calls
+    torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_split_across_workers(dtype, three_workers, calls):
+    """Rows split across 3 workers (forward: disjoint rows; backward: a partial weight gradient
+    per worker, summed in worker order): the reference's values and gradients, bit-repeatable."""
+    layer = _layer(6, 5, 5, 3, torch.float64, False, seed=4).to(dtype)
+    x = _inputs(layer, 40, dtype, seed=4)
+    gy = torch.randn(x.shape[0], 5, dtype=dtype, generator=torch.Generator().manual_seed(3))
+    got = _grads(layer, x, gy, reference=False)
+    assert calls == {"fwd": 1, "bwd": 1}
+    assert len(three_workers) == 2 and all(len(r) == 3 for r in three_workers)
+    want = _grads(layer, x, gy, reference=True)
+    for a, b in zip(got, want):
+        assert torch.equal(torch.isnan(a), torch.isnan(b))
+        fin = torch.isfinite(b)
+        tol = 1e-12 if dtype == torch.float64 else 2e-5
+        assert rel_rms(a[fin], b[fin]) <= tol
+    again = _grads(layer, x, gy, reference=False)
+    for a, b in zip(got, again):
+        assert torch.equal(a.nan_to_num(), b.nan_to_num())
+
+
+def test_bench_small_writes_json_csv_png(tmp_path, monkeypatch):
+    """``kanfast bench --small`` on two tiny models: every implementation per model, the kanfast
+    ones agreeing with efficient-kan's formulation, the usual output files (no timing asserted)."""
+    import argparse
+    import json
+
+    from kanfast.benchmarks import bench
+
+    monkeypatch.setattr(bench, "SMALL_MODELS", [("KAN[2,3,1]", [2, 3, 1], 20), ("layer 4->2", [4, 2], 8)])
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    args = parser.parse_args(["--small", "--repeats", "1", "--warmup", "0", "--peers", "none", "--no-progress",
+                              "--quiet", "--device", "cpu", "--out", str(tmp_path / "s.json"),
+                              "--plot", str(tmp_path / "s.png")])
+    assert bench.run(args) == 0
+    data = json.loads((tmp_path / "s.json").read_text())
+    assert data["floors"] == [] and "host_load" in data["meta"] and data["meta"]["G"] == 5
+    rows = data["results"]
+    assert {(r["model"], r["impl"]) for r in rows} == {
+        (m, i) for m in ("KAN[2,3,1]", "layer 4->2") for i in ("kanfast-torch", "kanfast-reference", "materialized", "mlp")
+    }
+    for r in rows:
+        assert r["status"] == "ok" and r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 and r["fwd_bwd_cpu_ms"] >= 0
+        if r["impl"].startswith("kanfast"):
+            assert r["max_abs_diff_vs_materialized"] < 1e-5
+    assert (tmp_path / "s.csv").read_text().count("\n") == len(rows) + 1
+    assert (tmp_path / "s.png").stat().st_size > 0
+
+
+def test_empty_batch(calls):
+    """No rows: an empty output, and zero weight gradients (as the reference's)."""
+    layer = _layer(3, 2, 5, 3, torch.float64, True, seed=1)
+    x = torch.zeros(0, 3, dtype=torch.float64, requires_grad=True)
+    y = layer(x)
+    assert y.shape == (0, 2)
+    y.sum().backward()
+    assert calls == {"fwd": 1, "bwd": 1}
+    assert x.grad.shape == (0, 3)
+    for p in (layer.base_weight, layer.spline_weight, layer.spline_scaler):
+        assert torch.equal(p.grad, torch.zeros_like(p))
