@@ -302,7 +302,7 @@ def kan_bwd_x_kernel(
             new = ()
             for jj in tl.static_range(J_PER):
                 p_wj = p_wt + tl.cast(j0 + jj, tl.int64) * OUT * IN + o_o[:, None].to(tl.int64) * IN + o_i[None, :]
-                b_w = tl.load(p_wj, mask=(m_o & (j0 + jj + tl.zeros_like(o_o) < NB))[:, None] & m_i[None, :], other=0.0)
+                b_w = tl.load(p_wj, mask=(m_o & ((o_o * 0 + (j0 + jj)) < NB))[:, None] & m_i[None, :], other=0.0)
                 new = new + (tl.dot(b_gy.to(b_w.dtype), b_w, gs[jj], input_precision=PREC),)
             gs = new
         for jj in tl.static_range(J_PER):
@@ -376,4 +376,4 @@ def kan_bwd_w_kernel(
     for jj in tl.static_range(J_PER):
         o_row = (pid_s.to(tl.int64) * (NB + HAS_BASE) + j0 + jj) * IN + o_i
         p_out = p_gw + o_row[:, None] * OUT + o_o[None, :]
-        tl.store(p_out, accs[jj], mask=m_io & (j0 + jj + tl.zeros_like(o_o)[None, :] < NB + HAS_BASE))
+        tl.store(p_out, accs[jj], mask=m_io & ((o_o * 0 + (j0 + jj))[None, :] < NB + HAS_BASE))
