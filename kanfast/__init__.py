@@ -23,14 +23,14 @@ _EXPORTS = {
     "b_spline_basis": "reference", "kan_linear_reference": "reference",
     "auto_symbolic": "symbolic", "fix_symbolic": "symbolic", "suggest_symbolic": "symbolic",
     "symbolic_formula": "symbolic",
-    "plot": "plot",
+    "plot": "plot", "fit_lbfgs": "workflow",
     "export_onnx": "ecosystem", "from_efficient_kan": "ecosystem", "from_pykan": "ecosystem",
     "kanify": "ecosystem", "update_grid_distributed": "ecosystem",
 }
 
 __all__ = ["FastKANLayer", "KAN", "BACKENDS", "b_spline_basis", "kan_linear_reference", "__version__",
            "plot", "suggest_symbolic", "fix_symbolic", "auto_symbolic", "symbolic_formula",
-           "kanify", "export_onnx", "from_efficient_kan", "from_pykan", "update_grid_distributed"]
+           "fit_lbfgs", "kanify", "export_onnx", "from_efficient_kan", "from_pykan", "update_grid_distributed"]
 
 
 def __getattr__(name: str):

@@ -397,6 +397,57 @@ class FastKANLayer(nn.Module):
             return self.spline_weight * self.spline_scaler.unsqueeze(-1)
         return self.spline_weight
 
+    # ------------------------------------------------- efficient-kan's helpers
+    def _check_2d(self, what: str, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        if x.dim() != 2:
+            raise ValueError(f"{what} expects x of shape (batch, in_features={self.in_features}), got {tuple(x.shape)}")
+        # 16-bit layers keep float32 knots: evaluate in (at least) float32
+        return x.to(torch.promote_types(self.grid.dtype, x.dtype))
+
+    def b_splines(self, x: torch.Tensor) -> torch.Tensor:
+        """efficient-kan's ``KANLinear.b_splines``: every basis at every input, on the layer's knots.
+
+        Args:
+            x: ``(batch, in_features)``, the layer's dtype and device.
+
+        Returns:
+            ``(batch, in_features, G + k)``: ``B_j(x[n, i]; grid[i])`` of order ``k`` (Cox-de Boor,
+            Liu et al. 2024 eq. 2.2-2.3; zero outside the knots, NaN inputs give 0), in
+            ``promote(grid.dtype, x.dtype)`` (float32 for 16-bit layers).
+            Materialises the dense basis: for fits and inspection, not the forward pass.
+
+        Raises:
+            ValueError: ``x`` is not 2-D with ``in_features`` columns. TypeError: a dtype mismatch.
+            RuntimeError: a device mismatch.
+        """
+        x = self._check_2d("b_splines", x)
+        return basis_matrix(x, self.grid, self.spline_order).contiguous()
+
+    def curve2coeff(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """efficient-kan's ``KANLinear.curve2coeff``: least-squares spline coefficients of curves.
+
+        Args:
+            x: ``(batch, in_features)`` sample points.
+            y: ``(batch, in_features, out_features)``: the value of edge ``(o, i)``'s curve at ``x[n, i]``.
+
+        Returns:
+            ``(out_features, in_features, G + k)``: per feature ``i``, the minimum-norm least-squares
+            ``C`` with ``sum_j C[o, i, j] B_j(x[n, i]) ~= y[n, i, o]`` on the layer's knots (float64
+            ``gelsd``, so rank-deficient systems give finite weights), in ``y``'s dtype. These are
+            unscaled coefficients (efficient-kan's ``scaled_spline_weight``); nothing is written.
+
+        Raises:
+            ValueError: ``x`` or ``y`` has the wrong shape. TypeError / RuntimeError: dtype / device
+            mismatch of ``x``.
+        """
+        xc = self._check_2d("curve2coeff", x)
+        want = (x.shape[0], self.in_features, self.out_features)
+        if not isinstance(y, torch.Tensor) or tuple(y.shape) != want:
+            got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+            raise ValueError(f"curve2coeff expects y of shape (batch, in_features, out_features) = {want}, got {got}")
+        return solve_coefficients(basis_matrix(xc, self.grid, self.spline_order), y)
+
     # ---------------------------------------------------------------- forward
     def _check_input(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor):
