@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-from typing import Callable, Dict, Iterator, Mapping, Optional, Union
+from typing import Callable, Iterator, Mapping, Optional, Union
 
 import torch
 import torch.nn as nn

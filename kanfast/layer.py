@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import operator
 import sys
-from typing import Iterable, Optional, Sequence, Tuple, Type
+from typing import Optional, Sequence, Tuple, Type
 
 import numpy as np
 import torch

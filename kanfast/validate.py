@@ -18,7 +18,7 @@ import math
 import sys
 import copy
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List
 
 import torch
 

@@ -1,6 +1,5 @@
 """kanify, mixed precision, higher-order derivatives and ONNX export (issue 5, items 1, 3, 6, 7)."""
 
-import math
 
 import numpy as np
 import pytest
