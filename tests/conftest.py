@@ -140,3 +140,19 @@ def float32_errors(layer, x: torch.Tensor, backend: str, seed: int = 2):
         scale = t.abs().max()
         out[name] = (float((g.double() - t).abs().max() / scale), max(float((r.double() - t).abs().max() / scale), eps))
     return out
+
+
+def spy_on_worker_runs(monkeypatch) -> list:
+    """Record the ranges each ``kanfast.cpu_workers.run`` call splits its work into (one list per
+    call); the real ``run`` still does the work."""
+    from kanfast import cpu_workers
+
+    calls = []
+    real = cpu_workers.run
+
+    def spy(fn, ranges):
+        calls.append(list(ranges))
+        return real(fn, ranges)
+
+    monkeypatch.setattr(cpu_workers, "run", spy)
+    return calls

@@ -13,7 +13,7 @@ import threading
 import pytest
 import torch
 
-from conftest import backend_grads, compare_to_reference
+from conftest import backend_grads, compare_to_reference, spy_on_worker_runs
 from kanfast import FastKANLayer, cpu_workers, sparse_backend, torch_backend
 from kanfast.reference import kan_linear_reference
 
@@ -35,15 +35,7 @@ def workers(monkeypatch):
     monkeypatch.setattr(torch_backend, "KERNEL_CHUNK_ELEMENTS", 5 * 7 * 9)  # (the compiled block kernels' path)
     n = torch.get_num_threads()
     torch.set_num_threads(3)
-    calls = []
-    real = cpu_workers.run
-
-    def spy(fn, ranges):
-        calls.append(list(ranges))
-        return real(fn, ranges)
-
-    monkeypatch.setattr(cpu_workers, "run", spy)
-    yield calls
+    yield spy_on_worker_runs(monkeypatch)
     torch.set_num_threads(n)
 
 

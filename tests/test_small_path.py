@@ -12,7 +12,7 @@ import itertools
 import pytest
 import torch
 
-from conftest import rel_rms
+from conftest import rel_rms, spy_on_worker_runs
 from kanfast import KAN, FastKANLayer, ops, sparse_backend
 from kanfast.kernels import cpu_spline
 from kanfast.reference import b_spline_basis, kan_linear_reference
@@ -290,15 +290,7 @@ def three_workers(monkeypatch):
     monkeypatch.setattr(cpu_workers, "_usable_cpus", lambda: 64)
     n = torch.get_num_threads()
     torch.set_num_threads(3)
-    calls = []
-    real = cpu_workers.run
-
-    def spy(fn, ranges):
-        calls.append(list(ranges))
-        return real(fn, ranges)
-
-    monkeypatch.setattr(cpu_workers, "run", spy)
-    yield calls
+    yield spy_on_worker_runs(monkeypatch)
     torch.set_num_threads(n)
 
 
