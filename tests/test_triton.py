@@ -109,6 +109,12 @@ def test_matches_reference(lead, nin, nout, k, G, kind):
 
 
 def test_nonfinite_rows():
+    check_nonfinite_rows()
+
+
+def check_nonfinite_rows():
+    """NaN/inf/huge entries on the triton backend (whichever path it takes): only their own rows
+    change, with the reference's values and non-finite patterns."""
     torch.manual_seed(2)
     layer = FastKANLayer(5, 6, grid_size=4, spline_order=3, backend="triton")
     x_clean = torch.randn(20, 5)

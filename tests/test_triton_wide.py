@@ -23,40 +23,12 @@ triton = pytest.importorskip("triton")
 from kanfast import FastKANLayer  # noqa: E402
 from kanfast import triton_backend as tb  # noqa: E402
 from kanfast.torch_backend import kan_linear_torch  # noqa: E402
+from test_triton import assert_close, check_nonfinite_rows, reference_of, run  # noqa: E402  (same helpers)
 
 pytestmark = [
     pytest.mark.skipif(not tb.AVAILABLE, reason="triton not importable"),
     pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning"),
 ]
-
-
-def rel_rms(a, b):
-    a, b = a.detach().double(), b.detach().double()
-    return float((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt().clamp_min(1e-30))
-
-
-def assert_close(actual, expected, tol, what=""):
-    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    fin = torch.isfinite(expected)
-    assert torch.equal(torch.isfinite(actual), fin), f"{what}: non-finite pattern differs"
-    if fin.any():
-        err = rel_rms(actual[fin], expected[fin])
-        assert err <= tol, f"{what}: relative RMS error {err:.3e} > {tol:.1e}"
-
-
-def run(layer, x, gy):
-    leaf = x.detach().clone().requires_grad_()
-    layer.zero_grad(set_to_none=True)
-    y = layer(leaf)
-    y.backward(gy.to(y.dtype))
-    grads = [layer.base_weight.grad, layer.spline_weight.grad, layer.spline_scaler.grad]
-    return y.detach(), leaf.grad, [g.clone() for g in grads]
-
-
-def reference_of(layer):
-    ref = copy.deepcopy(layer).double()
-    ref.backend = "reference"
-    return ref
 
 
 @pytest.fixture
@@ -133,26 +105,7 @@ def test_wide_matches_reference(wide, n, nin, nout, k, G, kind):
 
 def test_wide_nonfinite_rows(wide):
     """NaN/inf/huge entries: only their own rows change; same values and patterns as the reference."""
-    torch.manual_seed(2)
-    layer = FastKANLayer(5, 6, grid_size=4, spline_order=3, backend="triton")
-    x_clean = torch.randn(20, 5)
-    gy = torch.randn(20, 6)
-    bad = torch.tensor([float("nan"), float("inf"), -float("inf"), 1e30, -1e30])
-    x_bad = x_clean.clone()
-    x_bad[3] = bad
-    x_bad[7] = bad.roll(2)
-    x_bad[11, 2] = float("nan")
-    rows_bad = torch.zeros(20, dtype=torch.bool)
-    rows_bad[[3, 7, 11]] = True
-    y0, gx0, _ = run(layer, x_clean, gy)
-    y1, gx1, gp1 = run(layer, x_bad, gy)
-    assert torch.equal(y1[~rows_bad], y0[~rows_bad])
-    assert torch.equal(gx1[~rows_bad], gx0[~rows_bad])
-    yr, gxr, gpr = run(reference_of(layer), x_bad.double(), gy.double())
-    assert_close(y1, yr, 1e-5, "y with non-finite rows")
-    assert_close(gx1, gxr, 1e-5, "grad x with non-finite rows")
-    for a, b in zip(gp1, gpr):
-        assert_close(a, b, 1e-5, "param grads with non-finite rows")
+    check_nonfinite_rows()
     assert wide == {"fwd": 2, "bwd": 2}
 
 
