@@ -338,20 +338,19 @@ def _timers(case: _Case, x: torch.Tensor, gy: torch.Tensor, device):
         with torch.no_grad():
             return mod(x)
 
-    def fb():
+    def step():
         for p in params:
             p.grad = None
         xg = x.detach().requires_grad_(True)
         y = mod(xg)
         y.backward(gy)
-        return y
+        return y, xg
+
+    def fb():
+        return step()[0]
 
     def fb_mem():
-        for p in params:
-            p.grad = None
-        xg = x.detach().requires_grad_(True)
-        y = mod(xg)
-        y.backward(gy)
+        y, xg = step()
         grad_bytes = sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None)
         grad_bytes += xg.grad.numel() * xg.grad.element_size() if xg.grad is not None else 0
         return y, grad_bytes
