@@ -123,16 +123,11 @@ def _bases(b_x, m_valid, p_row, b_t0, b_tn, n_knots, n_steps, K: tl.constexpr, D
     return b_m, m_in, out, dout
 
 
-@triton.jit(do_not_specialize=["N"])
-def basis_block_kernel(
-    p_x, p_t, p_t0, p_tn, p_d,
-    N, IN, NB, n_knots, n_steps,
-    s_xn, s_xi, s_dn,
-    K: tl.constexpr, HAS_BASE: tl.constexpr, NBP: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
-):
-    """D (N, IN*NBP (+ IN)) = [silu(x) | B_j(x_i) at column BASE + i*NBP + j], in D's dtype
-    (columns NB <= j < NBP: zeros)."""
+@triton.jit
+def _tile_bases(p_x, p_t, p_t0, p_tn, N, IN, n_knots, n_steps, s_xn, s_xi, K: tl.constexpr, DERIV: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_I: tl.constexpr):
+    """This program's (BLOCK_N rows, BLOCK_I features) tile: offsets, mask, x (fp32) and its bases (see
+    :func:`_bases`), shared by both kernels."""
     pid_n = tl.program_id(0)
     pid_i = tl.program_id(1)
     o_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -146,7 +141,22 @@ def basis_block_kernel(
     b_t0 = tl.load(p_t0 + o_ic)[None, :]
     b_tn = tl.load(p_tn + o_ic)[None, :]
     p_row = p_t + (o_ic.to(tl.int64) * NP + K)[None, :]
-    b_m, m_in, vals, dvals = _bases(b_x, m_x, p_row, b_t0, b_tn, n_knots, n_steps, K, False)
+    b_m, m_in, vals, dvals = _bases(b_x, m_x, p_row, b_t0, b_tn, n_knots, n_steps, K, DERIV)
+    return o_n, o_i, m_x, b_x, b_m, m_in, vals, dvals
+
+
+@triton.jit(do_not_specialize=["N"])
+def basis_block_kernel(
+    p_x, p_t, p_t0, p_tn, p_d,
+    N, IN, NB, n_knots, n_steps,
+    s_xn, s_xi, s_dn,
+    K: tl.constexpr, HAS_BASE: tl.constexpr, NBP: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
+):
+    """D (N, IN*NBP (+ IN)) = [silu(x) | B_j(x_i) at column BASE + i*NBP + j], in D's dtype
+    (columns NB <= j < NBP: zeros)."""
+    o_n, o_i, m_x, b_x, b_m, m_in, vals, dvals = _tile_bases(p_x, p_t, p_t0, p_tn, N, IN, n_knots, n_steps, s_xn, s_xi,
+                                                             K, False, BLOCK_N, BLOCK_I)
     p_drow = p_d + o_n[:, None] * s_dn  # (BN, 1)
     if HAS_BASE:
         tl.store(p_drow + o_i[None, :], _silu(b_x).to(p_d.dtype.element_ty), mask=m_x)
@@ -175,20 +185,8 @@ def basis_grad_x_kernel(
 ):
     """grad_x (N, IN) = sum_r gD[:, BASE + i*NBP + m-K+r] * dB_{m-K+r}/dx (+ gD[:, i] * silu'(x)),
     gD = grad_y @ Wcat in the layout of basis_block_kernel; fp32 arithmetic."""
-    pid_n = tl.program_id(0)
-    pid_i = tl.program_id(1)
-    o_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    o_i = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
-    m_n = o_n < N
-    m_i = o_i < IN
-    o_ic = tl.minimum(o_i, IN - 1)
-    m_x = m_n[:, None] & m_i[None, :]
-    NP = n_knots + 2 * K
-    b_x = tl.load(p_x + o_n[:, None] * s_xn + o_i[None, :] * s_xi, mask=m_x, other=0.0).to(tl.float32)
-    b_t0 = tl.load(p_t0 + o_ic)[None, :]
-    b_tn = tl.load(p_tn + o_ic)[None, :]
-    p_row = p_t + (o_ic.to(tl.int64) * NP + K)[None, :]
-    b_m, m_in, vals, dvals = _bases(b_x, m_x, p_row, b_t0, b_tn, n_knots, n_steps, K, True)
+    o_n, o_i, m_x, b_x, b_m, m_in, vals, dvals = _tile_bases(p_x, p_t, p_t0, p_tn, N, IN, n_knots, n_steps, s_xn, s_xi,
+                                                             K, True, BLOCK_N, BLOCK_I)
     p_grow = p_gd + o_n[:, None] * s_gdn
     base = IN if HAS_BASE else 0
     p_col = p_grow + base + o_i[None, :].to(tl.int64) * NBP
