@@ -81,7 +81,7 @@ if str(REPO) not in sys.path:  # a plain checkout: the script imports the kanfas
 
 from kanfast import triton_backend as tb  # noqa: E402
 from kanfast.benchmarks.bench import _git_commit, _versions  # noqa: E402  (the harness's provenance helpers)
-from kanfast.layer import uniform_grid  # noqa: E402
+from kanfast.knots import uniform_grid  # noqa: E402
 
 # ----------------------------------------------------------------- machine
 #: NVIDIA H200 (SXM) figures the model uses. Tensor rate: an 8192^3 bf16 torch.matmul measured 769-798

@@ -28,6 +28,10 @@ _EXPORTS = {
     "kanify": "ecosystem", "update_grid_distributed": "ecosystem",
 }
 
+#: submodule -> the submodule that completes its classes, loaded with it: the paper workflow
+#: attaches its methods to KAN (``prune``, ``activation_regularization``; see kanfast.workflow)
+_COMPLETED_BY = {"layer": "workflow", "ecosystem": "workflow"}
+
 __all__ = ["FastKANLayer", "KAN", "BACKENDS", "b_spline_basis", "kan_linear_reference", "__version__",
            "plot", "suggest_symbolic", "fix_symbolic", "auto_symbolic", "symbolic_formula",
            "fit_lbfgs", "kanify", "export_onnx", "from_efficient_kan", "from_pykan", "update_grid_distributed"]
@@ -41,6 +45,8 @@ def __getattr__(name: str):
             return importlib.import_module(f".{name}", __name__)
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     value = getattr(importlib.import_module(f".{module}", __name__), name)
+    if module in _COMPLETED_BY:
+        importlib.import_module(f".{_COMPLETED_BY[module]}", __name__)
     globals()[name] = value
     return value
 

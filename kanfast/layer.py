@@ -9,176 +9,22 @@ from __future__ import annotations
 
 import math
 import operator
-import sys
-from typing import Optional, Sequence, Tuple, Type
+from typing import Optional, Sequence, Type
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import torch_backend
-from .ops import kan_linear_op
-from .reference import b_spline_basis
-from .torch_backend import grid_is_uniform
+from .knots import adaptive_grid, grid_is_uniform, solve_coefficients, uniform_grid, uniform_init_coefficients
+from .ops import basis_matrix, forget_grid, kan_linear_op, triton_available
+from .reference import kan_linear_reference
+from .symbolic_branch import SymbolicBranch
 
+# uniform_grid (kanfast.knots), basis_matrix (kanfast.ops) and solve_coefficients (kanfast.knots)
+# are defined below this module; they stay importable from here as before
 __all__ = ["FastKANLayer", "KAN", "BACKENDS", "uniform_grid", "basis_matrix", "solve_coefficients"]
 
 BACKENDS = ("auto", "reference", "torch", "triton")
-#: :func:`uniform_grid` rounds the spacing to the knots' precision (exactly equal steps)
-#: where that moves every knot by at most h / (2 SNAP_MOVE).
-SNAP_MOVE = 32
-
-
-def uniform_grid(
-    in_features: int,
-    grid_size: int,
-    spline_order: int,
-    grid_range: Tuple[float, float],
-    *,
-    device=None,
-    dtype=None,
-) -> torch.Tensor:
-    """Knots ``(in_features, G + 2k + 1)``: ``grid_range`` split in ``G`` equal
-    intervals, extended by ``k`` knots each side (Liu et al. 2024, sec. 2.2).
-
-    Equal exactly, as stored, where that moves the knots by at most ``h / 64`` (``h = (hi -
-    lo) / G``): ``h`` and ``lo`` are rounded to multiples of ``q``, a last-place unit at the
-    largest of the knots and of their span in the knots' dtype, and every knot is ``lo + j h``,
-    exactly, as is the closed form's ``t_0 + j h`` (the upper end of ``grid_range`` moves by at
-    most ``G q / 2``: 6e-6 at (-1, 1), G = 50, in float32). Knots rounded one by one sit up to ~(|t| / h)
-    eps h off equal spacing, which the closed form of the fast backends would turn into
-    errors of that size (see :data:`kanfast.torch_backend.UNIFORM_TOL`); where rounding h
-    would move the knots further (knots far from 0 against h, e.g. (1e3, 1e3 + 1) at G = 50,
-    or G in the thousands), each knot is rounded from ``lo + j h`` and the backends search
-    them."""
-    lo, hi = float(grid_range[0]), float(grid_range[1])
-    h = (hi - lo) / grid_size
-    k = spline_order
-    dtype = dtype or torch.get_default_dtype()
-    steps = torch.arange(-k, grid_size + k + 1, dtype=torch.float64)
-    fine = dtype
-    n_steps = grid_size + 2 * k
-    top = max(abs(lo - k * h), abs(hi + k * h), n_steps * h) * (1 + 2.0**-8)  # (room for the rounding below)
-    if math.isfinite(top) and top > 0 and fine.is_floating_point:
-        q = torch.finfo(fine).eps * 2.0 ** (math.frexp(top)[1] - 1)  # a last-place unit at |t|, j h <= top
-        if n_steps * q <= h / SNAP_MOVE and q >= torch.finfo(fine).tiny:
-            h = round(h / q) * q
-            lo = round(lo / q) * q  # lo + j h, j h: multiples of q below 2^24 q: exact
-    row = (steps * h + lo).to(dtype=dtype, device=device)
-    return row.expand(in_features, -1).contiguous()
-
-
-def basis_matrix(x: torch.Tensor, grid: torch.Tensor, spline_order: int) -> torch.Tensor:
-    """Dense basis ``(N, in, G + k)`` of 2-D ``x`` (N, in) via the fast local
-    evaluation. Used for least-squares fits (grid update/extension), not for the
-    forward pass. When autograd must see through it (x requires grad, grad mode
-    on: e.g. activation-based regularisation), the differentiable Cox-de Boor
-    formulation (:func:`kanfast.reference.b_spline_basis`) is used instead: the fast
-    evaluation writes into preallocated buffers."""
-    if x.requires_grad and torch.is_grad_enabled():
-        return b_spline_basis(x, grid.to(x.dtype), spline_order)
-    n_basis = grid.shape[1] - spline_order - 1
-    uniform = grid_is_uniform(grid)
-    D, _, _, _ = torch_backend._dense_block(x, grid.to(x.dtype), spline_order, n_basis, uniform, False, False)
-    return D
-
-
-def solve_coefficients(basis: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """Least-squares coefficients per input feature.
-
-    Args:
-        basis: ``(N, in, n_basis)``.
-        values: ``(N, in, out)`` target curve values.
-
-    Returns:
-        ``(out, in, n_basis)`` minimum-norm least-squares solution, in float64 on
-        the CPU (``gelsd``: rank-deficient systems, e.g. a constant feature or
-        fewer samples than bases, give finite weights, and CPU and CUDA agree),
-        cast back to ``values``' dtype and device.
-    """
-    A = basis.detach().permute(1, 0, 2).to("cpu", torch.float64)  # (in, N, nb)
-    B = values.detach().permute(1, 0, 2).to("cpu", torch.float64)  # (in, N, out)
-    sol = torch.linalg.lstsq(A, B, driver="gelsd").solution  # (in, nb, out)
-    sol = torch.nan_to_num(sol, nan=0.0, posinf=0.0, neginf=0.0)
-    return sol.permute(2, 0, 1).to(device=values.device, dtype=values.dtype).contiguous()
-
-
-def _uniform_init_coefficients(values: torch.Tensor, spline_order: int) -> torch.Tensor:
-    """Minimum-norm least-squares spline coefficients through ``values`` at the knots of
-    a uniform grid (what :func:`solve_coefficients` gives there): ``(out, in, G + k)``
-    float64 on the CPU.
-
-    Args:
-        values: ``(G + 1, in, out)`` curve values at the interior knots ``t_k .. t_{k+G}``.
-        spline_order: ``k``.
-
-    On uniform knots the basis at the knots is the same for every feature and every
-    grid range: row ``r`` (point ``t_{k+r}``) holds the cardinal B-spline values
-    ``N_k(k), ..., N_k(0)`` in columns ``r .. r+k`` (those below ``G + k``). The rows
-    with a non-zero entry have their first one in distinct columns (full row rank), so
-    the minimum-norm solution gelsd returns is ``A^T (A A^T)^{-1} b`` with ``A A^T``
-    banded SPD (bandwidth k): one banded Cholesky factorisation for all features and
-    outputs, O(G k^2 + G k in out), instead of a dense O(G^3) solve per feature. An
-    all-zero row (k = 0: the right end knot) is a residual no coefficient can reduce
-    (gelsd leaves it too). The normal equations square A's condition number (up to
-    ~1e4 for even k <= 10 at G = 4000), so a few steps of iterative refinement follow
-    the solve (each stays in A's row space, i.e. minimum norm); if ``values`` are then
-    not reproduced to 1e-9 relative (very high orders, k >~ 25), one dense gelsd solve
-    shared by all features is used instead.
-    """
-    # heavy import, paid when a layer is first initialised
-    from scipy.linalg import LinAlgError, cho_solve_banded, cholesky_banded
-
-    n_pts, n_in, n_out = values.shape
-    G, k = n_pts - 1, int(spline_order)
-    nb = G + k
-    # cardinal values at a knot, from the oracle on one interval: B_j(t_k), j = 0..k
-    one = uniform_grid(1, 1, k, (0.0, 1.0), dtype=torch.float64)
-    band = b_spline_basis(torch.zeros(1, 1, dtype=torch.float64), one, k)[0, 0].numpy()  # (k+1,)
-    rows = np.arange(n_pts)[:, None]
-    Ab = np.where(rows + np.arange(k + 1)[None, :] < nb, band[None, :], 0.0)  # (G+1, k+1): A[r, r+m]
-    n_r = int(Ab.any(axis=1).sum())  # rows with a basis on them: a prefix (truncation only at the right)
-    Ab = Ab[:n_r]
-    B = values.detach().to("cpu", torch.float64).reshape(n_pts, n_in * n_out).numpy()[:n_r]
-
-    def times_A(c):  # A c, c (nb, M) -> (n_r, M)
-        c = np.concatenate([c, np.zeros((k + 1, c.shape[1]))])  # columns past nb: zero in Ab anyway
-        return sum(Ab[:, m : m + 1] * c[m : m + n_r] for m in range(k + 1))
-
-    def times_At(y):  # A^T y, y (n_r, M) -> (nb, M)
-        c = np.zeros((nb + k + 1, y.shape[1]))
-        for m in range(k + 1):
-            c[m : m + n_r] += Ab[:, m : m + 1] * y
-        return c[:nb]
-
-    u = min(k, n_r - 1)
-    ab = np.zeros((u + 1, n_r))
-    for d in range(u + 1):  # upper band of A A^T: (A A^T)[r, r+d] = sum_m A[r, r+m] A[r+d, r+m]
-        ab[u - d, d:] = (Ab[: n_r - d, d:] * Ab[d:, : k + 1 - d]).sum(axis=1)
-    scale = np.abs(B).max(initial=0.0)
-    ok = False
-    try:
-        factor = (cholesky_banded(ab, check_finite=False), False)
-        coef = np.zeros((nb, B.shape[1]))
-        for _ in range(6):  # the solve, then iterative refinement (stays in A's row space: minimum norm)
-            resid = B - times_A(coef)
-            err = np.abs(resid).max(initial=0.0)
-            if err <= 1e-12 * scale:
-                break
-            coef = coef + times_At(cho_solve_banded(factor, resid, check_finite=False))
-        ok = bool(np.abs(B - times_A(coef)).max(initial=0.0) <= 1e-9 * scale)
-    except LinAlgError:
-        pass
-    if not ok:
-        A = np.zeros((n_r, nb))
-        for m in range(k + 1):
-            idx = np.arange(n_r)
-            keep = idx + m < nb
-            A[idx[keep], idx[keep] + m] = Ab[keep, m]
-        coef = torch.linalg.lstsq(torch.from_numpy(A), torch.from_numpy(B), driver="gelsd").solution.numpy()
-    coef = torch.from_numpy(np.ascontiguousarray(coef)).reshape(nb, n_in, n_out)
-    return coef.permute(2, 1, 0).contiguous()
 
 
 def _check_positive_int(name: str, value, minimum: int) -> int:
@@ -377,7 +223,7 @@ class FastKANLayer(nn.Module):
             noise = (torch.rand(G + 1, self.in_features, self.out_features) - 0.5) * self.scale_noise / G
             # the curves at the grid points t_k..t_{k+G}, fitted with the minimum-norm least-squares
             # coefficients (what a gelsd solve per feature gives), in O(G k^2) for all features at once
-            coef = _uniform_init_coefficients(noise.to(self.spline_weight.dtype), k)
+            coef = uniform_init_coefficients(noise.to(self.spline_weight.dtype), k)
             coef = coef.to(device=self.grid.device, dtype=self.spline_weight.dtype)
             gain = 1.0 if self.enable_standalone_scale_spline else self.scale_spline
             self.spline_weight.copy_(gain * coef)
@@ -474,7 +320,7 @@ class FastKANLayer(nn.Module):
         """The backend a call on ``x`` will use."""
         if self._backend != "auto":
             return self._backend
-        if x.is_cuda and x.dtype != torch.float64 and _triton_available():
+        if x.is_cuda and x.dtype != torch.float64 and triton_available():
             return "triton"
         return "torch"
 
@@ -488,9 +334,7 @@ class FastKANLayer(nn.Module):
         after editing ``grid`` in place inside a compiled region or through
         ``grid.data`` (no version bump)."""
         g = self.grid
-        tb = sys.modules.get("kanfast.triton_backend")
-        if tb is not None:
-            tb.forget_grid(g)
+        forget_grid(g)
         if g.is_meta:  # deferred init (e.g. FSDP): no values yet; decided once the grid is materialised
             self._grid_uniform, self._grid_key = None, None
             return
@@ -538,8 +382,6 @@ class FastKANLayer(nn.Module):
         if self.edge_mask is None and prefix + "edge_mask" in state_dict:
             self.edge_mask = torch.ones_like(w).detach()
         if self.symbolic is None and prefix + "symbolic.affine" in state_dict:
-            from .symbolic import SymbolicBranch
-
             self.symbolic = SymbolicBranch(self.in_features, self.out_features, device=w.device, dtype=w.dtype)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
         self.refresh_grid_cache()
@@ -657,8 +499,6 @@ class FastKANLayer(nn.Module):
         base_weight = self.base_weight if mask is None else self.base_weight * mask
         base_weight = base_weight.to(comp)
         if backend == "reference":
-            from .reference import kan_linear_reference
-
             scaler = self.spline_scaler.to(comp) if self.enable_standalone_scale_spline else None
             spline_weight = self.spline_weight if mask is None else self.spline_weight * mask.unsqueeze(-1)
             y = kan_linear_reference(
@@ -859,59 +699,6 @@ class FastKANLayer(nn.Module):
         return regularize_activation * total + regularize_entropy * entropy
 
 
-def adaptive_grid(
-    x: torch.Tensor,
-    grid_size: int,
-    spline_order: int,
-    grid_eps: float,
-    margin: float,
-    dtype: Optional[torch.dtype] = None,
-) -> torch.Tensor:
-    """Knots ``(in, G + 2k + 1)`` float64, adapted to samples ``x`` ``(N, in)`` (N >= 1).
-
-    Mixes ``grid_eps`` of a uniform grid over ``[min - margin, max + margin]``
-    with ``1 - grid_eps`` of the sample quantiles, extends by ``k`` uniform steps
-    per side, then enforces a minimum spacing so the knots are strictly increasing
-    even for constant or few-valued data, also once rounded to ``dtype`` (the dtype
-    they will be stored in; default ``x.dtype``): the spacing is at least ``1e-3``
-    uniform steps and 4 units in the last place of ``dtype`` at the knots' magnitude,
-    and the uniform step at least 16 such units (a constant float32 column at 1e6 gave
-    repeated knots). Knots beyond ``dtype``'s range stay (inf once cast): the caller checks.
-    """
-    eps = torch.finfo(dtype or x.dtype).eps
-    xd = x.detach().to(torch.float64)
-    n = xd.shape[0]
-    xs = torch.sort(xd, dim=0).values
-    q = torch.linspace(0, n - 1, grid_size + 1, device=x.device).round().long()
-    adaptive = xs[q]  # (G+1, in)
-    mag = torch.maximum(xs[0].abs(), xs[-1].abs())
-    span = xs[-1] - xs[0] + 2 * margin
-    span = torch.where(span > 0, span, torch.full_like(span, 2e-2 + 2 * abs(margin)))
-    span = torch.maximum(span, 1e-6 * mag.clamp_min(1.0))
-    span = torch.maximum(span, 16 * grid_size * eps * mag)
-    step = span / grid_size
-    ar = torch.arange(grid_size + 1, device=x.device, dtype=torch.float64).unsqueeze(1)
-    uniform = xs[0] - (span - (xs[-1] - xs[0])) / 2 + ar * step
-    g = grid_eps * uniform + (1 - grid_eps) * adaptive
-    lo = g[:1] - step * torch.arange(spline_order, 0, -1, device=x.device, dtype=torch.float64).unsqueeze(1)
-    hi = g[-1:] + step * torch.arange(1, spline_order + 1, device=x.device, dtype=torch.float64).unsqueeze(1)
-    g = torch.cat([lo, g, hi], dim=0)  # (G+2k+1, in)
-    # strictly increasing: g_j >= g_{j-1} + delta, via a running max of g_j - j*delta
-    delta = torch.maximum(1e-3 * step, 4 * eps * g.abs().amax(0))
-    j = torch.arange(g.shape[0], device=x.device, dtype=torch.float64).unsqueeze(1)
-    g = torch.cummax(g - j * delta, dim=0).values + j * delta
-    return g.t().contiguous()
-
-
-def _triton_available() -> bool:
-    try:
-        from . import triton_backend  # noqa: F401
-
-        return triton_backend.AVAILABLE
-    except Exception:  # pragma: no cover - triton missing or broken
-        return False
-
-
 class _all_layers_or_none:
     """Context for a grid change of every layer of a KAN: if it raises, each layer's knots,
     grid_size, spline weights and scalers (the same tensor objects, with their values),
@@ -959,6 +746,12 @@ class KAN(nn.Module):
         backend: passed to every layer (settable later via :attr:`backend`).
 
     Shapes: ``(..., layers_hidden[0]) -> (..., layers_hidden[-1])``.
+
+    The paper workflow's methods, :meth:`prune` and :meth:`activation_regularization` (behind
+    ``regularization_loss(mode="activation")``), are :func:`kanfast.workflow.prune` and
+    :func:`kanfast.workflow.activation_regularization`, attached to this class by
+    :mod:`kanfast.workflow` (which ``from kanfast import KAN`` loads): the workflow builds on
+    the model, not the other way round.
     """
 
     def __init__(
@@ -1098,17 +891,12 @@ class KAN(nn.Module):
         """
         if mode == "coef":
             return sum(layer.regularization_loss(regularize_activation, regularize_entropy) for layer in self.layers)
-        if mode == "activation":
-            from .workflow import activation_regularization
-
-            return activation_regularization(
-                self, x, lamb_l1=lamb_l1, lamb_entropy=lamb_entropy, sample_size=sample_size
-            )
+        if mode == "activation":  # the paper's definition, attached to KAN by kanfast.workflow
+            activation_regularization = getattr(self, "activation_regularization", None)
+            if activation_regularization is None:
+                raise RuntimeError(
+                    "regularization_loss(mode='activation') is kanfast.workflow's: import kanfast.workflow "
+                    "(`from kanfast import KAN` does)"
+                )
+            return activation_regularization(x, lamb_l1=lamb_l1, lamb_entropy=lamb_entropy, sample_size=sample_size)
         raise ValueError(f"regularization_loss: mode must be 'coef' or 'activation', got {mode!r}")
-
-    def prune(self, x: torch.Tensor, node_threshold: float = 1e-2, edge_threshold: float = 3e-2) -> "KAN":
-        """A new, smaller KAN without the unimportant hidden nodes, with per-edge
-        masks on weak edges (Liu et al. 2024 sec. 2.5.2); see :func:`kanfast.workflow.prune`."""
-        from .workflow import prune
-
-        return prune(self, x, node_threshold=node_threshold, edge_threshold=edge_threshold)

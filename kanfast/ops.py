@@ -31,7 +31,7 @@ Eager dispatch (:func:`kan_linear_op`): a call that :func:`kanfast.sparse_backen
 (the size rule documented there: small calls, or a coefficient table that fits in cache)
 runs the sparse contraction kernels (one C call forward, one backward, through
 ``_SparseKAN``); the others the dense-block engine of :mod:`kanfast.torch_backend`
-(``_EagerTorchKAN``). When no gradient is needed (``torch.no_grad()``, ``inference_mode()``,
+(``EagerTorchKAN``). When no gradient is needed (``torch.no_grad()``, ``inference_mode()``,
 or no input requiring grad) either engine's forward runs without an autograd node, so
 nothing is saved. Compiled graphs keep the dense custom op.
 
@@ -39,96 +39,52 @@ The ``uniform`` flag (closed-form interval search for equally spaced knots) is
 an op argument decided by the caller in Python, so no ``.item()`` runs inside a
 compiled graph; :class:`kanfast.FastKANLayer` computes it when its grid is set.
 
-Higher-order derivatives (physics-informed losses on dy/dx, d2y/dx2): the fast
-backward kernels are not themselves differentiable. When autograd calls the
-backward with ``create_graph=True`` (grad mode on inside backward) the gradient
-is instead computed by autograd through :func:`kan_linear_differentiable`, a
-plain-torch Cox-de Boor formulation (``O(G + k)`` work and an ``(N, in, G + k)``
-basis per call), so second and higher derivatives are exact, never zero or
-None. A first-order backward (the training loop) always takes the fast kernel.
+Higher-order derivatives (physics-informed losses on dy/dx, d2y/dx2): every op and
+Function here takes the autograd formula of :mod:`kanfast.differentiable`: a first-order
+backward (the training loop) always runs the fast kernel, a backward with
+``create_graph=True`` goes through :func:`kan_linear_differentiable` (plain-torch Cox-de
+Boor), so second and higher derivatives are exact, never zero or None.
+
+Also here, for the modules (:mod:`kanfast.layer`) and the workflow, which reach the engines
+only through this module: :func:`basis_matrix` (the dense basis of least-squares fits),
+:func:`triton_available` and :func:`forget_grid` (the Triton engine's knot tables).
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import threading
 from typing import Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 
 from . import sparse_backend, torch_backend
-from .reference import b_spline_basis
+from .cpu_bases import dense_block
+from .differentiable import basis, kan_linear_differentiable, make_backward, setup_context
+from .knots import grid_is_uniform
 
-__all__ = ["kan_fwd", "kan_bwd", "kan_linear_op", "kan_linear_differentiable", "triton_ops_available"]
+__all__ = [
+    "kan_fwd",
+    "kan_bwd",
+    "kan_linear_op",
+    "kan_linear_differentiable",
+    "triton_ops_available",
+    "triton_available",
+    "forget_grid",
+    "basis_matrix",
+]
 
 Tensor = torch.Tensor
 
 
-def kan_linear_differentiable(
-    x: Tensor, grid: Tensor, coef: Tensor, base_weight: Optional[Tensor], spline_order: int
-) -> Tensor:
-    """Differentiable-to-any-order formulation (plain torch autograd, Cox-de Boor).
-
-    Args: x ``(N, in)``, grid ``(in, G + 2k + 1)``, coef ``(out, in, G + k)``,
-    base_weight ``(out, in)`` or None. Computes in at least float32 (16-bit knots
-    would collapse) and returns ``(N, out)`` in x's dtype.
-    """
-    comp = torch.promote_types(x.dtype, torch.float32)
-    xc = x.to(comp)
-    basis = b_spline_basis(xc, grid.to(comp), spline_order)  # (N, in, G + k)
-    y = torch.einsum("nij,oij->no", basis, coef.to(comp))
-    if base_weight is not None:
-        y = y + F.linear(F.silu(xc), base_weight.to(comp))
-    return y.to(x.dtype)
-
-
-def _grads_by_autograd(grad_y, pairs, fn):
-    """create_graph=True path: gradients of ``fn()`` (built from the tensors of
-    ``pairs`` = [(tensor, needed), ...]) by autograd, kept in the graph; None where
-    not needed, zeros where unused."""
-    wanted = [t for t, need in pairs if need]
-    with torch.enable_grad():
-        y = fn()
-        grads = list(torch.autograd.grad(y, wanted, grad_y, create_graph=True, allow_unused=True))
-    out = []
-    for t, need in pairs:
-        if not need:
-            out.append(None)
-            continue
-        g = grads.pop(0)
-        out.append(torch.zeros_like(t) if g is None else g)
-    return out
-
-
 # --------------------------------------------------------------------- torch
-def _torch_forward(x, grid, coef, base_weight, k, uniform, scale=None, knots=None):
-    nout, nin, nb = coef.shape
-    base = None if base_weight is None else base_weight.contiguous()
-    sc = None if scale is None else scale.contiguous()
-    return torch_backend._forward(x, grid, coef.reshape(nout, nin * nb).contiguous(), base, k, uniform, sc, knots)
-
-
-def _torch_backward(
-    grad_y, x, grid, coef, base_weight, k, uniform, need_x, need_c, need_b, scale=None, need_s=False, knots=None
-):
-    """(grad_x, grad_coef, grad_base, grad_scale), None where not needed."""
-    nout, nin, nb = coef.shape
-    base = None if base_weight is None else base_weight.contiguous()
-    sc = None if scale is None else scale.contiguous()
-    gx, gc, gb, gs = torch_backend._backward(
-        grad_y, x, grid, coef.reshape(nout, nin * nb).contiguous(), base, k, uniform, need_x, need_c, need_b, sc,
-        need_s, knots,
-    )
-    return gx, (gc.view(nout, nin, nb) if gc is not None else None), (gb if need_b else None), gs
-
-
 @torch.library.custom_op("kanfast::kan_fwd", mutates_args=())
 def kan_fwd(
     x: Tensor, grid: Tensor, coef: Tensor, base_weight: Optional[Tensor], spline_order: int, uniform: bool,
     scale: Optional[Tensor] = None,
 ) -> Tensor:
-    return _torch_forward(x.contiguous(), grid.contiguous(), coef, base_weight, spline_order, uniform, scale)
+    return torch_backend.forward(x.contiguous(), grid.contiguous(), coef, base_weight, spline_order, uniform, scale)
 
 
 @kan_fwd.register_fake
@@ -153,7 +109,7 @@ def kan_bwd(
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     need_base = need_base and base_weight is not None
     need_scale = need_scale and scale is not None
-    gx, gc, gb, gs = _torch_backward(
+    gx, gc, gb, gs = torch_backend.backward(
         grad_y.contiguous(), x.contiguous(), grid.contiguous(), coef, base_weight, spline_order, uniform,
         need_x, need_coef, need_base, scale, need_scale,
     )
@@ -176,78 +132,7 @@ def _kan_bwd_fake(grad_y, x, grid, coef, base_weight, spline_order, uniform, nee
     return gx, gc, gb, gs
 
 
-def _setup_context(ctx, inputs, output):
-    x, grid, coef, base_weight, spline_order, flag = inputs[:6]
-    scale = inputs[6] if len(inputs) > 6 else None
-    ctx.save_for_backward(x, grid, coef, base_weight, scale)
-    ctx.cfg = (spline_order, flag, len(inputs))
-
-
-def _make_backward(fast_backward):
-    """Autograd formula shared by the custom ops and the eager Function: the fast
-    backward for a first-order pass, autograd through the differentiable
-    formulation under ``create_graph=True`` (grad mode on inside backward).
-    ``fast_backward(grad_y, x, grid, coef, base_weight, k, flag, need_x, need_c,
-    need_b[, scale, need_scale])`` returns 3 gradients, or 4 for an op with a scale."""
-
-    def backward(ctx, grad_y):
-        x, grid, coef, base_weight, scale = ctx.saved_tensors
-        spline_order, flag, n_inputs = ctx.cfg
-        need_x, _, need_c, need_b = ctx.needs_input_grad[:4]
-        need_b = need_b and base_weight is not None
-        need_s = n_inputs > 6 and scale is not None and ctx.needs_input_grad[6]
-        gs = None
-        if torch.is_grad_enabled():  # backward(create_graph=True): keep the gradient differentiable
-            gx, gc, gb, gs = _grads_by_autograd(
-                grad_y,
-                [(x, need_x), (coef, need_c), (base_weight, need_b), (scale, need_s)],
-                lambda: kan_linear_differentiable(
-                    x, grid, coef if scale is None else coef * scale.unsqueeze(-1), base_weight, spline_order
-                ),
-            )
-        else:
-            extra = (scale, need_s) if n_inputs > 6 else ()
-            # the eager Function's knot constants, verified in its forward (autograd's version
-            # check guarantees the saved grid was not modified in place since)
-            kw = {"knots": ctx.knots} if getattr(ctx, "knots", None) is not None else {}
-            gx, gc, gb, *rest = fast_backward(
-                grad_y, x, grid, coef, base_weight, spline_order, flag, need_x, need_c, need_b, *extra, **kw
-            )
-            gs = rest[0] if rest else None
-        grads = [(gx if need_x else None), None, (gc if need_c else None), (gb if need_b else None), None, None]
-        if n_inputs > 6:
-            grads.append(gs if need_s else None)
-        return tuple(grads)
-
-    return backward
-
-
-def _torch_backward_eager(
-    grad_y, x, grid, coef, base_weight, k, uniform, need_x, need_c, need_b, scale=None, need_s=False, knots=None
-):
-    return _torch_backward(
-        grad_y.contiguous(), x.contiguous(), grid.contiguous(), coef, base_weight, k, uniform, need_x, need_c, need_b,
-        scale, need_s, knots,
-    )
-
-
-class _EagerTorchKAN(torch.autograd.Function):
-    """Eager twin of ``kanfast::kan_fwd``: the same forward and autograd formula
-    without the custom-op dispatcher, whose first call imports torch._dynamo
-    (about a second) and which costs tens of microseconds per call."""
-
-    @staticmethod
-    def forward(ctx, x, grid, coef, base_weight, spline_order, uniform, scale):
-        _setup_context(ctx, (x, grid, coef, base_weight, spline_order, uniform, scale), None)
-        grid = grid.contiguous()
-        # the knots' per-call constants (uniformity verified), shared with the backward
-        ctx.knots = torch_backend._Knots(grid, spline_order, uniform)
-        return _torch_forward(x.contiguous(), grid, coef, base_weight, spline_order, uniform, scale, ctx.knots)
-
-    backward = staticmethod(_make_backward(_torch_backward_eager))
-
-
-kan_fwd.register_autograd(_make_backward(kan_bwd), setup_context=_setup_context)
+kan_fwd.register_autograd(make_backward(kan_bwd), setup_context=setup_context)
 
 
 # -------------------------------------------------------------------- sparse
@@ -258,8 +143,8 @@ def _sparse_backward(
     (edited through ``.data`` between forward and backward to non-finite or decreasing ones)."""
     out = sparse_backend.backward(grad_y, x, grid, coef, base_weight, k, scale, need_x, need_c, need_b, need_s)
     if out is None:
-        return _torch_backward_eager(grad_y, x, grid, coef, base_weight, k, uniform, need_x, need_c, need_b, scale,
-                                     need_s)
+        return torch_backend.eager_backward(grad_y, x, grid, coef, base_weight, k, uniform, need_x, need_c, need_b,
+                                            scale, need_s)
     return out
 
 
@@ -271,13 +156,14 @@ class _SparseKAN(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, grid, coef, base_weight, spline_order, uniform, scale):
-        _setup_context(ctx, (x, grid, coef, base_weight, spline_order, uniform, scale), None)
+        setup_context(ctx, (x, grid, coef, base_weight, spline_order, uniform, scale), None)
         y = sparse_backend.forward(x, grid, coef, base_weight, spline_order, scale)
         if y is None:
-            return _torch_forward(x.contiguous(), grid.contiguous(), coef, base_weight, spline_order, uniform, scale)
+            return torch_backend.forward(x.contiguous(), grid.contiguous(), coef, base_weight, spline_order, uniform,
+                                         scale)
         return y
 
-    backward = staticmethod(_make_backward(_sparse_backward))
+    backward = staticmethod(make_backward(_sparse_backward))
 
 
 def _needs_graph(*tensors) -> bool:
@@ -337,9 +223,9 @@ def _define_triton_ops() -> None:
         return x.new_empty(x.shape[0], coef.shape[0])
 
     # the same formula as the torch op: kernels first-order, differentiable path under create_graph
-    backward = _make_backward(raw_bwd)
+    backward = make_backward(raw_bwd)
 
-    tfwd.register_autograd(backward, setup_context=_setup_context)
+    tfwd.register_autograd(backward, setup_context=setup_context)
     _TRITON_OPS = (tfwd, tb)
 
 
@@ -405,5 +291,39 @@ def kan_linear_op(
         if y is not None:
             return y
     if not graph:  # inference on the dense engine: no autograd node, nothing saved
-        return _torch_forward(x.contiguous(), grid.contiguous(), coef, base_weight, k, bool(uniform), scale)
-    return _EagerTorchKAN.apply(x, grid, coef, base_weight, k, bool(uniform), scale)
+        return torch_backend.forward(x.contiguous(), grid.contiguous(), coef, base_weight, k, bool(uniform), scale)
+    return torch_backend.EagerTorchKAN.apply(x, grid, coef, base_weight, k, bool(uniform), scale)
+
+
+# ----------------------------------------------------------- for the modules
+def basis_matrix(x: torch.Tensor, grid: torch.Tensor, spline_order: int) -> torch.Tensor:
+    """Dense basis ``(N, in, G + k)`` of 2-D ``x`` (N, in) via the fast local
+    evaluation. Used for least-squares fits (grid update/extension), not for the
+    forward pass. When autograd must see through it (x requires grad, grad mode
+    on: e.g. activation-based regularisation), the differentiable Cox-de Boor
+    formulation (:func:`kanfast.differentiable.basis`, the oracle's) is used instead: the
+    fast evaluation writes into preallocated buffers."""
+    if x.requires_grad and torch.is_grad_enabled():
+        return basis(x, grid.to(x.dtype), spline_order)
+    n_basis = grid.shape[1] - spline_order - 1
+    uniform = grid_is_uniform(grid)
+    D, _, _, _ = dense_block(x, grid.to(x.dtype), spline_order, n_basis, uniform, False, False)
+    return D
+
+
+def triton_available() -> bool:
+    """True when the Triton engine imports and can run (:data:`kanfast.triton_backend.AVAILABLE`)."""
+    try:
+        from . import triton_backend  # noqa: F401
+
+        return triton_backend.AVAILABLE
+    except Exception:  # pragma: no cover - triton missing or broken
+        return False
+
+
+def forget_grid(grid: Tensor) -> None:
+    """Drop what the engines cache about ``grid``'s values (the Triton engine's knot tables),
+    after the grid changed; nothing when the Triton engine was never loaded."""
+    tb = sys.modules.get("kanfast.triton_backend")
+    if tb is not None:
+        tb.forget_grid(grid)

@@ -49,7 +49,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import cpu_workers, torch_backend
+from . import cpu_buffers, cpu_workers
 from .kernels import cpu_spline
 
 __all__ = ["ENABLED", "SMALL_WORK", "TABLE_BYTES", "chooses", "forward", "backward"]
@@ -110,7 +110,7 @@ def _buffer(name: str, n: int, dtype: torch.dtype) -> Tensor:
     """A work buffer of at least ``n`` elements in the calling thread's cache of the CPU engine,
     kept between calls (freed by :func:`kanfast.torch_backend.release_buffers`, as the dense
     engine's)."""
-    bufs = torch_backend._thread_buffers()
+    bufs = cpu_buffers.thread_buffers()
     key = ("sparse", name, dtype)
     buf = bufs.get(key)
     if buf is None or buf.numel() < n:

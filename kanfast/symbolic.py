@@ -14,6 +14,9 @@ parameters ``(a, b, c, d)`` stay trainable.
 Fitting follows pykan's recipe: a grid search over ``(a, b)`` (zoomed in a few
 times around the best point) with the closed-form linear regression for
 ``(c, d)``; the quality of a fit is its coefficient of determination ``R^2``.
+
+The function library and the branch module the layer evaluates live below the layer, in
+:mod:`kanfast.symbolic_branch`; this module chooses and fits the formulas.
 """
 
 from __future__ import annotations
@@ -21,10 +24,12 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
-import torch.nn as nn
+
+from .ops import basis_matrix
+from .symbolic_branch import SYMBOLIC_LIB, SymbolicBranch, SymbolicFunction, import_sympy
 
 __all__ = [
     "SYMBOLIC_LIB",
@@ -40,75 +45,6 @@ __all__ = [
     "SymbolicReport",
     "symbolic_formula",
 ]
-
-
-@dataclass(frozen=True)
-class SymbolicFunction:
-    """A candidate edge function.
-
-    Attributes:
-        name: library key (``"sin"``, ``"x^2"`` ...).
-        fn: exact torch function, used for fitting (values outside the domain are
-            NaN/inf and disqualify an ``(a, b)`` pair).
-        safe_fn: the same function on its domain, clamped outside it (used by the
-            forward, so training the affine parameters cannot produce NaN).
-        sympy_fn: ``sympy expression -> sympy expression``.
-        complexity: simplicity penalty used by :func:`pick_best` (0 = simplest).
-    """
-
-    name: str
-    fn: Callable[[torch.Tensor], torch.Tensor]
-    safe_fn: Callable[[torch.Tensor], torch.Tensor]
-    sympy_fn: Callable
-    complexity: float
-
-
-def _sympy():
-    try:
-        import sympy
-    except ImportError as e:  # pragma: no cover - sympy is a dependency
-        raise ImportError("kanfast.symbolic needs sympy: pip install sympy") from e
-    return sympy
-
-
-def _recip_safe(x):
-    tiny = 1e-6
-    return 1.0 / torch.where(x.abs() < tiny, torch.full_like(x, tiny).copysign(x), x)
-
-
-class _LazySympy:
-    """sympy is imported on first use (keeps ``import kanfast`` light)."""
-
-    def __getattr__(self, name):
-        return getattr(_sympy(), name)
-
-
-def _lib() -> Dict[str, SymbolicFunction]:
-    sp = _LazySympy()
-    entries = [
-        ("x", lambda x: x, lambda x: x, lambda s: s, 1),
-        ("x^2", lambda x: x**2, lambda x: x**2, lambda s: s**2, 2),
-        ("x^3", lambda x: x**3, lambda x: x**3, lambda s: s**3, 3),
-        ("x^4", lambda x: x**4, lambda x: x**4, lambda s: s**4, 4),
-        ("1/x", lambda x: 1.0 / x, _recip_safe, lambda s: 1 / s, 3),
-        ("sqrt", torch.sqrt, lambda x: torch.sqrt(x.clamp_min(1e-12)), lambda s: sp.sqrt(s), 3),
-        ("exp", torch.exp, lambda x: torch.exp(x.clamp_max(80.0)), lambda s: sp.exp(s), 3),
-        ("log", torch.log, lambda x: torch.log(x.clamp_min(1e-12)), lambda s: sp.log(s), 3),
-        ("sin", torch.sin, torch.sin, lambda s: sp.sin(s), 3),
-        ("tan", torch.tan, torch.tan, lambda s: sp.tan(s), 4),
-        ("tanh", torch.tanh, torch.tanh, lambda s: sp.tanh(s), 4),
-        ("abs", torch.abs, torch.abs, lambda s: sp.Abs(s), 3),
-        ("sgn", torch.sign, torch.sign, lambda s: sp.sign(s), 3),
-        ("arcsin", torch.arcsin, lambda x: torch.arcsin(x.clamp(-1 + 1e-7, 1 - 1e-7)), lambda s: sp.asin(s), 4),
-        ("arctan", torch.arctan, torch.arctan, lambda s: sp.atan(s), 4),
-        ("gaussian", lambda x: torch.exp(-(x**2)), lambda x: torch.exp(-(x**2)), lambda s: sp.exp(-(s**2)), 4),
-        ("0", torch.zeros_like, torch.zeros_like, lambda s: sp.Integer(0), 0),
-    ]
-    return {n: SymbolicFunction(n, f, g, s, c) for n, f, g, s, c in entries}
-
-
-#: The candidate functions of Liu et al. 2024 sec. 2.5.1 (pykan's default library).
-SYMBOLIC_LIB: Dict[str, SymbolicFunction] = _lib()
 
 
 def _resolve_lib(lib: Optional[Iterable[str]]) -> List[SymbolicFunction]:
@@ -244,8 +180,6 @@ def _check_edge(model, l: int, i: int, j: int):
 
 def _numeric_edge(layer, xi: torch.Tensor, i: int, j: int) -> torch.Tensor:
     """The numeric edge function phi_{j,i} (base + spline) at the samples ``xi`` (N,)."""
-    from .layer import basis_matrix
-
     grid = layer.grid[i : i + 1]
     D = basis_matrix(xi.unsqueeze(1), grid, layer.spline_order)[:, 0]  # (N, nb)
     w = layer.scaled_spline_weight[j, i]
@@ -316,80 +250,6 @@ def pick_best(fits: Sequence[SymbolicFit], weight_simple: float = 1.0) -> Symbol
         return (math.log10(max(1.0 - f.r2, 1e-10)) + weight_simple * f.complexity, -f.r2)
 
     return min(valid, key=score)
-
-
-# ------------------------------------------------------------ symbolic branch
-class SymbolicBranch(nn.Module):
-    """Per-edge symbolic functions of one layer: ``y_j += c f(a x_i + b) + d`` for
-    every fixed edge ``(j, i)``.
-
-    Attributes:
-        affine: parameter ``(out, in, 4)`` of ``(a, b, c, d)``.
-        mask: buffer ``(out, in)``: 1 where the edge is symbolic.
-        names: ``out x in`` nested list of function names (``None`` when unfixed);
-            saved in the state_dict as extra state.
-
-    Shapes: forward ``(N, in) -> (N, out)``; :meth:`edge_values` ``(N, in) -> (N, in, out)``.
-    """
-
-    def __init__(self, in_features: int, out_features: int, *, device=None, dtype=None):
-        super().__init__()
-        self.in_features = in_features
-        self.out_features = out_features
-        self.affine = nn.Parameter(torch.zeros(out_features, in_features, 4, device=device, dtype=dtype))
-        self.register_buffer("mask", torch.zeros(out_features, in_features, device=device, dtype=dtype))
-        self.names: List[List[Optional[str]]] = [[None] * in_features for _ in range(out_features)]
-
-    def get_extra_state(self):
-        return {"names": [list(r) for r in self.names]}
-
-    def set_extra_state(self, state):
-        self.names = [list(r) for r in state["names"]]
-
-    def _groups(self):
-        groups: Dict[str, Tuple[List[int], List[int]]] = {}
-        for j, row in enumerate(self.names):
-            for i, n in enumerate(row):
-                if n is not None and float(self.mask[j, i]) != 0.0:
-                    groups.setdefault(n, ([], []))
-                    groups[n][0].append(j)
-                    groups[n][1].append(i)
-        return groups
-
-    def _group_values(self, x: torch.Tensor, name: str, js, is_):
-        dev = x.device
-        jt = torch.tensor(js, device=dev)
-        it = torch.tensor(is_, device=dev)
-        p = self.affine[jt, it].to(x.dtype)  # (E, 4)
-        m = self.mask[jt, it].to(x.dtype)
-        xs = x[:, it]  # (N, E)
-        v = p[:, 2] * SYMBOLIC_LIB[name].safe_fn(p[:, 0] * xs + p[:, 1]) + p[:, 3]
-        return v * m, jt, it
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = x.new_zeros(x.shape[0], self.out_features)
-        for name, (js, is_) in self._groups().items():
-            v, jt, _ = self._group_values(x, name, js, is_)
-            y = y.index_add(1, jt, v)
-        return y
-
-    def edge_values(self, x: torch.Tensor) -> torch.Tensor:
-        """Every symbolic edge's value ``(N, in, out)`` (0 where not symbolic)."""
-        out = x.new_zeros(x.shape[0], self.in_features, self.out_features)
-        for name, (js, is_) in self._groups().items():
-            v, jt, it = self._group_values(x, name, js, is_)
-            idx = it * self.out_features + jt
-            out = out.reshape(x.shape[0], -1).index_add(1, idx, v).reshape_as(out)
-        return out
-
-    def select(self, out_idx: torch.Tensor, in_idx: torch.Tensor) -> "SymbolicBranch":
-        """A branch on the sub-network of rows ``out_idx`` and columns ``in_idx``."""
-        new = SymbolicBranch(len(in_idx), len(out_idx), device=self.mask.device, dtype=self.mask.dtype)
-        with torch.no_grad():
-            new.affine.copy_(self.affine[out_idx][:, in_idx])
-            new.mask.copy_(self.mask[out_idx][:, in_idx])
-        new.names = [[self.names[int(j)][int(i)] for i in in_idx] for j in out_idx]
-        return new
 
 
 def _ensure_branch(layer) -> SymbolicBranch:
@@ -660,7 +520,7 @@ def symbolic_formula(
         ValueError: an active edge is still numeric (run :func:`auto_symbolic` or
         :func:`fix_symbolic` first).
     """
-    sp = _sympy()
+    sp = import_sympy()
     n_in = model.layers[0].in_features
     if var_names is None:
         var_names = [f"x_{k + 1}" for k in range(n_in)]

@@ -56,7 +56,9 @@ from typing import Optional, Tuple
 
 import torch
 
-from .torch_backend import _pad_knots, grid_is_uniform, kan_linear_torch
+from .knots import grid_is_uniform
+from .knots import pad_knots as _pad_knots
+from .torch_backend import kan_linear_torch
 
 __all__ = [
     "AVAILABLE", "kan_linear_triton", "set_fp32_precision", "get_fp32_precision", "use_wide_path",

@@ -81,7 +81,8 @@ def default_cases(quick: bool = False) -> List[Case]:
 
 
 def _make_layer(case: Case, seed: int):
-    from .layer import FastKANLayer, uniform_grid
+    from .knots import uniform_grid
+    from .layer import FastKANLayer
 
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)

@@ -9,6 +9,10 @@ Edge function (layer ``l``, input node ``i``, output node ``o``)::
 with ``m`` the layer's per-edge mask (``layer.edge_mask``, 1 when absent) and
 ``s`` the symbolic branch (:mod:`kanfast.symbolic`, 0 when absent).
 Magnitude (eq. 2.17): ``|phi_{o,i}|_1 = mean_n |phi_{o,i}(x_{n,i})|``.
+
+The workflow builds on the model: this module attaches :func:`prune` and
+:func:`activation_regularization` to :class:`kanfast.KAN` as methods (``model.prune(x)``,
+``model.regularization_loss(mode="activation")``); ``from kanfast import KAN`` loads it.
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from .layer import KAN, FastKANLayer, basis_matrix
+from .layer import KAN, FastKANLayer
+from .ops import basis_matrix
 
 __all__ = [
     "edge_functions",
@@ -410,3 +415,9 @@ def fit_lbfgs(
     finally:
         model.keep_inputs = keep_before
     return history
+
+
+# the workflow's methods of the model (``model.prune(x)``, ``model.regularization_loss(mode="activation")``):
+# attached here, so that the model does not import the workflow built on it
+KAN.prune = prune
+KAN.activation_regularization = activation_regularization

@@ -85,7 +85,7 @@ def grid_case_layer(name: str, nin: int = 3, nout: int = 4, k: int = 3, seed: in
     weight 0, so the spline's error is not hidden under silu(x) of inputs at 1e6), unit-normal
     spline weights."""
     from kanfast import FastKANLayer
-    from kanfast.layer import uniform_grid
+    from kanfast.knots import uniform_grid
 
     (lo, hi), G, how = GRID_CASES[name]
     torch.manual_seed(seed)

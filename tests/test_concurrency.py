@@ -23,7 +23,7 @@ def _run(code: str, timeout: float = 300) -> subprocess.CompletedProcess:
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 def test_fork_while_another_thread_holds_the_buffers_lock():
-    """A thread holds ``torch_backend._buffers_lock`` (as one registering its work buffers
+    """A thread holds ``cpu_buffers._buffers_lock`` (as one registering its work buffers
     would) while the main thread forks: the child's first layer call (which registers its own
     buffers under that lock) completes and the child exits 0. The parent waits for the child
     at most 60 s, then kills it and reports a hang."""
@@ -32,12 +32,12 @@ import os, signal, threading, time, warnings
 warnings.simplefilter("ignore", DeprecationWarning)  # fork of a multi-threaded process: the point of the test
 import torch
 torch.set_num_threads(1)
-from kanfast import FastKANLayer, torch_backend
+from kanfast import FastKANLayer, cpu_buffers, torch_backend
 layer = FastKANLayer(4, 3, backend="torch")
 x = torch.rand(8, 4)
 held, done = threading.Event(), threading.Event()
 def holder():
-    with torch_backend._buffers_lock:
+    with cpu_buffers._buffers_lock:
         held.set()
         done.wait()
 t = threading.Thread(target=holder)

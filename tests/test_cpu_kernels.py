@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import assert_close, backend_grads, compare_to_reference, grid_case_inputs, grid_case_layer
-from kanfast import FastKANLayer, sparse_backend, torch_backend
+from kanfast import FastKANLayer, cpu_plan, sparse_backend, torch_backend
 from kanfast.kernels import cpu_spline
 
 needs_kernels = pytest.mark.skipif(cpu_spline.load() is None, reason="the CPU block kernels are not built here")
@@ -39,7 +39,7 @@ def spy(monkeypatch):
             return _real(*a, **kw)
 
         monkeypatch.setattr(kern, name, wrapped)
-    monkeypatch.setattr(torch_backend, "KERNEL_CHUNK_ELEMENTS", 5 * 6 * 9)  # several chunks
+    monkeypatch.setattr(cpu_plan, "KERNEL_CHUNK_ELEMENTS", 5 * 6 * 9)  # several chunks
     return counts
 
 
@@ -117,10 +117,10 @@ def test_kernels_match_reference_float32(k, spy, placement):
 def test_kernels_equal_the_torch_ops(dtype, tol, monkeypatch, placement):
     """The kernels and the pure-torch ops they replace give the same output and gradients
     (feature groups and several chunks, so several launches per call)."""
-    monkeypatch.setattr(torch_backend, "BLOCK_WIDTH", 4 * 9)  # groups of 4 features
-    monkeypatch.setattr(torch_backend, "KERNEL_BLOCK_WIDTH", 4 * 9)  # (the kernels' path)
-    monkeypatch.setattr(torch_backend, "KERNEL_CHUNK_ELEMENTS", 7 * 4 * 9)
-    monkeypatch.setattr(torch_backend, "ROW_ELEMENTS", 7 * 13)
+    monkeypatch.setattr(cpu_plan, "BLOCK_WIDTH", 4 * 9)  # groups of 4 features
+    monkeypatch.setattr(cpu_plan, "KERNEL_BLOCK_WIDTH", 4 * 9)  # (the kernels' path)
+    monkeypatch.setattr(cpu_plan, "KERNEL_CHUNK_ELEMENTS", 7 * 4 * 9)
+    monkeypatch.setattr(cpu_plan, "ROW_ELEMENTS", 7 * 13)
     torch.manual_seed(3)
     layer = FastKANLayer(10, 6, grid_size=5, spline_order=3, dtype=dtype)
     _, x = _inputs(layer, 80, dtype, special=False)
@@ -281,7 +281,7 @@ def test_aligned_feature_groups(nin, nb, width):
     """The kernels' feature groups cover every feature once, in order, each within the width;
     when there are several and the width allows 16 features, all but the last hold a
     multiple of 16."""
-    groups = torch_backend._feature_groups(nin, nb, width, align=True)
+    groups = cpu_plan.feature_groups(nin, nb, width, align=True)
     assert groups[0][0] == 0 and groups[-1][1] == nin
     assert all(a[1] == b[0] for a, b in zip(groups, groups[1:]))
     assert all((f1 - f0) * nb <= width or f1 - f0 == 1 for f0, f1 in groups)
@@ -292,8 +292,8 @@ def test_aligned_feature_groups(nin, nb, width):
 @needs_kernels
 def test_kernels_with_aligned_groups_match_reference(spy, monkeypatch):
     """G = 50 at in = 40: groups of 32 and 8 features on the kernels' path."""
-    monkeypatch.setattr(torch_backend, "KERNEL_BLOCK_WIDTH", 2048)
-    assert torch_backend._feature_groups(40, 54, 2048, align=True) == [(0, 32), (32, 40)]
+    monkeypatch.setattr(cpu_plan, "KERNEL_BLOCK_WIDTH", 2048)
+    assert cpu_plan.feature_groups(40, 54, 2048, align=True) == [(0, 32), (32, 40)]
     torch.manual_seed(5)
     layer = FastKANLayer(40, 3, grid_size=50, spline_order=3, dtype=torch.float64)
     inner, mixed = _inputs(layer, 20, torch.float64)

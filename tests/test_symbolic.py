@@ -11,7 +11,8 @@ import sympy
 import torch
 
 from kanfast import KAN, auto_symbolic, fix_symbolic, suggest_symbolic, symbolic_formula
-from kanfast.layer import basis_matrix, solve_coefficients
+from kanfast.knots import solve_coefficients
+from kanfast.ops import basis_matrix
 from kanfast.symbolic import SYMBOLIC_LIB, SymbolicBranch, fit_affine, pick_best, unfix_symbolic
 from kanfast.workflow import fit_lbfgs
 

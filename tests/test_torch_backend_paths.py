@@ -21,8 +21,8 @@ from conftest import (
     grid_case_inputs,
     grid_case_layer,
 )
-from kanfast import FastKANLayer, sparse_backend, torch_backend
-from kanfast.layer import uniform_grid
+from kanfast import FastKANLayer, cpu_plan, sparse_backend, torch_backend
+from kanfast.knots import uniform_grid
 from kanfast.kernels import cpu_spline
 from kanfast.reference import kan_linear_reference
 
@@ -43,18 +43,18 @@ def engine(request, monkeypatch):
     else:
         cpu_spline.load()
         monkeypatch.setattr(cpu_spline, "_kernels", None)
-    monkeypatch.setattr(torch_backend, "KERNEL_CHUNK_ELEMENTS", 23 * 7 * 9)  # several chunks, a ragged last one
+    monkeypatch.setattr(cpu_plan, "KERNEL_CHUNK_ELEMENTS", 23 * 7 * 9)  # several chunks, a ragged last one
     return request.param
 
 
 @pytest.mark.parametrize("k,G,updated,base", list(itertools.product([0, 1, 2, 3, 5], [1, 5, 12], [False, True], [True, False])))
 @pytest.mark.parametrize("split", [False, True], ids=["one-group", "feature-groups"])
 def test_matches_reference(k, G, updated, base, split, monkeypatch):
-    monkeypatch.setattr(torch_backend, "ROW_ELEMENTS", 7 * 23)  # several chunks, a ragged last one
+    monkeypatch.setattr(cpu_plan, "ROW_ELEMENTS", 7 * 23)  # several chunks, a ragged last one
     if split:  # K-split into feature groups of 3, 3 and a ragged 1 sharing one buffer
-        monkeypatch.setattr(torch_backend, "BLOCK_WIDTH", 3 * (G + k))
-        monkeypatch.setattr(torch_backend, "KERNEL_BLOCK_WIDTH", 3 * (G + k))  # (the kernels' path)
-        assert torch_backend._feature_groups(7, G + k) == [(0, 3), (3, 6), (6, 7)]
+        monkeypatch.setattr(cpu_plan, "BLOCK_WIDTH", 3 * (G + k))
+        monkeypatch.setattr(cpu_plan, "KERNEL_BLOCK_WIDTH", 3 * (G + k))  # (the kernels' path)
+        assert cpu_plan.feature_groups(7, G + k) == [(0, 3), (3, 6), (6, 7)]
     torch.manual_seed(k * 100 + G)
     layer = FastKANLayer(7, 4, grid_size=G, spline_order=k, dtype=torch.float64,
                          base_activation=torch.nn.SiLU if base else torch.nn.GELU)
@@ -159,20 +159,20 @@ def _record_reduced(monkeypatch):
     """Record the ``reduced`` flag of every feature group's weight (forward and backward; the
     backward's derivative-spline weight is only built for reduced groups)."""
     seen = []
-    real = torch_backend._group_weight
+    real = torch_backend.group_weight
 
     def spy(coef2, base_weight, scale, f0, f1, nb, blk, reduced):
         seen.append((f0, f1, reduced))
         return real(coef2, base_weight, scale, f0, f1, nb, blk, reduced)
 
-    real_d = torch_backend._derivative_weight
+    real_d = torch_backend.derivative_weight
 
     def spy_d(coef2, base_weight, scale, f0, f1, nb, blk, inv_h):  # backward, reduced, uniform knots
         seen.append((f0, f1, True))
         return real_d(coef2, base_weight, scale, f0, f1, nb, blk, inv_h)
 
-    monkeypatch.setattr(torch_backend, "_group_weight", spy)
-    monkeypatch.setattr(torch_backend, "_derivative_weight", spy_d)
+    monkeypatch.setattr(torch_backend, "group_weight", spy)  # (where the engine calls it)
+    monkeypatch.setattr(torch_backend, "derivative_weight", spy_d)
     return seen
 
 
@@ -182,8 +182,8 @@ def test_reduced_basis_only_where_every_input_is_interior(k, updated, monkeypatc
     input of the group lies in the grid range; a group with one input in the extension
     region keeps all bases. Values and every gradient (the dropped basis's weight
     included) equal the reference either way."""
-    monkeypatch.setattr(torch_backend, "BLOCK_WIDTH", 3 * (5 + k + 1))  # groups (0,3), (3,6), (6,7)
-    monkeypatch.setattr(torch_backend, "KERNEL_BLOCK_WIDTH", 3 * (5 + k + 1))  # (the kernels' path)
+    monkeypatch.setattr(cpu_plan, "BLOCK_WIDTH", 3 * (5 + k + 1))  # groups (0,3), (3,6), (6,7)
+    monkeypatch.setattr(cpu_plan, "KERNEL_BLOCK_WIDTH", 3 * (5 + k + 1))  # (the kernels' path)
     torch.manual_seed(k)
     layer = FastKANLayer(7, 4, grid_size=5, spline_order=k, dtype=torch.float64)
     if updated:
@@ -206,8 +206,8 @@ def test_grad_x_through_the_derivative_spline(k, G, monkeypatch, one_thread):
     ((W_j - W_{j-1}) / h on the order-(k-1) bases); grad_x and every other gradient equal
     the reference, with the SiLU base branch in the engine and without (spline term only)."""
     used = []
-    real = torch_backend._derivative_weight
-    monkeypatch.setattr(torch_backend, "_derivative_weight", lambda *a: used.append(a[3:5]) or real(*a))
+    real = torch_backend.derivative_weight
+    monkeypatch.setattr(torch_backend, "derivative_weight", lambda *a: used.append(a[3:5]) or real(*a))
     for act in (torch.nn.SiLU, torch.nn.Tanh):  # fused into the engine's GEMMs, or not (spline only)
         torch.manual_seed(k)
         layer = FastKANLayer(5, 3, grid_size=G, spline_order=k, base_activation=act, dtype=torch.float64)
