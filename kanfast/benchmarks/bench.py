@@ -549,12 +549,16 @@ def _path_spy():
         sparse_backend.forward = real
 
 
-def _path_name(backend: str, seen: List[bool]) -> str:
+def _path_name(backend: str, seen: List[bool], layers: int = 1) -> str:
+    """The engine name of a row from the spy's record (``layers``: layer calls per model call)."""
     if backend != "torch":
         return backend
-    if not seen:
-        return "dense-block"
-    return "sparse" if all(seen) else "dense-block (sparse kernel declined)"
+    ran = sum(1 for v in seen if v)
+    if ran == 0:
+        return "dense-block" if not seen else "dense-block (sparse kernel declined)"
+    if ran >= layers and all(seen):
+        return "sparse"
+    return f"sparse on {ran} of {layers} layers, dense-block on the others"
 
 
 class _Timer:
@@ -1120,8 +1124,10 @@ def plot_results(json_path, png_path=None, force: bool = False):
     data = json.loads(json_path.read_text())
     if not isinstance(data, dict) or not isinstance(data.get("results"), list):
         raise ValueError(f"{json_path} is not a kanfast bench result (no 'results' list)")
-    return _plot(data["results"], Path(png_path) if png_path else json_path.with_suffix(".png"),
-                 data.get("floors") or [], data.get("meta") or {})
+    png = Path(png_path) if png_path else json_path.with_suffix(".png")
+    if "models" in (data.get("meta") or {}):  # a --small run
+        return _plot_small(data["results"], png, data["meta"], force)
+    return _plot(data["results"], png, data.get("floors") or [], data.get("meta") or {}, force)
 
 
 def _csv_path(out: Path) -> Path:
@@ -1341,19 +1347,23 @@ SMALL_MODELS = [("KAN[2,5,1]", [2, 5, 1], 1000), ("KAN[4,16,16,1]", [4, 16, 16, 
 def run_small(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> int:
     """``kanfast bench --small``: each model of :data:`SMALL_MODELS` as a stack of layers of every
     implementation (kanfast's torch backend and reference, efficient-kan's formulation
-    (``materialized``), peers when installed, an MLP of the same widths (Linear+SiLU per layer)),
-    all with the same parameters and knots (MLP and peers excepted), timed in one process,
-    implementations interleaved per repeat. Each sample times as many calls as take >= 5 ms
-    (at most 200; per-call time reported; an implementation whose call takes over 0.5 s gets
-    at most 3 repeats): forward under ``torch.no_grad()``, and
-    forward+backward; wall clock and the process's CPU time. Writes the JSON/CSV (+ ``--plot``
-    PNG: per model, fwd+bwd and forward wall time of each implementation) like :func:`run`;
+    (``materialized``) eager and ``torch.compile``d, the peers when installed (pykan eager,
+    flashkan and inkan eager and compiled; ``--no-compile``: eager only), an MLP of the same widths
+    (Linear+SiLU per layer)), all with the same parameters and knots (MLP and peers excepted),
+    timed in one process, implementations interleaved per repeat. Each compiled variant is
+    compiled once per model (in its warm-up, whose time is the row's ``warmup_s``) and reused by
+    every repeat. Each sample times as many calls as take >= 5 ms (at most 200; per-call time
+    reported): forward under ``torch.no_grad()`` (inference), and forward+backward; wall clock and
+    the process's CPU time. Repeats: ``--repeats``, fewer for an implementation that has spent
+    ``--case-seconds`` (default 1 s here) after 3 of them. Ratios per row: to the MLP, to the
+    materialized baseline, and for kanfast's rows to the fastest peer of the same model
+    (``*_vs_best_peer``, ``best_peer_*``: every non-kanfast KAN, eager or compiled); kanfast-torch's
+    row records the engine that ran (``path``). Writes the JSON/CSV (+ ``--plot`` PNG: per model,
+    fwd+bwd and forward time of each implementation, the styles of :func:`_plot`) like :func:`run`;
     ``floors`` is empty (models, not one GEMM)."""
     from tqdm import tqdm
 
-    from kanfast import KAN
-
-    from .baselines import PEERS, MaterializedKAN, PeerStatus, compile_module, make_peers, mlp
+    from .baselines import PEERS
 
     G, k = args.grid_size[0], args.spline_order[0]
     peers = [] if args.peers in (["none"], []) else [p for p in args.peers if p in PEERS]
@@ -1365,104 +1375,23 @@ def run_small(args: argparse.Namespace, device: torch.device, dtype: torch.dtype
         "command": "kanfast bench " + " ".join(getattr(args, "_argv", None) or sys.argv[1:]),
         "machine": machine, "versions": _versions(), "cpu_block_kernels": _cpu_kernels_info(), "git": _git_commit(),
         "device": str(device), "dtype": args.dtype, "repeats": args.repeats, "warmup": args.warmup, "G": G, "k": k,
+        "case_seconds": args.case_seconds, "compiled_variants": bool(args.compile or args.compile_peers),
         "models": [{"label": m[0], "widths": m[1], "batch": m[2]} for m in SMALL_MODELS],
         "timing": "median over repeats of the per-call time of a sample of n calls (n: >= 5 ms per sample, <= 200), "
                   "implementations interleaved per repeat; forward under torch.no_grad(); fwd_bwd = forward + "
                   "backward(gy) with input and parameters requiring grad. *_ms: wall clock; *_cpu_ms: the process's "
-                  "CPU time (all its threads) per call, less affected by other processes on a loaded host",
+                  "CPU time (all its threads) per call, less affected by other processes on a loaded host. "
+                  "Repeats stop for an implementation that has spent case_seconds after 3 of them. warmup_s: the "
+                  "warm-up calls (for +compile rows: the compile)",
         "host_load": (f"load average {load[0]:.1f} on {machine['cpu_count']} CPUs at the start: the host was loaded "
                       "(other processes); times are upper bounds" if load and load[0] > 0.5 * (machine["cpu_count"] or 1)
                       else "quiet host"),
     }
     rows: List[Dict[str, Any]] = []
-    for label, widths, b in tqdm(SMALL_MODELS, disable=args.no_progress, desc="kanfast bench --small", file=sys.stderr):
-        torch.manual_seed(0)
-        kan = KAN(widths, grid_size=G, spline_order=k).to(device=device, dtype=dtype)
-        pairs = list(zip(widths[:-1], widths[1:]))
-        impls: List[Tuple[str, str, Any]] = []
-        for be in ("torch", "reference"):
-            m = KAN(widths, grid_size=G, spline_order=k).to(device=device, dtype=dtype)
-            m.load_state_dict(kan.state_dict())
-            m.backend = be
-            impls.append((f"kanfast-{be}", "kan", m))
-        mat = nn.Sequential(*[MaterializedKAN.from_layer(layer) for layer in kan.layers])
-        impls.append(("materialized", "baseline", mat))
-        if args.compile:
-            impls.append(("materialized+compile", "baseline",
-                          compile_module(nn.Sequential(*[MaterializedKAN.from_layer(layer) for layer in kan.layers]))))
-        impls.append(("mlp", "mlp", nn.Sequential(*[mlp(i, o, device=device, dtype=dtype) for i, o in pairs])))
-        for compiled in ([False, True] if args.compile_peers else [False]):
-            per_layer = [make_peers(peers, i, o, G, k, (-1.0, 1.0), device=device, dtype=dtype, compiled=compiled)
-                         for i, o in pairs]
-            for j, (plabel, first) in enumerate(per_layer[0] if per_layer else []):
-                mods = [pl[j][1] for pl in per_layer]
-                bad = next((m for m in mods if isinstance(m, PeerStatus)), None)
-                impls.append((plabel, "peer", bad if bad is not None else nn.Sequential(*mods)))
-        gen = torch.Generator().manual_seed(1)
-        x = (torch.rand(b, widths[0], generator=gen, dtype=dtype) * 2 - 1).to(device)
-        gy = torch.randn(b, widths[-1], generator=gen, dtype=dtype).to(device)
-        with torch.no_grad():
-            y_mat = mat(x)
-        calls, samples, notes = {}, {}, {}
-        for name, kind, mod in impls:
-            if isinstance(mod, PeerStatus):
-                notes[name] = (mod.status, mod.reason)
-                continue
-            params = [p for p in mod.parameters() if p.requires_grad]
-
-            def fwd(mod=mod):
-                with torch.no_grad():
-                    return mod(x)
-
-            def fb(mod=mod, params=params):
-                for p in params:
-                    p.grad = None
-                mod(x.detach().requires_grad_(True)).backward(gy)
-
-            try:
-                diff = (fwd() - y_mat).abs().max().item() if kind != "mlp" and not name.startswith(
-                    ("pykan", "flashkan", "inkan")) else None
-                n = {}
-                for tag, fn in (("fwd", fwd), ("fb", fb)):
-                    for _ in range(max(1, args.warmup)):
-                        fn()
-                    t = _timed(fn, device)
-                    n[tag] = int(min(200, max(1, 0.005 // max(t, 1e-7))))
-            except Exception as e:
-                notes[name] = ("failed", f"{type(e).__name__}: {str(e)[:300]}")
-                continue
-            calls[name] = (fwd, fb, n, kind, diff)
-            samples[name] = {"fwd": [], "fb": [], "fwd_cpu": [], "fb_cpu": []}
-        for rep in range(args.repeats):
-            for name, (fwd, fb, n, _, _) in calls.items():
-                if rep >= 3 and samples[name]["fb"][0] > 0.5:  # calls over 0.5 s (the reference on wide layers): 3
-                    continue
-                for tag, fn in (("fwd", fwd), ("fb", fb)):
-                    c0 = time.process_time()
-                    samples[name][tag].append(_timed(lambda fn=fn, m=n[tag]: [fn() for _ in range(m)], device) / n[tag])
-                    samples[name][tag + "_cpu"].append((time.process_time() - c0) / n[tag])
-        med = {nm: (statistics.median(s["fwd"]) * 1e3, statistics.median(s["fb"]) * 1e3) for nm, s in samples.items()}
-        for name, kind, _ in impls:
-            r: Dict[str, Any] = {"model": label, "widths": "-".join(map(str, widths)), "batch": b, "in": widths[0],
-                                 "out": widths[-1], "G": G, "k": k, "impl": name,
-                                 "kind": calls[name][3] if name in calls else kind}
-            if name not in med:
-                r["status"], r["note"] = notes.get(name, ("failed", ""))
-                rows.append(r)
-                continue
-            f_ms, fb_ms = med[name]
-            mlp_t, mat_t = med.get("mlp"), med.get("materialized")
-            r.update({"status": "ok", "note": f"{calls[name][2]['fwd']}/{calls[name][2]['fb']} calls per sample",
-                      "fwd_ms": f_ms, "fwd_ms_min": min(samples[name]["fwd"]) * 1e3, "fwd_bwd_ms": fb_ms,
-                      "fwd_bwd_ms_min": min(samples[name]["fb"]) * 1e3, "fwd_samples_per_s": b / (f_ms / 1e3),
-                      "fwd_bwd_samples_per_s": b / (fb_ms / 1e3),
-                      "fwd_vs_mlp": f_ms / mlp_t[0] if mlp_t else None, "fwd_bwd_vs_mlp": fb_ms / mlp_t[1] if mlp_t else None,
-                      "fwd_vs_materialized": f_ms / mat_t[0] if mat_t else None,
-                      "fwd_bwd_vs_materialized": fb_ms / mat_t[1] if mat_t else None,
-                      "fwd_cpu_ms": statistics.median(samples[name]["fwd_cpu"]) * 1e3,
-                      "fwd_bwd_cpu_ms": statistics.median(samples[name]["fb_cpu"]) * 1e3,
-                      "max_abs_diff_vs_materialized": calls[name][4]})
-            rows.append(r)
+    limits = _compile_limits() if (args.compile or args.compile_peers) else contextlib.nullcontext()
+    with limits:
+        for label, widths, b in tqdm(SMALL_MODELS, disable=args.no_progress, desc="kanfast bench --small", file=sys.stderr):
+            rows += _small_model(label, widths, b, G, k, args, device, dtype, peers)
     meta["machine"]["loadavg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     meta["elapsed_s"] = (_dt.datetime.now(_dt.timezone.utc) - started).total_seconds()
     out = Path(args.out)
@@ -1471,48 +1400,204 @@ def run_small(args: argparse.Namespace, device: torch.device, dtype: torch.dtype
         json.dump({"meta": meta, "floors": [], "results": rows}, fh, indent=1)
     fields = ["model", "widths", "batch", "in", "out", "G", "k", "impl", "kind", "status", "note", "fwd_ms",
               "fwd_ms_min", "fwd_bwd_ms", "fwd_bwd_ms_min", "fwd_samples_per_s", "fwd_bwd_samples_per_s", "fwd_vs_mlp",
-              "fwd_bwd_vs_mlp", "fwd_vs_materialized", "fwd_bwd_vs_materialized", "fwd_cpu_ms", "fwd_bwd_cpu_ms",
-              "max_abs_diff_vs_materialized"]
+              "fwd_bwd_vs_mlp", "fwd_vs_materialized", "fwd_bwd_vs_materialized", "fwd_vs_best_peer",
+              "fwd_bwd_vs_best_peer", "best_peer_fwd", "best_peer_fwd_bwd", "path", "repeats", "warmup_s",
+              "fwd_cpu_ms", "fwd_bwd_cpu_ms", "max_abs_diff_vs_materialized"]
     with open_output(_csv_path(out), force, newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
     if args.plot:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        ok = [r for r in rows if r.get("fwd_bwd_ms") is not None]
-        names = list(dict.fromkeys(r["impl"] for r in ok))
-        models = [m[0] for m in SMALL_MODELS]
-        fig, axes = plt.subplots(2, 1, figsize=(13, 9))
-        width = 0.8 / max(1, len(names))
-        for ax, key, title in ((axes[0], "fwd_bwd_ms", "forward+backward"), (axes[1], "fwd_ms", "forward (no_grad)")):
-            for j, nm in enumerate(names):
-                vals = [next((r[key] for r in ok if r["model"] == m and r["impl"] == nm), float("nan")) for m in models]
-                ax.bar([i + (j - (len(names) - 1) / 2) * width for i in range(len(models))], vals, width, label=nm)
-            ax.set_xticks(range(len(models)))
-            ax.set_xticklabels([f"{m}\nbatch {b}" for m, _, b in SMALL_MODELS], fontsize=8)
-            ax.set_yscale("log")
-            ax.set_ylabel("ms per call (median)")
-            ax.set_title(f"{title}, G={G} k={k}, {args.dtype}, {torch.get_num_threads()} thread(s); {meta['host_load']}",
-                         fontsize=9)
-            ax.grid(True, axis="y", which="both", alpha=0.3)
-        axes[0].legend(fontsize=8, ncol=min(4, len(names)))
-        fig.tight_layout()
-        with open_output(Path(args.plot), force, "wb") as fh:
-            fig.savefig(fh, dpi=110, format=Path(args.plot).suffix.lstrip(".").lower() or "png")
-        plt.close(fig)
+        _plot_small(rows, Path(args.plot), meta, force)
     if not args.quiet:
-        print(f"{'model':16s} {'impl':22s} {'fwd ms':>9s} {'f+b ms':>9s} {'f+b/mlp':>8s} {'f+b/mat':>8s}  status")
+        fmt = lambda v, s: "" if v is None else format(v, s)  # noqa: E731
+        print(f"{'model':16s} {'impl':22s} {'fwd ms':>9s} {'f+b ms':>9s} {'fwd/mlp':>8s} {'f+b/mlp':>8s} "
+              f"{'fwd/best':>8s} {'f+b/best':>8s} {'reps':>4s}  status")
         for r in rows:
-            fmt = lambda v, s: "" if v is None else format(v, s)  # noqa: E731
+            st = r["status"] + (": " + r["note"] if r["status"] != "ok" else "") + (f" ({r['path']} path)" if r.get("path") else "")
             print(f"{r['model']:16s} {r['impl']:22s} {fmt(r.get('fwd_ms'), '9.3f'):>9s} {fmt(r.get('fwd_bwd_ms'), '9.3f'):>9s} "
-                  f"{fmt(r.get('fwd_bwd_vs_mlp'), '8.2f'):>8s} {fmt(r.get('fwd_bwd_vs_materialized'), '8.2f'):>8s}  "
-                  f"{r['status']}{': ' + r['note'] if r['status'] != 'ok' else ''}")
-        print(f"{meta['host_load']}; wrote {out} and {out.with_suffix('.csv')}" + (f" and {args.plot}" if args.plot else ""))
+                  f"{fmt(r.get('fwd_vs_mlp'), '8.2f'):>8s} {fmt(r.get('fwd_bwd_vs_mlp'), '8.2f'):>8s} "
+                  f"{fmt(r.get('fwd_vs_best_peer'), '8.2f'):>8s} {fmt(r.get('fwd_bwd_vs_best_peer'), '8.2f'):>8s} "
+                  f"{fmt(r.get('repeats'), '4d'):>4s}  {st}")
+        print(f"{meta['host_load']}; elapsed {meta['elapsed_s']:.0f} s; wrote {out} and {_csv_path(out)}"
+              + (f" and {args.plot}" if args.plot else ""))
     return 0
+
+
+def _small_model(label, widths, b, G, k, args, device, dtype, peers) -> List[Dict[str, Any]]:
+    """The rows of one model of :func:`run_small`."""
+    from kanfast import KAN
+
+    from .baselines import MaterializedKAN, PeerStatus, compile_module, make_peers, mlp
+
+    torch.manual_seed(0)
+    kan = KAN(widths, grid_size=G, spline_order=k).to(device=device, dtype=dtype)
+    pairs = list(zip(widths[:-1], widths[1:]))
+    impls: List[Tuple[str, str, Any]] = []
+    for be in ("torch", "reference"):
+        m = KAN(widths, grid_size=G, spline_order=k).to(device=device, dtype=dtype)
+        m.load_state_dict(kan.state_dict())
+        m.backend = be
+        impls.append((f"kanfast-{be}", "kan", m))
+    mat = nn.Sequential(*[MaterializedKAN.from_layer(layer) for layer in kan.layers])
+    impls.append(("materialized", "baseline", mat))
+    if args.compile:
+        impls.append(("materialized+compile", "baseline",
+                      compile_module(nn.Sequential(*[MaterializedKAN.from_layer(layer) for layer in kan.layers]))))
+    impls.append(("mlp", "mlp", nn.Sequential(*[mlp(i, o, device=device, dtype=dtype) for i, o in pairs])))
+    for compiled in ([False, True] if args.compile_peers else [False]):
+        per_layer = [make_peers(peers, i, o, G, k, (-1.0, 1.0), device=device, dtype=dtype, compiled=compiled)
+                     for i, o in pairs]
+        for j, (plabel, first) in enumerate(per_layer[0] if per_layer else []):
+            mods = [pl[j][1] for pl in per_layer]
+            bad = next((m for m in mods if isinstance(m, PeerStatus)), None)
+            impls.append((plabel, "peer", bad if bad is not None else nn.Sequential(*mods)))
+    gen = torch.Generator().manual_seed(1)
+    x = (torch.rand(b, widths[0], generator=gen, dtype=dtype) * 2 - 1).to(device)
+    gy = torch.randn(b, widths[-1], generator=gen, dtype=dtype).to(device)
+    with torch.no_grad():
+        y_mat = mat(x)
+    calls, samples, notes, warm_s, paths = {}, {}, {}, {}, {}
+    for name, kind, mod in impls:
+        if isinstance(mod, PeerStatus):
+            notes[name] = (mod.status, mod.reason)
+            continue
+        params = [p for p in mod.parameters() if p.requires_grad]
+
+        def fwd(mod=mod):
+            with torch.no_grad():
+                return mod(x)
+
+        def fb(mod=mod, params=params):
+            for p in params:
+                p.grad = None
+            mod(x.detach().requires_grad_(True)).backward(gy)
+
+        try:
+            t0 = time.perf_counter()
+            diff = (fwd() - y_mat).abs().max().item() if kind != "mlp" and not name.startswith(
+                ("pykan", "flashkan", "inkan")) else None
+            n = {}
+            for tag, fn in (("fwd", fwd), ("fb", fb)):
+                for w in range(max(1, args.warmup)):
+                    if name == "kanfast-torch" and tag == "fb" and w == 0:
+                        with _path_spy() as seen:
+                            fn()
+                        paths[name] = list(seen)
+                    else:
+                        fn()
+                t = _timed(fn, device)
+                n[tag] = int(min(200, max(1, 0.005 // max(t, 1e-7))))
+            warm_s[name] = time.perf_counter() - t0
+        except Exception as e:
+            notes[name] = ("failed", f"{type(e).__name__}: {str(e)[:300]}")
+            continue
+        calls[name] = (fwd, fb, n, kind, diff)
+        samples[name] = {"fwd": [], "fb": [], "fwd_cpu": [], "fb_cpu": []}
+    cs = args.case_seconds
+    for rep in range(args.repeats):
+        for name, (fwd, fb, n, _, _) in calls.items():
+            s = samples[name]
+            if rep >= 3 and (s["fb"][0] > 0.5 or (cs is not None and sum(s["fwd"]) * n["fwd"] + sum(s["fb"]) * n["fb"] > cs)):
+                continue  # calls over 0.5 s (the reference on wide layers), or --case-seconds spent: 3 repeats
+            for tag, fn in (("fwd", fwd), ("fb", fb)):
+                try:
+                    c0 = time.process_time()
+                    s[tag].append(_timed(lambda fn=fn, m=n[tag]: [fn() for _ in range(m)], device) / n[tag])
+                    s[tag + "_cpu"].append((time.process_time() - c0) / n[tag])
+                except Exception as e:
+                    notes[name] = ("failed", f"run: {type(e).__name__}: {str(e)[:300]}")
+    med = {nm: (statistics.median(s["fwd"]) * 1e3, statistics.median(s["fb"]) * 1e3) for nm, s in samples.items()
+           if nm not in notes and s["fb"]}
+    mlp_t, mat_t = med.get("mlp"), med.get("materialized")
+    peers_t = {nm: t for nm, t in med.items() if nm != "mlp" and not nm.startswith("kanfast-")}
+    best = {j: min(peers_t.items(), key=lambda kv: kv[1][j]) if peers_t else None for j in (0, 1)}
+    rows = []
+    for name, kind, _ in impls:
+        r: Dict[str, Any] = {"model": label, "widths": "-".join(map(str, widths)), "batch": b, "in": widths[0],
+                             "out": widths[-1], "G": G, "k": k, "impl": name,
+                             "kind": calls[name][3] if name in calls else kind}
+        if name not in med:
+            r["status"], r["note"] = notes.get(name, ("failed", ""))
+            rows.append(r)
+            continue
+        f_ms, fb_ms = med[name]
+        r.update({"status": "ok", "note": f"{calls[name][2]['fwd']}/{calls[name][2]['fb']} calls per sample",
+                  "fwd_ms": f_ms, "fwd_ms_min": min(samples[name]["fwd"]) * 1e3, "fwd_bwd_ms": fb_ms,
+                  "fwd_bwd_ms_min": min(samples[name]["fb"]) * 1e3, "fwd_samples_per_s": b / (f_ms / 1e3),
+                  "fwd_bwd_samples_per_s": b / (fb_ms / 1e3), "repeats": len(samples[name]["fb"]),
+                  "warmup_s": warm_s[name],
+                  "fwd_vs_mlp": f_ms / mlp_t[0] if mlp_t else None, "fwd_bwd_vs_mlp": fb_ms / mlp_t[1] if mlp_t else None,
+                  "fwd_vs_materialized": f_ms / mat_t[0] if mat_t else None,
+                  "fwd_bwd_vs_materialized": fb_ms / mat_t[1] if mat_t else None,
+                  "fwd_cpu_ms": statistics.median(samples[name]["fwd_cpu"]) * 1e3,
+                  "fwd_bwd_cpu_ms": statistics.median(samples[name]["fb_cpu"]) * 1e3,
+                  "max_abs_diff_vs_materialized": calls[name][4]})
+        if name in paths:
+            r["path"] = _path_name("torch", paths[name], len(pairs))
+        if kind == "kan":
+            for j, key in ((0, "fwd"), (1, "fwd_bwd")):
+                if best[j] is not None:
+                    r[f"best_peer_{key}"] = best[j][0]
+                    r[f"{key}_vs_best_peer"] = (f_ms, fb_ms)[j] / best[j][1][j]
+        rows.append(r)
+    return rows
+
+
+def _plot_small(rows: List[Dict[str, Any]], path: Path, meta: Dict[str, Any], force: bool = False):
+    """The figure of a ``--small`` run: per model (x), fwd+bwd and forward time of each
+    implementation as grouped bars in the colours of :func:`_impl_style` (kanfast outlined,
+    ``+compile`` hatched), log scale; what has no measurement is listed under the figure."""
+    import textwrap
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if r.get("fwd_bwd_ms") is not None]
+    if not ok:
+        raise ValueError("no implementation has a measurement in these results: nothing to plot")
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    batch = {r["model"]: r["batch"] for r in rows}
+    names = sorted({r["impl"] for r in ok}, key=_impl_order)
+    fig, axes = plt.subplots(2, 1, figsize=(max(12, 2.2 * len(models)), 10), layout="constrained")
+    width = 0.84 / max(1, len(names))
+    m = meta.get("machine") or {}
+    for ax, key, what in ((axes[0], "fwd_bwd_ms", "forward+backward"), (axes[1], "fwd_ms", "forward (no_grad, inference)")):
+        for j, nm in enumerate(names):
+            st = _impl_style(nm)
+            vals = [next((r[key] for r in ok if r["model"] == md and r["impl"] == nm), float("nan")) for md in models]
+            kan = nm.startswith("kanfast-")
+            ax.bar([i + (j - (len(names) - 1) / 2) * width for i in range(len(models))], vals, width, label=nm,
+                   color=st["color"], alpha=0.95 if kan else 0.6, edgecolor="black" if kan else st["color"],
+                   lw=1.4 if kan else 0.6, hatch="//" if nm.endswith("+compile") else None)
+        ax.set_xticks(range(len(models)))
+        ax.set_xticklabels([f"{md}\nbatch {batch[md]}" for md in models], fontsize=9)
+        ax.set_yscale("log")
+        ax.set_ylabel("time per call (ms, median)")
+        ax.set_title(f"{what} time per call", fontsize=11)
+        ax.grid(True, axis="y", which="both", alpha=0.3)
+    threads = m.get("torch_threads")
+    fig.suptitle(f"kanfast bench --small: G={meta.get('G')} k={meta.get('k')}, {meta.get('dtype', '?')}, "
+                 f"{meta.get('device', '?')}: {m.get('cpu_model', '?')} ({m.get('cpu_count', '?')} CPUs, {threads} "
+                 f"thread{'s' if threads != 1 else ''}), {str(meta.get('date_utc', ''))[:10]}\n"
+                 f"{meta.get('host_load', '')}; lower is better; +compile: torch.compile (hatched)", fontsize=11)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=9, ncol=min(6, len(names)), loc="outside lower center", frameon=False)
+    missing: Dict[Tuple[str, str], List[str]] = {}
+    for r in rows:
+        if r.get("fwd_bwd_ms") is None:
+            missing.setdefault((r["impl"], _short_reason(r)), []).append(r["model"])
+    if missing:
+        parts = [f"{impl}{'' if len(w) == len(models) else ' at ' + ', '.join(w)} ({why})"
+                 for (impl, why), w in sorted(missing.items(), key=lambda kv: _impl_order(kv[0][0]))]
+        axes[1].set_xlabel(textwrap.fill("not drawn: " + "; ".join(parts), 180), fontsize=8.5, color="#444444")
+    path = Path(path)
+    with open_output(path, force, "wb") as fh:
+        fig.savefig(fh, dpi=110, format=path.suffix.lstrip(".").lower() or "png")
+    plt.close(fig)
+    return fig
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
