@@ -411,7 +411,8 @@ def _plan_shape(shape, labels: Sequence[str], args, history: Dict, deadline: Opt
         if not measured_always and pred is not None and args.max_step_s is not None and pred > args.max_step_s:
             skip[label] = f"time: predicted ~{pred:.3g} s per fwd + fwd+bwd step (from the previous G), over --max-step-s {args.max_step_s:g}"
             continue
-        if deadline is not None and now + (pred or 0.0) * (1 + (args.warmup if not measured_always else 0)) > deadline:
+        if (deadline is not None and history  # (the run's first shape is always measured)
+                and now + (pred or 0.0) * (1 + (args.warmup if not measured_always else 0)) > deadline):
             skip[label] = "time budget: --time-budget {:g} s spent before this case".format(args.time_budget)
             continue
         persistent += p
