@@ -567,8 +567,9 @@ class _Timer:
     a call is long), then timed repeats until ``--repeats`` or, with ``--case-seconds``, until that
     much was spent (at least one), or the run's deadline (at least one)."""
 
-    def __init__(self, fwd, fb, warm: int, args, deadline, long_s: Optional[float], first=None):
+    def __init__(self, fwd, fb, warm: int, args, deadline, long_s: Optional[float], first=None, compiled=False):
         self.fwd, self.fb, self.warm, self.args, self.deadline, self.long_s = fwd, fb, warm, args, deadline, long_s
+        self.compiled = compiled
         self.first = first  # the first untimed call (kanfast: under the path spy), else fb
         self.f: List[float] = []
         self.b: List[float] = []
@@ -578,6 +579,8 @@ class _Timer:
     def active(self) -> bool:
         if self.error is not None:
             return False
+        if self.deadline is not None and self.warm > 0 and time.monotonic() > self.deadline:
+            self.warm = 1 if self.compiled else 0  # past the budget: only the compile is still warmed up
         if self.warm > 0 or not self.b:
             return True
         spent = sum(self.f) + sum(self.b)
@@ -668,7 +671,8 @@ def _run_shape(shape, args, device, dtype, backends, peers, progress, plan: Opti
                 with _path_spy() as s:
                     fb()
                 seen.extend(s)
-        timers[c.label] = _Timer(fwd, fb, warm, args, deadline, cs / 2 if (cs and not compiled) else None, first)
+        timers[c.label] = _Timer(fwd, fb, warm, args, deadline, cs / 2 if (cs and not compiled) else None, first,
+                                 compiled)
     if floor_ok:
         fpred = plan.predicted.get("floor")
         timers["floor"] = _Timer(floor_f, floor_b, 0 if (cs and fpred and fpred > cs / 2) else args.warmup, args, deadline,
