@@ -159,3 +159,136 @@ def test_replot_command_line(tmp_path, capsys):
     assert bench.run(parser.parse_args(["--replot", str(bad), "--plot", str(tmp_path / "x.png")])) == 2
     assert "not a kanfast bench result" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
+
+
+# ------------------------------------------------------------------ the named sweeps at tiny sizes
+def _compile_is_identity(monkeypatch):
+    """'+compile' rows without inductor's minutes: the harness's code path, an eager module."""
+    from kanfast.benchmarks import baselines
+
+    monkeypatch.setattr(baselines, "compile_module", lambda m: m)
+
+
+def _check_ratios(row, ref_rows, floor=None):
+    """Every ratio of a kanfast row is its recorded time over the recorded time it names."""
+    mlp = next(r for r in ref_rows if r["impl"] == "mlp")
+    assert row["fwd_vs_mlp"] == pytest.approx(row["fwd_ms"] / mlp["fwd_ms"])
+    assert row["fwd_bwd_vs_mlp"] == pytest.approx(row["fwd_bwd_ms"] / mlp["fwd_bwd_ms"])
+    peers = [r for r in ref_rows if r.get("fwd_bwd_ms") is not None and r["kind"] in ("baseline", "peer")]
+    for key in ("fwd", "fwd_bwd"):
+        if peers:
+            best = min(peers, key=lambda r: r[f"{key}_ms"])
+            assert row[f"best_peer_{key}"] == best["impl"]
+            assert row[f"{key}_vs_best_peer"] == pytest.approx(row[f"{key}_ms"] / best[f"{key}_ms"])
+        else:
+            assert f"{key}_vs_best_peer" not in row
+    if floor is not None:
+        if floor["fwd_bwd_ms"] is None:
+            assert row["fwd_bwd_vs_floor"] is None
+        else:
+            assert row["fwd_vs_floor"] == pytest.approx(row["fwd_ms"] / floor["fwd_ms"])
+            assert row["fwd_bwd_vs_floor"] == pytest.approx(row["fwd_bwd_ms"] / floor["fwd_bwd_ms"])
+
+
+def test_grid_sweep_structure_and_time_skips(tmp_path, monkeypatch):
+    """``--sweep grid`` on two tiny layers and two G: per (layer, G) kanfast (its path recorded), the
+    floor, the MLP, the baseline eager and '+compile'; with ``--max-step-s`` below every step, the
+    baselines of the second G are skipped for time (the reason recorded) while kanfast and the floor
+    are still timed; ratios are the recorded times' ratios; one panel row per layer."""
+    _compile_is_identity(monkeypatch)
+    monkeypatch.setitem(bench.SWEEPS["grid"], "grid_size", [3, 5])
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    args = parser.parse_args(["--sweep", "grid", "--layers", "16x4x3,8x3x3", "--peers", "none", "--repeats", "2",
+                              "--warmup", "0", "--max-step-s", "1e-9", "--no-memory", "--no-first-call",
+                              "--no-progress", "--quiet", "--device", "cpu", "--out", str(tmp_path / "g.json"),
+                              "--plot", str(tmp_path / "g.png")])
+    assert bench.run(args) == 0
+    data = json.loads((tmp_path / "g.json").read_text())
+    meta = data["meta"]
+    for key in ("date_utc", "machine", "versions", "git", "budget", "shapes"):
+        assert key in meta, key
+    assert meta["budget"]["max_step_s"] == 1e-9 and meta["budget"]["time_budget_s"] == 420.0
+    assert [(s["batch"], s["in"], s["out"], s["G"]) for s in meta["shapes"]] == [
+        (16, 4, 3, 3), (8, 3, 3, 3), (16, 4, 3, 5), (8, 3, 3, 5)]  # G-major
+    rows = data["results"]
+    for shape in meta["shapes"]:
+        at = [r for r in rows if all(r[k] == shape[k] for k in ("batch", "in", "out", "G"))]
+        floor = next(f for f in data["floors"] if all(f[k] == shape[k] for k in ("batch", "in", "out", "G")))
+        assert floor["status"] == "ok" and floor["fwd_bwd_ms"] > 0 and floor["repeats"] >= 1
+        assert [r["impl"] for r in at] == ["kanfast-torch", "materialized", "materialized+compile", "mlp"]
+        kan = at[0]
+        assert kan["status"] == "ok" and kan["path"] in ("sparse", "dense-block") and 1 <= kan["repeats"] <= 2
+        assert kan["max_abs_diff_vs_materialized"] < 1e-5
+        for r in at[1:3]:
+            if shape["G"] == 3:  # nothing known yet: timed
+                assert r["status"] == "ok" and r["fwd_bwd_ms"] > 0
+            else:  # predicted from G = 3, over --max-step-s
+                assert r["status"] == "skipped" and r["note"].startswith("time:") and "fwd_bwd_ms" not in r
+        assert at[3]["status"] == "skipped" if shape["G"] == 5 else at[3]["status"] == "ok"
+        if shape["G"] == 3:
+            _check_ratios(kan, at, floor)
+    csv_lines = (tmp_path / "g.csv").read_text().splitlines()
+    assert len(csv_lines) == 1 + len(rows) + len(data["floors"])
+    assert "path" in csv_lines[0].split(",") and "fwd_bwd_vs_best_peer" in csv_lines[0].split(",")
+    fig = bench.plot_results(tmp_path / "g.json", tmp_path / "again.png")
+    assert len(fig.axes) == 2 * 2  # two layers x (fwd+bwd, forward); no memory pass
+    assert all(ax.get_xlabel().startswith("grid size G") for ax in fig.axes)
+
+
+def test_grid_sweep_memory_and_budget_skips(tmp_path, monkeypatch):
+    """A case whose estimated memory does not fit what is available is skipped ('memory: ...') before it is
+    built; past --time-budget the later shapes are skipped ('time budget: ...'); the run still writes its files."""
+    import kanfast.cli_checks as cc
+
+    monkeypatch.setitem(bench.SWEEPS["grid"], "grid_size", [3, 5])
+    est = {(lb, G): bench._case_bytes(lb, (16, 4, 3, G, 3), 4, 64) for lb in ("kanfast-torch", "floor", "materialized")
+           for G in (3, 5)}
+    kan, floor, mat = est["kanfast-torch", 3], est["floor", 3], est["materialized", 3]
+    fits = est["kanfast-torch", 5][0] + max(est["kanfast-torch", 5][1], est["floor", 5][1])  # kanfast + floor at G=5
+    assert kan[0] + mat[0] + max(kan[1], floor[1], mat[1]) > fits * 1.01  # the baseline at G=3 does not fit
+    monkeypatch.setattr(cc, "available_memory", lambda: int(fits / 0.8 * 1.01))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 64)  # (the estimate above, whatever this machine has)
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    args = parser.parse_args(["--sweep", "grid", "--layers", "16x4x3", "--peers", "none", "--no-compile",
+                              "--repeats", "1", "--warmup", "0", "--time-budget", "1e-9", "--no-memory",
+                              "--no-first-call", "--no-progress", "--quiet", "--device", "cpu",
+                              "--out", str(tmp_path / "m.json")])
+    assert bench.run(args) == 0
+    data = json.loads((tmp_path / "m.json").read_text())
+    rows = data["results"]
+    first = {r["impl"]: r for r in rows if r["G"] == 3}
+    assert first["kanfast-torch"]["status"] == "ok" and data["floors"][0]["status"] == "ok"
+    assert first["materialized"]["status"] == "skipped" and first["materialized"]["note"].startswith("memory:")
+    later = {r["impl"]: r for r in rows if r["G"] == 5}
+    assert all(r["status"] == "skipped" for r in later.values())
+    assert later["kanfast-torch"]["note"].startswith("time budget:") and later["mlp"]["note"].startswith("time budget:")
+    assert data["floors"][1]["status"] == "skipped" and data["floors"][1]["note"].startswith("time budget:")
+    assert data["floors"][1]["fwd_bwd_ms"] is None and later["kanfast-torch"].get("fwd_bwd_vs_floor") is None
+
+
+def test_small_sweep_structure_ratios_and_figure(tmp_path, monkeypatch):
+    """``--small`` on two tiny models: the compiled baseline's row, kanfast's path, ratios to the MLP and to the
+    fastest non-kanfast KAN computed from the recorded times; the figure re-drawn from the JSON."""
+    _compile_is_identity(monkeypatch)
+    monkeypatch.setattr(bench, "SMALL_MODELS", [("KAN[2,3,1]", [2, 3, 1], 20), ("layer 4->2", [4, 2], 8)])
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    args = parser.parse_args(["--small", "--repeats", "2", "--warmup", "0", "--peers", "none", "--no-progress",
+                              "--quiet", "--device", "cpu", "--out", str(tmp_path / "s.json"),
+                              "--plot", str(tmp_path / "s.png")])
+    assert bench.run(args) == 0
+    data = json.loads((tmp_path / "s.json").read_text())
+    assert data["meta"]["compiled_variants"] is True and data["meta"]["case_seconds"] == 1.0
+    for model in ("KAN[2,3,1]", "layer 4->2"):
+        at = [r for r in data["results"] if r["model"] == model]
+        assert [r["impl"] for r in at] == ["kanfast-torch", "kanfast-reference", "materialized",
+                                           "materialized+compile", "mlp"]
+        assert all(r["status"] == "ok" and r["repeats"] == 2 for r in at)
+        assert at[0]["path"] == "sparse"  # tiny calls: the small-call path
+        for r in at[:2]:
+            _check_ratios(r, at)
+    assert (tmp_path / "s.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    fig = bench.plot_results(tmp_path / "s.json", tmp_path / "again.png")
+    assert len(fig.axes) == 2 and all(ax.get_yscale() == "log" for ax in fig.axes)

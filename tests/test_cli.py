@@ -137,6 +137,15 @@ BAD = [
     (["bench", "--device", "meta"], ["--device"]),
     (["bench", "--batch", "1e8", "--in", "1000"], ["memory", "batch=100000000"]),
     (["bench", "--batch", "100000000", "--in", "1000"], ["memory", "batch=100000000"]),
+    (["bench", "--sweep", "grid", "--sweep", "batch"], ["--sweep grid", "separately"]),
+    (["bench", "--small", "--sweep", "grid"], ["--small", "--sweep"]),
+    (["bench", "--layers", "64x64x64"], ["--layers", "--sweep grid"]),
+    (["bench", "--sweep", "grid", "--layers", "64x0x64"], ["--layers", "64x0x64"]),
+    (["bench", "--sweep", "grid", "--layers", "64x64"], ["--layers", "BATCHxINxOUT"]),
+    (["bench", "--sweep", "grid", "--layers", "10000000x1000x1000"], ["memory", "batch=10000000"]),
+    (["bench", "--sweep", "grid", "--time-budget", "0"], ["--time-budget", "> 0"]),
+    (["bench", "--sweep", "grid", "--max-step-s", "nan"], ["--max-step-s"]),
+    (["bench", "--small", "--case-seconds", "-1"], ["--case-seconds"]),
     (["validate", "--device", "meta"], ["--device"]),
 ]
 

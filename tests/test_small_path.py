@@ -326,7 +326,7 @@ def test_bench_small_writes_json_csv_png(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "SMALL_MODELS", [("KAN[2,3,1]", [2, 3, 1], 20), ("layer 4->2", [4, 2], 8)])
     parser = argparse.ArgumentParser()
     bench.add_arguments(parser)
-    args = parser.parse_args(["--small", "--repeats", "1", "--warmup", "0", "--peers", "none", "--no-progress",
+    args = parser.parse_args(["--small", "--no-compile", "--repeats", "1", "--warmup", "0", "--peers", "none", "--no-progress",
                               "--quiet", "--device", "cpu", "--out", str(tmp_path / "s.json"),
                               "--plot", str(tmp_path / "s.png")])
     assert bench.run(args) == 0
