@@ -26,15 +26,15 @@ Backward (only x and the parameters are saved; every basis value is recomputed):
     bases of the ``(BLOCK_N, BLOCK_I)`` x tile once, spreads them into the dense
     ``(BLOCK_N, SLOTS * BLOCK_I)`` tile of its chunk (column ``c * BLOCK_I + i`` =
     ``B_{c0+c}`` of feature i; the slot axis lies in each thread's registers, so the
-    spread is k + SLOTS compares and (k + 1) * SLOTS selects per element, no data
+    spread is (k + 1) * SLOTS selects and a few compares per element, no data
     movement) and contracts it with the grad_y tile in ONE ``tl.dot``
     (``grad_y^T @ tile``: M = BLOCK_O, K = BLOCK_N, N = SLOTS * BLOCK_I; wgmma with
     both operands in shared memory) into one fp32 accumulator. Each basis value is
     so evaluated once per (row tile, in tile, out tile, chunk): ``(G + k) / SLOTS``
-    (rounded up) x ``out / BLOCK_O`` times in all -- 4 at G = 5 and 28 at G = 50 for
-    in = out = 1024 (the old kernel: 40-72). Trade-off: the accumulator
-    ``BLOCK_O x SLOTS * BLOCK_I`` (256 x 128 fp32 = half the register file of an
-    SM for 8 warps) is what bounds the reuse; all G + k slots in one program would
+    (rounded up) x ``out / BLOCK_O`` times in all -- at out = 1024, 4 at G = 5 (8
+    slots a chunk) and 16 at G = 50 (16 slots), where the previous kernel took
+    40-72. Trade-off: the accumulator ``BLOCK_O x SLOTS * BLOCK_I`` (256 x 128
+    fp32 = half the register file of an SM for 8 warps) bounds the reuse; all G + k slots in one program would
     need ``(G + k) * BLOCK_I * BLOCK_O`` accumulators, so for large G the slot chunks
     are a grid axis and each chunk re-evaluates the bases (cheaper than moving the
     basis through memory; the wide path of ``basis_block.py`` does that instead).
