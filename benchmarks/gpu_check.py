@@ -17,8 +17,9 @@ float32 one), first thing in the window:
     every other row; metric max|a - b| / max|b| against ``kanfast.validate.TOLERANCES``;
   * the backward twice, bit-identical;
   * each kernel on its own through its launcher (``triton_backend._forward``, ``_backward`` with one
-    output requested: grad_x is ``kan_bwd_x_kernel``; grad_W is ``kan_bwd_w_kernel`` plus the sum of
-    its batch splits and the layout copy of both weight gradients) and forward+backward through
+    output requested: grad_x is ``kan_bwd_x_kernel``; grad_W is ``kan_bwd_w_kernel`` and
+    ``kan_bwd_base_kernel`` plus the sums of their batch splits and the layout copies of both
+    weight gradients) and forward+backward through
     autograd (``kan_linear_triton``), median of ``triton.testing.do_bench`` (L2 flushed between
     runs); FLOP convention: one GEMM-equivalent is ``2 * batch * in * (G + k + 1) * out`` flops (the
     dense GEMM over the basis and SiLU columns); forward, grad_x and grad_W are one each,
@@ -193,7 +194,7 @@ def kernels_of(device: str):
 def chosen_configs(device: str) -> dict:
     km = kernels_of(device)
     out = {}
-    for name in ("kan_fwd_kernel", "kan_bwd_x_kernel", "kan_bwd_w_kernel"):
+    for name in ("kan_fwd_kernel", "kan_bwd_x_kernel", "kan_bwd_w_kernel", "kan_bwd_base_kernel"):
         best = getattr(getattr(km, name), "best_config", None)
         out[name] = str(best) if best is not None else None
     return out
@@ -204,7 +205,7 @@ def limit_configs(device: str, n) -> dict:
     autotuner's choice on disk (TRITON_CACHE_AUTOTUNING's switch) so later phases reuse it."""
     km = kernels_of(device)
     counts = {}
-    for name in ("kan_fwd_kernel", "kan_bwd_x_kernel", "kan_bwd_w_kernel"):
+    for name in ("kan_fwd_kernel", "kan_bwd_x_kernel", "kan_bwd_w_kernel", "kan_bwd_base_kernel"):
         kern = getattr(km, name)
         if not hasattr(kern, "configs"):
             continue
@@ -304,7 +305,7 @@ def time_shape(rec, shape: dict, device: str, tag: str, deadline: float, params=
     }
     what = {"forward": "kan_fwd_kernel via triton_backend._forward",
             "grad_x": "kan_bwd_x_kernel via triton_backend._backward(need_x only)",
-            "grad_W": "kan_bwd_w_kernel + split sum + layout copies via triton_backend._backward(need_coef, need_base)",
+            "grad_W": "kan_bwd_w_kernel + kan_bwd_base_kernel + split sums + layout copies via triton_backend._backward(need_coef, need_base)",
             "fwd+bwd": "kan_linear_triton forward + torch.autograd.grad (x, coef, base_weight)"}
     measured = {}
     for name, (fn, n_gemm) in fns.items():

@@ -3,7 +3,9 @@
     python3 benchmarks/gpu_model.py --batch 65536 --in 1024 --out 1024 --grid 5 --order 3 --dtype bf16 --json PATH
     python3 benchmarks/gpu_model.py --sweep [--jobs 8]   # compile every launcher config: sm_90/sm_80 x dtypes x k x knots
 
-No GPU is needed (triton's wheel ships ptxas and nvdisasm). This is a MODEL, not a
+The command line models the fused kernels whatever the wide-layer rule would pick
+(``triton_backend`` forced to its fused path; ``benchmarks/wide_model.py`` models the
+wide path). No GPU is needed (triton's wheel ships ptxas and nvdisasm). This is a MODEL, not a
 measurement: it gives each kernel's floor at a shape from its compiled code.
 
 How
@@ -161,7 +163,10 @@ class Launch:
 class _OpRecorder(TorchDispatchMode):
     """Torch ops the launchers run besides the kernels: GEMM FLOPs and bytes moved."""
 
-    GEMMS = {"mm", "addmm", "bmm", "baddbmm", "matmul"}
+    #: GEMM ops -> positions of their two matrix operands among the positional arguments (an
+    #: ``out=`` tensor or the added input is never an operand).
+    GEMMS = {"mm": (0, 1), "bmm": (0, 1), "matmul": (0, 1), "addmm": (1, 2), "addmm_": (1, 2),
+             "baddbmm": (1, 2), "baddbmm_": (1, 2)}
     FREE = {"empty", "empty_like", "new_empty", "permute", "t", "transpose", "view", "detach", "alias",
             "expand", "select", "slice", "unsqueeze", "squeeze", "as_strided", "_unsafe_view", "empty_strided",
             "new_empty_strided", "lift_fresh", "_to_copy_noop"}
@@ -180,10 +185,12 @@ class _OpRecorder(TorchDispatchMode):
         if not any(t.device.type == "meta" for t in tens):
             return out  # knot tables on CPU: not GPU work at the modelled shape
         outs = [o for o in _flat([out]) if isinstance(o, torch.Tensor)]
-        nbytes = sum(t.numel() * t.element_size() for t in tens + outs)
+        uniq = list({id(t): t for t in tens + outs}.values())  # an out= tensor is also the result
+        nbytes = sum(t.numel() * t.element_size() for t in uniq)
         flops = 0
         if name in self.GEMMS:
-            a, b = [t for t in tens if t.dim() >= 2][-2:]
+            ia, ib = self.GEMMS[name]
+            a, b = args[ia], args[ib]
             flops = 2 * a.numel() * b.shape[-1]  # (.., m, k) @ (.., k, n)
         self.ops.append({"op": name, "bytes": nbytes, "flops": flops,
                          "shapes": [list(t.shape) for t in tens]})
@@ -992,6 +999,7 @@ def main(argv=None) -> int:
         for r in bad:
             print(f"  sm_{r['arch']} {r['dtype']} k={r['k']} uniform={r['uniform']}: {'; '.join(r['problems'])}")
         return 1 if bad else 0
+    tb._WIDE_MODE = "fused"  # the fused kernels are what this script models
     report = run_model(a.batch, a.nin, a.nout, a.grid, a.order, a.dtype, uniform=not a.non_uniform,
                        base=not a.no_base, ieee=a.ieee, arch=a.arch, progress=log)
     report.update(meta)

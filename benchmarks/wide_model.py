@@ -13,9 +13,7 @@ on the launchers of :mod:`kanfast.triton_backend` with the path forced by
 * the chunk size is set to the whole batch (one chunk): the per-row work is the same
   as with L2-sized chunks, and gpu_model charges every tensor to HBM once anyway;
 * the ``torch.mm`` calls are modelled as gpu_model models torch GEMMs (tensor-core
-  time at its 790 TFLOP/s and the bytes they touch), with the FLOPs taken from the two
-  operands (gpu_model's recorder takes the last two matrices among the arguments, which
-  with ``out=`` includes the output, and does not list ``addmm_`` as a GEMM).
+  time at its 790 TFLOP/s and the bytes they touch, FLOPs from the two operands).
 """
 
 from __future__ import annotations
@@ -38,19 +36,6 @@ except ImportError as e:  # pragma: no cover - the model script lives next to th
 
 from kanfast import triton_backend as tb  # noqa: E402
 
-_orig_dispatch = gm._OpRecorder.__torch_dispatch__
-
-
-def _dispatch(self, func, types, args=(), kwargs=None):
-    n0 = len(self.ops)
-    out = _orig_dispatch(self, func, types, args, kwargs)
-    name = func.overloadpacket.__name__
-    if len(self.ops) > n0 and name in ("mm", "addmm", "addmm_"):
-        a, b = (args[0], args[1]) if name == "mm" else (args[1], args[2])
-        self.ops[-1]["flops"] = 2 * a.shape[0] * a.shape[1] * b.shape[1]
-    return out
-
-
 def compiled_basis_module():
     with knobs.runtime.scope():
         knobs.runtime.interpret = False
@@ -71,7 +56,6 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16")
     ap.add_argument("--json", type=Path)
     a = ap.parse_args(argv)
-    gm._OpRecorder.__torch_dispatch__ = _dispatch
     bmod = compiled_basis_module()
     tb._wide_kernels = lambda device: bmod
     tb._WIDE_MODE = a.mode

@@ -295,8 +295,12 @@ def _forward(x, grid, coef, base_weight, k, ieee):
     return y
 
 
-#: Tests set this to force several batch splits in the weight-gradient kernel on CPU.
+#: Tests set this to force several batch splits in the weight-gradient kernels on CPU.
 _SPLIT_ROWS_OVERRIDE: Optional[int] = None
+#: Nominal tile of the weight-gradient kernels for the batch-split count (which must not depend on
+#: the autotuned config): (in, out, basis indices) of kan_bwd_w_kernel's first config, and the in
+#: width of kan_bwd_base_kernel's.
+_W_NOMINAL_TILE = (16, 256, 8, 128)
 
 
 def _split_rows(N: int, n_programs: int, device: torch.device) -> int:
@@ -351,31 +355,47 @@ def _backward(grad_y, x, grid, coef, base_weight, k, ieee, need_x, need_coef, ne
             UNIFORM=uniform, K=k, HAS_BASE=has_base, PREC=prec, interpreted=km.INTERPRETED,
         )
     want_base = need_base and has_base
-    if need_coef or want_base:
-        n_j = nb + (1 if has_base else 0)
-        nominal = -(-nin // 64) * -(-nout // 64) * n_j
+    # grad_W and grad_base_weight: per-split fp32 partials summed in a fixed order (no atomics)
+    if need_coef:
+        nominal = -(-nin // _W_NOMINAL_TILE[0]) * -(-nout // _W_NOMINAL_TILE[1]) * -(-nb // _W_NOMINAL_TILE[2])
         rows = _split_rows(N, nominal, x.device)
         splits = -(-N // rows)
-        part = torch.empty(splits, n_j, nin, nout, dtype=torch.float32, device=x.device)
+        part = torch.empty(splits, nout, nb, nin, dtype=torch.float32, device=x.device)
 
-        def grid_w(meta):
-            return (triton.cdiv(nin, meta["BLOCK_I"]) * triton.cdiv(nout, meta["BLOCK_O"]), triton.cdiv(n_j, meta["J_PER"]), splits)
+        def grid_w(meta, splits=splits):
+            return (triton.cdiv(nin, meta["BLOCK_I"]) * triton.cdiv(nout, meta["BLOCK_O"]),
+                    triton.cdiv(nb, meta["SLOTS"]), splits)
 
         _launch(
             km.kan_bwd_w_kernel, grid_w,
             x, tp, t0, tn, h, grad_y, part,
             N, nin, nout, nb, n_knots, steps, rows,
             x.stride(0), x.stride(1), grad_y.stride(0), grad_y.stride(1),
-            UNIFORM=uniform, K=k, HAS_BASE=has_base, PREC=prec, interpreted=km.INTERPRETED,
+            UNIFORM=uniform, K=k, PREC=prec, interpreted=km.INTERPRETED,
         )
         total = part[0] if splits == 1 else part.sum(0)  # fixed-order reduction: deterministic
-        # fresh tensors (never views of the partials: custom-op outputs must not alias)
-        if need_coef:
-            gc = torch.empty_like(coef, memory_format=torch.contiguous_format)
-            gc.copy_(total[:nb].permute(2, 1, 0))
-        if want_base:
-            gb = torch.empty_like(base_weight, memory_format=torch.contiguous_format)
-            gb.copy_(total[nb].t())
+        # a fresh tensor (never a view of the partials: custom-op outputs must not alias)
+        gc = torch.empty_like(coef, memory_format=torch.contiguous_format)
+        gc.copy_(total.permute(0, 2, 1))
+    if want_base:
+        nominal = -(-nin // _W_NOMINAL_TILE[3]) * -(-nout // _W_NOMINAL_TILE[1])
+        rows = _split_rows(N, nominal, x.device)
+        splits = -(-N // rows)
+        part = torch.empty(splits, nin, nout, dtype=torch.float32, device=x.device)
+
+        def grid_b(meta, splits=splits):
+            return (triton.cdiv(nin, meta["BLOCK_I"]) * triton.cdiv(nout, meta["BLOCK_O"]), splits)
+
+        _launch(
+            km.kan_bwd_base_kernel, grid_b,
+            x, grad_y, part,
+            N, nin, nout, rows,
+            x.stride(0), x.stride(1), grad_y.stride(0), grad_y.stride(1),
+            PREC=prec, interpreted=km.INTERPRETED,
+        )
+        total = part[0] if splits == 1 else part.sum(0)
+        gb = torch.empty_like(base_weight, memory_format=torch.contiguous_format)
+        gb.copy_(total.t())
     return gx, gc, gb
 
 

@@ -21,16 +21,32 @@ Backward (only x and the parameters are saved; every basis value is recomputed):
     tiles computing ``grad_y @ W[:, i_tile, j]`` with ``tl.dot`` and multiplies by
     ``dB_j/dx`` (de Boor derivative from the order k-1 values), plus
     ``(grad_y @ base_weight) * silu'(x)``.
-  * ``grad_W`` / ``grad_base_weight``: one program per (in tile, out tile, group
-    of ``J_PER`` consecutive j, batch split); it loops over the batch rows of its
-    split, evaluating the bases of each row tile once and accumulating
-    ``B_j^T @ grad_y`` (``silu(x)^T @ grad_y`` for ``j = G + k``) for its j's in
-    fp32 registers, and stores one partial per split; the launcher sums the splits
-    in a fixed order (the split count depends on shapes and the GPU only). No
-    atomics: bit-identical on every run. (Chosen over "one program per (in, out)
-    tile looping over everything": all G + k accumulators would not fit in
-    registers, and small layers with large batches need the batch split to fill
-    the GPU.)
+  * ``grad_W``: one program per (in tile, out tile, chunk of ``SLOTS`` consecutive
+    basis indices, batch split). Per row tile of its split it evaluates the k + 1
+    bases of the ``(BLOCK_N, BLOCK_I)`` x tile once, spreads them into the dense
+    ``(BLOCK_N, SLOTS * BLOCK_I)`` tile of its chunk (column ``c * BLOCK_I + i`` =
+    ``B_{c0+c}`` of feature i; the slot axis lies in each thread's registers, so the
+    spread is (k + 1) * SLOTS selects and a few compares per element, no data
+    movement) and contracts it with the grad_y tile in ONE ``tl.dot``
+    (``grad_y^T @ tile``: M = BLOCK_O, K = BLOCK_N, N = SLOTS * BLOCK_I; wgmma with
+    both operands in shared memory) into one fp32 accumulator. Each basis value is
+    so evaluated once per (row tile, in tile, out tile, chunk): ``(G + k) / SLOTS``
+    (rounded up) x ``out / BLOCK_O`` times in all -- at out = 1024, 4 at G = 5 (8
+    slots a chunk) and 16 at G = 50 (16 slots), where the previous kernel took
+    40-72. Trade-off: the accumulator ``BLOCK_O x SLOTS * BLOCK_I`` (256 x 128
+    fp32 = half the register file of an SM for 8 warps) bounds the reuse; all G + k slots in one program would
+    need ``(G + k) * BLOCK_I * BLOCK_O`` accumulators, so for large G the slot chunks
+    are a grid axis and each chunk re-evaluates the bases (cheaper than moving the
+    basis through memory; the wide path of ``basis_block.py`` does that instead).
+    Slots past the last basis in the final chunk are computed, never stored.
+  * ``grad_base_weight``: a separate plain GEMM kernel, one program per (in tile,
+    out tile, batch split) accumulating ``silu(x)^T @ grad_y`` (silu recomputed
+    from x per out tile), so the base column does not cost a whole slot chunk of
+    basis work when ``G + k`` is a multiple of ``SLOTS``.
+  Both store one fp32 partial per batch split; the launcher sums the splits in a
+  fixed order (the split count depends on shapes and the GPU only). No atomics:
+  bit-identical on every run. Small layers with large batches need the batch split
+  to fill the GPU.
 
 Safety: inputs outside ``[t_0, t_last)`` (NaN and +-inf included) get basis 0 and
 are replaced by ``t_0`` before any arithmetic; every interval index is clamped
@@ -41,12 +57,15 @@ coefficient offsets are computed in int64.
 Limits: spline order ``k <= MAX_SPLINE_ORDER`` (7: the k+1 values and their
 derivatives live in registers, unrolled), ``G + k <= MAX_N_BASIS`` (4096; the
 basis loop is a runtime loop, so this only bounds the binary search and the
-launcher's coefficient copies). ``tl.dot`` needs tiles >= 16: every tile is
->= 16 and masked.
+launcher's coefficient copies). ``tl.dot`` needs tiles >= 16: every dot
+dimension is >= 16 (grad_W's BLOCK_I may be 8: its dot's N is SLOTS * BLOCK_I)
+and masked.
 
 Layouts expected from the launcher (``kanfast.triton_backend``): knots padded by
 k on each side, fp32 ``(in, G + 4k + 1)``; coefficients ``(G + k, in, out)``
-(forward) and ``(G + k, out, in)`` (grad_x), contiguous.
+(forward) and ``(G + k, out, in)`` (grad_x), contiguous; grad_W partials
+``(splits, out, G + k, in)`` fp32 (each accumulator row is an out index, its
+columns slot-major), grad_base_weight partials ``(splits, in, out)`` fp32.
 """
 
 import os
@@ -65,9 +84,23 @@ MAX_SPLINE_ORDER = 7
 MAX_N_BASIS = 4096
 
 
+#: kan_bwd_w_kernel's configs (BLOCK_N, BLOCK_I, BLOCK_O, SLOTS, warps, stages), from the static
+#: model (benchmarks/gpu_model.py) at batch 65536, in = out = 1024, k = 3, bf16, sm_90: all three
+#: without spills (223-241 registers), HGMMA 64x128x16 (M = BLOCK_O = 256 over two warpgroups,
+#: N = SLOTS * BLOCK_I = 128), 1 CTA of 8 warps per SM (registers: the 256 x 128 fp32 accumulator
+#: takes 128 per thread). The first (pinned under torch.use_deterministic_algorithms) also compiles
+#: without spills for sm_80; the second is the model's pick at G = 5 (2.25 vs 2.33 ms), the
+#: third at G = 50 (16 slots a chunk: 4 chunks of basis evaluation instead of 7; 15.5 vs
+#: 15.6 / 16.2 ms).
+BWD_W_SHAPES = [(32, 16, 256, 8, 8, 3), (64, 16, 256, 8, 8, 2), (32, 8, 256, 16, 8, 3)]
+#: kan_bwd_base_kernel's configs (BLOCK_N, BLOCK_I, BLOCK_O, warps, stages): HGMMA, no spills on
+#: sm_90 (the first also on sm_80); the first two model at 0.22 ms at the shape above.
+BWD_BASE_SHAPES = [(32, 128, 256, 8, 3), (64, 128, 256, 8, 3), (32, 64, 128, 4, 3)]
+
+
 def _configs(kind):
     if INTERPRETED:  # no autotuning under the interpreter: one small config
-        extra = {"J_PER": 2} if kind in ("bwd_x", "bwd_w") else {}
+        extra = {"J_PER": 2} if kind == "bwd_x" else {"SLOTS": 4} if kind == "bwd_w" else {}
         return [triton.Config({"BLOCK_N": 16, "BLOCK_I": 16, "BLOCK_O": 16, **extra}, num_warps=1)]
     # (BLOCK_N, BLOCK_I, BLOCK_O, warps, stages); register use checked offline with
     # ptxas for sm_90 (k = 3, fp32 and bf16): the first entry of each list spills in
@@ -81,13 +114,12 @@ def _configs(kind):
             shapes = shapes[:1]
         return [triton.Config({"BLOCK_N": n, "BLOCK_I": i, "BLOCK_O": o, "J_PER": j}, num_warps=w, num_stages=s)
                 for n, i, o, j, w, s in shapes]
-    else:  # (BLOCK_N, BLOCK_I, BLOCK_O, J_PER, warps, stages)
-        shapes = [(32, 64, 128, 1, 8, 3), (32, 64, 64, 2, 8, 3), (32, 64, 64, 4, 8, 3), (32, 32, 64, 4, 4, 3),
-                  (32, 64, 128, 2, 8, 3), (32, 32, 32, 2, 4, 2)]
-        if not AUTOTUNE:
-            shapes = shapes[:1]
-        return [triton.Config({"BLOCK_N": n, "BLOCK_I": i, "BLOCK_O": o, "J_PER": j}, num_warps=w, num_stages=s)
-                for n, i, o, j, w, s in shapes]
+    elif kind == "bwd_w":
+        shapes = BWD_W_SHAPES if AUTOTUNE else BWD_W_SHAPES[:1]
+        return [triton.Config({"BLOCK_N": n, "BLOCK_I": i, "BLOCK_O": o, "SLOTS": c}, num_warps=w, num_stages=s)
+                for n, i, o, c, w, s in shapes]
+    else:
+        shapes = BWD_BASE_SHAPES
     if not AUTOTUNE:
         shapes = shapes[:1]
     return [triton.Config({"BLOCK_N": n, "BLOCK_I": i, "BLOCK_O": o}, num_warps=w, num_stages=s)
@@ -320,60 +352,94 @@ def kan_bwd_x_kernel(
     tl.store(p_gx + o_n[:, None] * s_gxn + o_i[None, :] * s_gxi, b_gx.to(p_gx.dtype.element_ty), mask=m_x)
 
 
-@triton.autotune(configs=_configs("bwd_w"), key=["IN", "OUT", "NB", "K", "UNIFORM", "HAS_BASE", "PREC"])
+@triton.autotune(configs=_configs("bwd_w"), key=["IN", "OUT", "NB", "K", "UNIFORM", "PREC"])
 @triton.jit(do_not_specialize=["N", "rows_per_split"])
 def kan_bwd_w_kernel(
     p_x, p_t, p_t0, p_tn, p_h, p_gy, p_gw,
     N, IN, OUT, NB, n_knots, n_steps, rows_per_split,
     s_xn, s_xi, s_gn, s_go,
-    UNIFORM: tl.constexpr, K: tl.constexpr, HAS_BASE: tl.constexpr, PREC: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_O: tl.constexpr, J_PER: tl.constexpr,
+    UNIFORM: tl.constexpr, K: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_O: tl.constexpr, SLOTS: tl.constexpr,
 ):
-    """Partial gradients gw (splits, NB + HAS_BASE, IN, OUT) fp32: gw[s, j] = B_j(x_s)^T @ grad_y_s
-    (j = NB: silu(x_s)^T @ grad_y_s), over the rows of batch split s.
+    """Partial gradients gw (splits, OUT, NB, IN) fp32: gw[s, :, j] = grad_y_s^T @ B_j(x_s) over the
+    rows of batch split s.
 
-    Each program owns J_PER consecutive j (one fp32 accumulator each), so the de Boor
-    evaluation of a row tile is shared by J_PER tl.dot's."""
+    Program (in tile, out tile, chunk of SLOTS basis indices, split). Per row tile the k + 1
+    bases of the x tile are evaluated once, spread into the dense (BLOCK_N, SLOTS * BLOCK_I)
+    tile of the chunk's slots (column c * BLOCK_I + i: basis c0 + c of feature i), and one
+    tl.dot (M = BLOCK_O, K = BLOCK_N, N = SLOTS * BLOCK_I) accumulates grad_y^T @ tile."""
     pid_io = tl.program_id(0)
-    j0 = tl.program_id(1) * J_PER
+    c0 = tl.program_id(1) * SLOTS
     pid_s = tl.program_id(2)
     n_tiles_o = (OUT + BLOCK_O - 1) // BLOCK_O
     pid_i = pid_io // n_tiles_o
     pid_o = pid_io % n_tiles_o
-    o_i = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
+    # the x tile is handled as (BLOCK_N, 1, BLOCK_I): its bases broadcast over the slot axis in place
+    o_i = (pid_i * BLOCK_I + tl.arange(0, BLOCK_I))[None, None, :]
     o_o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
     m_i = o_i < IN
     m_o = o_o < OUT
     o_ic = tl.minimum(o_i, IN - 1)
     NP = n_knots + 2 * K
-    b_t0 = tl.load(p_t0 + o_ic)[None, :]
-    b_tn = tl.load(p_tn + o_ic)[None, :]
-    b_h = tl.load(p_h + o_ic)[None, :]
-    p_row = p_t + (o_ic.to(tl.int64) * NP + K)[None, :]
+    b_t0 = tl.load(p_t0 + o_ic)
+    b_tn = tl.load(p_tn + o_ic)
+    b_h = tl.load(p_h + o_ic)
+    p_row = p_t + (o_ic.to(tl.int64) * NP + K)
+    o_c = tl.arange(0, SLOTS)[None, :, None]
     n_start = pid_s.to(tl.int64) * rows_per_split
     n_end = tl.minimum(n_start + rows_per_split, N)
-    accs = ()
-    for jj in tl.static_range(J_PER):
-        accs = accs + (tl.full((BLOCK_I, BLOCK_O), 0, tl.float32),)
+    b_acc = tl.full((BLOCK_O, SLOTS * BLOCK_I), 0, tl.float32)
     for n0 in range(n_start, n_end, BLOCK_N):
         o_n = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
         m_n = o_n < n_end
-        m_x = m_n[:, None] & m_i[None, :]
-        b_x = tl.load(p_x + o_n[:, None] * s_xn + o_i[None, :] * s_xi, mask=m_x, other=0.0).to(tl.float32)
+        m_x = m_n[:, None, None] & m_i
+        b_x = tl.load(p_x + o_n[:, None, None] * s_xn + o_i * s_xi, mask=m_x, other=0.0).to(tl.float32)
         b_gy = tl.load(p_gy + o_n[:, None] * s_gn + o_o[None, :] * s_go, mask=m_n[:, None] & m_o[None, :], other=0.0)
         b_m, m_in, vals, dvals = _local_bases(b_x, m_x, p_row, b_t0, b_tn, b_h, n_knots, n_steps, UNIFORM, K, False)
+        # slot c0 + c holds vals[q] = B_{m-K+q} where c == m - K - c0 + q; the slot axis lies in
+        # registers, so (c - q) are constants and the k + SLOTS distinct compares are shared
+        b_d = b_m - (c0 + K)
+        b_b = tl.full((BLOCK_N, SLOTS, BLOCK_I), 0, tl.float32)
+        for q in tl.static_range(K + 1):
+            b_b = tl.where(b_d == o_c - q, vals[q], b_b)
+        # slots >= NB (past the last basis) get values of bases that do not exist: never stored
+        b_b = tl.reshape(b_b.to(b_gy.dtype), (BLOCK_N, SLOTS * BLOCK_I))
+        b_acc = tl.dot(tl.trans(b_gy), b_b, b_acc, input_precision=PREC)
+    o_r = tl.arange(0, SLOTS * BLOCK_I)
+    o_j = c0 + o_r // BLOCK_I
+    o_ir = pid_i * BLOCK_I + o_r % BLOCK_I
+    o_col = o_j * IN + o_ir
+    p_out = p_gw + (pid_s.to(tl.int64) * OUT + o_o)[:, None] * NB * IN + o_col[None, :]
+    tl.store(p_out, b_acc, mask=m_o[:, None] & ((o_j < NB) & (o_ir < IN))[None, :])
+
+
+@triton.autotune(configs=_configs("bwd_base"), key=["IN", "OUT", "PREC"])
+@triton.jit(do_not_specialize=["N", "rows_per_split"])
+def kan_bwd_base_kernel(
+    p_x, p_gy, p_gb,
+    N, IN, OUT, rows_per_split,
+    s_xn, s_xi, s_gn, s_go,
+    PREC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_O: tl.constexpr,
+):
+    """Partial gradients gb (splits, IN, OUT) fp32: gb[s] = silu(x_s)^T @ grad_y_s over the rows of
+    batch split s; program (in tile, out tile, split), one tl.dot per row tile."""
+    pid_io = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    n_tiles_o = (OUT + BLOCK_O - 1) // BLOCK_O
+    o_i = (pid_io // n_tiles_o) * BLOCK_I + tl.arange(0, BLOCK_I)
+    o_o = (pid_io % n_tiles_o) * BLOCK_O + tl.arange(0, BLOCK_O)
+    m_i = o_i < IN
+    m_o = o_o < OUT
+    n_start = pid_s.to(tl.int64) * rows_per_split
+    n_end = tl.minimum(n_start + rows_per_split, N)
+    b_acc = tl.full((BLOCK_I, BLOCK_O), 0, tl.float32)
+    for n0 in range(n_start, n_end, BLOCK_N):
+        o_n = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
+        m_n = o_n < n_end
+        m_x = m_i[:, None] & m_n[None, :]
+        b_x = tl.load(p_x + o_i[:, None] * s_xi + o_n[None, :] * s_xn, mask=m_x, other=0.0).to(tl.float32)
+        b_gy = tl.load(p_gy + o_n[:, None] * s_gn + o_o[None, :] * s_go, mask=m_n[:, None] & m_o[None, :], other=0.0)
         b_s = tl.where(m_x, _silu(b_x), 0.0)
-        new = ()
-        for jj in tl.static_range(J_PER):
-            # j >= NB (other than the base slot) selects values of bases that do not exist:
-            # computed, never stored
-            b_b = _select(vals, j0 + jj - b_m + K, K)
-            if HAS_BASE:
-                b_b = tl.where(j0 + jj == NB, b_s, b_b)
-            new = new + (tl.dot(tl.trans(b_b.to(b_gy.dtype)), b_gy, accs[jj], input_precision=PREC),)
-        accs = new
-    m_io = m_i[:, None] & m_o[None, :]
-    for jj in tl.static_range(J_PER):
-        o_row = (pid_s.to(tl.int64) * (NB + HAS_BASE) + j0 + jj) * IN + o_i
-        p_out = p_gw + o_row[:, None] * OUT + o_o[None, :]
-        tl.store(p_out, accs[jj], mask=m_io & ((o_o * 0 + (j0 + jj))[None, :] < NB + HAS_BASE))
+        b_acc = tl.dot(b_s.to(b_gy.dtype), b_gy, b_acc, input_precision=PREC)
+    p_out = p_gb + (pid_s.to(tl.int64) * IN + o_i)[:, None] * OUT + o_o[None, :]
+    tl.store(p_out, b_acc, mask=m_i[:, None] & m_o[None, :])
