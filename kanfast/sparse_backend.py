@@ -67,6 +67,13 @@ SMALL_WORK = 1 << 24
 #: 4096: G = 5 (2.4 MB) sparse 148 ms / dense 163 ms, G = 10 168 / 275; in = out = 1024, batch
 #: 256: G = 5 (37 MB) 379 / 238, G = 20 (96 MB) 968 / 667).
 TABLE_BYTES = 16 << 20
+#: Forward tiles: rows per tile, and the features per block so that the block's table rows of one
+#: chunk of out take at most FWD_BLOCK_BYTES (L1; at most FWD_MAX_FEATURES features).
+FWD_ROWS = 256
+FWD_BLOCK_BYTES = 24 << 10
+FWD_MAX_FEATURES = 32
+#: Backward: features per block so that their table rows and weight gradient take at most this.
+BWD_BLOCK_BYTES = 512 << 10
 #: Off: every call takes the dense engine (``KANFAST_SPARSE=0`` in the environment at import;
 #: tests of the dense engine's own paths set it).
 ENABLED = os.environ.get("KANFAST_SPARSE", "1").strip().lower() not in ("0", "false", "no", "off")
@@ -124,6 +131,25 @@ def _c(t: Optional[Tensor]) -> Optional[Tensor]:
     return None if t is None else t.contiguous()
 
 
+def _fwd_blocks(nb: int, k: int, nout: int, dt: torch.dtype) -> Tuple[int, int, int]:
+    """(R, FB, NV): the forward's tiles (the C header): R = FWD_ROWS rows; chunks of NV vectors
+    of 64 bytes of out and FB features, so that the block's rows of one chunk, FB (nb + 2k) NV 64
+    bytes, fit FWD_BLOCK_BYTES (L1): the widest NV in 4, 2, 1 that leaves at least 4 features."""
+    nbp = nb + 2 * k
+    for nv in (4, 2, 1):
+        fb = FWD_BLOCK_BYTES // (nbp * nv * 64)
+        if fb >= 4:
+            break
+    return FWD_ROWS, max(1, min(FWD_MAX_FEATURES, fb)), nv
+
+
+def _bwd_features(nb: int, k: int, nout: int, dt: torch.dtype) -> int:
+    """FB: features per block of the backward, so that their table rows and weight gradient,
+    2 FB (nb + 2k + 1) out elements, fit BWD_BLOCK_BYTES (at least one feature)."""
+    s = torch.empty(0, dtype=dt).element_size()
+    return max(1, BWD_BLOCK_BYTES // (2 * (nb + 2 * k + 1) * nout * s))
+
+
 def forward(x: Tensor, grid: Tensor, coef: Tensor, base_weight: Optional[Tensor], k: int,
             scale: Optional[Tensor] = None) -> Optional[Tensor]:
     """y ``(N, out)`` of the layer (module docstring) by the sparse kernel, or None when the
@@ -135,72 +161,77 @@ def forward(x: Tensor, grid: Tensor, coef: Tensor, base_weight: Optional[Tensor]
     kern = _kernels()
     x = x if (x.shape[1] <= 1 or x.stride(1) == 1) else x.contiguous()
     grid, coef, base_weight, scale = _c(grid), _c(coef), _c(base_weight), _c(scale)
-    nout, nin, nb = coef.shape
-    N = x.shape[0]
-    y = torch.empty(N, nout, dtype=x.dtype)
-    nw = nin * nb * nout
-    buf = _buffer("W", nw + nin * nout, x.dtype)
-    parts = _parts(x, grid, coef, base_weight, scale)
-    if len(parts) == 1:
-        return None if kern.sparse_fwd(x, grid, k, coef, scale, base_weight, buf, buf[nw:], y, True) else y
-    # the knots checked and the table packed once, by the caller; the workers share it (read-only)
-    if kern.sparse_fwd(x[:0], grid, k, coef, scale, base_weight, buf, buf[nw:], y[:0], True):
+    if kern.sparse_check(grid):
         return None
-    cpu_workers.run(
-        lambda a, b: kern.sparse_fwd(x[a:b], grid, k, coef, scale, base_weight, buf, buf[nw:], y[a:b], False), parts
-    )
+    nout, nin, nb = coef.shape
+    N, dt = x.shape[0], x.dtype
+    y = torch.empty(N, nout, dtype=dt)
+    nw = nin * (nb + 2 * k) * nout
+    table = _buffer("W", nw + nin * nout, dt)  # the packed table (one per call, shared by the workers)
+    Bt = table[nw:] if base_weight is not None else None
+    R, FB, NV = _fwd_blocks(nb, k, nout, dt)
+    wlen = kern.fwd_work(R, FB, k, dt)
+
+    def pack(a, b):
+        kern.sparse_pack(a, b, k, coef, scale, base_weight, table[a * (nb + 2 * k) * nout:],
+                         None if Bt is None else Bt[a * nout:])
+
+    def rows(a, b):
+        rc = kern.sparse_fwd(x[a:b], grid, k, table, Bt, y[a:b], R, FB, NV, _buffer("fwork", wlen, dt))
+        assert rc == 0, f"kf_sparse_fwd returned {rc}"
+
+    P = _workers(x, grid, coef, base_weight, scale)
+    if P == 1:
+        pack(0, nin)
+        rows(0, N)
+    else:
+        cpu_workers.run(pack, cpu_workers.split(nin, P))
+        cpu_workers.run(rows, cpu_workers.split(N, P))
     return y
 
 
-def _parts(x, grid, coef, base_weight, scale):
-    """Row ranges of the CPU workers (:mod:`kanfast.cpu_workers`, its rule on the dense work
-    ``rows x in x (G + k + 1)``): one range runs inline."""
+def _workers(x, grid, coef, base_weight, scale) -> int:
+    """Number of CPU workers (:mod:`kanfast.cpu_workers`, its rule on the dense work
+    ``rows x in x (G + k + 1)``): 1 runs inline."""
     N, nin = x.shape
-    work = N * nin * (coef.shape[2] + 1)
-    return cpu_workers.split(N, cpu_workers.worker_count(work, x, grid, coef, base_weight, scale))
+    return cpu_workers.worker_count(N * nin * (coef.shape[2] + 1), x, grid, coef, base_weight, scale)
 
 
 def backward(grad_y: Tensor, x: Tensor, grid: Tensor, coef: Tensor, base_weight: Optional[Tensor], k: int,
              scale: Optional[Tensor], need_x: bool, need_c: bool, need_b: bool, need_s: bool
              ) -> Optional[Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor], Optional[Tensor]]]:
     """``(grad_x, grad_coef, grad_base, grad_scale)`` of :func:`forward` (None where not
-    needed), or None when the kernel declines the knots."""
+    needed), or None when the kernel declines the knots. Split by input features across the
+    CPU workers, each weight gradient one sum over the rows in order: the same bits for any
+    thread count."""
     kern = _kernels()
     x = x if (x.shape[1] <= 1 or x.stride(1) == 1) else x.contiguous()
     grid, coef, base_weight, scale = _c(grid), _c(coef), _c(base_weight), _c(scale)
+    if kern.sparse_check(grid):
+        return None
     grad_y = grad_y.contiguous()
     nout, nin, nb = coef.shape
-    dt = x.dtype
+    N, dt = x.shape[0], x.dtype
     need_b = need_b and base_weight is not None
     need_s = need_s and scale is not None
-    need_w = need_c or need_s
-    nw = nin * nb * nout
     gx = torch.empty(x.shape, dtype=dt) if need_x else None
-    tab = _buffer("W", nw + nin * nout, dt) if need_x else None
-    tb = None if tab is None else tab[nw:]
-    need_p = need_w or need_b
-    parts = _parts(x, grid, coef, base_weight, scale)
-    P = len(parts)
-    stride = nw + nin * nout
-    part = _buffer("gW", P * stride, dt) if need_p else None
-    if P == 1:
-        rc = kern.sparse_bwd(x, grid, k, grad_y, coef, scale, base_weight, tab, tb, gx, part,
-                             part[nw:] if need_b else None, True)
-        if rc:
-            return None
-    else:  # rows split across the workers, each its own partial weight gradient (summed in part order)
-        if kern.sparse_bwd(x[:0], grid, k, grad_y[:0], coef, scale, base_weight, tab, tb, None, None, None, True):
-            return None
-
-        def rows(a, b):
-            p = part[parts.index((a, b)) * stride:] if need_p else None
-            kern.sparse_bwd(x[a:b], grid, k, grad_y[a:b], coef, scale, base_weight, tab, tb,
-                            None if gx is None else gx[a:b], p, p[nw:] if (need_b and p is not None) else None, False)
-
-        cpu_workers.run(rows, parts)
     gc = torch.empty(nout, nin, nb, dtype=dt) if need_c else None
     gs = torch.empty(nout, nin, dtype=dt) if need_s else None
     gb = torch.empty(nout, nin, dtype=dt) if need_b else None
-    if need_p:
-        kern.sparse_finish(part, P, stride, nin, nout, nb, need_b, coef, scale, gc, gs, gb)
+    need_w = need_c or need_s
+    bad, nbad = None, 0
+    if need_w and N:
+        bad = torch.empty(N, dtype=torch.int64)
+        nbad = kern.sparse_bad_rows(grad_y, bad)
+    FB = _bwd_features(nb, k, nout, dt)
+    wlen = kern.bwd_work(FB, nb, k, nout, need_x, need_w or need_b)
+
+    def feats(a, b):
+        rc = kern.sparse_bwd(x, grid, k, grad_y, coef, scale, base_weight, a, b, gx, gc, gs, gb, nbad, bad, FB,
+                             _buffer("bwork", wlen, dt))
+        assert rc == 0, f"kf_sparse_bwd returned {rc}"
+
+    if need_x or need_w or need_b:
+        P = _workers(x, grid, coef, base_weight, scale)
+        cpu_workers.run(feats, cpu_workers.split(nin, P))
     return gx, gc, gb, gs

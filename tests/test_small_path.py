@@ -279,40 +279,78 @@ def test_kan_linear_op_functional(calls):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
 
 
+def _force_workers(monkeypatch, n):
+    """Every call split into ``n`` parts across the CPU workers (n = 1: inline)."""
+    from kanfast import cpu_workers
+
+    monkeypatch.setattr(cpu_workers, "MIN_ELEMENTS", 1)
+    monkeypatch.setattr(cpu_workers, "_usable_cpus", lambda: 64)
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
-def three_workers(monkeypatch):
+def restore_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def three_workers(monkeypatch, restore_threads):
     """Force the CPU workers (3 parts) for any call; records the parts of every split call."""
     from kanfast import cpu_workers
 
     if not cpu_workers._uses_openmp():
         pytest.skip("workers need torch's OpenMP backend")
-    monkeypatch.setattr(cpu_workers, "MIN_ELEMENTS", 1)
-    monkeypatch.setattr(cpu_workers, "_usable_cpus", lambda: 64)
-    n = torch.get_num_threads()
-    torch.set_num_threads(3)
-    yield spy_on_worker_runs(monkeypatch)
-    torch.set_num_threads(n)
+    _force_workers(monkeypatch, 3)
+    return spy_on_worker_runs(monkeypatch)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_split_across_workers(dtype, three_workers, calls):
-    """Rows split across 3 workers (forward: disjoint rows; backward: a partial weight gradient
-    per worker, summed in worker order): the reference's values and gradients, bit-repeatable."""
+    """Forward: the table packed by feature ranges, then rows split across 3 workers; backward:
+    features split across them (each weight gradient one sum over all rows): the reference's
+    values and gradients."""
     layer = _layer(6, 5, 5, 3, torch.float64, False, seed=4).to(dtype)
     x = _inputs(layer, 40, dtype, seed=4)
     gy = torch.randn(x.shape[0], 5, dtype=dtype, generator=torch.Generator().manual_seed(3))
     got = _grads(layer, x, gy, reference=False)
     assert calls == {"fwd": 1, "bwd": 1}
-    assert len(three_workers) == 2 and all(len(r) == 3 for r in three_workers)
+    n = x.shape[0]
+    assert three_workers == [[(0, 2), (2, 4), (4, 6)], [(0, 32), (32, 64), (64, n)], [(0, 2), (2, 4), (4, 6)]]
     want = _grads(layer, x, gy, reference=True)
     for a, b in zip(got, want):
         assert torch.equal(torch.isnan(a), torch.isnan(b))
         fin = torch.isfinite(b)
         tol = 1e-12 if dtype == torch.float64 else 2e-5
         assert rel_rms(a[fin], b[fin]) <= tol
-    again = _grads(layer, x, gy, reference=False)
-    for a, b in zip(got, again):
-        assert torch.equal(a.nan_to_num(), b.nan_to_num())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("k,uniform", [(3, True), (2, False), (5, True)])
+def test_bit_identical_across_thread_counts(dtype, k, uniform, monkeypatch, restore_threads, calls):
+    """Values and every gradient the same bits on 1, 2 and 3 workers, and run to run (a layer wide
+    enough for several feature blocks in the backward, a tail of out that is not a whole vector,
+    NaN/inf and outside inputs, a non-finite grad_y row)."""
+    from kanfast import cpu_workers
+
+    if not cpu_workers._uses_openmp():
+        pytest.skip("workers need torch's OpenMP backend")
+    layer = _layer(37, 21, 40, k, torch.float64, uniform, seed=11).to(dtype)
+    x = _inputs(layer, 300, dtype, seed=5)
+    gy = torch.randn(x.shape[0], 21, dtype=dtype, generator=torch.Generator().manual_seed(6))
+    gy[7, 3] = float("inf")
+    runs = []
+    for n in (1, 2, 3, 2, 1):
+        _force_workers(monkeypatch, n)
+        spy = spy_on_worker_runs(monkeypatch)
+        runs.append(_grads(layer, x, gy, reference=False))
+        assert all(len(r) == n for r in spy) and (n == 1 or len(spy) == 3)
+    assert calls == {"fwd": 5, "bwd": 5}
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            assert torch.equal(a.view(-1).view(torch.int64 if dtype == torch.float64 else torch.int32),
+                               b.view(-1).view(torch.int64 if dtype == torch.float64 else torch.int32))
 
 
 def test_bench_small_writes_json_csv_png(tmp_path, monkeypatch):
