@@ -220,7 +220,7 @@ def backward(grad_y: Tensor, x: Tensor, grid: Tensor, coef: Tensor, base_weight:
     gb = torch.empty(nout, nin, dtype=dt) if need_b else None
     need_w = need_c or need_s
     bad, nbad = None, 0
-    if need_w and N:
+    if (need_w or need_x) and N:  # the rows with a NaN or +-inf in grad_y (the reference's 0 * inf)
         bad = torch.empty(N, dtype=torch.int64)
         nbad = kern.sparse_bad_rows(grad_y, bad)
     FB = _bwd_features(nb, k, nout, dt)

@@ -393,3 +393,36 @@ def test_empty_batch(calls):
     assert x.grad.shape == (0, 3)
     for p in (layer.base_weight, layer.spline_weight, layer.spline_scaler):
         assert torch.equal(p.grad, torch.zeros_like(p))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("k", [1, 3])
+def test_non_finite_grad_y_as_reference(dtype, k, calls, monkeypatch):
+    """A NaN or +-inf in grad_y[b, o]: the reference's weight gradient sum_b grad_y[b, o] B_j(x_bi)
+    has 0 * inf = NaN for every weight (i, j, o) whose basis is 0 at row b (the sparse path used to
+    leave those at 0), inf where it is not; grad_x and the base weight's gradient follow. The same
+    NaN/inf pattern as the reference (and for the weights as the dense path), finite values to
+    rounding."""
+    layer = _layer(5, 4, 12, k, torch.float64, True, seed=2).to(dtype)
+    g = torch.Generator().manual_seed(0)
+    x = (torch.rand(30, 5, generator=g, dtype=torch.float64) * 1.6 - 0.8).to(dtype)
+    x[:, 3] = x[:, 3] * 0.1  # feature 3: a narrow band (most of its weights reached by no row)
+    x[2, 1], x[4, 0] = 5.0, float("nan")  # outside, NaN
+    gy = torch.randn(30, 4, generator=g, dtype=torch.float64).to(dtype)
+    gy[3, 1], gy[9, 2], gy[4, 0] = float("nan"), float("inf"), -float("inf")
+    want = _grads(layer, x, gy, reference=True)
+    got = _grads(layer, x, gy, reference=False)
+    assert calls == {"fwd": 1, "bwd": 1}
+    monkeypatch.setattr(sparse_backend, "chooses", lambda *a: False)
+    dense = _grads(layer, x, gy, reference=False)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    names = ["y", "grad_x", "grad_base_weight", "grad_spline_weight", "grad_spline_scaler"]
+    for name, a, b, d in zip(names, got, want, dense):
+        assert torch.equal(torch.isnan(a), torch.isnan(b)), name
+        assert torch.equal(torch.isinf(a), torch.isinf(b)) and torch.equal(a[torch.isinf(a)], b[torch.isinf(b)]), name
+        if name != "grad_x":  # the dense path: the same rule for the weights
+            assert torch.equal(torch.isnan(d), torch.isnan(b)), name
+        fin = torch.isfinite(b)
+        assert rel_rms(a[fin], b[fin]) <= tol, name
+    gw = got[3]
+    assert torch.isnan(gw[1]).all() and torch.isnan(gw[2]).any() and torch.isfinite(gw[3]).all()

@@ -247,7 +247,9 @@ void SFX(kf_grad_x)(int64_t rows, int64_t fw, const T* x, int64_t sx, const T* h
  * sum_b grad_y[b, o] B_j(x_bi) over every row): a weight whose basis is 0 on every row gets
  * exactly 0, and a non-finite grad_y[b, o] makes every weight (i, j, o) with B_j(x_bi) = 0
  * NaN (0 * inf): the rows with a non-finite grad_y are listed once per call
- * (kf_sparse_bad_rows) and 0 * grad_y[b, :] is added to the rows of gW outside the row's slots.
+ * (kf_sparse_bad_rows) and 0 * grad_y[b, :] is added to the rows of gW outside the row's slots;
+ * their grad_x is NaN (the reference's sum_j dL/dB_j dB_j/dx meets 0 * inf at a basis whose
+ * derivative is 0) unless every basis of the feature is among the row's slots.
  *
  * Knots: kf_sparse_check (finite and non-decreasing, O(in n)) is called in every call before
  * anything else; 1 means "not so", and the caller takes another path. Nothing derived from the
@@ -662,17 +664,20 @@ KS_ATTR int64_t SFX(kf_sparse_bwd)(int64_t N, int64_t nin, int64_t nout, int64_t
         for (int64_t f = 0; f < nf; f++) {
             const int64_t i = fb + f;
             T* restrict gWf = gWb + f * nbp * nout;
-            if (want_w)
-                for (int64_t p = 0; p < nbad; p++) { /* 0 * grad_y[b] on the rows outside the slots */
-                    const int64_t bb = bad[p];
-                    SFX(ks_tile_bases)(1, x + bb * sx + i, sx, grid + i * n, n, k, 0, xs, in, m, v, q, e);
-                    const T* restrict g = gy + bb * nout;
-                    for (int64_t j = k; j < nb + k; j++) {
-                        if (in[0] != 0 && j >= m[0] && j <= m[0] + k) continue;
-                        T* restrict gr = gWf + j * nout;
-                        for (int64_t o = 0; o < nout; o++) gr[o] += (T)0 * g[o];
-                    }
+            for (int64_t p = 0; p < nbad && (want_w || want_x); p++) { /* rows with a non-finite grad_y */
+                const int64_t bb = bad[p];
+                SFX(ks_tile_bases)(1, x + bb * sx + i, sx, grid + i * n, n, k, 0, xs, in, m, v, q, e);
+                const int slots_only = in[0] != 0 && nb == k + 1 && m[0] == k; /* every basis in the slots */
+                if (want_x && !slots_only) /* some basis's derivative is 0: 0 * inf in the reference */
+                    gx[bb * sgx + i] = (T)NAN;
+                if (!want_w) continue;
+                const T* restrict g = gy + bb * nout;
+                for (int64_t j = k; j < nb + k; j++) { /* 0 * grad_y[b] on the rows outside the slots */
+                    if (in[0] != 0 && j >= m[0] && j <= m[0] + k) continue;
+                    T* restrict gr = gWf + j * nout;
+                    for (int64_t o = 0; o < nout; o++) gr[o] += (T)0 * g[o];
                 }
+            }
             const T* restrict GW = gWf + k * nout; /* basis j at row j */
             for (int64_t o0 = 0; o0 < nout && want_w; o0 += 16) {
                 const int64_t oe = o0 + 16 < nout ? o0 + 16 : nout;
