@@ -67,9 +67,18 @@ SMALL_WORK = 1 << 24
 #: 4096: G = 5 (2.4 MB) sparse 148 ms / dense 163 ms, G = 10 168 / 275; in = out = 1024, batch
 #: 256: G = 5 (37 MB) 379 / 238, G = 20 (96 MB) 968 / 667).
 TABLE_BYTES = 16 << 20
+#: Past TABLE_BYTES the call is still sparse when its rows amortise the passes over the table
+#: (packing it, forward and backward, and writing the weight gradient: ~20 ns per element of the
+#: padded table, in x (G + 3k) x out, on the development VM, one thread, where the dense GEMMs
+#: take ~0.036 ns per multiply-add and the sparse kernels about as much): when
+#: rows x (3 (G + k + 1) - (3k + 6)) >= ROWS_PER_TABLE_ROW x (G + 3k), i.e. when the dense
+#: multiply-adds it saves per (in, out) pair pay for its table rows (measured: in = out = 1024,
+#: batch 256, G = 5 dense 255 ms / sparse 427 ms fwd+bwd; in = out = 256, batch 4096, G = 200
+#: dense 5.9 s / sparse 0.38 s).
+ROWS_PER_TABLE_ROW = 550
 #: Forward tiles: rows per tile, and the features per block so that the block's table rows of one
 #: chunk of out take at most FWD_BLOCK_BYTES (L1; at most FWD_MAX_FEATURES features).
-FWD_ROWS = 256
+FWD_ROWS = 1024
 FWD_BLOCK_BYTES = 24 << 10
 FWD_MAX_FEATURES = 32
 #: Backward: features per block so that their table rows and weight gradient take at most this.
@@ -108,7 +117,9 @@ def chooses(x: Tensor, grid: Tensor, coef: Tensor, base_weight: Optional[Tensor]
     cols = coef.shape[2] + 1  # bases and the SiLU column per input
     work = N * nin * cols * coef.shape[0]
     table = nin * cols * coef.shape[0] * x.element_size()
-    if work > SMALL_WORK * max(1, torch.get_num_threads()) and table > TABLE_BYTES:
+    G = coef.shape[2] - k
+    amortised = N * (3 * G - 3) >= ROWS_PER_TABLE_ROW * (G + 3 * k)  # rows pay for the table passes
+    if work > SMALL_WORK * max(1, torch.get_num_threads()) and table > TABLE_BYTES and not amortised:
         return False
     return _kernels() is not None
 
@@ -132,15 +143,11 @@ def _c(t: Optional[Tensor]) -> Optional[Tensor]:
 
 
 def _fwd_blocks(nb: int, k: int, nout: int, dt: torch.dtype) -> Tuple[int, int, int]:
-    """(R, FB, NV): the forward's tiles (the C header): R = FWD_ROWS rows; chunks of NV vectors
-    of 64 bytes of out and FB features, so that the block's rows of one chunk, FB (nb + 2k) NV 64
-    bytes, fit FWD_BLOCK_BYTES (L1): the widest NV in 4, 2, 1 that leaves at least 4 features."""
-    nbp = nb + 2 * k
-    for nv in (4, 2, 1):
-        fb = FWD_BLOCK_BYTES // (nbp * nv * 64)
-        if fb >= 4:
-            break
-    return FWD_ROWS, max(1, min(FWD_MAX_FEATURES, fb)), nv
+    """(R, FB, NV): the forward's tiles (the C header): R = FWD_ROWS rows, chunks of NV = 4
+    vectors of 64 bytes of out, FB features so that the block's rows of one chunk, FB (nb + 2k)
+    NV 64 bytes, fit FWD_BLOCK_BYTES (L1; at least one feature, at most FWD_MAX_FEATURES)."""
+    fb = FWD_BLOCK_BYTES // ((nb + 2 * k) * 4 * 64)
+    return FWD_ROWS, max(1, min(FWD_MAX_FEATURES, fb)), 4
 
 
 def _bwd_features(nb: int, k: int, nout: int, dt: torch.dtype) -> int:

@@ -175,7 +175,8 @@ def test_deterministic(calls):
 
 def test_size_rule(monkeypatch):
     """The documented rule: small calls sparse; larger ones sparse while the coefficient table
-    fits TABLE_BYTES, dense past it; unsupported dtypes never."""
+    fits TABLE_BYTES or the rows amortise its passes (ROWS_PER_TABLE_ROW), dense otherwise;
+    unsupported dtypes never."""
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
 
     def case(N, nin, nout, G, k=3, dtype=torch.float32):
@@ -185,7 +186,9 @@ def test_size_rule(monkeypatch):
 
     assert case(1000, 2, 5, 5) and case(64, 4, 16, 5) and case(128, 784, 64, 5)
     assert case(4096, 256, 256, 5) and case(4096, 256, 256, 50)  # tables of 2.4 and 14 MB
-    assert not case(256, 1024, 1024, 5)  # 37 MB
+    assert not case(256, 1024, 1024, 5)  # 37 MB, 256 rows: 256 x 12 < 550 x 14
+    assert case(4096, 256, 256, 200) and case(4096, 256, 256, 500)  # 53 and 130 MB, amortised by the rows
+    assert not case(4096, 1024, 1024, 1)  # 21 MB at G = 1: the sparse path saves nothing per row
     assert case(1, 1024, 1024, 5)  # one row: small work
     assert not case(64, 4, 16, 5, dtype=torch.float16)
     assert case(64, 4, 16, 5, dtype=torch.float64)
@@ -426,3 +429,26 @@ def test_non_finite_grad_y_as_reference(dtype, k, calls, monkeypatch):
         assert rel_rms(a[fin], b[fin]) <= tol, name
     gw = got[3]
     assert torch.isnan(gw[1]).all() and torch.isnan(gw[2]).any() and torch.isfinite(gw[3]).all()
+
+
+def test_buffers_flat_in_batch_and_bounded(calls):
+    """The sparse path's kept buffers: the packed table (in x (G + 3k + 1) x out, one per calling
+    thread) and per thread a forward tile (R x FB x (k + 4)) and a backward block of at most
+    max(BWD_BLOCK_BYTES, one feature's 2 (G + 3k + 1) out elements): none grows with the batch."""
+    from kanfast import torch_backend
+
+    layer = _layer(24, 40, 30, 3, torch.float32, True, seed=3)
+    sizes = []
+    for N in (100, 3000):
+        torch_backend.release_buffers()
+        x = (torch.rand(N, 24) * 2 - 1).requires_grad_(True)
+        layer(x).sum().backward()
+        bufs = torch_backend._thread_buffers()
+        sizes.append({key[1]: bufs[key].numel() for key in list(bufs.keys()) if key[0] == "sparse"})
+    assert calls == {"fwd": 2, "bwd": 2}
+    assert sizes[0] == sizes[1] and set(sizes[0]) == {"W", "fwork", "bwork"}
+    nbp = 30 + 3 + 2 * 3
+    assert sizes[0]["W"] == 24 * nbp * 40 + 24 * 40
+    R, FB, _ = sparse_backend._fwd_blocks(33, 3, 40, torch.float32)
+    assert sizes[0]["fwork"] * 4 <= R * FB * (3 + 2) * 4 + R * FB * 8
+    assert sizes[0]["bwork"] * 4 <= max(sparse_backend.BWD_BLOCK_BYTES, 2 * (nbp + 1) * 40 * 4) + 4 * 1088 * 4

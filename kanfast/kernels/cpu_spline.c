@@ -311,25 +311,34 @@ int64_t SFX(kf_sparse_check)(int64_t nin, int64_t n, const T* grid) {
 
 /* Features [f0, f1) of the table: feature i at Wt + (i - f0) (nb + 2k) nout, its row j + k =
  * sw[o, i, j] * sc[o, i] (sc NULL: 1), k zero rows before and after; Bt + (i - f0) nout =
- * bw[:, i] (Bt NULL: skipped). Blocked by 16 outputs (the reads of sw stay in 16 cache lines). */
+ * bw[:, i] (Bt NULL: skipped). Blocked by 8 features x 64 outputs: a block reads 64 runs of
+ * 8 nb elements of sw and writes 8 (nb + 2k) runs of 64 (few pages: the transposition's
+ * large strides would otherwise miss the TLB on every element). */
 KS_ATTR void SFX(kf_sparse_pack)(int64_t f0, int64_t f1, int64_t nin, int64_t nout, int64_t nb, int64_t k,
                                  const T* sw, const T* sc, const T* bw, T* Wt, T* Bt) {
     KS_CONTRACT
     const int64_t nbp = nb + 2 * k;
-    for (int64_t i = f0; i < f1; i++) {
-        T* restrict d = Wt + (i - f0) * nbp * nout;
-        memset(d, 0, (size_t)(k * nout) * sizeof(T));
-        memset(d + (nb + k) * nout, 0, (size_t)(k * nout) * sizeof(T));
-        d += k * nout;
-        for (int64_t o0 = 0; o0 < nout; o0 += 16) {
-            const int64_t oe = o0 + 16 < nout ? o0 + 16 : nout;
-            T s[16];
-            for (int64_t o = o0; o < oe; o++) s[o - o0] = sc ? sc[o * nin + i] : (T)1;
-            for (int64_t j = 0; j < nb; j++)
-                for (int64_t o = o0; o < oe; o++) d[j * nout + o] = sw[(o * nin + i) * nb + j] * s[o - o0];
+    for (int64_t i0 = f0; i0 < f1; i0 += 8) {
+        const int64_t ie = i0 + 8 < f1 ? i0 + 8 : f1;
+        for (int64_t i = i0; i < ie; i++) {
+            T* restrict d = Wt + (i - f0) * nbp * nout;
+            memset(d, 0, (size_t)(k * nout) * sizeof(T));
+            memset(d + (nb + k) * nout, 0, (size_t)(k * nout) * sizeof(T));
         }
-        if (Bt)
-            for (int64_t o = 0; o < nout; o++) Bt[(i - f0) * nout + o] = bw[o * nin + i];
+        for (int64_t o0 = 0; o0 < nout; o0 += 64) {
+            const int64_t oe = o0 + 64 < nout ? o0 + 64 : nout;
+            for (int64_t i = i0; i < ie; i++) {
+                T sv[64];
+                for (int64_t o = o0; o < oe; o++) sv[o - o0] = sc ? sc[o * nin + i] : (T)1;
+                for (int64_t j = 0; j < nb; j++) {
+                    T* restrict d = Wt + ((i - f0) * nbp + j + k) * nout;
+                    for (int64_t o = o0; o < oe; o++) d[o] = sw[(o * nin + i) * nb + j] * sv[o - o0];
+                }
+            }
+            if (Bt)
+                for (int64_t o = o0; o < oe; o++)
+                    for (int64_t i = i0; i < ie; i++) Bt[(i - f0) * nout + o] = bw[o * nin + i];
+        }
     }
 }
 
@@ -678,24 +687,23 @@ KS_ATTR int64_t SFX(kf_sparse_bwd)(int64_t N, int64_t nin, int64_t nout, int64_t
                     for (int64_t o = 0; o < nout; o++) gr[o] += (T)0 * g[o];
                 }
             }
-            const T* restrict GW = gWf + k * nout; /* basis j at row j */
-            for (int64_t o0 = 0; o0 < nout && want_w; o0 += 16) {
-                const int64_t oe = o0 + 16 < nout ? o0 + 16 : nout;
-                T sv[16], acc[16];
-                for (int64_t o = o0; o < oe; o++) sv[o - o0] = sc ? sc[o * nin + i] : (T)1, acc[o - o0] = 0;
-                if (gsw)
-                    for (int64_t j = 0; j < nb; j++)
-                        for (int64_t o = o0; o < oe; o++) gsw[(o * nin + i) * nb + j] = GW[j * nout + o] * sv[o - o0];
-                if (gsc) {
-                    for (int64_t j = 0; j < nb; j++)
-                        for (int64_t o = o0; o < oe; o++)
-                            acc[o - o0] = GW[j * nout + o] * sw[(o * nin + i) * nb + j] + acc[o - o0];
-                    for (int64_t o = o0; o < oe; o++) gsc[o * nin + i] = acc[o - o0];
-                }
-            }
-            if (want_b)
-                for (int64_t o = 0; o < nout; o++) gbw[o * nin + i] = gBb[f * nout + o];
         }
+        /* the block's parameter gradients, by outputs (each o's run of nf features x nb contiguous) */
+        for (int64_t o = 0; o < nout && (want_w || want_b); o++)
+            for (int64_t f = 0; f < nf; f++) {
+                const int64_t i = fb + f, oi = o * nin + i;
+                const T* restrict GW = gWb + (f * nbp + k) * nout + o; /* basis j at GW[j nout] */
+                if (gsw) {
+                    const T sv = sc ? sc[oi] : (T)1;
+                    for (int64_t j = 0; j < nb; j++) gsw[oi * nb + j] = GW[j * nout] * sv;
+                }
+                if (gsc) {
+                    T acc = 0;
+                    for (int64_t j = 0; j < nb; j++) acc = GW[j * nout] * sw[oi * nb + j] + acc;
+                    gsc[oi] = acc;
+                }
+                if (want_b) gbw[oi] = gBb[f * nout + o];
+            }
     }
     return 0;
 }
