@@ -1,45 +1,56 @@
-"""Sparse contraction engine of the CPU backend: the small-call path.
+"""Sparse contraction engine of the CPU backend (issue 18).
 
 What: one KAN layer (Liu et al. 2024, eq. 2.10, efficient-kan's parameterisation)
 
     y[b, o] = sum_i base_weight[o, i] silu(x[b, i]) + sum_i sum_j W[o, i, j] B_j(x[b, i]),
     W = spline_weight * spline_scaler[..., None]
 
-computed by one compiled C call per direction (``kf_sparse_*`` in
-:mod:`kanfast.kernels.cpu_spline`): per (row, feature) the span by binary search over the
-stored knots (any finite non-decreasing knots, uniform or not: no uniformity test, no
-closed form), the ``k + 1`` non-zero bases by de Boor's triangle, contracted directly with
-the coefficient rows ``W[i, m - k + r, :]`` of a table laid out ``(in, G + k, out)`` (each row
-contiguous, the loop over ``out`` vectorised), plus the SiLU base term. No dense basis block,
-no GEMM, no per-call knot tables: the knots are read where they are stored, and the kernel
-checks them (finite, non-decreasing; O(in (G + 2k + 1)) compares) in the same call, so no
-edit of the grid (in place, through ``.data``, ``load_state_dict``, ``update_grid``,
-``extend_grid``, ``.to()``) can leave a stale constant behind. Backward: one more call gives
-grad_x (k + 2 dot products per input), and the weight gradients by the transposed scatter
-``gW[i, m - k + r, :] += B_r grad_y[b, :]`` over the rows in order (deterministic), turned
-into the gradients of ``spline_weight``, ``spline_scaler`` and ``base_weight`` in the same
-call. Weights whose bases are 0 on every row get exactly 0.
+computed by compiled C calls (``kf_sparse_*`` in :mod:`kanfast.kernels.cpu_spline`; its header
+has the algorithm): per (row, feature) the span by search over the stored knots (any finite
+non-decreasing knots, uniform or not: no uniformity test, no closed form), the ``k + 1``
+non-zero bases by de Boor's triangle, contracted directly with the coefficient rows they select
+in a table packed per call as ``(in, G + 3k, out)`` (each row contiguous, k zero rows either side
+of a feature's rows: no branch at the ends; the loops over ``out`` vectorised), plus the SiLU
+base term. No dense basis block, no GEMM: k + 2 multiply-adds per (row, input, output) forward,
+2k + 4 backward, whatever G. The knots are read where they are stored and checked (finite,
+non-decreasing) in every call, so no edit of the grid (in place, through ``.data``,
+``load_state_dict``, ``update_grid``, ``extend_grid``, ``.to()``) can leave a stale constant.
+Forward: tiles of FWD_ROWS rows x a block of features whose table rows for a chunk of 64 outputs
+fit L1 (:func:`_fwd_blocks`); rows split across the CPU workers. Backward: split by input
+features across the workers; per block of features (:func:`_bwd_features`) every row in order:
+grad_x (one dot product per input), the transposed scatter ``gW[i, m + r, :] += B_r grad_y[b, :]``,
+then the gradients of ``spline_weight``, ``spline_scaler`` and ``base_weight`` of those features
+written directly.
 
 When (the size rule, :func:`chooses`): a call takes this path when the kernels are built,
 x and the parameters are plain float32/float64 CPU tensors of one dtype (no dispatch/function
 mode, no ``jit.trace``), and either its dense work ``rows x in x (G + k + 1) x out``
 multiply-adds is at most :data:`SMALL_WORK` per thread of ``torch.get_num_threads()`` (every
 small call: the dense engine's fixed cost of ~100 small torch ops per call dominates there),
-or its coefficient table ``in x (G + k + 1) x out`` takes at most :data:`TABLE_BYTES`
-(measured: the sparse kernel then beats the dense GEMMs, forward and backward, at every G).
-Else the dense-block engine of :mod:`kanfast.torch_backend` runs. The rule is the same for
-training and inference. Large calls are split by rows across the CPU workers
-(:mod:`kanfast.cpu_workers`, same rule as the dense engine); backward then gives each worker a
-partial weight gradient, summed in worker order: bit-repeatable for a given thread count
-(not across thread counts). Inputs outside the knots, NaN and +-inf give the reference's
-result (no spline term; the SiLU term carries NaN/inf); knots that are not finite and
-non-decreasing make the kernel decline, and the caller falls back to the dense engine (whose
-result on such knots is its own).
+or its coefficient table ``in x (G + k + 1) x out`` takes at most :data:`TABLE_BYTES`, or its
+rows amortise the passes over a larger table (:data:`ROWS_PER_TABLE_ROW`). Else the dense-block
+engine of :mod:`kanfast.torch_backend` runs. The rule is the same for training and inference.
 
-Memory: nothing saved but x (and the parameters); per thread one packed table of
-``in x (G + k + 1) x out`` elements (forward) and one weight-gradient buffer of the same
-size (backward, one per worker when split), kept between calls in the CPU engine's per-thread
-cache (:func:`kanfast.torch_backend.release_buffers` frees them).
+Determinism: every y[b, o] is one chain of multiply-adds over the features in order, every
+weight gradient one sum over all rows in order, every grad_x one dot product: nothing depends on
+the tiling or on how rows (forward) or features (backward) are split across the workers, so the
+results are bit-identical run to run and for every thread count.
+
+Non-finite values: inputs outside the knots, NaN and +-inf give the reference's result (no spline
+term; the SiLU term carries NaN/inf). Weight gradients follow the reference's
+``sum_b grad_y[b, o] B_j(x_bi)`` over every row: exactly 0 for a weight whose basis is 0 on every
+row (finite grad_y), NaN where a non-finite ``grad_y[b, o]`` meets a basis that is 0 at row b
+(0 * inf), and grad_x is NaN on such rows. Knots that are not finite and non-decreasing make the
+kernel decline, and the caller falls back to the dense engine (whose result on such knots is
+its own).
+
+Memory: nothing saved but x (and the parameters). Kept between calls in the CPU engine's
+per-thread cache (:func:`kanfast.torch_backend.release_buffers` frees them): the packed table,
+``in x (G + 3k + 1) x out`` elements, one per calling thread (the workers share it); per worker
+thread a forward tile, ``FWD_ROWS x FB x (k + 2)`` elements plus as many int64 offsets, and a
+backward block, at most ``max(BWD_BLOCK_BYTES, 2 (G + 3k + 1) out elements)`` (one feature's
+table rows and gradient). Per call: the outputs and a list of the rows with a non-finite grad_y
+(one int64 per row). Nothing grows with batch x G.
 """
 
 from __future__ import annotations
@@ -52,7 +63,7 @@ import torch
 from . import cpu_workers, torch_backend
 from .kernels import cpu_spline
 
-__all__ = ["ENABLED", "SMALL_WORK", "TABLE_BYTES", "chooses", "forward", "backward"]
+__all__ = ["ENABLED", "SMALL_WORK", "TABLE_BYTES", "ROWS_PER_TABLE_ROW", "chooses", "forward", "backward"]
 
 Tensor = torch.Tensor
 

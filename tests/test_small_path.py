@@ -452,3 +452,21 @@ def test_buffers_flat_in_batch_and_bounded(calls):
     R, FB, _ = sparse_backend._fwd_blocks(33, 3, 40, torch.float32)
     assert sizes[0]["fwork"] * 4 <= R * FB * (3 + 2) * 4 + R * FB * 8
     assert sizes[0]["bwork"] * 4 <= max(sparse_backend.BWD_BLOCK_BYTES, 2 * (nbp + 1) * 40 * 4) + 4 * 1088 * 4
+
+
+@pytest.mark.parametrize("k,uniform", [(1, False), (3, True), (4, False)])
+def test_float64_tiles_blocks_and_tails(k, uniform, calls, monkeypatch):
+    """Shapes that cross every tiling boundary of the kernels: more rows than a forward tile (1024)
+    and a basis tile (64), several feature blocks forward and backward (small budgets), outputs
+    that are not whole vectors (chunks of 4 vectors, single vectors, the scalar tail), G large
+    enough for the binary-search spans; against the reference, float64 to 1e-12."""
+    monkeypatch.setattr(sparse_backend, "FWD_BLOCK_BYTES", 1 << 14)
+    monkeypatch.setattr(sparse_backend, "BWD_BLOCK_BYTES", 1 << 16)
+    layer = _layer(13, 43, 40, k, torch.float64, uniform, seed=k + 20)
+    x = _inputs(layer, 1100, torch.float64, seed=k + 1)
+    gy = torch.randn(x.shape[0], 43, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    want = _grads(layer, x, gy, reference=True)
+    got = _grads(layer, x, gy, reference=False)
+    assert calls == {"fwd": 1, "bwd": 1}
+    assert sparse_backend._bwd_features(40 + k, k, 43, torch.float64) < 13
+    _check(got, want, torch.float64)
