@@ -1,45 +1,56 @@
-"""Sparse contraction engine of the CPU backend: the small-call path.
+"""Sparse contraction engine of the CPU backend (issue 18).
 
 What: one KAN layer (Liu et al. 2024, eq. 2.10, efficient-kan's parameterisation)
 
     y[b, o] = sum_i base_weight[o, i] silu(x[b, i]) + sum_i sum_j W[o, i, j] B_j(x[b, i]),
     W = spline_weight * spline_scaler[..., None]
 
-computed by one compiled C call per direction (``kf_sparse_*`` in
-:mod:`kanfast.kernels.cpu_spline`): per (row, feature) the span by binary search over the
-stored knots (any finite non-decreasing knots, uniform or not: no uniformity test, no
-closed form), the ``k + 1`` non-zero bases by de Boor's triangle, contracted directly with
-the coefficient rows ``W[i, m - k + r, :]`` of a table laid out ``(in, G + k, out)`` (each row
-contiguous, the loop over ``out`` vectorised), plus the SiLU base term. No dense basis block,
-no GEMM, no per-call knot tables: the knots are read where they are stored, and the kernel
-checks them (finite, non-decreasing; O(in (G + 2k + 1)) compares) in the same call, so no
-edit of the grid (in place, through ``.data``, ``load_state_dict``, ``update_grid``,
-``extend_grid``, ``.to()``) can leave a stale constant behind. Backward: one more call gives
-grad_x (k + 2 dot products per input), and the weight gradients by the transposed scatter
-``gW[i, m - k + r, :] += B_r grad_y[b, :]`` over the rows in order (deterministic), turned
-into the gradients of ``spline_weight``, ``spline_scaler`` and ``base_weight`` in the same
-call. Weights whose bases are 0 on every row get exactly 0.
+computed by compiled C calls (``kf_sparse_*`` in :mod:`kanfast.kernels.cpu_spline`; its header
+has the algorithm): per (row, feature) the span by search over the stored knots (any finite
+non-decreasing knots, uniform or not: no uniformity test, no closed form), the ``k + 1``
+non-zero bases by de Boor's triangle, contracted directly with the coefficient rows they select
+in a table packed per call as ``(in, G + 3k, out)`` (each row contiguous, k zero rows either side
+of a feature's rows: no branch at the ends; the loops over ``out`` vectorised), plus the SiLU
+base term. No dense basis block, no GEMM: k + 2 multiply-adds per (row, input, output) forward,
+2k + 4 backward, whatever G. The knots are read where they are stored and checked (finite,
+non-decreasing) in every call, so no edit of the grid (in place, through ``.data``,
+``load_state_dict``, ``update_grid``, ``extend_grid``, ``.to()``) can leave a stale constant.
+Forward: tiles of FWD_ROWS rows x a block of features whose table rows for a chunk of 64 outputs
+fit L1 (:func:`_fwd_blocks`); rows split across the CPU workers. Backward: split by input
+features across the workers; per block of features (:func:`_bwd_features`) every row in order:
+grad_x (one dot product per input), the transposed scatter ``gW[i, m + r, :] += B_r grad_y[b, :]``,
+then the gradients of ``spline_weight``, ``spline_scaler`` and ``base_weight`` of those features
+written directly.
 
 When (the size rule, :func:`chooses`): a call takes this path when the kernels are built,
 x and the parameters are plain float32/float64 CPU tensors of one dtype (no dispatch/function
 mode, no ``jit.trace``), and either its dense work ``rows x in x (G + k + 1) x out``
 multiply-adds is at most :data:`SMALL_WORK` per thread of ``torch.get_num_threads()`` (every
 small call: the dense engine's fixed cost of ~100 small torch ops per call dominates there),
-or its coefficient table ``in x (G + k + 1) x out`` takes at most :data:`TABLE_BYTES`
-(measured: the sparse kernel then beats the dense GEMMs, forward and backward, at every G).
-Else the dense-block engine of :mod:`kanfast.torch_backend` runs. The rule is the same for
-training and inference. Large calls are split by rows across the CPU workers
-(:mod:`kanfast.cpu_workers`, same rule as the dense engine); backward then gives each worker a
-partial weight gradient, summed in worker order: bit-repeatable for a given thread count
-(not across thread counts). Inputs outside the knots, NaN and +-inf give the reference's
-result (no spline term; the SiLU term carries NaN/inf); knots that are not finite and
-non-decreasing make the kernel decline, and the caller falls back to the dense engine (whose
-result on such knots is its own).
+or its coefficient table ``in x (G + k + 1) x out`` takes at most :data:`TABLE_BYTES`, or its
+rows amortise the passes over a larger table (:data:`ROWS_PER_TABLE_ROW`). Else the dense-block
+engine of :mod:`kanfast.torch_backend` runs. The rule is the same for training and inference.
 
-Memory: nothing saved but x (and the parameters); per thread one packed table of
-``in x (G + k + 1) x out`` elements (forward) and one weight-gradient buffer of the same
-size (backward, one per worker when split), kept between calls in the CPU engine's per-thread
-cache (:func:`kanfast.torch_backend.release_buffers` frees them).
+Determinism: every y[b, o] is one chain of multiply-adds over the features in order, every
+weight gradient one sum over all rows in order, every grad_x one dot product: nothing depends on
+the tiling or on how rows (forward) or features (backward) are split across the workers, so the
+results are bit-identical run to run and for every thread count.
+
+Non-finite values: inputs outside the knots, NaN and +-inf give the reference's result (no spline
+term; the SiLU term carries NaN/inf). Weight gradients follow the reference's
+``sum_b grad_y[b, o] B_j(x_bi)`` over every row: exactly 0 for a weight whose basis is 0 on every
+row (finite grad_y), NaN where a non-finite ``grad_y[b, o]`` meets a basis that is 0 at row b
+(0 * inf), and grad_x is NaN on such rows. Knots that are not finite and non-decreasing make the
+kernel decline, and the caller falls back to the dense engine (whose result on such knots is
+its own).
+
+Memory: nothing saved but x (and the parameters). Kept between calls in the CPU engine's
+per-thread cache (:func:`kanfast.torch_backend.release_buffers` frees them): the packed table,
+``in x (G + 3k + 1) x out`` elements, one per calling thread (the workers share it); per worker
+thread a forward tile, ``FWD_ROWS x FB x (k + 2)`` elements plus as many int64 offsets, and a
+backward block, at most ``max(BWD_BLOCK_BYTES, 2 (G + 3k + 1) out elements)`` (one feature's
+table rows and gradient). Per call: the outputs and a list of the rows with a non-finite grad_y
+(one int64 per row). Nothing grows with batch x G.
 """
 
 from __future__ import annotations
@@ -52,7 +63,7 @@ import torch
 from . import cpu_buffers, cpu_workers
 from .kernels import cpu_spline
 
-__all__ = ["ENABLED", "SMALL_WORK", "TABLE_BYTES", "chooses", "forward", "backward"]
+__all__ = ["ENABLED", "SMALL_WORK", "TABLE_BYTES", "ROWS_PER_TABLE_ROW", "chooses", "forward", "backward"]
 
 Tensor = torch.Tensor
 
@@ -67,6 +78,22 @@ SMALL_WORK = 1 << 24
 #: 4096: G = 5 (2.4 MB) sparse 148 ms / dense 163 ms, G = 10 168 / 275; in = out = 1024, batch
 #: 256: G = 5 (37 MB) 379 / 238, G = 20 (96 MB) 968 / 667).
 TABLE_BYTES = 16 << 20
+#: Past TABLE_BYTES the call is still sparse when its rows amortise the passes over the table
+#: (packing it, forward and backward, and writing the weight gradient: ~20 ns per element of the
+#: padded table, in x (G + 3k) x out, on the development VM, one thread, where the dense GEMMs
+#: take ~0.036 ns per multiply-add and the sparse kernels about as much): when
+#: rows x (3 (G + k + 1) - (3k + 6)) >= ROWS_PER_TABLE_ROW x (G + 3k), i.e. when the dense
+#: multiply-adds it saves per (in, out) pair pay for its table rows (measured: in = out = 1024,
+#: batch 256, G = 5 dense 255 ms / sparse 427 ms fwd+bwd; in = out = 256, batch 4096, G = 200
+#: dense 5.9 s / sparse 0.38 s).
+ROWS_PER_TABLE_ROW = 550
+#: Forward tiles: rows per tile, and the features per block so that the block's table rows of one
+#: chunk of out take at most FWD_BLOCK_BYTES (L1; at most FWD_MAX_FEATURES features).
+FWD_ROWS = 1024
+FWD_BLOCK_BYTES = 24 << 10
+FWD_MAX_FEATURES = 32
+#: Backward: features per block so that their table rows and weight gradient take at most this.
+BWD_BLOCK_BYTES = 512 << 10
 #: Off: every call takes the dense engine (``KANFAST_SPARSE=0`` in the environment at import;
 #: tests of the dense engine's own paths set it).
 ENABLED = os.environ.get("KANFAST_SPARSE", "1").strip().lower() not in ("0", "false", "no", "off")
@@ -101,7 +128,9 @@ def chooses(x: Tensor, grid: Tensor, coef: Tensor, base_weight: Optional[Tensor]
     cols = coef.shape[2] + 1  # bases and the SiLU column per input
     work = N * nin * cols * coef.shape[0]
     table = nin * cols * coef.shape[0] * x.element_size()
-    if work > SMALL_WORK * max(1, torch.get_num_threads()) and table > TABLE_BYTES:
+    G = coef.shape[2] - k
+    amortised = N * (3 * G - 3) >= ROWS_PER_TABLE_ROW * (G + 3 * k)  # rows pay for the table passes
+    if work > SMALL_WORK * max(1, torch.get_num_threads()) and table > TABLE_BYTES and not amortised:
         return False
     return _kernels() is not None
 
@@ -124,6 +153,21 @@ def _c(t: Optional[Tensor]) -> Optional[Tensor]:
     return None if t is None else t.contiguous()
 
 
+def _fwd_blocks(nb: int, k: int, nout: int, dt: torch.dtype) -> Tuple[int, int, int]:
+    """(R, FB, NV): the forward's tiles (the C header): R = FWD_ROWS rows, chunks of NV = 4
+    vectors of 64 bytes of out, FB features so that the block's rows of one chunk, FB (nb + 2k)
+    NV 64 bytes, fit FWD_BLOCK_BYTES (L1; at least one feature, at most FWD_MAX_FEATURES)."""
+    fb = FWD_BLOCK_BYTES // ((nb + 2 * k) * 4 * 64)
+    return FWD_ROWS, max(1, min(FWD_MAX_FEATURES, fb)), 4
+
+
+def _bwd_features(nb: int, k: int, nout: int, dt: torch.dtype) -> int:
+    """FB: features per block of the backward, so that their table rows and weight gradient,
+    2 FB (nb + 2k + 1) out elements, fit BWD_BLOCK_BYTES (at least one feature)."""
+    s = torch.empty(0, dtype=dt).element_size()
+    return max(1, BWD_BLOCK_BYTES // (2 * (nb + 2 * k + 1) * nout * s))
+
+
 def forward(x: Tensor, grid: Tensor, coef: Tensor, base_weight: Optional[Tensor], k: int,
             scale: Optional[Tensor] = None) -> Optional[Tensor]:
     """y ``(N, out)`` of the layer (module docstring) by the sparse kernel, or None when the
@@ -135,72 +179,77 @@ def forward(x: Tensor, grid: Tensor, coef: Tensor, base_weight: Optional[Tensor]
     kern = _kernels()
     x = x if (x.shape[1] <= 1 or x.stride(1) == 1) else x.contiguous()
     grid, coef, base_weight, scale = _c(grid), _c(coef), _c(base_weight), _c(scale)
-    nout, nin, nb = coef.shape
-    N = x.shape[0]
-    y = torch.empty(N, nout, dtype=x.dtype)
-    nw = nin * nb * nout
-    buf = _buffer("W", nw + nin * nout, x.dtype)
-    parts = _parts(x, grid, coef, base_weight, scale)
-    if len(parts) == 1:
-        return None if kern.sparse_fwd(x, grid, k, coef, scale, base_weight, buf, buf[nw:], y, True) else y
-    # the knots checked and the table packed once, by the caller; the workers share it (read-only)
-    if kern.sparse_fwd(x[:0], grid, k, coef, scale, base_weight, buf, buf[nw:], y[:0], True):
+    if kern.sparse_check(grid):
         return None
-    cpu_workers.run(
-        lambda a, b: kern.sparse_fwd(x[a:b], grid, k, coef, scale, base_weight, buf, buf[nw:], y[a:b], False), parts
-    )
+    nout, nin, nb = coef.shape
+    N, dt = x.shape[0], x.dtype
+    y = torch.empty(N, nout, dtype=dt)
+    nw = nin * (nb + 2 * k) * nout
+    table = _buffer("W", nw + nin * nout, dt)  # the packed table (one per call, shared by the workers)
+    Bt = table[nw:] if base_weight is not None else None
+    R, FB, NV = _fwd_blocks(nb, k, nout, dt)
+    wlen = kern.fwd_work(R, FB, k, dt)
+
+    def pack(a, b):
+        kern.sparse_pack(a, b, k, coef, scale, base_weight, table[a * (nb + 2 * k) * nout:],
+                         None if Bt is None else Bt[a * nout:])
+
+    def rows(a, b):
+        rc = kern.sparse_fwd(x[a:b], grid, k, table, Bt, y[a:b], R, FB, NV, _buffer("fwork", wlen, dt))
+        assert rc == 0, f"kf_sparse_fwd returned {rc}"
+
+    P = _workers(x, grid, coef, base_weight, scale)
+    if P == 1:
+        pack(0, nin)
+        rows(0, N)
+    else:
+        cpu_workers.run(pack, cpu_workers.split(nin, P))
+        cpu_workers.run(rows, cpu_workers.split(N, P))
     return y
 
 
-def _parts(x, grid, coef, base_weight, scale):
-    """Row ranges of the CPU workers (:mod:`kanfast.cpu_workers`, its rule on the dense work
-    ``rows x in x (G + k + 1)``): one range runs inline."""
+def _workers(x, grid, coef, base_weight, scale) -> int:
+    """Number of CPU workers (:mod:`kanfast.cpu_workers`, its rule on the dense work
+    ``rows x in x (G + k + 1)``): 1 runs inline."""
     N, nin = x.shape
-    work = N * nin * (coef.shape[2] + 1)
-    return cpu_workers.split(N, cpu_workers.worker_count(work, x, grid, coef, base_weight, scale))
+    return cpu_workers.worker_count(N * nin * (coef.shape[2] + 1), x, grid, coef, base_weight, scale)
 
 
 def backward(grad_y: Tensor, x: Tensor, grid: Tensor, coef: Tensor, base_weight: Optional[Tensor], k: int,
              scale: Optional[Tensor], need_x: bool, need_c: bool, need_b: bool, need_s: bool
              ) -> Optional[Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor], Optional[Tensor]]]:
     """``(grad_x, grad_coef, grad_base, grad_scale)`` of :func:`forward` (None where not
-    needed), or None when the kernel declines the knots."""
+    needed), or None when the kernel declines the knots. Split by input features across the
+    CPU workers, each weight gradient one sum over the rows in order: the same bits for any
+    thread count."""
     kern = _kernels()
     x = x if (x.shape[1] <= 1 or x.stride(1) == 1) else x.contiguous()
     grid, coef, base_weight, scale = _c(grid), _c(coef), _c(base_weight), _c(scale)
+    if kern.sparse_check(grid):
+        return None
     grad_y = grad_y.contiguous()
     nout, nin, nb = coef.shape
-    dt = x.dtype
+    N, dt = x.shape[0], x.dtype
     need_b = need_b and base_weight is not None
     need_s = need_s and scale is not None
-    need_w = need_c or need_s
-    nw = nin * nb * nout
     gx = torch.empty(x.shape, dtype=dt) if need_x else None
-    tab = _buffer("W", nw + nin * nout, dt) if need_x else None
-    tb = None if tab is None else tab[nw:]
-    need_p = need_w or need_b
-    parts = _parts(x, grid, coef, base_weight, scale)
-    P = len(parts)
-    stride = nw + nin * nout
-    part = _buffer("gW", P * stride, dt) if need_p else None
-    if P == 1:
-        rc = kern.sparse_bwd(x, grid, k, grad_y, coef, scale, base_weight, tab, tb, gx, part,
-                             part[nw:] if need_b else None, True)
-        if rc:
-            return None
-    else:  # rows split across the workers, each its own partial weight gradient (summed in part order)
-        if kern.sparse_bwd(x[:0], grid, k, grad_y[:0], coef, scale, base_weight, tab, tb, None, None, None, True):
-            return None
-
-        def rows(a, b):
-            p = part[parts.index((a, b)) * stride:] if need_p else None
-            kern.sparse_bwd(x[a:b], grid, k, grad_y[a:b], coef, scale, base_weight, tab, tb,
-                            None if gx is None else gx[a:b], p, p[nw:] if (need_b and p is not None) else None, False)
-
-        cpu_workers.run(rows, parts)
     gc = torch.empty(nout, nin, nb, dtype=dt) if need_c else None
     gs = torch.empty(nout, nin, dtype=dt) if need_s else None
     gb = torch.empty(nout, nin, dtype=dt) if need_b else None
-    if need_p:
-        kern.sparse_finish(part, P, stride, nin, nout, nb, need_b, coef, scale, gc, gs, gb)
+    need_w = need_c or need_s
+    bad, nbad = None, 0
+    if (need_w or need_x) and N:  # the rows with a NaN or +-inf in grad_y (the reference's 0 * inf)
+        bad = torch.empty(N, dtype=torch.int64)
+        nbad = kern.sparse_bad_rows(grad_y, bad)
+    FB = _bwd_features(nb, k, nout, dt)
+    wlen = kern.bwd_work(FB, nb, k, nout, need_x, need_w or need_b)
+
+    def feats(a, b):
+        rc = kern.sparse_bwd(x, grid, k, grad_y, coef, scale, base_weight, a, b, gx, gc, gs, gb, nbad, bad, FB,
+                             _buffer("bwork", wlen, dt))
+        assert rc == 0, f"kf_sparse_bwd returned {rc}"
+
+    if need_x or need_w or need_b:
+        P = _workers(x, grid, coef, base_weight, scale)
+        cpu_workers.run(feats, cpu_workers.split(nin, P))
     return gx, gc, gb, gs

@@ -175,7 +175,8 @@ def test_deterministic(calls):
 
 def test_size_rule(monkeypatch):
     """The documented rule: small calls sparse; larger ones sparse while the coefficient table
-    fits TABLE_BYTES, dense past it; unsupported dtypes never."""
+    fits TABLE_BYTES or the rows amortise its passes (ROWS_PER_TABLE_ROW), dense otherwise;
+    unsupported dtypes never."""
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
 
     def case(N, nin, nout, G, k=3, dtype=torch.float32):
@@ -185,7 +186,9 @@ def test_size_rule(monkeypatch):
 
     assert case(1000, 2, 5, 5) and case(64, 4, 16, 5) and case(128, 784, 64, 5)
     assert case(4096, 256, 256, 5) and case(4096, 256, 256, 50)  # tables of 2.4 and 14 MB
-    assert not case(256, 1024, 1024, 5)  # 37 MB
+    assert not case(256, 1024, 1024, 5)  # 37 MB, 256 rows: 256 x 12 < 550 x 14
+    assert case(4096, 256, 256, 200) and case(4096, 256, 256, 500)  # 53 and 130 MB, amortised by the rows
+    assert not case(4096, 1024, 1024, 1)  # 21 MB at G = 1: the sparse path saves nothing per row
     assert case(1, 1024, 1024, 5)  # one row: small work
     assert not case(64, 4, 16, 5, dtype=torch.float16)
     assert case(64, 4, 16, 5, dtype=torch.float64)
@@ -279,40 +282,78 @@ def test_kan_linear_op_functional(calls):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
 
 
+def _force_workers(monkeypatch, n):
+    """Every call split into ``n`` parts across the CPU workers (n = 1: inline)."""
+    from kanfast import cpu_workers
+
+    monkeypatch.setattr(cpu_workers, "MIN_ELEMENTS", 1)
+    monkeypatch.setattr(cpu_workers, "_usable_cpus", lambda: 64)
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
-def three_workers(monkeypatch):
+def restore_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def three_workers(monkeypatch, restore_threads):
     """Force the CPU workers (3 parts) for any call; records the parts of every split call."""
     from kanfast import cpu_workers
 
     if not cpu_workers._uses_openmp():
         pytest.skip("workers need torch's OpenMP backend")
-    monkeypatch.setattr(cpu_workers, "MIN_ELEMENTS", 1)
-    monkeypatch.setattr(cpu_workers, "_usable_cpus", lambda: 64)
-    n = torch.get_num_threads()
-    torch.set_num_threads(3)
-    yield spy_on_worker_runs(monkeypatch)
-    torch.set_num_threads(n)
+    _force_workers(monkeypatch, 3)
+    return spy_on_worker_runs(monkeypatch)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_split_across_workers(dtype, three_workers, calls):
-    """Rows split across 3 workers (forward: disjoint rows; backward: a partial weight gradient
-    per worker, summed in worker order): the reference's values and gradients, bit-repeatable."""
+    """Forward: the table packed by feature ranges, then rows split across 3 workers; backward:
+    features split across them (each weight gradient one sum over all rows): the reference's
+    values and gradients."""
     layer = _layer(6, 5, 5, 3, torch.float64, False, seed=4).to(dtype)
     x = _inputs(layer, 40, dtype, seed=4)
     gy = torch.randn(x.shape[0], 5, dtype=dtype, generator=torch.Generator().manual_seed(3))
     got = _grads(layer, x, gy, reference=False)
     assert calls == {"fwd": 1, "bwd": 1}
-    assert len(three_workers) == 2 and all(len(r) == 3 for r in three_workers)
+    n = x.shape[0]
+    assert three_workers == [[(0, 2), (2, 4), (4, 6)], [(0, 32), (32, 64), (64, n)], [(0, 2), (2, 4), (4, 6)]]
     want = _grads(layer, x, gy, reference=True)
     for a, b in zip(got, want):
         assert torch.equal(torch.isnan(a), torch.isnan(b))
         fin = torch.isfinite(b)
         tol = 1e-12 if dtype == torch.float64 else 2e-5
         assert rel_rms(a[fin], b[fin]) <= tol
-    again = _grads(layer, x, gy, reference=False)
-    for a, b in zip(got, again):
-        assert torch.equal(a.nan_to_num(), b.nan_to_num())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("k,uniform", [(3, True), (2, False), (5, True)])
+def test_bit_identical_across_thread_counts(dtype, k, uniform, monkeypatch, restore_threads, calls):
+    """Values and every gradient the same bits on 1, 2 and 3 workers, and run to run (a layer wide
+    enough for several feature blocks in the backward, a tail of out that is not a whole vector,
+    NaN/inf and outside inputs, a non-finite grad_y row)."""
+    from kanfast import cpu_workers
+
+    if not cpu_workers._uses_openmp():
+        pytest.skip("workers need torch's OpenMP backend")
+    layer = _layer(37, 21, 40, k, torch.float64, uniform, seed=11).to(dtype)
+    x = _inputs(layer, 300, dtype, seed=5)
+    gy = torch.randn(x.shape[0], 21, dtype=dtype, generator=torch.Generator().manual_seed(6))
+    gy[7, 3] = float("inf")
+    runs = []
+    for n in (1, 2, 3, 2, 1):
+        _force_workers(monkeypatch, n)
+        spy = spy_on_worker_runs(monkeypatch)
+        runs.append(_grads(layer, x, gy, reference=False))
+        assert all(len(r) == n for r in spy) and (n == 1 or len(spy) == 3)
+    assert calls == {"fwd": 5, "bwd": 5}
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            assert torch.equal(a.view(-1).view(torch.int64 if dtype == torch.float64 else torch.int32),
+                               b.view(-1).view(torch.int64 if dtype == torch.float64 else torch.int32))
 
 
 def test_bench_small_writes_json_csv_png(tmp_path, monkeypatch):
@@ -355,3 +396,77 @@ def test_empty_batch(calls):
     assert x.grad.shape == (0, 3)
     for p in (layer.base_weight, layer.spline_weight, layer.spline_scaler):
         assert torch.equal(p.grad, torch.zeros_like(p))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("k", [1, 3])
+def test_non_finite_grad_y_as_reference(dtype, k, calls, monkeypatch):
+    """A NaN or +-inf in grad_y[b, o]: the reference's weight gradient sum_b grad_y[b, o] B_j(x_bi)
+    has 0 * inf = NaN for every weight (i, j, o) whose basis is 0 at row b (the sparse path used to
+    leave those at 0), inf where it is not; grad_x and the base weight's gradient follow. The same
+    NaN/inf pattern as the reference (and for the weights as the dense path), finite values to
+    rounding."""
+    layer = _layer(5, 4, 12, k, torch.float64, True, seed=2).to(dtype)
+    g = torch.Generator().manual_seed(0)
+    x = (torch.rand(30, 5, generator=g, dtype=torch.float64) * 1.6 - 0.8).to(dtype)
+    x[:, 3] = x[:, 3] * 0.1  # feature 3: a narrow band (most of its weights reached by no row)
+    x[2, 1], x[4, 0] = 5.0, float("nan")  # outside, NaN
+    gy = torch.randn(30, 4, generator=g, dtype=torch.float64).to(dtype)
+    gy[3, 1], gy[9, 2], gy[4, 0] = float("nan"), float("inf"), -float("inf")
+    want = _grads(layer, x, gy, reference=True)
+    got = _grads(layer, x, gy, reference=False)
+    assert calls == {"fwd": 1, "bwd": 1}
+    monkeypatch.setattr(sparse_backend, "chooses", lambda *a: False)
+    dense = _grads(layer, x, gy, reference=False)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    names = ["y", "grad_x", "grad_base_weight", "grad_spline_weight", "grad_spline_scaler"]
+    for name, a, b, d in zip(names, got, want, dense):
+        assert torch.equal(torch.isnan(a), torch.isnan(b)), name
+        assert torch.equal(torch.isinf(a), torch.isinf(b)) and torch.equal(a[torch.isinf(a)], b[torch.isinf(b)]), name
+        if name != "grad_x":  # the dense path: the same rule for the weights
+            assert torch.equal(torch.isnan(d), torch.isnan(b)), name
+        fin = torch.isfinite(b)
+        assert rel_rms(a[fin], b[fin]) <= tol, name
+    gw = got[3]
+    assert torch.isnan(gw[1]).all() and torch.isnan(gw[2]).any() and torch.isfinite(gw[3]).all()
+
+
+def test_buffers_flat_in_batch_and_bounded(calls):
+    """The sparse path's kept buffers: the packed table (in x (G + 3k + 1) x out, one per calling
+    thread) and per thread a forward tile (R x FB x (k + 4)) and a backward block of at most
+    max(BWD_BLOCK_BYTES, one feature's 2 (G + 3k + 1) out elements): none grows with the batch."""
+    from kanfast import torch_backend
+
+    layer = _layer(24, 40, 30, 3, torch.float32, True, seed=3)
+    sizes = []
+    for N in (100, 3000):
+        torch_backend.release_buffers()
+        x = (torch.rand(N, 24) * 2 - 1).requires_grad_(True)
+        layer(x).sum().backward()
+        bufs = torch_backend._thread_buffers()
+        sizes.append({key[1]: bufs[key].numel() for key in list(bufs.keys()) if key[0] == "sparse"})
+    assert calls == {"fwd": 2, "bwd": 2}
+    assert sizes[0] == sizes[1] and set(sizes[0]) == {"W", "fwork", "bwork"}
+    nbp = 30 + 3 + 2 * 3
+    assert sizes[0]["W"] == 24 * nbp * 40 + 24 * 40
+    R, FB, _ = sparse_backend._fwd_blocks(33, 3, 40, torch.float32)
+    assert sizes[0]["fwork"] * 4 <= R * FB * (3 + 2) * 4 + R * FB * 8
+    assert sizes[0]["bwork"] * 4 <= max(sparse_backend.BWD_BLOCK_BYTES, 2 * (nbp + 1) * 40 * 4) + 4 * 1088 * 4
+
+
+@pytest.mark.parametrize("k,uniform", [(1, False), (3, True), (4, False)])
+def test_float64_tiles_blocks_and_tails(k, uniform, calls, monkeypatch):
+    """Shapes that cross every tiling boundary of the kernels: more rows than a forward tile (1024)
+    and a basis tile (64), several feature blocks forward and backward (small budgets), outputs
+    that are not whole vectors (chunks of 4 vectors, single vectors, the scalar tail), G large
+    enough for the binary-search spans; against the reference, float64 to 1e-12."""
+    monkeypatch.setattr(sparse_backend, "FWD_BLOCK_BYTES", 1 << 14)
+    monkeypatch.setattr(sparse_backend, "BWD_BLOCK_BYTES", 1 << 16)
+    layer = _layer(13, 43, 40, k, torch.float64, uniform, seed=k + 20)
+    x = _inputs(layer, 1100, torch.float64, seed=k + 1)
+    gy = torch.randn(x.shape[0], 43, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    want = _grads(layer, x, gy, reference=True)
+    got = _grads(layer, x, gy, reference=False)
+    assert calls == {"fwd": 1, "bwd": 1}
+    assert sparse_backend._bwd_features(40 + k, k, 43, torch.float64) < 13
+    _check(got, want, torch.float64)

@@ -41,7 +41,7 @@
 
 #ifndef KF_BODY
 
-int kf_abi_version(void) { return 4; }
+int kf_abi_version(void) { return 5; }
 
 /* exp for float, vectorisable (Cephes expf: range reduction by ln 2, degree-6 polynomial).
  * Arguments below -87.3 give exp(-87.3) (~1e-38: 1 + e rounds to 1, as it would for the exact
@@ -207,96 +207,98 @@ void SFX(kf_grad_x)(int64_t rows, int64_t fw, const T* x, int64_t sx, const T* h
 }
 
 #endif /* KF_BODY */
-
 /* ------------------------------------------------------------------------------------------
- * Sparse contraction kernels (kf_sparse_*): the small-call path of the CPU engine
- * (kanfast.sparse_backend), and the sparse contraction of issue 18.
+ * Sparse contraction kernels (kf_sparse_*): the sparse path of the CPU engine
+ * (kanfast.sparse_backend), the sparse contraction of issue 18.
  *
- * Algorithm: for every row b and input feature i, the span m with t_m <= x < t_{m+1} by
- * binary search over the STORED knots t = grid[i] (any non-decreasing knots, no uniformity
- * assumed), then the k + 1 non-zero bases B_{m-k..m}(x) by de Boor's triangle (NURBS Book,
- * alg. A2.2: one division per entry, its denominator the knot difference
- * t_{m+r+1} - t_{m+r+1-p} of the Cox-de Boor recursion, a zero denominator (repeated knots)
- * giving 0), and contract them directly with the coefficient table, laid out (in, G + k, out)
- * so that each row W[i, j, :] is contiguous and the loop over out vectorises:
- *     y[b, :] = sum_i ( silu(x_bi) Bt[i, :] + sum_r B_r(x_bi) W[i, m_bi - k + r, :] ).
- * No dense basis block, no GEMM. Knot indices outside [0, n) (the bases B_j with j < 0 or
- * j > G + k - 1 that the triangle carries near the ends) read the clamped end knot: those
- * entries are never used, and every real basis B_j depends only on t_j .. t_{j+k+1}, inside.
- * Inputs outside [t_0, t_last) (NaN and +-inf included) contribute no spline term (their
- * bases are 0, as in the reference); their SiLU term carries NaN/inf.
- * Backward (rows of one worker): grad_W[i, m - k + r, :] += B_r grad_y[b, :] (the transposed
- * scatter, rows in order: deterministic), grad_Bt[i, :] += silu(x) grad_y[b, :], and
- * grad_x[b, i] = silu'(x) <grad_y[b], Bt[i]> + sum_r B_r'(x) <grad_y[b], W[i, m - k + r]>
- * (k + 2 dot products), B_r' = k (B_{j,k-1} / (t_{j+k} - t_j) - B_{j+1,k-1} / (t_{j+k+1} - t_{j+1}))
- * from the triangle's last-level quotients. Weight gradients of bases that are 0 on every row
- * are never written: exactly 0. kf_sparse_finish sums the workers' partial weight gradients in
- * worker order (deterministic for a given split) and turns them into the gradients of
- * efficient-kan's parameters: spline_weight (out, in, G + k) (times the scale) and the scale.
+ * Algorithm: for every row b and input feature i, the span m with t_m <= x < t_{m+1} over the
+ * STORED knots t = grid[i] (any non-decreasing knots, no uniformity assumed: by counting the
+ * knots <= x for short rows, else a branchless binary search, both vectorised over 64 rows),
+ * then the k + 1 non-zero bases B_{m-k..m}(x) by de Boor's triangle (NURBS Book, alg. A2.2: one
+ * division per entry, its denominator the knot difference t_{m+r+1} - t_{m+r+1-p} of the
+ * Cox-de Boor recursion, a zero denominator (repeated knots) giving 0), contracted directly
+ * with the coefficient table, packed per call as Wt (in, nb + 2k, out), nb = G + k: feature i's
+ * rows W[i, j, :] (contiguous: the loops over out are vectorised, 64-byte vectors) at row
+ * j + k, with k zero rows before and after, so that the k + 1 slots of every span m in
+ * [0, n - 2] are the rows m .. m + k (no branch at the ends; slots of bases that do not exist
+ * get coefficient 0):
+ *     y[b, :] = sum_i ( silu(x_bi) Bt[i, :] + sum_r B_r(x_bi) Wt[i, m_bi + r, :] ).
+ * Knot indices outside [0, n) (the bases B_j with j < 0 or j > G + k - 1 that the triangle
+ * carries near the ends) read the clamped end knot; those slots are zeroed. Inputs outside
+ * [t_0, t_last) (NaN and +-inf included) contribute no spline term (their bases are 0, as in
+ * the reference); their SiLU term carries NaN/inf.
+ * Forward (kf_sparse_fwd, rows [0, N) of one worker): tiles of R rows x FB features; the bases
+ * of a tile computed once, then per chunk of 4 vectors of out and per row the FB features'
+ * k + 2 rows accumulated in registers (y loaded and stored once per feature block). Every
+ * y[b, o] is the same chain of multiply-adds (features in order; per feature the SiLU term,
+ * then r = 0..k), whatever R, FB, the chunking and the rows a worker gets.
+ * Backward (kf_sparse_bwd, features [f0, f1) of one worker, ALL rows): per block of FB
+ * features, their table rows packed and their weight gradient gW (FB, nb + 2k, out) zeroed, then
+ * for every row in order: gW[i, m + r, :] += B_r grad_y[b, :] (the transposed scatter),
+ * gB[i, :] += silu(x) grad_y[b, :], grad_x[b, i] = <grad_y[b], silu'(x) Bt[i] +
+ * sum_r B_r'(x) Wt[i, m + r]> (one vector of partial sums over out, its lanes in order),
+ * B_r' = k (B_{j,k-1} / (t_{j+k} - t_j) - B_{j+1,k-1} / (t_{j+k+1} - t_{j+1})) from the
+ * triangle's last-level quotients; then the block's parameter gradients written directly:
+ * spline_weight (out, in, G + k) (times the scale), the scale (sum over j, in order) and
+ * base_weight. Each weight gradient is one sum over the rows in order, each grad_x one dot
+ * product: nothing depends on how the features are split, so results are bit-identical for
+ * every thread count (and run to run); no partial sums, no reduction.
+ * Zero-gradient rule (as the dense path and the reference, whose weight gradient is
+ * sum_b grad_y[b, o] B_j(x_bi) over every row): a weight whose basis is 0 on every row gets
+ * exactly 0, and a non-finite grad_y[b, o] makes every weight (i, j, o) with B_j(x_bi) = 0
+ * NaN (0 * inf): the rows with a non-finite grad_y are listed once per call
+ * (kf_sparse_bad_rows) and 0 * grad_y[b, :] is added to the rows of gW outside the row's slots;
+ * their grad_x is NaN (the reference's sum_j dL/dB_j dB_j/dx meets 0 * inf at a basis whose
+ * derivative is 0) unless every basis of the feature is among the row's slots.
  *
- * Knots: every call checks them (fwd/bwd with pack = 1: finite and non-decreasing, O(in n));
- * a return value of 1 means "not so", and the caller takes another path. Nothing derived from
- * the knots is kept between calls, so no edit of the knots (in place, through .data, a new
- * tensor) can leave anything stale.
- * Work: the caller's buffer holds the packed tables Wt (in * (G + k) * out) and Bt (in * out).
+ * Knots: kf_sparse_check (finite and non-decreasing, O(in n)) is called in every call before
+ * anything else; 1 means "not so", and the caller takes another path. Nothing derived from the
+ * knots is kept between calls, so no edit of the knots can leave anything stale.
+ * Memory: forward, one packed table Wt, Bt per call (in (nb + 2k + 1) out elements, shared by
+ * the workers, packed by them by feature ranges: kf_sparse_pack) and per worker R FB (k + 3)
+ * elements; backward, per worker a block of FB features (2 FB (nb + 2k + 1) out elements at most),
+ * FB chosen by the caller to fit its budget: nothing grows with the batch (but a list of the
+ * rows with non-finite grad_y) and nothing with G beyond one feature's rows per worker.
  * Addresses are formed only from indices checked to lie in range (m in [0, n - 2] by the
- * search's invariant, j tested against [0, G + k)): no input value can move a load or store.
+ * search's invariant): no input value can move a load or store.
+ * Floats: the contractions are compiled with fp-contract=fast (fused multiply-adds where the
+ * target has them, in every lane and tail alike): one rounding per multiply-add.
  * ------------------------------------------------------------------------------------------ */
 #if defined(KF_BODY) && !defined(KF_SPARSE_PASS2)
 #if !defined(KF_SPARSE_PASS1)
 #define KF_SPARSE_PASS1 /* first inclusion: float; the second defines PASS2 (double), the outer pass skips */
-#ifdef __FMA__ /* fused multiply-add in the contractions (one rounding); plain a * b + c without the hardware */
-#define KS_FMA(a, b, c) fmaf(a, b, c)
+#define KS_MAXK 16
+#define KS_TILE 64       /* rows per basis evaluation */
+#define KS_COUNT_MAX 32  /* knots up to which spans are found by counting */
+#define KS_VB 64         /* bytes per vector */
+#define KS_SKEW 1088     /* bytes (17 x 64) between the backward's work arrays */
+#if defined(__clang__)
+#define KS_ATTR
+#define KS_CONTRACT _Pragma("clang fp contract(fast)")
 #else
-#define KS_FMA(a, b, c) ((a) * (b) + (c))
+#define KS_ATTR __attribute__((optimize("fp-contract=fast")))
+#define KS_CONTRACT
 #endif
 #else
 #define KF_SPARSE_PASS2
-#undef KS_FMA
-#ifdef __FMA__
-#define KS_FMA(a, b, c) fma(a, b, c)
-#else
-#define KS_FMA(a, b, c) ((a) * (b) + (c))
-#endif
 #endif
 
-#define KS_MAXK 16
+typedef T SFX(ks_v) __attribute__((vector_size(KS_VB)));
+#define KS_L ((int64_t)(KS_VB / sizeof(T)))
 
-/* span m in [0, n - 2] with t[m] <= x < t[m + 1] (precondition t[0] <= x < t[n - 1]) */
-static inline int64_t SFX(ks_span)(const T* restrict t, int64_t n, T x) {
-    int64_t lo = 0, hi = n - 1;
-    while (hi - lo > 1) {
-        const int64_t mid = (lo + hi) >> 1;
-        if (t[mid] <= x) lo = mid; else hi = mid;
-    }
-    return lo;
+static inline __attribute__((always_inline)) SFX(ks_v) SFX(ks_ld)(const T* p) {
+    SFX(ks_v) v;
+    memcpy(&v, p, sizeof v);
+    return v;
 }
+static inline __attribute__((always_inline)) void SFX(ks_st)(T* p, SFX(ks_v) v) { memcpy(p, &v, sizeof v); }
 
 static inline T SFX(ks_knot)(const T* restrict t, int64_t n, int64_t j) {
     return t[j < 0 ? 0 : (j > n - 1 ? n - 1 : j)];
 }
 
-/* v[r] = B_{m-k+r,k}(x), r = 0..k; q (when not NULL) the last level's quotients
- * q[r] = B_{m-k+1+r,k-1}(x) / (t_{m+1+r} - t_{m+1+r-k}), r = 0..k-1 (0 where the difference is 0) */
-static inline void SFX(ks_bases)(const T* restrict t, int64_t n, int64_t m, int64_t k, T x, T* restrict v,
-                                 T* restrict q) {
-    v[0] = (T)1;
-    for (int64_t p = 1; p <= k; p++) {
-        T saved = 0;
-        for (int64_t r = 0; r < p; r++) {
-            const T hi = SFX(ks_knot)(t, n, m + r + 1), lo = SFX(ks_knot)(t, n, m + r + 1 - p);
-            const T den = hi - lo;
-            const T temp = den > 0 ? v[r] / den : (T)0;
-            if (q != 0 && p == k) q[r] = temp;
-            v[r] = saved + (hi - x) * temp;
-            saved = (x - lo) * temp;
-        }
-        v[p] = saved;
-    }
-}
-
 /* 1 unless every knot row is finite and non-decreasing */
-static int64_t SFX(ks_check)(int64_t nin, int64_t n, const T* grid) {
+int64_t SFX(kf_sparse_check)(int64_t nin, int64_t n, const T* grid) {
     for (int64_t i = 0; i < nin; i++) {
         const T* t = grid + i * n;
         int bad = 0;
@@ -307,55 +309,49 @@ static int64_t SFX(ks_check)(int64_t nin, int64_t n, const T* grid) {
     return 0;
 }
 
-/* Wt[i, j, o] = sw[o, i, j] * sc[o, i] (sc NULL: 1); Bt[i, o] = bw[o, i] (bw NULL: skipped) */
-static void SFX(ks_pack)(int64_t nin, int64_t nout, int64_t nb, const T* sw, const T* sc, const T* bw, T* Wt,
-                         T* Bt) {
-    for (int64_t o = 0; o < nout; o++)
-        for (int64_t i = 0; i < nin; i++) {
-            const T s = sc ? sc[o * nin + i] : (T)1;
-            const T* restrict w = sw + (o * nin + i) * nb;
-            T* restrict d = Wt + i * nb * nout + o;
-            for (int64_t j = 0; j < nb; j++) d[j * nout] = w[j] * s;
-            if (bw) Bt[i * nout + o] = bw[o * nin + i];
+/* Features [f0, f1) of the table: feature i at Wt + (i - f0) (nb + 2k) nout, its row j + k =
+ * sw[o, i, j] * sc[o, i] (sc NULL: 1), k zero rows before and after; Bt + (i - f0) nout =
+ * bw[:, i] (Bt NULL: skipped). Blocked by 8 features x 64 outputs: a block reads 64 runs of
+ * 8 nb elements of sw and writes 8 (nb + 2k) runs of 64 (few pages: the transposition's
+ * large strides would otherwise miss the TLB on every element). */
+KS_ATTR void SFX(kf_sparse_pack)(int64_t f0, int64_t f1, int64_t nin, int64_t nout, int64_t nb, int64_t k,
+                                 const T* sw, const T* sc, const T* bw, T* Wt, T* Bt) {
+    KS_CONTRACT
+    const int64_t nbp = nb + 2 * k;
+    for (int64_t i0 = f0; i0 < f1; i0 += 8) {
+        const int64_t ie = i0 + 8 < f1 ? i0 + 8 : f1;
+        for (int64_t i = i0; i < ie; i++) {
+            T* restrict d = Wt + (i - f0) * nbp * nout;
+            memset(d, 0, (size_t)(k * nout) * sizeof(T));
+            memset(d + (nb + k) * nout, 0, (size_t)(k * nout) * sizeof(T));
         }
-}
-
-static inline T SFX(ks_silu)(T x) { return x / ((T)1 + EXP(-x)); }
-
-/* a . b over n elements: two vectors of partial sums (GCC/clang vector extensions: SIMD of
- * whatever width the target has), then their lanes in index order, then the tail: one fixed
- * order for a given n (deterministic). */
-typedef T SFX(ks_vec) __attribute__((vector_size(32)));
-static inline T SFX(ks_dot)(int64_t n, const T* restrict a, const T* restrict b) {
-    enum { L = 32 / sizeof(T) };
-    SFX(ks_vec) s0 = {0}, s1 = {0}, va, vb;
-    int64_t o = 0;
-    for (; o + 2 * L <= n; o += 2 * L) {
-        memcpy(&va, a + o, sizeof va);
-        memcpy(&vb, b + o, sizeof vb);
-        s0 += va * vb;
-        memcpy(&va, a + o + L, sizeof va);
-        memcpy(&vb, b + o + L, sizeof vb);
-        s1 += va * vb;
+        for (int64_t o0 = 0; o0 < nout; o0 += 64) {
+            const int64_t oe = o0 + 64 < nout ? o0 + 64 : nout;
+            for (int64_t i = i0; i < ie; i++) {
+                T sv[64];
+                for (int64_t o = o0; o < oe; o++) sv[o - o0] = sc ? sc[o * nin + i] : (T)1;
+                for (int64_t j = 0; j < nb; j++) {
+                    T* restrict d = Wt + ((i - f0) * nbp + j + k) * nout;
+                    for (int64_t o = o0; o < oe; o++) d[o] = sw[(o * nin + i) * nb + j] * sv[o - o0];
+                }
+            }
+            if (Bt)
+                for (int64_t o = o0; o < oe; o++)
+                    for (int64_t i = i0; i < ie; i++) Bt[(i - f0) * nout + o] = bw[o * nin + i];
+        }
     }
-    s0 += s1;
-    T acc = 0;
-    for (int l = 0; l < L; l++) acc += s0[l];
-    for (; o < n; o++) acc = KS_FMA(a[o], b[o], acc);
-    return acc;
 }
 
-/* One feature i on a tile of nr <= KS_TILE rows: xs (the inputs), in (inside [t_0, t_last)),
- * m (span, as an index), v (k + 1 rows of KS_TILE: the bases, 0 for inputs outside), q (k rows:
- * the last level's quotients, when want_q) and e = exp(-x). Vectorised over the rows: the spans
- * by counting knots (n <= KS_COUNT_MAX) or binary search, the triangle on gathered knots. */
-#define KS_TILE 64
-#define KS_UMAX 1024 /* outputs up to which grad_x forms u on the stack (one dot product per input) */
-#define KS_COUNT_MAX 48
-static __attribute__((noinline)) void SFX(ks_tile_bases)(int64_t nr, const T* restrict x, int64_t sx, const T* restrict t, int64_t n,
-                               int64_t k, int want_q, T* restrict xs, T* restrict in, int64_t* restrict m,
-                               T* restrict v, T* restrict q, T* restrict e) {
+/* One feature on a tile of nr <= KS_TILE rows: xs (the inputs), in (inside [t_0, t_last)), m (the
+ * span), v (k + 1 rows of KS_TILE: the bases; 0 for inputs outside and for slots whose basis
+ * m - k + r is not in [0, nb)), q (k rows: the last level's quotients, when want_q) and
+ * e = exp(-x). Vectorised over the rows. */
+static KS_ATTR __attribute__((noinline)) void SFX(ks_tile_bases)(
+    int64_t nr, const T* restrict x, int64_t sx, const T* restrict t, int64_t n, int64_t k, int want_q,
+    T* restrict xs, T* restrict in, int64_t* restrict m, T* restrict v, T* restrict q, T* restrict e) {
+    KS_CONTRACT
     const T t0 = t[0], tn = t[n - 1];
+    const int64_t nb = n - k - 1;
     T xc[KS_TILE], mf[KS_TILE], kt[2 * KS_MAXK * KS_TILE], saved[KS_TILE];
     for (int64_t b = 0; b < nr; b++) xs[b] = x[b * sx];
     for (int64_t b = 0; b < nr; b++) {
@@ -372,14 +368,17 @@ static __attribute__((noinline)) void SFX(ks_tile_bases)(int64_t nr, const T* re
             for (int64_t b = 0; b < nr; b++) mf[b] += tj <= xc[b] ? (T)1 : (T)0;
         }
         for (int64_t b = 0; b < nr; b++) m[b] = (int64_t)mf[b];
-    } else {
-        for (int64_t b = 0; b < nr; b++) m[b] = SFX(ks_span)(t, n, xc[b]);
+    } else { /* the largest m <= n - 2 with t_m <= x: it lies in [lo, lo + size), halved each step */
+        for (int64_t b = 0; b < nr; b++) m[b] = 0;
+        for (int64_t size = n - 1; size > 1;) {
+            const int64_t half = size / 2;
+            for (int64_t b = 0; b < nr; b++) m[b] = t[m[b] + half] <= xc[b] ? m[b] + half : m[b];
+            size -= half;
+        }
     }
     const int64_t nk = 2 * k; /* knots m - k + 1 .. m + k, clamped to the row */
-    for (int64_t b = 0; b < nr; b++) {
-        const int64_t mb = m[b];
-        for (int64_t d = 0; d < nk; d++) kt[d * KS_TILE + b] = SFX(ks_knot)(t, n, mb - k + 1 + d);
-    }
+    for (int64_t d = 0; d < nk; d++)
+        for (int64_t b = 0; b < nr; b++) kt[d * KS_TILE + b] = SFX(ks_knot)(t, n, m[b] - k + 1 + d);
     for (int64_t b = 0; b < nr; b++) v[b] = in[b]; /* level 0: 1 inside, 0 outside (all levels follow) */
     for (int64_t p = 1; p <= k; p++) {
         for (int64_t b = 0; b < nr; b++) saved[b] = 0;
@@ -400,224 +399,313 @@ static __attribute__((noinline)) void SFX(ks_tile_bases)(int64_t nr, const T* re
         T* restrict vp = v + p * KS_TILE;
         for (int64_t b = 0; b < nr; b++) vp[b] = saved[b];
     }
+    for (int64_t r = 0; r <= k; r++) { /* slots of bases that do not exist (the padding rows): 0 */
+        T* restrict vr = v + r * KS_TILE;
+        for (int64_t b = 0; b < nr; b++) {
+            const int64_t j = m[b] - k + r;
+            vr[b] = (j >= 0 && j < nb) ? vr[b] : (T)0;
+        }
+    }
 }
 
-/* y[o] += s Bi[o] (Bi not NULL) + sum_{r <= K} v[r * KS_TILE] W[r * nout + o] */
-static inline __attribute__((always_inline)) void SFX(ks_fwd_row)(int64_t K, int64_t nout, T* restrict y, T s,
-                                                                   const T* restrict Bi, const T* restrict v,
-                                                                   const T* restrict W) {
-    T c[KS_MAXK + 1];
-    for (int64_t r = 0; r <= K; r++) c[r] = v[r * KS_TILE];
-    if (Bi) {
-        for (int64_t o = 0; o < nout; o++) {
-            T a = KS_FMA(s, Bi[o], y[o]);
-            for (int64_t r = 0; r <= K; r++) a = KS_FMA(c[r], W[r * nout + o], a);
-            y[o] = a;
+/* Forward of one tile and feature block on NV vectors of out from o0, NR rows at a time (NV NR
+ * accumulators): rows [0, nr) of y (row stride nout), woff[b * FB + f] the table offset of (row b,
+ * feature f)'s first slot row, c + (b * FB + f) (K + 2) its k + 1 bases and its SiLU value; Bt the
+ * block's first base row (NULL: no base term). first: y not yet written (start from 0). */
+static inline __attribute__((always_inline)) void SFX(ks_fwd_rows)(
+    const int NV, const int NR, int64_t K, int64_t b, int64_t nf, int64_t FB, int64_t nout, int64_t o0,
+    const int64_t* restrict woff, const T* restrict cf, const T* restrict Wt, const T* restrict Bt, T* restrict y,
+    int first) {
+    SFX(ks_v) acc[8][4];
+    for (int q = 0; q < NR; q++)
+        for (int u = 0; u < NV; u++)
+            acc[q][u] = first ? (SFX(ks_v)){0} : SFX(ks_ld)(y + (b + q) * nout + o0 + u * KS_L);
+    for (int64_t f = 0; f < nf; f++) {
+        const T* W[8];
+        const T* c[8];
+        for (int q = 0; q < NR; q++) W[q] = Wt + woff[(b + q) * FB + f] + o0, c[q] = cf + ((b + q) * FB + f) * (K + 2);
+        if (Bt) {
+            const T* restrict bt = Bt + f * nout + o0;
+            for (int u = 0; u < NV; u++) {
+                const SFX(ks_v) bv = SFX(ks_ld)(bt + u * KS_L);
+                for (int q = 0; q < NR; q++) acc[q][u] = c[q][K + 1] * bv + acc[q][u];
+            }
         }
+        for (int64_t r = 0; r <= K; r++)
+            for (int q = 0; q < NR; q++) {
+                const T cr = c[q][r];
+                for (int u = 0; u < NV; u++) acc[q][u] = cr * SFX(ks_ld)(W[q] + r * nout + u * KS_L) + acc[q][u];
+            }
+    }
+    for (int q = 0; q < NR; q++)
+        for (int u = 0; u < NV; u++) SFX(ks_st)(y + (b + q) * nout + o0 + u * KS_L, acc[q][u]);
+}
+
+/* the rows of a chunk: NR at a time, then one at a time */
+#define KS_FWD_CHUNK(NV, NR, K)                                                                         \
+    do {                                                                                                \
+        int64_t b = 0;                                                                                  \
+        for (; b + (NR) <= nr; b += (NR))                                                               \
+            SFX(ks_fwd_rows)(NV, NR, K, b, nf, FB, nout, o0, woff, cf, Wt, Bt, y, first);               \
+        for (; b < nr; b++) SFX(ks_fwd_rows)(NV, 1, K, b, nf, FB, nout, o0, woff, cf, Wt, Bt, y, first); \
+    } while (0)
+
+/* the same for the last nout % KS_L outputs, one element at a time (the same chain per element) */
+static KS_ATTR void SFX(ks_fwd_tail)(int64_t K, int64_t nr, int64_t nf, int64_t FB, int64_t nout, int64_t o0,
+                                     const int64_t* restrict woff, const T* restrict cf, const T* restrict Wt,
+                                     const T* restrict Bt, T* restrict y, int first) {
+    KS_CONTRACT
+    for (int64_t b = 0; b < nr; b++)
+        for (int64_t o = o0; o < nout; o++) {
+            T acc = first ? (T)0 : y[b * nout + o];
+            for (int64_t f = 0; f < nf; f++) {
+                const T* restrict W = Wt + woff[b * FB + f] + o;
+                const T* restrict c = cf + (b * FB + f) * (K + 2);
+                if (Bt) acc = c[K + 1] * Bt[f * nout + o] + acc;
+                for (int64_t r = 0; r <= K; r++) acc = c[r] * W[r * nout] + acc;
+            }
+            y[b * nout + o] = acc;
+        }
+}
+
+/* Forward of a tile (nr rows) and feature block (nf features) over every output: chunks of NV
+ * vectors (4, 2 or 1: the caller's choice, so that the block's rows of a chunk stay in L1), the
+ * rows 8 / NV at a time, then the vectors left one at a time, then the tail. */
+static KS_ATTR __attribute__((noinline)) void SFX(ks_fwd_block)(
+    int64_t K, int64_t NV, int64_t nr, int64_t nf, int64_t FB, int64_t nout, const int64_t* restrict woff,
+    const T* restrict cf, const T* restrict Wt, const T* restrict Bt, T* restrict y, int first) {
+    KS_CONTRACT
+    const int64_t nv = nout / KS_L;
+    int64_t v = 0;
+    if (K == 3) {
+        if (NV >= 4)
+            for (; v + 4 <= nv; v += 4) { const int64_t o0 = v * KS_L; KS_FWD_CHUNK(4, 2, 3); }
+        if (NV >= 2)
+            for (; v + 2 <= nv; v += 2) { const int64_t o0 = v * KS_L; KS_FWD_CHUNK(2, 4, 3); }
+        for (; v < nv; v++) { const int64_t o0 = v * KS_L; KS_FWD_CHUNK(1, 8, 3); }
     } else {
-        for (int64_t o = 0; o < nout; o++) {
-            T a = y[o];
-            for (int64_t r = 0; r <= K; r++) a = KS_FMA(c[r], W[r * nout + o], a);
-            y[o] = a;
-        }
+        if (NV >= 4)
+            for (; v + 4 <= nv; v += 4) { const int64_t o0 = v * KS_L; KS_FWD_CHUNK(4, 2, K); }
+        if (NV >= 2)
+            for (; v + 2 <= nv; v += 2) { const int64_t o0 = v * KS_L; KS_FWD_CHUNK(2, 4, K); }
+        for (; v < nv; v++) { const int64_t o0 = v * KS_L; KS_FWD_CHUNK(1, 8, K); }
     }
+    if (nv * KS_L < nout) SFX(ks_fwd_tail)(K, nr, nf, FB, nout, nv * KS_L, woff, cf, Wt, Bt, y, first);
 }
 
-/* ks_fwd_row for any K (one out-of-line copy: the build stays short) */
-static __attribute__((noinline)) void SFX(ks_fwd_any)(int64_t K, int64_t nout, T* restrict y, T s, const T* restrict Bi,
-                                                      const T* restrict v, const T* restrict W) {
-    SFX(ks_fwd_row)(K, nout, y, s, Bi, v, W);
-}
-
-/* rows [0, N) of y (N, nout), row stride nout. pack: check the knots (return 1 if not finite
- * and non-decreasing) and pack Wt/Bt from sw, sc, bw first; else Wt/Bt are the caller's. */
-int64_t SFX(kf_sparse_fwd)(int64_t N, int64_t nin, int64_t nout, int64_t k, int64_t n, const T* x, int64_t sx,
-                           const T* grid, const T* sw, const T* sc, const T* bw, int64_t has_base, int64_t pack,
-                           T* Wt, T* Bt, T* y) {
-    const int64_t nb = n - k - 1;
-    if (k < 0 || k >= KS_MAXK || nb < 1) return 2;
-    if (pack) {
-        if (SFX(ks_check)(nin, n, grid)) return 1;
-        SFX(ks_pack)(nin, nout, nb, sw, sc, has_base ? bw : 0, Wt, Bt);
-    }
-    T xs[KS_TILE], in[KS_TILE], e[KS_TILE], v[(KS_MAXK + 1) * KS_TILE], q[KS_MAXK * KS_TILE], zero[KS_MAXK + 1];
+/* Rows [0, N) of y (N, nout), row stride nout, from the packed table (kf_sparse_pack of every
+ * feature; Bt NULL: no base term). Tiles of R rows (a multiple of KS_TILE) x FB features, chunks
+ * of NV vectors of out (ks_fwd_block); work:
+ * at least R FB (k + 2) elements plus R FB int64 (returns 3 if work_len, in elements, is short). */
+KS_ATTR int64_t SFX(kf_sparse_fwd)(int64_t N, int64_t nin, int64_t nout, int64_t k, int64_t n, const T* x,
+                                   int64_t sx, const T* grid, const T* Wt, const T* Bt, T* y, int64_t R,
+                                   int64_t FB, int64_t NV, T* work, int64_t work_len) {
+    KS_CONTRACT
+    const int64_t nb = n - k - 1, nbp = nb + 2 * k, K2 = k + 2;
+    if (k < 0 || k >= KS_MAXK || nb < 1 || R < KS_TILE || R % KS_TILE || FB < 1) return 2;
+    if (work_len * (int64_t)sizeof(T) < R * FB * (K2 * (int64_t)sizeof(T) + 8)) return 3;
+    int64_t* restrict woff = (int64_t*)work;
+    T* restrict cf = (T*)(woff + R * FB);
+    T xs[KS_TILE], in[KS_TILE], e[KS_TILE], v[(KS_MAXK + 1) * KS_TILE], q[KS_MAXK * KS_TILE];
     int64_t m[KS_TILE];
-    for (int64_t r = 0; r <= KS_MAXK; r++) zero[r] = 0;
-    (void)zero;
-    for (int64_t b0 = 0; b0 < N; b0 += KS_TILE) {
-        const int64_t nr = b0 + KS_TILE < N ? KS_TILE : N - b0;
-        T* restrict yt = y + b0 * nout;
-        memset(yt, 0, (size_t)(nr * nout) * sizeof(T));
-        for (int64_t i = 0; i < nin; i++) {
-            const T* restrict t = grid + i * n;
-            const T* restrict Wi = Wt + i * nb * nout;
-            const T* restrict Bi = has_base ? Bt + i * nout : 0;
-            SFX(ks_tile_bases)(nr, x + b0 * sx + i, sx, t, n, k, 0, xs, in, m, v, q, e);
-            for (int64_t b = 0; b < nr; b++) {
-                T* restrict yr = yt + b * nout;
-                const T s = xs[b] / ((T)1 + e[b]); /* silu */
-                if (in[b] != 0 && m[b] >= k && m[b] <= nb - 1) { /* all k + 1 bases exist */
-                    const T* restrict W = Wi + (m[b] - k) * nout;
-                    if (k == 3) /* the default order: a constant K, the loop over r unrolled */
-                        SFX(ks_fwd_row)(3, nout, yr, s, Bi, v + b, W);
-                    else
-                        SFX(ks_fwd_any)(k, nout, yr, s, Bi, v + b, W);
-                    continue;
-                }
-                if (Bi) SFX(ks_fwd_any)(-1, nout, yr, s, Bi, v + b, Wi); /* (K = -1: the SiLU term alone) */
-                if (in[b] == 0) continue;
-                for (int64_t r = 0; r <= k; r++) { /* an end span: the slots whose basis exists */
-                    const int64_t j = m[b] - k + r;
-                    if (j >= 0 && j < nb) SFX(ks_fwd_any)(0, nout, yr, 0, 0, v + b + r * KS_TILE, Wi + j * nout);
+    for (int64_t b0 = 0; b0 < N; b0 += R) {
+        const int64_t nr = b0 + R < N ? R : N - b0;
+        for (int64_t f0 = 0; f0 < nin; f0 += FB) {
+            const int64_t nf = f0 + FB < nin ? FB : nin - f0;
+            for (int64_t f = 0; f < nf; f++) {
+                const int64_t i = f0 + f;
+                for (int64_t s0 = 0; s0 < nr; s0 += KS_TILE) {
+                    const int64_t ns = s0 + KS_TILE < nr ? KS_TILE : nr - s0;
+                    SFX(ks_tile_bases)(ns, x + (b0 + s0) * sx + i, sx, grid + i * n, n, k, 0, xs, in, m, v, q, e);
+                    for (int64_t b = 0; b < ns; b++) {
+                        const int64_t idx = (s0 + b) * FB + f;
+                        woff[idx] = (i * nbp + m[b]) * nout;
+                        T* restrict c = cf + idx * K2;
+                        for (int64_t r = 0; r <= k; r++) c[r] = v[r * KS_TILE + b];
+                        c[k + 1] = xs[b] / ((T)1 + e[b]); /* silu */
+                    }
                 }
             }
+            SFX(ks_fwd_block)(k, NV, nr, nf, FB, nout, woff, cf, Wt, Bt ? Bt + f0 * nout : 0, y + b0 * nout, f0 == 0);
         }
     }
     return 0;
 }
 
-/* gW[r * nout + o] += v_r g[o] (gW not NULL) for r <= K; returns sum_o g[o] (sp Bi[o] + sum_r d_r W[r * nout + o])
- * (W not NULL; sp * Bi only when Bi not NULL) */
-static inline __attribute__((always_inline)) T SFX(ks_bwd_row)(int64_t K, int64_t nout, const T* restrict g,
-                                                                const T* restrict v, const T* restrict d, T* restrict gW,
-                                                                T sp, const T* restrict Bi, const T* restrict W) {
-    if (gW)
-        for (int64_t r = 0; r <= K; r++) { /* one row at a time: plain axpys, vectorised */
-            const T c = v[r * KS_TILE];
-            T* restrict gr = gW + r * nout;
-            for (int64_t o = 0; o < nout; o++) gr[o] = KS_FMA(c, g[o], gr[o]);
-        }
-    if (!W) return 0;
-    if (nout <= KS_UMAX) { /* u = sp Bi + sum_r d_r W_r (axpys), then one dot product */
-        T u[KS_UMAX], dd[KS_MAXK + 1];
-        for (int64_t r = 0; r <= K; r++) dd[r] = d[r * KS_TILE];
-        if (Bi) {
-            for (int64_t o = 0; o < nout; o++) {
-                T a = sp * Bi[o];
-                for (int64_t r = 0; r <= K; r++) a = KS_FMA(dd[r], W[r * nout + o], a);
-                u[o] = a;
-            }
-        } else {
-            for (int64_t o = 0; o < nout; o++) {
-                T a = 0;
-                for (int64_t r = 0; r <= K; r++) a = KS_FMA(dd[r], W[r * nout + o], a);
-                u[o] = a;
-            }
-        }
-        return SFX(ks_dot)(nout, g, u);
+/* Indices of the rows of gy (N, nout) holding a NaN or +-inf, written to idx; returns their count */
+int64_t SFX(kf_sparse_bad_rows)(int64_t N, int64_t nout, const T* gy, int64_t* idx) {
+    int64_t cnt = 0;
+    for (int64_t b = 0; b < N; b++) {
+        const T* restrict g = gy + b * nout;
+        int bad = 0;
+        for (int64_t o = 0; o < nout; o++) bad |= !(g[o] - g[o] == 0);
+        if (bad) idx[cnt++] = b;
     }
-    T acc = Bi ? sp * SFX(ks_dot)(nout, g, Bi) : (T)0;
-    for (int64_t r = 0; r <= K; r++) acc += d[r * KS_TILE] * SFX(ks_dot)(nout, g, W + r * nout);
+    return cnt;
+}
+
+/* One (row, feature) of the backward over out: gw rows r <= K (row stride nout) += v_r g, gb += s g
+ * (each when not NULL); returns <g, sp Bt + sum_r d_r W_r> (W not NULL; Bt NULL: no base term)
+ * as one vector of partial sums over out, its lanes in order, then the tail. v, d: stride KS_TILE. */
+static inline __attribute__((always_inline)) T SFX(ks_bwd_row)(
+    int64_t K, int64_t nout, const T* restrict g, const T* restrict v, const T* restrict d, T* restrict gw,
+    T* restrict gb, T s, T sp, const T* restrict Bt, const T* restrict W) {
+    T c[KS_MAXK + 1], dd[KS_MAXK + 1];
+    for (int64_t r = 0; r <= K; r++) c[r] = v[r * KS_TILE], dd[r] = d[r * KS_TILE];
+    SFX(ks_v) dacc = {0};
+    int64_t o = 0;
+    for (; o + KS_L <= nout; o += KS_L) {
+        const SFX(ks_v) gv = SFX(ks_ld)(g + o);
+        if (gw)
+            for (int64_t r = 0; r <= K; r++) SFX(ks_st)(gw + r * nout + o, c[r] * gv + SFX(ks_ld)(gw + r * nout + o));
+        if (gb) SFX(ks_st)(gb + o, s * gv + SFX(ks_ld)(gb + o));
+        if (W) {
+            SFX(ks_v) u = Bt ? sp * SFX(ks_ld)(Bt + o) : (SFX(ks_v)){0};
+            for (int64_t r = 0; r <= K; r++) u = dd[r] * SFX(ks_ld)(W + r * nout + o) + u;
+            dacc = gv * u + dacc;
+        }
+    }
+    T acc = 0;
+    for (int64_t l = 0; l < KS_L; l++) acc += dacc[l];
+    for (; o < nout; o++) {
+        const T gv = g[o];
+        if (gw)
+            for (int64_t r = 0; r <= K; r++) gw[r * nout + o] = c[r] * gv + gw[r * nout + o];
+        if (gb) gb[o] = s * gv + gb[o];
+        if (W) {
+            T u = Bt ? sp * Bt[o] : (T)0;
+            for (int64_t r = 0; r <= K; r++) u = dd[r] * W[r * nout + o] + u;
+            acc = gv * u + acc;
+        }
+    }
     return acc;
 }
 
-/* ks_bwd_row for any K (one out-of-line copy) */
-static __attribute__((noinline)) T SFX(ks_bwd_any)(int64_t K, int64_t nout, const T* restrict g, const T* restrict v,
-                                                   const T* restrict d, T* restrict gW, T sp, const T* restrict Bi,
-                                                   const T* restrict W) {
-    return SFX(ks_bwd_row)(K, nout, g, v, d, gW, sp, Bi, W);
+/* the default case (k = 3, every gradient, a base term): constants, the loop over r unrolled */
+static KS_ATTR __attribute__((noinline)) T SFX(ks_bwd_row3)(int64_t nout, const T* restrict g, const T* restrict v,
+                                                            const T* restrict d, T* restrict gw, T* restrict gb, T s,
+                                                            T sp, const T* restrict Bt, const T* restrict W) {
+    KS_CONTRACT
+    return SFX(ks_bwd_row)(3, nout, g, v, d, gw, gb, s, sp, Bt, W);
 }
 
-/* Backward over rows [0, N): gW (in, nb, out) and gB (in, out) zeroed, then accumulated (NULL:
- * not needed); gx (N, nin) with row stride sgx (NULL: not needed; then Wt/Bt are not read).
- * pack as in kf_sparse_fwd (the tables are needed only for gx). */
-int64_t SFX(kf_sparse_bwd)(int64_t N, int64_t nin, int64_t nout, int64_t k, int64_t n, const T* x, int64_t sx,
-                           const T* grid, const T* gy, const T* sw, const T* sc, const T* bw, int64_t has_base,
-                           int64_t pack, T* Wt, T* Bt, T* gx, int64_t sgx, T* gW, T* gB) {
-    const int64_t nb = n - k - 1;
-    if (k < 0 || k >= KS_MAXK || nb < 1) return 2;
-    if (pack) {
-        if (SFX(ks_check)(nin, n, grid)) return 1;
-        if (gx) SFX(ks_pack)(nin, nout, nb, sw, sc, has_base ? bw : 0, Wt, Bt);
-    }
-    if (gW) memset(gW, 0, (size_t)(nin * nb * nout) * sizeof(T));
-    if (gB) memset(gB, 0, (size_t)(nin * nout) * sizeof(T));
+static KS_ATTR __attribute__((noinline)) T SFX(ks_bwd_any)(int64_t K, int64_t nout, const T* restrict g,
+                                                           const T* restrict v, const T* restrict d, T* restrict gw,
+                                                           T* restrict gb, T s, T sp, const T* restrict Bt,
+                                                           const T* restrict W) {
+    KS_CONTRACT
+    return SFX(ks_bwd_row)(K, nout, g, v, d, gw, gb, s, sp, Bt, W);
+}
+
+/* Backward of features [f0, f1) over all rows [0, N): gx[:, f0:f1] (row stride sgx; NULL: not
+ * needed), and the parameter gradients of those features written directly: gsw (out, in, nb) =
+ * GW^T sc (sc NULL: 1), gsc (out, in) = sum_j GW^T sw, gbw (out, in) = GB^T (each NULL when not
+ * needed; gbw needs bw). gy (N, nout) contiguous; bad[0 .. nbad) the rows of gy with a non-finite
+ * entry (kf_sparse_bad_rows). Blocks of FB features; work: at least FB (nb + 2k + 1) nout elements
+ * for gx and as many for the weight gradients (returns 3 if work_len is short). */
+KS_ATTR int64_t SFX(kf_sparse_bwd)(int64_t N, int64_t nin, int64_t nout, int64_t k, int64_t n, int64_t f0,
+                                   int64_t f1, const T* x, int64_t sx, const T* grid, const T* gy, const T* sw,
+                                   const T* sc, const T* bw, T* gx, int64_t sgx, T* gsw, T* gsc, T* gbw,
+                                   int64_t nbad, const int64_t* bad, int64_t FB, T* work, int64_t work_len) {
+    KS_CONTRACT
+    const int64_t nb = n - k - 1, nbp = nb + 2 * k;
+    if (k < 0 || k >= KS_MAXK || nb < 1 || FB < 1) return 2;
+    const int want_x = gx != 0, want_w = gsw != 0 || gsc != 0, want_b = gbw != 0 && bw != 0;
+    /* FB x (nbp, nout) table rows, FB x nout base rows, then the same for their gradients, each
+     * array KS_SKEW bytes past a multiple of 128 from the previous one's end: no address of one
+     * differs from another's by a multiple of 4 KiB plus a multiple of the row length (the
+     * stores of the scatter would stall the loads of the table rows, 4K aliasing) */
+    const int64_t sk = KS_SKEW / (int64_t)sizeof(T), blk = FB * (nbp + 1) * nout + 2 * sk;
+    if (work_len < (want_x ? blk : 0) + (want_w || want_b ? blk : 0)) return 3;
+    T* Wb = work;
+    T* Bb = Wb + FB * nbp * nout + sk;
+    T* gWb = want_x ? work + blk : work;
+    T* gBb = gWb + FB * nbp * nout + sk;
     T xs[KS_TILE], in[KS_TILE], e[KS_TILE], v[(KS_MAXK + 1) * KS_TILE], q[KS_MAXK * KS_TILE];
     T dv[(KS_MAXK + 1) * KS_TILE];
     int64_t m[KS_TILE];
-    for (int64_t b0 = 0; b0 < N; b0 += KS_TILE) {
-        const int64_t nr = b0 + KS_TILE < N ? KS_TILE : N - b0;
-        for (int64_t i = 0; i < nin; i++) {
-            const T* restrict t = grid + i * n;
-            const T* restrict Wi = gx ? Wt + i * nb * nout : 0;
-            const T* restrict Bi = (gx && has_base) ? Bt + i * nout : 0;
-            T* restrict gWi = gW ? gW + i * nb * nout : 0;
-            T* restrict gBi = (gB && has_base) ? gB + i * nout : 0;
-            SFX(ks_tile_bases)(nr, x + b0 * sx + i, sx, t, n, k, gx != 0 && k > 0, xs, in, m, v, q, e);
-            if (gx) { /* B_r' = k (q_{r-1} - q_r), q_{-1} = q_k = 0 */
-                for (int64_t r = 0; r <= k; r++) {
-                    T* restrict dr = dv + r * KS_TILE;
-                    const T* restrict qa = q + (r > 0 ? r - 1 : 0) * KS_TILE;
-                    const T* restrict qb = q + (r < k ? r : 0) * KS_TILE;
-                    const T ka = r > 0 ? (T)k : (T)0, kb = r < k ? (T)k : (T)0;
-                    if (k == 0) /* piecewise constant: no derivative (and no quotients computed) */
-                        for (int64_t b = 0; b < nr; b++) dr[b] = 0;
+    const int fast = k == 3 && want_x && want_w && want_b;
+    for (int64_t fb = f0; fb < f1; fb += FB) {
+        const int64_t nf = fb + FB < f1 ? FB : f1 - fb;
+        if (want_x) SFX(kf_sparse_pack)(fb, fb + nf, nin, nout, nb, k, sw, sc, bw, Wb, bw ? Bb : 0);
+        if (want_w) memset(gWb, 0, (size_t)(nf * nbp * nout) * sizeof(T));
+        if (want_b) memset(gBb, 0, (size_t)(nf * nout) * sizeof(T));
+        for (int64_t b0 = 0; b0 < N; b0 += KS_TILE) {
+            const int64_t nr = b0 + KS_TILE < N ? KS_TILE : N - b0;
+            for (int64_t f = 0; f < nf; f++) {
+                const int64_t i = fb + f;
+                SFX(ks_tile_bases)(nr, x + b0 * sx + i, sx, grid + i * n, n, k, want_x && k > 0, xs, in, m, v, q, e);
+                if (want_x) { /* B_r' = k (q_{r-1} - q_r), q_{-1} = q_k = 0; 0 for slots that do not exist */
+                    for (int64_t r = 0; r <= k; r++) {
+                        T* restrict dr = dv + r * KS_TILE;
+                        const T* restrict qa = q + (r > 0 ? r - 1 : 0) * KS_TILE;
+                        const T* restrict qb = q + (r < k ? r : 0) * KS_TILE;
+                        const T ka = r > 0 ? (T)k : (T)0, kb = r < k ? (T)k : (T)0;
+                        if (k == 0) /* piecewise constant: no derivative (and no quotients computed) */
+                            for (int64_t b = 0; b < nr; b++) dr[b] = 0;
+                        else
+                            for (int64_t b = 0; b < nr; b++) {
+                                const int64_t j = m[b] - k + r;
+                                dr[b] = (j >= 0 && j < nb) ? ka * qa[b] - kb * qb[b] : (T)0;
+                            }
+                    }
+                }
+                const T* restrict Wf = want_x ? Wb + f * nbp * nout : 0;
+                const T* restrict Bf = want_x && bw ? Bb + f * nout : 0;
+                T* restrict gWf = want_w ? gWb + f * nbp * nout : 0;
+                T* restrict gBf = want_b ? gBb + f * nout : 0;
+                for (int64_t b = 0; b < nr; b++) {
+                    const T* restrict g = gy + (b0 + b) * nout;
+                    const T xi = xs[b], sig = (T)1 / ((T)1 + e[b]);
+                    const T s = xi / ((T)1 + e[b]);              /* silu(x) */
+                    const T sp = sig * ((T)1 + xi * ((T)1 - sig)); /* silu'(x) */
+                    const int64_t off = m[b] * nout;
+                    T acc;
+                    if (fast)
+                        acc = SFX(ks_bwd_row3)(nout, g, v + b, dv + b, gWf + off, gBf, s, sp, Bf, Wf + off);
                     else
-                        for (int64_t b = 0; b < nr; b++) dr[b] = ka * qa[b] - kb * qb[b];
+                        acc = SFX(ks_bwd_any)(k, nout, g, v + b, dv + b, gWf ? gWf + off : 0, gBf, s, sp, Bf,
+                                              Wf ? Wf + off : 0);
+                    if (want_x) gx[(b0 + b) * sgx + i] = acc;
                 }
-            }
-            for (int64_t b = 0; b < nr; b++) {
-                const T* restrict g = gy + (b0 + b) * nout;
-                const T xi = xs[b], sig = (T)1 / ((T)1 + e[b]);
-                if (gBi) {
-                    const T s = xi / ((T)1 + e[b]);
-                    for (int64_t o = 0; o < nout; o++) gBi[o] = KS_FMA(s, g[o], gBi[o]);
-                }
-                const T sp = sig * ((T)1 + xi * ((T)1 - sig)); /* silu'(x) */
-                T acc = 0;
-                if (in[b] != 0 && m[b] >= k && m[b] <= nb - 1) {
-                    const int64_t off = (m[b] - k) * nout;
-                    T* restrict gw = gWi ? gWi + off : 0;
-                    const T* restrict W = Wi ? Wi + off : 0;
-                    if (k == 3)
-                        acc = SFX(ks_bwd_row)(3, nout, g, v + b, dv + b, gw, sp, Bi, W);
-                    else
-                        acc = SFX(ks_bwd_any)(k, nout, g, v + b, dv + b, gw, sp, Bi, W);
-                } else {
-                    if (Bi) acc = SFX(ks_bwd_any)(-1, nout, g, v + b, dv + b, 0, sp, Bi, Wi);
-                    if (in[b] != 0)
-                        for (int64_t r = 0; r <= k; r++) { /* an end span: the slots whose basis exists */
-                            const int64_t j = m[b] - k + r;
-                            if (j < 0 || j >= nb) continue;
-                            acc += SFX(ks_bwd_any)(0, nout, g, v + b + r * KS_TILE, dv + b + r * KS_TILE,
-                                                   gWi ? gWi + j * nout : 0, 0, 0, Wi ? Wi + j * nout : 0);
-                        }
-                }
-                if (gx) gx[(b0 + b) * sgx + i] = acc;
             }
         }
+        for (int64_t f = 0; f < nf; f++) {
+            const int64_t i = fb + f;
+            T* restrict gWf = gWb + f * nbp * nout;
+            for (int64_t p = 0; p < nbad && (want_w || want_x); p++) { /* rows with a non-finite grad_y */
+                const int64_t bb = bad[p];
+                SFX(ks_tile_bases)(1, x + bb * sx + i, sx, grid + i * n, n, k, 0, xs, in, m, v, q, e);
+                const int slots_only = in[0] != 0 && nb == k + 1 && m[0] == k; /* every basis in the slots */
+                if (want_x && !slots_only) /* some basis's derivative is 0: 0 * inf in the reference */
+                    gx[bb * sgx + i] = (T)NAN;
+                if (!want_w) continue;
+                const T* restrict g = gy + bb * nout;
+                for (int64_t j = k; j < nb + k; j++) { /* 0 * grad_y[b] on the rows outside the slots */
+                    if (in[0] != 0 && j >= m[0] && j <= m[0] + k) continue;
+                    T* restrict gr = gWf + j * nout;
+                    for (int64_t o = 0; o < nout; o++) gr[o] += (T)0 * g[o];
+                }
+            }
+        }
+        /* the block's parameter gradients, by outputs (each o's run of nf features x nb contiguous) */
+        for (int64_t o = 0; o < nout && (want_w || want_b); o++)
+            for (int64_t f = 0; f < nf; f++) {
+                const int64_t i = fb + f, oi = o * nin + i;
+                const T* restrict GW = gWb + (f * nbp + k) * nout + o; /* basis j at GW[j nout] */
+                if (gsw) {
+                    const T sv = sc ? sc[oi] : (T)1;
+                    for (int64_t j = 0; j < nb; j++) gsw[oi * nb + j] = GW[j * nout] * sv;
+                }
+                if (gsc) {
+                    T acc = 0;
+                    for (int64_t j = 0; j < nb; j++) acc = GW[j * nout] * sw[oi * nb + j] + acc;
+                    gsc[oi] = acc;
+                }
+                if (want_b) gbw[oi] = gBb[f * nout + o];
+            }
     }
     return 0;
-}
-
-/* Sum P partial weight gradients (each gW (in, nb, out) then gB (in, out), part p at
- * parts + p * stride) in order p = 0..P-1, then: gsw[o, i, j] = GW[i, j, o] * sc[o, i] (sc NULL:
- * 1), gsc[o, i] = sum_j GW[i, j, o] sw[o, i, j], gbw[o, i] = GB[i, o]; any output may be NULL. */
-void SFX(kf_sparse_finish)(int64_t P, int64_t nin, int64_t nout, int64_t nb, T* parts, int64_t stride,
-                           int64_t has_gb, const T* sw, const T* sc, T* gsw, T* gsc, T* gbw) {
-    const int64_t nw = nin * nb * nout, tot = nw + (has_gb ? nin * nout : 0);
-    for (int64_t p = 1; p < P; p++) {
-        const T* restrict src = parts + p * stride;
-        for (int64_t e = 0; e < tot; e++) parts[e] += src[e];
-    }
-    const T* GW = parts;
-    const T* GB = parts + nw;
-    for (int64_t o = 0; o < nout; o++)
-        for (int64_t i = 0; i < nin; i++) {
-            const T* restrict gwi = GW + i * nb * nout + o;
-            if (gsw) {
-                const T s = sc ? sc[o * nin + i] : (T)1;
-                T* restrict d = gsw + (o * nin + i) * nb;
-                for (int64_t j = 0; j < nb; j++) d[j] = gwi[j * nout] * s;
-            }
-            if (gsc) {
-                const T* restrict w = sw + (o * nin + i) * nb;
-                T acc = 0;
-                for (int64_t j = 0; j < nb; j++) acc += gwi[j * nout] * w[j];
-                gsc[o * nin + i] = acc;
-            }
-            if (gbw && has_gb) gbw[o * nin + i] = GB[i * nout + o];
-        }
 }
 
 #endif /* sparse kernels */

@@ -70,7 +70,7 @@ MAX_ORDER = 16
 #: selecting them by compares over every column (see the C header).
 SELECT_MAX = 64
 _SOURCE = Path(__file__).with_name("cpu_spline.c")
-_ABI = 4
+_ABI = 5
 
 _lock = threading.Lock()
 _loaded = False
@@ -483,7 +483,15 @@ class CpuSplineKernels:
         )
 
     # ------------------------------------------------------------------ sparse contraction
-    # (kf_sparse_* in cpu_spline.c: the small-call path of kanfast.sparse_backend)
+    # (kf_sparse_* in cpu_spline.c: the sparse path of kanfast.sparse_backend)
+    _SPARSE_SIGS = {
+        "check": ([_I, _I, _P], _I),
+        "pack": ([_I, _I, _I, _I, _I, _I, _P, _P, _P, _P, _P], None),
+        "fwd": ([_I, _I, _I, _I, _I, _P, _I, _P, _P, _P, _P, _I, _I, _I, _P, _I], _I),
+        "bad_rows": ([_I, _I, _P, _P], _I),
+        "bwd": ([_I, _I, _I, _I, _I, _I, _I, _P, _I, _P, _P, _P, _P, _P, _P, _I, _P, _P, _P, _I, _P, _I, _P, _I], _I),
+    }
+
     def _sparse_fn(self, name: str, dtype: torch.dtype):
         """The ctypes function ``kf_sparse_<name>`` for ``dtype``, its signature set on first use."""
         fns = self.__dict__.setdefault("_sparse_fns", {})
@@ -491,12 +499,7 @@ class CpuSplineKernels:
         if fn is None:
             sfx = "f32" if dtype == torch.float32 else "f64"
             fn = getattr(self._lib, f"kf_sparse_{name}_{sfx}")
-            fn.argtypes = {
-                "fwd": [_I, _I, _I, _I, _I, _P, _I, _P, _P, _P, _P, _I, _I, _P, _P, _P],
-                "bwd": [_I, _I, _I, _I, _I, _P, _I, _P, _P, _P, _P, _P, _I, _I, _P, _P, _P, _I, _P, _P],
-                "finish": [_I, _I, _I, _I, _P, _I, _I, _P, _P, _P, _P, _P],
-            }[name]
-            fn.restype = None if name == "finish" else _I
+            fn.argtypes, fn.restype = self._SPARSE_SIGS[name]
             fns[(name, dtype)] = fn
         return fn
 
@@ -504,45 +507,69 @@ class CpuSplineKernels:
     def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:
         return None if t is None else t.data_ptr()
 
-    def sparse_fwd(self, x, grid, k: int, sw, sc, bw, Wt, Bt, y, pack: bool) -> int:
+    def sparse_check(self, grid) -> int:
+        """0 when every knot row of ``grid`` (in, n) contiguous is finite and non-decreasing, else 1."""
+        assert grid.is_contiguous()
+        return self._sparse_fn("check", grid.dtype)(grid.shape[0], grid.shape[1], grid.data_ptr())
+
+    def sparse_pack(self, f0: int, f1: int, k: int, sw, sc, bw, Wt, Bt) -> None:
+        """Pack features ``[f0, f1)`` of ``sw`` (out, in, nb) (times ``sc`` (out, in) or None) into
+        ``Wt`` from feature f0 on, layout (in, nb + 2k, out) with k zero rows either side of each
+        feature's rows, and ``bw`` (out, in) into ``Bt`` (in, out) (both None: no base term). All
+        contiguous, one dtype; ``Wt``/``Bt`` hold at least ``(f1 - f0) (nb + 2k) out`` / ``(f1 - f0) out``
+        elements from their first."""
+        nout, nin, nb = sw.shape
+        assert sw.is_contiguous() and Wt.numel() >= (f1 - f0) * (nb + 2 * k) * nout
+        p = self._ptr
+        self._sparse_fn("pack", sw.dtype)(f0, f1, nin, nout, nb, k, sw.data_ptr(), p(sc), p(bw), Wt.data_ptr(), p(Bt))
+
+    def sparse_fwd(self, x, grid, k: int, Wt, Bt, y, R: int, FB: int, NV: int, work) -> int:
         """``y`` (rows, out) of the rows of ``x`` (rows, in; unit feature stride) on knots ``grid``
-        (in, n) contiguous: the sparse contraction of ``cpu_spline.c``. ``sw`` (out, in, n-k-1),
-        ``sc`` and ``bw`` (out, in) or None, all contiguous, x's dtype. ``pack``: check the knots
-        and pack the tables ``Wt`` (>= in*(n-k-1)*out elements) and ``Bt`` (>= in*out) from sw, sc,
-        bw first (else they hold a previous pack). Returns 0, or 1 when the knots are not finite
-        and non-decreasing (nothing written to y)."""
+        (in, n) contiguous, from the table packed by :meth:`sparse_pack` (every feature; ``Bt`` None:
+        no base term). Tiles of ``R`` rows (a multiple of 64) by ``FB`` features, chunks of ``NV`` (4,
+        2 or 1) vectors of 64 bytes of out; ``work`` at least
+        :meth:`fwd_work` elements. Returns 0 (2: bad sizes, 3: work too short)."""
         rows, nin = x.shape
         nout = y.shape[1]
         assert y.is_contiguous() and grid.is_contiguous() and (x.stride(1) == 1 or nin <= 1)
-        p = self._ptr
         return self._sparse_fn("fwd", x.dtype)(
-            rows, nin, nout, k, grid.shape[1], x.data_ptr(), x.stride(0), grid.data_ptr(), p(sw), p(sc), p(bw),
-            int(bw is not None), int(pack), Wt.data_ptr(), Bt.data_ptr(), y.data_ptr(),
+            rows, nin, nout, k, grid.shape[1], x.data_ptr(), x.stride(0), grid.data_ptr(), Wt.data_ptr(),
+            self._ptr(Bt), y.data_ptr(), R, FB, NV, work.data_ptr(), work.numel(),
         )
 
-    def sparse_bwd(self, x, grid, k: int, gy, sw, sc, bw, Wt, Bt, gx, gW, gB, pack: bool) -> int:
-        """Backward of :meth:`sparse_fwd` over the rows of ``x``: ``gx`` (rows, in) or None, and the
-        partial weight gradients ``gW`` (in*(n-k-1)*out elements, layout (in, n-k-1, out)) and ``gB``
-        (in*out, layout (in, out)) or None, zeroed and accumulated over the rows in order. ``gy``
-        (rows, out) contiguous. Returns 0, or 1 for knots that are not finite and non-decreasing."""
+    @staticmethod
+    def fwd_work(R: int, FB: int, k: int, dtype: torch.dtype) -> int:
+        """Elements of ``dtype`` the forward's work buffer needs (bases and offsets of one tile)."""
+        s = torch.empty(0, dtype=dtype).element_size()
+        return R * FB * (k + 2 + 8 // s)
+
+    @staticmethod
+    def bwd_work(FB: int, nb: int, k: int, nout: int, need_x: bool, need_w: bool) -> int:
+        """Elements the backward's work buffer needs for blocks of ``FB`` features."""
+        blk = FB * (nb + 2 * k + 1) * nout + 2 * 1088  # (+ the arrays' skew, KS_SKEW bytes each)
+        return (blk if need_x else 0) + (blk if need_w else 0)
+
+    def sparse_bad_rows(self, gy, idx) -> int:
+        """The rows of ``gy`` (rows, out) contiguous with a NaN or +-inf, written to ``idx`` (int64,
+        at least rows elements); returns their count."""
+        assert gy.is_contiguous() and idx.dtype == torch.int64 and idx.numel() >= gy.shape[0]
+        return self._sparse_fn("bad_rows", gy.dtype)(gy.shape[0], gy.shape[1], gy.data_ptr(), idx.data_ptr())
+
+    def sparse_bwd(self, x, grid, k: int, gy, sw, sc, bw, f0: int, f1: int, gx, gsw, gsc, gbw, nbad: int, bad,
+                   FB: int, work) -> int:
+        """Backward of the sparse forward for input features ``[f0, f1)`` over every row of ``x``:
+        ``gx`` (rows, in) columns f0..f1 or None, and the parameter gradients of those features
+        written directly into ``gsw`` (out, in, nb), ``gsc`` and ``gbw`` (out, in) (each None when not
+        needed; gsw is grad W times sc). ``gy`` (rows, out) contiguous; ``bad`` the first ``nbad``
+        indices of :meth:`sparse_bad_rows`; blocks of ``FB`` features, ``work`` at least
+        :meth:`bwd_work` elements. Returns 0 (2: bad sizes, 3: work too short)."""
         rows, nin = x.shape
-        nout = gy.shape[1]
-        assert gy.is_contiguous() and grid.is_contiguous() and (x.stride(1) == 1 or nin <= 1)
+        nout, _, nb = sw.shape
+        assert gy.is_contiguous() and grid.is_contiguous() and sw.is_contiguous() and (x.stride(1) == 1 or nin <= 1)
         assert gx is None or gx.stride(1) == 1 or nin <= 1
         p = self._ptr
         return self._sparse_fn("bwd", x.dtype)(
-            rows, nin, nout, k, grid.shape[1], x.data_ptr(), x.stride(0), grid.data_ptr(), gy.data_ptr(), p(sw),
-            p(sc), p(bw), int(bw is not None), int(pack), p(Wt), p(Bt), p(gx), 0 if gx is None else gx.stride(0),
-            p(gW), p(gB),
-        )
-
-    def sparse_finish(self, parts, P: int, stride: int, nin: int, nout: int, nb: int, has_gb: bool, sw, sc, gsw,
-                      gsc, gbw) -> None:
-        """Sum the ``P`` partial weight gradients of :meth:`sparse_bwd` (part p at element offset
-        ``p * stride`` of ``parts``: gW then gB) in order, then write the parameter gradients
-        ``gsw`` (out, in, nb) = GW^T * sc, ``gsc`` (out, in) = sum_j GW^T * sw, ``gbw`` (out, in)
-        = GB^T (each None when not needed)."""
-        p = self._ptr
-        self._sparse_fn("finish", parts.dtype)(
-            P, nin, nout, nb, parts.data_ptr(), stride, int(has_gb), p(sw), p(sc), p(gsw), p(gsc), p(gbw),
+            rows, nin, nout, k, grid.shape[1], f0, f1, x.data_ptr(), x.stride(0), grid.data_ptr(), gy.data_ptr(),
+            sw.data_ptr(), p(sc), p(bw), p(gx), 0 if gx is None else gx.stride(0), p(gsw), p(gsc), p(gbw), nbad,
+            p(bad), FB, work.data_ptr(), work.numel(),
         )
