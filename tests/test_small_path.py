@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import rel_rms, spy_on_worker_runs
-from kanfast import KAN, FastKANLayer, ops, sparse_backend
+from kanfast import KAN, FastKANLayer, cpu_buffers, ops, sparse_backend
 from kanfast.kernels import cpu_spline
 from kanfast.reference import b_spline_basis, kan_linear_reference
 
@@ -435,15 +435,13 @@ def test_buffers_flat_in_batch_and_bounded(calls):
     """The sparse path's kept buffers: the packed table (in x (G + 3k + 1) x out, one per calling
     thread) and per thread a forward tile (R x FB x (k + 4)) and a backward block of at most
     max(BWD_BLOCK_BYTES, one feature's 2 (G + 3k + 1) out elements): none grows with the batch."""
-    from kanfast import torch_backend
-
     layer = _layer(24, 40, 30, 3, torch.float32, True, seed=3)
     sizes = []
     for N in (100, 3000):
-        torch_backend.release_buffers()
+        cpu_buffers.release_buffers()
         x = (torch.rand(N, 24) * 2 - 1).requires_grad_(True)
         layer(x).sum().backward()
-        bufs = torch_backend._thread_buffers()
+        bufs = cpu_buffers.thread_buffers()
         sizes.append({key[1]: bufs[key].numel() for key in list(bufs.keys()) if key[0] == "sparse"})
     assert calls == {"fwd": 2, "bwd": 2}
     assert sizes[0] == sizes[1] and set(sizes[0]) == {"W", "fwork", "bwork"}
