@@ -201,9 +201,10 @@ _GRID_CACHE: dict = {}
 
 
 def _grid_info(grid: torch.Tensor, k: int):
-    """(uniform, padded knots, t0, t_last, h) of ``grid``, cached per grid tensor object,
-    version counter and k: the uniformity test costs a host sync, paid once per grid change
-    (update_grid writes the buffer in place, which bumps its version)."""
+    """(uniform, padded knots, t0, t_last, 1/h, kernel table) of ``grid`` (see
+    :func:`_knot_tables`), cached per grid tensor object, version counter and k: the
+    uniformity test costs a host sync, paid once per grid change (update_grid writes the
+    buffer in place, which bumps its version)."""
     key = id(grid)
     hit = _GRID_CACHE.get(key)
     if hit is not None and hit[0]() is grid and hit[1] == grid._version and hit[2] == k and hit[3] == grid.device:
@@ -224,14 +225,32 @@ def forget_grid(grid: torch.Tensor) -> None:
 
 
 def _knot_tables(grid: torch.Tensor, k: int):
-    """fp32 (padded knots (in, n + 2k), t0 (in,), t_last (in,), h (in,)) for the kernels."""
+    """fp32 (padded knots tp (in, n + 2k), t0 (in,), t_last (in,), 1/h (in,), table (in, n + 2k, k + 1))
+    for the kernels, computed once per grid change (see :func:`_grid_info`).
+
+    ``table[i, a, 0] = tp[i, a]`` and ``table[i, a, p] = 1 / (tp[i, a + p] - tp[i, a])``
+    (p = 1..k; 0 where that difference is not positive or ``a + p`` is past the row): the
+    fused kernels' de Boor triangle multiplies by these instead of dividing, all of an
+    element's gathers at constant offsets from one address. The reciprocals are those of the
+    exact differences of the fp32 knots, rounded once (computed in float64; float32 where the
+    device has no float64). ``h = (t_last - t0) / (n - 1)`` (fp32) and 1/h likewise. The wide
+    path's kernels read ``tp``."""
     g = grid.detach().to(torch.float32).contiguous()
     n = g.shape[1]
     tp = _pad_knots(g, k).contiguous()
     t0 = g[:, 0].contiguous()
     tn = g[:, -1].contiguous()
-    h = ((tn - t0) / (n - 1)).contiguous()
-    return tp, t0, tn, h
+    wide = torch.float64 if tp.device.type in ("cpu", "cuda") else torch.float32
+    h = (tn - t0) / (n - 1)
+    hinv = (1.0 / h.to(wide)).to(torch.float32).contiguous()
+    tw = tp.to(wide)
+    cols = [tp]
+    for p in range(1, k + 1):
+        d = torch.zeros_like(tw)
+        d[:, : tw.shape[1] - p] = tw[:, p:] - tw[:, :-p]
+        cols.append(torch.where(d > 0, 1.0 / torch.where(d > 0, d, 1.0), 0.0).to(torch.float32))
+    table = torch.stack(cols, dim=2).contiguous()
+    return tp, t0, tn, hinv, table
 
 
 def _prec(dtype: torch.dtype, ieee: bool) -> str:
@@ -273,7 +292,7 @@ def _forward(x, grid, coef, base_weight, k, ieee):
         return _wide_forward(x, grid, coef, base_weight, k, y)
     km = _kernels(x.device)
     x = _row_major(x)
-    uniform, tp, t0, tn, h = _grid_info(grid, k)
+    uniform, _, t0, tn, hinv, table = _grid_info(grid, k)
     n_knots = grid.shape[1]
     w = coef.detach().permute(2, 1, 0).contiguous()  # (nb, in, out)
     has_base = base_weight is not None
@@ -285,7 +304,7 @@ def _forward(x, grid, coef, base_weight, k, ieee):
 
     _launch(
         km.kan_fwd_kernel, grid_fn,
-        x, tp, t0, tn, h, w, wb, y,
+        x, table, t0, tn, hinv, w, wb, y,
         N, nin, nout, nb, n_knots, _n_steps(n_knots),
         x.stride(0), x.stride(1), s_wbo, s_wbi, y.stride(0), y.stride(1),
         UNIFORM=uniform, K=k, HAS_BASE=has_base, PREC=_prec(x.dtype, ieee), interpreted=km.INTERPRETED,
@@ -329,7 +348,7 @@ def _backward(grad_y, x, grid, coef, base_weight, k, ieee, need_x, need_coef, ne
     km = _kernels(x.device)
     x = _row_major(x)
     grad_y = _row_major(grad_y)
-    uniform, tp, t0, tn, h = _grid_info(grid, k)
+    uniform, _, t0, tn, hinv, table = _grid_info(grid, k)
     n_knots = grid.shape[1]
     steps = _n_steps(n_knots)
     prec = _prec(x.dtype, ieee)
@@ -343,7 +362,7 @@ def _backward(grad_y, x, grid, coef, base_weight, k, ieee, need_x, need_coef, ne
 
         _launch(
             km.kan_bwd_x_kernel, grid_x,
-            x, tp, t0, tn, h, wt, wb, grad_y, gx,
+            x, table, t0, tn, hinv, wt, wb, grad_y, gx,
             N, nin, nout, nb, n_knots, steps,
             x.stride(0), x.stride(1), s_wbo, s_wbi, grad_y.stride(0), grad_y.stride(1), gx.stride(0), gx.stride(1),
             UNIFORM=uniform, K=k, HAS_BASE=has_base, PREC=prec, interpreted=km.INTERPRETED,
@@ -361,7 +380,7 @@ def _backward(grad_y, x, grid, coef, base_weight, k, ieee, need_x, need_coef, ne
 
         _launch(
             km.kan_bwd_w_kernel, grid_w,
-            x, tp, t0, tn, h, grad_y, part,
+            x, table, t0, tn, hinv, grad_y, part,
             N, nin, nout, nb, n_knots, steps, rows,
             x.stride(0), x.stride(1), grad_y.stride(0), grad_y.stride(1),
             UNIFORM=uniform, K=k, HAS_BASE=has_base, PREC=prec, interpreted=km.INTERPRETED,
@@ -523,7 +542,7 @@ def _wide_forward(x, grid, coef, base_weight, k, y):
     nout, _, nb = coef.shape
     bm = _wide_kernels(x.device)
     x = _row_major(x)
-    _, tp, t0, tn, _ = _grid_info(grid, k)
+    _, tp, t0, tn, _, _ = _grid_info(grid, k)
     tables = (tp, t0, tn, grid.shape[1])
     has_base = base_weight is not None
     wt = _wide_weights(coef, base_weight, x.dtype).t()
@@ -549,7 +568,7 @@ def _wide_backward(grad_y, x, grid, coef, base_weight, k, gx, need_x, need_coef,
     bm = _wide_kernels(x.device)
     x = _row_major(x)
     grad_y = _row_major(grad_y.to(x.dtype))
-    _, tp, t0, tn, _ = _grid_info(grid, k)
+    _, tp, t0, tn, _, _ = _grid_info(grid, k)
     tables = (tp, t0, tn, grid.shape[1])
     n_knots = grid.shape[1]
     wcat = _wide_weights(coef, base_weight, x.dtype)

@@ -412,7 +412,7 @@ for kern, knot_free in ((km.kan_fwd_kernel, True), (km.kan_bwd_x_kernel, False),
         if n in cons:
             sig[n] = "constexpr"
         elif n.startswith("p_"):
-            sig[n] = "*fp32" if n in ("p_t", "p_t0", "p_tn", "p_h", "p_gw") else "*bf16"
+            sig[n] = "*fp32" if n in ("p_t", "p_t0", "p_tn", "p_hinv", "p_gw") else "*bf16"
         else:
             sig[n] = "i32"
     compiled = triton.compile(

@@ -50,6 +50,8 @@ k on each side, fp32 ``(in, G + 4k + 1)``; coefficients ``(G + k, in, out)``
 """
 
 import os
+from fractions import Fraction
+from math import comb, factorial
 
 import triton
 import triton.language as tl
@@ -63,6 +65,44 @@ AUTOTUNE = os.environ.get("KANFAST_TRITON_AUTOTUNE", "1").strip() != "0"
 
 MAX_SPLINE_ORDER = 7
 MAX_N_BASIS = 4096
+
+
+def _cardinal_pieces(k):
+    """c[r][p]: B_{m-k+r}(x) = sum_p c[r][p] f^p on [t_m, t_m + h), f = (x - t_m) / h, for
+    uniform knots (the cardinal B-spline N_k(k - r + f); exact rationals, rounded once)."""
+    out = []
+    for r in range(k + 1):
+        j = k - r
+        row = []
+        for p in range(k + 1):
+            acc = Fraction(0)
+            for l in range(j + 1):
+                acc += (-1) ** l * comb(k + 1, l) * comb(k, p) * Fraction(j - l) ** (k - p)
+            row.append(float(acc / factorial(k)))
+        out.append(tuple(row))
+    return tuple(out)
+
+
+def _flat_tables(tables):
+    """(flat tuple, offsets): tables[k][r][p] at flat[offsets[k] + r * len(tables[k][r]) + p] (Triton's
+    constexpr tuples index well flat, not nested three deep)."""
+    flat, offs = [], []
+    for t in tables:
+        offs.append(len(flat))
+        flat.extend(v for row in t for v in row)
+    return tuple(flat), tuple(offs)
+
+
+_P, _P_OFF = _flat_tables([_cardinal_pieces(k) for k in range(MAX_SPLINE_ORDER + 1)])
+_D, _D_OFF = _flat_tables([tuple(tuple((p + 1) * c[p + 1] for p in range(k)) for c in _cardinal_pieces(k))
+                           for k in range(MAX_SPLINE_ORDER + 1)])
+#: The cardinal pieces of order k as the kernels' Horner constants: c[r][p] of _cardinal_pieces(k) at
+#: _PIECES[_PIECES_OFF[k] + r * (k + 1) + p]; those of d/df (degree k - 1, k >= 1) at
+#: _DPIECES[_DPIECES_OFF[k] + r * k + p].
+_PIECES = tl.constexpr(_P)
+_PIECES_OFF = tl.constexpr(_P_OFF)
+_DPIECES = tl.constexpr(_D)
+_DPIECES_OFF = tl.constexpr(_D_OFF)
 
 
 def _configs(kind):
@@ -100,91 +140,110 @@ def _silu(b_x):
 
 
 @triton.jit
-def _local_bases(b_x, m_valid, p_row, b_t0, b_tn, b_h, n_knots, n_steps,
+def _local_bases(b_x, m_valid, p_row, b_t0, b_tn, b_hinv, n_knots, n_steps,
                  UNIFORM: tl.constexpr, K: tl.constexpr, DERIV: tl.constexpr):
     """Interval index, inside-mask, the k+1 non-zero bases and their derivatives.
 
     b_x (BN, BI) fp32; p_row (1, BI) pointers to t_0 of each (clamped) feature in the
-    padded knot table (valid offsets -K .. n_knots-1+K); b_t0/b_tn/b_h (1, BI).
-    Returns b_m (int32, in [0, n_knots-2]), m_in, vals = (B_{m-K}, .., B_m),
-    dvals = their d/dx (or vals again when DERIV is False).
+    launcher's interleaved table (knot j at p_row + j*(K+1), 1/(t_{j+p} - t_j) at
+    p_row + j*(K+1) + p; valid knot indices -K .. n_knots-1+K); b_t0/b_tn/b_hinv (1, BI)
+    (b_hinv = 1/h, uniform knots only). Returns b_m (int32, in [0, n_knots-2]), m_in,
+    vals = (B_{m-K}, .., B_m), dvals = their d/dx (or vals again when DERIV is False).
+
+    Uniform knots: m = floor((x - t_0) / h) moved by one where rounding put x on the
+    wrong side of the stored t_m or t_{m+1} (two gathers), f = (x - t_m) / h against the
+    stored t_m, and the cardinal pieces by Horner (K FMAs per value, no division).
+    Otherwise: bisection on the stored knots, de Boor's triangle with the table's
+    reciprocals of knot differences (no division).
     """
+    TS: tl.constexpr = K + 1
     m_in = (b_x >= b_t0) & (b_x < b_tn) & m_valid  # False for NaN/inf
     b_xs = tl.where(m_in, b_x, b_t0)
     if UNIFORM:
-        b_m = tl.floor((b_xs - b_t0) / b_h).to(tl.int32)
+        b_m = tl.floor((b_xs - b_t0) * b_hinv).to(tl.int32)
         b_m = tl.minimum(tl.maximum(b_m, 0), n_knots - 2)
-        b_tm = tl.load(p_row + b_m)
-        b_m = tl.where(b_xs < b_tm, b_m - 1, b_m)
-        b_m = tl.minimum(tl.maximum(b_m, 0), n_knots - 2)
-        b_tm1 = tl.load(p_row + b_m + 1)
-        b_m = tl.where(b_xs >= b_tm1, b_m + 1, b_m)
-        b_m = tl.minimum(tl.maximum(b_m, 0), n_knots - 2)
-        b_u = (b_xs - tl.load(p_row + b_m)) / b_h
-        lefts = ()
-        rights = ()
-        for r in tl.static_range(K):
-            lefts = lefts + (b_u + r,)  # (x - t_{m-r}) / h
-            rights = rights + ((r + 1) - b_u,)  # (t_{m+1+r} - x) / h
+        p_m = p_row + b_m * TS
+        b_tm = tl.load(p_m)
+        b_tm1 = tl.load(p_m + TS)
+        # x < t_m: m - 1, with f = 1 + (x - t_m)/h (x is within rounding of t_m, never on
+        # t_{m-1}); x >= t_{m+1}: m + 1 and f against t_{m+1}. m stays in [0, n_knots-2]:
+        # inside x lies in [t_0, t_last), outside x is t_0 (m = 0, no move).
+        m_dn = b_xs < b_tm
+        m_up = (b_xs >= b_tm1) & (b_m < n_knots - 2) & (m_dn == 0)
+        m_dn = m_dn & (b_m > 0)
+        b_m = tl.where(m_dn, b_m - 1, tl.where(m_up, b_m + 1, b_m))
+        b_f = (b_xs - tl.where(m_up, b_tm1, b_tm)) * b_hinv
+        b_f = tl.where(m_dn, b_f + 1.0, b_f)
+        vals = ()
+        for r in tl.static_range(K + 1):
+            b_v = tl.full(b_x.shape, _PIECES[_PIECES_OFF[K] + r * (K + 1) + K], tl.float32)
+            for q in tl.static_range(K):
+                b_v = b_v * b_f + _PIECES[_PIECES_OFF[K] + r * (K + 1) + K - 1 - q]
+            vals = vals + (tl.where(m_in, b_v, 0.0),)
+        dvals = vals
+        if DERIV:
+            dvals = ()
+            for r in tl.static_range(K + 1):
+                if K == 0:
+                    b_d = tl.full(b_x.shape, 0, tl.float32)
+                else:
+                    b_d = tl.full(b_x.shape, _DPIECES[_DPIECES_OFF[K] + r * K + K - 1], tl.float32)
+                    for q in tl.static_range(K - 1):
+                        b_d = b_d * b_f + _DPIECES[_DPIECES_OFF[K] + r * K + K - 2 - q]
+                    b_d = b_d * b_hinv
+                dvals = dvals + (tl.where(m_in, b_d, 0.0),)
     else:
         # largest m with t_m <= x: invariant t_lo <= x < t_hi
         b_lo = tl.full(b_x.shape, 0, tl.int32)
         b_hi = b_lo + (n_knots - 1)
         for _ in range(n_steps):
             b_mid = (b_lo + b_hi) // 2
-            m_le = tl.load(p_row + b_mid) <= b_xs
+            m_le = tl.load(p_row + b_mid * TS) <= b_xs
             b_lo = tl.where(m_le, b_mid, b_lo)
             b_hi = tl.where(m_le, b_hi, b_mid)
         b_m = tl.minimum(tl.maximum(b_lo, 0), n_knots - 2)
+        p_m = p_row + b_m * TS  # every gather below: p_m + a compile-time offset
         lefts = ()
         rights = ()
         for r in tl.static_range(K):
-            lefts = lefts + (b_xs - tl.load(p_row + b_m - r),)
-            rights = rights + (tl.load(p_row + b_m + 1 + r) - b_xs,)
-
-    b_one = tl.full(b_x.shape, 1.0, tl.float32)
-    vals = (b_one,)
-    prev = vals
-    for p in tl.static_range(1, K + 1):
+            lefts = lefts + (b_xs - tl.load(p_m - r * TS),)  # x - t_{m-r}
+            rights = rights + (tl.load(p_m + (r + 1) * TS) - b_xs,)  # t_{m+1+r} - x
+        b_one = tl.full(b_x.shape, 1.0, tl.float32)
+        vals = (b_one,)
         prev = vals
-        b_saved = tl.full(b_x.shape, 0, tl.float32)
-        new = ()
-        for r in tl.static_range(p):
-            b_tmp = vals[r] / (rights[r] + lefts[p - r - 1])
-            new = new + (b_saved + rights[r] * b_tmp,)
-            b_saved = lefts[p - r - 1] * b_tmp
-        vals = new + (b_saved,)
-
-    out = ()
-    for r in tl.static_range(K + 1):
-        out = out + (tl.where(m_in, vals[r], 0.0),)
-
-    dout = out
-    if DERIV:
-        dout = ()
+        recs = ()
+        for p in tl.static_range(1, K + 1):
+            prev = vals
+            recs = ()
+            new = ()
+            b_saved = tl.full(b_x.shape, 0, tl.float32)
+            for r in tl.static_range(p):
+                # 1 / (t_{m+1+r} - t_{m+1+r-p}); 0 for coincident knots (0/0 := 0)
+                b_rec = tl.load(p_m + (r + 1 - p) * TS + p)
+                recs = recs + (b_rec,)
+                b_tmp = vals[r] * b_rec
+                new = new + (b_saved + rights[r] * b_tmp,)
+                b_saved = lefts[p - r - 1] * b_tmp
+            vals = new + (b_saved,)
+        out = ()
         for r in tl.static_range(K + 1):
-            if K == 0:
+            out = out + (tl.where(m_in, vals[r], 0.0),)
+        vals = out
+        dvals = vals
+        if DERIV:
+            # dB_{i,K} = K (B_{i,K-1} / (t_{i+K} - t_i) - B_{i+1,K-1} / (t_{i+K+1} - t_{i+1})),
+            # i = m-K+r; prev[s] = B_{m-K+1+s,K-1}, recs[s] = 1/(t_{m+1+s} - t_{m+1+s-K})
+            dvals = ()
+            for r in tl.static_range(K + 1):
                 b_d = tl.full(b_x.shape, 0, tl.float32)
-            elif UNIFORM:
-                # dB_{i,K} = (B_{i,K-1} - B_{i+1,K-1}) / h, i = m-K+r; prev[s] = B_{m-K+1+s,K-1}
-                if r == 0:
-                    b_d = -prev[0]
-                elif r == K:
-                    b_d = prev[K - 1]
-                else:
-                    b_d = prev[r - 1] - prev[r]
-                b_d = b_d / b_h
-            else:
-                b_d = tl.full(b_x.shape, 0, tl.float32)
-                if r > 0:  # + K B_{i,K-1} / (t_{i+K} - t_i) with t_i = t_{m-K+r}
-                    b_den = tl.load(p_row + b_m + r) - tl.load(p_row + b_m - K + r)
-                    b_d += tl.where(b_den > 0, prev[r - 1] / tl.where(b_den > 0, b_den, 1.0), 0.0)
-                if r < K:  # - K B_{i+1,K-1} / (t_{i+K+1} - t_{i+1})
-                    b_den = tl.load(p_row + b_m + r + 1) - tl.load(p_row + b_m - K + r + 1)
-                    b_d -= tl.where(b_den > 0, prev[r] / tl.where(b_den > 0, b_den, 1.0), 0.0)
-                b_d = b_d * K
-            dout = dout + (tl.where(m_in, b_d, 0.0),)
-    return b_m, m_in, out, dout
+                if K > 0:
+                    if r > 0:
+                        b_d += prev[r - 1] * recs[r - 1]
+                    if r < K:
+                        b_d -= prev[r] * recs[r]
+                    b_d = b_d * K
+                dvals = dvals + (tl.where(m_in, b_d, 0.0),)
+    return b_m, m_in, vals, dvals
 
 
 @triton.jit
@@ -221,7 +280,7 @@ def _j_range(b_m, m_in, NB, K: tl.constexpr):
 @triton.autotune(configs=_configs("fwd"), key=["IN", "OUT", "NB", "K", "UNIFORM", "HAS_BASE", "PREC"])
 @triton.jit(do_not_specialize=["N"])
 def kan_fwd_kernel(
-    p_x, p_t, p_t0, p_tn, p_h, p_w, p_wb, p_y,
+    p_x, p_t, p_t0, p_tn, p_hinv, p_w, p_wb, p_y,
     N, IN, OUT, NB, n_knots, n_steps,
     s_xn, s_xi, s_wbo, s_wbi, s_yn, s_yo,
     UNIFORM: tl.constexpr, K: tl.constexpr, HAS_BASE: tl.constexpr, PREC: tl.constexpr,
@@ -244,9 +303,9 @@ def kan_fwd_kernel(
         b_x = tl.load(p_x + o_n[:, None] * s_xn + o_i[None, :] * s_xi, mask=m_x, other=0.0).to(tl.float32)
         b_t0 = tl.load(p_t0 + o_ic)[None, :]
         b_tn = tl.load(p_tn + o_ic)[None, :]
-        b_h = tl.load(p_h + o_ic)[None, :]
-        p_row = p_t + (o_ic.to(tl.int64) * NP + K)[None, :]
-        b_m, m_in, vals, dvals = _local_bases(b_x, m_x, p_row, b_t0, b_tn, b_h, n_knots, n_steps,
+        b_hinv = tl.load(p_hinv + o_ic)[None, :]
+        p_row = p_t + ((o_ic.to(tl.int64) * NP + K) * (K + 1))[None, :]
+        b_m, m_in, vals, dvals = _local_bases(b_x, m_x, p_row, b_t0, b_tn, b_hinv, n_knots, n_steps,
                                               UNIFORM, K, False)
         j_lo, j_hi = _j_range(b_m, m_in, NB, K)
         m_w = m_i[:, None] & m_o[None, :]
@@ -266,7 +325,7 @@ def kan_fwd_kernel(
 @triton.autotune(configs=_configs("bwd_x"), key=["IN", "OUT", "NB", "K", "UNIFORM", "HAS_BASE", "PREC"])
 @triton.jit(do_not_specialize=["N"])
 def kan_bwd_x_kernel(
-    p_x, p_t, p_t0, p_tn, p_h, p_wt, p_wb, p_gy, p_gx,
+    p_x, p_t, p_t0, p_tn, p_hinv, p_wt, p_wb, p_gy, p_gx,
     N, IN, OUT, NB, n_knots, n_steps,
     s_xn, s_xi, s_wbo, s_wbi, s_gn, s_go, s_gxn, s_gxi,
     UNIFORM: tl.constexpr, K: tl.constexpr, HAS_BASE: tl.constexpr, PREC: tl.constexpr,
@@ -285,9 +344,9 @@ def kan_bwd_x_kernel(
     b_x = tl.load(p_x + o_n[:, None] * s_xn + o_i[None, :] * s_xi, mask=m_x, other=0.0).to(tl.float32)
     b_t0 = tl.load(p_t0 + o_ic)[None, :]
     b_tn = tl.load(p_tn + o_ic)[None, :]
-    b_h = tl.load(p_h + o_ic)[None, :]
-    p_row = p_t + (o_ic.to(tl.int64) * NP + K)[None, :]
-    b_m, m_in, vals, dvals = _local_bases(b_x, m_x, p_row, b_t0, b_tn, b_h, n_knots, n_steps, UNIFORM, K, True)
+    b_hinv = tl.load(p_hinv + o_ic)[None, :]
+    p_row = p_t + ((o_ic.to(tl.int64) * NP + K) * (K + 1))[None, :]
+    b_m, m_in, vals, dvals = _local_bases(b_x, m_x, p_row, b_t0, b_tn, b_hinv, n_knots, n_steps, UNIFORM, K, True)
     j_lo, j_hi = _j_range(b_m, m_in, NB, K)
     b_gx = tl.full((BLOCK_N, BLOCK_I), 0, tl.float32)
     # J_PER consecutive j share each grad_y tile load; j >= NB is masked off (no such rows in Wt)
@@ -323,7 +382,7 @@ def kan_bwd_x_kernel(
 @triton.autotune(configs=_configs("bwd_w"), key=["IN", "OUT", "NB", "K", "UNIFORM", "HAS_BASE", "PREC"])
 @triton.jit(do_not_specialize=["N", "rows_per_split"])
 def kan_bwd_w_kernel(
-    p_x, p_t, p_t0, p_tn, p_h, p_gy, p_gw,
+    p_x, p_t, p_t0, p_tn, p_hinv, p_gy, p_gw,
     N, IN, OUT, NB, n_knots, n_steps, rows_per_split,
     s_xn, s_xi, s_gn, s_go,
     UNIFORM: tl.constexpr, K: tl.constexpr, HAS_BASE: tl.constexpr, PREC: tl.constexpr,
@@ -348,8 +407,8 @@ def kan_bwd_w_kernel(
     NP = n_knots + 2 * K
     b_t0 = tl.load(p_t0 + o_ic)[None, :]
     b_tn = tl.load(p_tn + o_ic)[None, :]
-    b_h = tl.load(p_h + o_ic)[None, :]
-    p_row = p_t + (o_ic.to(tl.int64) * NP + K)[None, :]
+    b_hinv = tl.load(p_hinv + o_ic)[None, :]
+    p_row = p_t + ((o_ic.to(tl.int64) * NP + K) * (K + 1))[None, :]
     n_start = pid_s.to(tl.int64) * rows_per_split
     n_end = tl.minimum(n_start + rows_per_split, N)
     accs = ()
@@ -361,7 +420,7 @@ def kan_bwd_w_kernel(
         m_x = m_n[:, None] & m_i[None, :]
         b_x = tl.load(p_x + o_n[:, None] * s_xn + o_i[None, :] * s_xi, mask=m_x, other=0.0).to(tl.float32)
         b_gy = tl.load(p_gy + o_n[:, None] * s_gn + o_o[None, :] * s_go, mask=m_n[:, None] & m_o[None, :], other=0.0)
-        b_m, m_in, vals, dvals = _local_bases(b_x, m_x, p_row, b_t0, b_tn, b_h, n_knots, n_steps, UNIFORM, K, False)
+        b_m, m_in, vals, dvals = _local_bases(b_x, m_x, p_row, b_t0, b_tn, b_hinv, n_knots, n_steps, UNIFORM, K, False)
         b_s = tl.where(m_x, _silu(b_x), 0.0)
         new = ()
         for jj in tl.static_range(J_PER):
