@@ -282,6 +282,23 @@ def _launch(kernel, grid_fn, *args, interpreted: bool, **kwargs):
             kernel[grid_fn](*args, **kwargs)
 
 
+#: Basis indices per chunk of the fused forward / grad_x kernels' contraction (a power of two): each
+#: dot has K = BLOCK_I * chunk (forward) or N = BLOCK_I * chunk (grad_x); G + k is padded to a multiple.
+MAX_J_CHUNK = 8
+
+
+def _j_chunks(nb: int) -> Tuple[int, int]:
+    """(JC, NC): basis indices per chunk (the next power of two >= nb, at most MAX_J_CHUNK) and chunks."""
+    jc = min(MAX_J_CHUNK, 1 << max(0, (nb - 1).bit_length()))
+    return jc, -(-nb // jc)
+
+
+def _chunked_coef(coef: torch.Tensor, jc: int, nc: int) -> torch.Tensor:
+    """coef (out, in, nb) zero-padded to nc * jc bases and viewed (out, in, nc, jc)."""
+    nout, nin, nb = coef.shape
+    return torch.nn.functional.pad(coef.detach(), (0, nc * jc - nb)).view(nout, nin, nc, jc)
+
+
 def _forward(x, grid, coef, base_weight, k, ieee):
     N, nin = x.shape
     nout, _, nb = coef.shape
@@ -294,7 +311,8 @@ def _forward(x, grid, coef, base_weight, k, ieee):
     x = _row_major(x)
     uniform, _, t0, tn, hinv, table = _grid_info(grid, k)
     n_knots = grid.shape[1]
-    w = coef.detach().permute(2, 1, 0).contiguous()  # (nb, in, out)
+    jc, nc = _j_chunks(nb)
+    w = _chunked_coef(coef, jc, nc).permute(2, 1, 3, 0).contiguous()  # (nc, in, jc, out)
     has_base = base_weight is not None
     wb = base_weight.detach() if has_base else w  # dummy pointer when absent
     s_wbo, s_wbi = (wb.stride(0), wb.stride(1)) if has_base else (0, 0)
@@ -303,11 +321,12 @@ def _forward(x, grid, coef, base_weight, k, ieee):
         return (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(nout, meta["BLOCK_O"]))
 
     _launch(
-        km.kan_fwd_kernel, grid_fn,
+        km.kan_fwd_kernel_fp32 if x.dtype == torch.float32 else km.kan_fwd_kernel, grid_fn,
         x, table, t0, tn, hinv, w, wb, y,
         N, nin, nout, nb, n_knots, _n_steps(n_knots),
         x.stride(0), x.stride(1), s_wbo, s_wbi, y.stride(0), y.stride(1),
-        UNIFORM=uniform, K=k, HAS_BASE=has_base, PREC=_prec(x.dtype, ieee), interpreted=km.INTERPRETED,
+        UNIFORM=uniform, K=k, HAS_BASE=has_base, PREC=_prec(x.dtype, ieee), JC=jc, NC=nc,
+        interpreted=km.INTERPRETED,
     )
     return y
 
@@ -353,19 +372,20 @@ def _backward(grad_y, x, grid, coef, base_weight, k, ieee, need_x, need_coef, ne
     steps = _n_steps(n_knots)
     prec = _prec(x.dtype, ieee)
     if need_x:
-        wt = coef.detach().permute(2, 0, 1).contiguous()  # (nb, out, in)
+        jc, nc = _j_chunks(nb)
+        wt = _chunked_coef(coef, jc, nc).permute(2, 0, 1, 3).contiguous()  # (nc, out, in, jc)
         wb = base_weight.detach() if has_base else wt
         s_wbo, s_wbi = (wb.stride(0), wb.stride(1)) if has_base else (0, 0)
 
         def grid_x(meta):
-            return (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(nin, meta["BLOCK_I"]))
+            return (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(nin, meta["BLOCK_I"] * meta["SUB"]))
 
         _launch(
-            km.kan_bwd_x_kernel, grid_x,
+            km.kan_bwd_x_kernel_fp32 if x.dtype == torch.float32 else km.kan_bwd_x_kernel, grid_x,
             x, table, t0, tn, hinv, wt, wb, grad_y, gx,
             N, nin, nout, nb, n_knots, steps,
             x.stride(0), x.stride(1), s_wbo, s_wbi, grad_y.stride(0), grad_y.stride(1), gx.stride(0), gx.stride(1),
-            UNIFORM=uniform, K=k, HAS_BASE=has_base, PREC=prec, interpreted=km.INTERPRETED,
+            UNIFORM=uniform, K=k, HAS_BASE=has_base, PREC=prec, JC=jc, NC=nc, interpreted=km.INTERPRETED,
         )
     want_base = need_base and has_base
     if need_coef or want_base:
