@@ -407,6 +407,8 @@ for kern, knot_free in ((km.kan_fwd_kernel, True), (km.kan_bwd_x_kernel, False),
     fn = kern.fn
     cfg = kern.configs[0]  # the config used when autotuning is off
     cons = dict(UNIFORM=knot_free, K=3, HAS_BASE=True, PREC="tf32", **cfg.kwargs)
+    if "JC" in inspect.signature(fn.fn).parameters:  # the basis-chunk constexprs (G + k = 8: one chunk)
+        cons.update(JC=8, NC=1)
     sig = {}
     for n in inspect.signature(fn.fn).parameters:
         if n in cons:
