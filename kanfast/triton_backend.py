@@ -203,9 +203,10 @@ _GRID_CACHE: dict = {}
 
 
 def _grid_info(grid: torch.Tensor, k: int):
-    """(uniform, padded knots, t0, t_last, h) of ``grid``, cached per grid tensor object,
-    version counter and k: the uniformity test costs a host sync, paid once per grid change
-    (update_grid writes the buffer in place, which bumps its version)."""
+    """(uniform, padded knots, t0, t_last, 1/h, kernel table) of ``grid`` (see
+    :func:`_knot_tables`), cached per grid tensor object, version counter and k: the
+    uniformity test costs a host sync, paid once per grid change (update_grid writes the
+    buffer in place, which bumps its version)."""
     key = id(grid)
     hit = _GRID_CACHE.get(key)
     if hit is not None and hit[0]() is grid and hit[1] == grid._version and hit[2] == k and hit[3] == grid.device:
@@ -226,14 +227,32 @@ def forget_grid(grid: torch.Tensor) -> None:
 
 
 def _knot_tables(grid: torch.Tensor, k: int):
-    """fp32 (padded knots (in, n + 2k), t0 (in,), t_last (in,), h (in,)) for the kernels."""
+    """fp32 (padded knots tp (in, n + 2k), t0 (in,), t_last (in,), 1/h (in,), table (in, n + 2k, k + 1))
+    for the kernels, computed once per grid change (see :func:`_grid_info`).
+
+    ``table[i, a, 0] = tp[i, a]`` and ``table[i, a, p] = 1 / (tp[i, a + p] - tp[i, a])``
+    (p = 1..k; 0 where that difference is not positive or ``a + p`` is past the row): the
+    fused kernels' de Boor triangle multiplies by these instead of dividing, all of an
+    element's gathers at constant offsets from one address. The reciprocals are those of the
+    exact differences of the fp32 knots, rounded once (computed in float64; float32 where the
+    device has no float64). ``h = (t_last - t0) / (n - 1)`` (fp32) and 1/h likewise. The wide
+    path's kernels read ``tp``."""
     g = grid.detach().to(torch.float32).contiguous()
     n = g.shape[1]
     tp = _pad_knots(g, k).contiguous()
     t0 = g[:, 0].contiguous()
     tn = g[:, -1].contiguous()
-    h = ((tn - t0) / (n - 1)).contiguous()
-    return tp, t0, tn, h
+    wide = torch.float64 if tp.device.type in ("cpu", "cuda") else torch.float32
+    h = (tn - t0) / (n - 1)
+    hinv = (1.0 / h.to(wide)).to(torch.float32).contiguous()
+    tw = tp.to(wide)
+    cols = [tp]
+    for p in range(1, k + 1):
+        d = torch.zeros_like(tw)
+        d[:, : tw.shape[1] - p] = tw[:, p:] - tw[:, :-p]
+        cols.append(torch.where(d > 0, 1.0 / torch.where(d > 0, d, 1.0), 0.0).to(torch.float32))
+    table = torch.stack(cols, dim=2).contiguous()
+    return tp, t0, tn, hinv, table
 
 
 def _prec(dtype: torch.dtype, ieee: bool) -> str:
@@ -265,6 +284,23 @@ def _launch(kernel, grid_fn, *args, interpreted: bool, **kwargs):
             kernel[grid_fn](*args, **kwargs)
 
 
+#: Basis indices per chunk of the fused forward / grad_x kernels' contraction (a power of two): each
+#: dot has K = BLOCK_I * chunk (forward) or N = BLOCK_I * chunk (grad_x); G + k is padded to a multiple.
+MAX_J_CHUNK = 8
+
+
+def _j_chunks(nb: int) -> Tuple[int, int]:
+    """(JC, NC): basis indices per chunk (the next power of two >= nb, at most MAX_J_CHUNK) and chunks."""
+    jc = min(MAX_J_CHUNK, 1 << max(0, (nb - 1).bit_length()))
+    return jc, -(-nb // jc)
+
+
+def _chunked_coef(coef: torch.Tensor, jc: int, nc: int) -> torch.Tensor:
+    """coef (out, in, nb) zero-padded to nc * jc bases and viewed (out, in, nc, jc)."""
+    nout, nin, nb = coef.shape
+    return torch.nn.functional.pad(coef.detach(), (0, nc * jc - nb)).view(nout, nin, nc, jc)
+
+
 def _forward(x, grid, coef, base_weight, k, ieee):
     N, nin = x.shape
     nout, _, nb = coef.shape
@@ -275,9 +311,10 @@ def _forward(x, grid, coef, base_weight, k, ieee):
         return _wide_forward(x, grid, coef, base_weight, k, y)
     km = _kernels(x.device)
     x = _row_major(x)
-    uniform, tp, t0, tn, h = _grid_info(grid, k)
+    uniform, _, t0, tn, hinv, table = _grid_info(grid, k)
     n_knots = grid.shape[1]
-    w = coef.detach().permute(2, 1, 0).contiguous()  # (nb, in, out)
+    jc, nc = _j_chunks(nb)
+    w = _chunked_coef(coef, jc, nc).permute(2, 1, 3, 0).contiguous()  # (nc, in, jc, out)
     has_base = base_weight is not None
     wb = base_weight.detach() if has_base else w  # dummy pointer when absent
     s_wbo, s_wbi = (wb.stride(0), wb.stride(1)) if has_base else (0, 0)
@@ -286,11 +323,12 @@ def _forward(x, grid, coef, base_weight, k, ieee):
         return (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(nout, meta["BLOCK_O"]))
 
     _launch(
-        km.kan_fwd_kernel, grid_fn,
-        x, tp, t0, tn, h, w, wb, y,
+        km.kan_fwd_kernel_fp32 if x.dtype == torch.float32 else km.kan_fwd_kernel, grid_fn,
+        x, table, t0, tn, hinv, w, wb, y,
         N, nin, nout, nb, n_knots, _n_steps(n_knots),
         x.stride(0), x.stride(1), s_wbo, s_wbi, y.stride(0), y.stride(1),
-        UNIFORM=uniform, K=k, HAS_BASE=has_base, PREC=_prec(x.dtype, ieee), interpreted=km.INTERPRETED,
+        UNIFORM=uniform, K=k, HAS_BASE=has_base, PREC=_prec(x.dtype, ieee), JC=jc, NC=nc,
+        interpreted=km.INTERPRETED,
     )
     return y
 
@@ -335,24 +373,25 @@ def _backward(grad_y, x, grid, coef, base_weight, k, ieee, need_x, need_coef, ne
     km = _kernels(x.device)
     x = _row_major(x)
     grad_y = _row_major(grad_y)
-    uniform, tp, t0, tn, h = _grid_info(grid, k)
+    uniform, _, t0, tn, hinv, table = _grid_info(grid, k)
     n_knots = grid.shape[1]
     steps = _n_steps(n_knots)
     prec = _prec(x.dtype, ieee)
     if need_x:
-        wt = coef.detach().permute(2, 0, 1).contiguous()  # (nb, out, in)
+        jc, nc = _j_chunks(nb)
+        wt = _chunked_coef(coef, jc, nc).permute(2, 0, 1, 3).contiguous()  # (nc, out, in, jc)
         wb = base_weight.detach() if has_base else wt
         s_wbo, s_wbi = (wb.stride(0), wb.stride(1)) if has_base else (0, 0)
 
         def grid_x(meta):
-            return (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(nin, meta["BLOCK_I"]))
+            return (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(nin, meta["BLOCK_I"] * meta["SUB"]))
 
         _launch(
-            km.kan_bwd_x_kernel, grid_x,
-            x, tp, t0, tn, h, wt, wb, grad_y, gx,
+            km.kan_bwd_x_kernel_fp32 if x.dtype == torch.float32 else km.kan_bwd_x_kernel, grid_x,
+            x, table, t0, tn, hinv, wt, wb, grad_y, gx,
             N, nin, nout, nb, n_knots, steps,
             x.stride(0), x.stride(1), s_wbo, s_wbi, grad_y.stride(0), grad_y.stride(1), gx.stride(0), gx.stride(1),
-            UNIFORM=uniform, K=k, HAS_BASE=has_base, PREC=prec, interpreted=km.INTERPRETED,
+            UNIFORM=uniform, K=k, HAS_BASE=has_base, PREC=prec, JC=jc, NC=nc, interpreted=km.INTERPRETED,
         )
     want_base = need_base and has_base
     # grad_W and grad_base_weight: per-split fp32 partials summed in a fixed order (no atomics)
@@ -368,7 +407,7 @@ def _backward(grad_y, x, grid, coef, base_weight, k, ieee, need_x, need_coef, ne
 
         _launch(
             km.kan_bwd_w_kernel, grid_w,
-            x, tp, t0, tn, h, grad_y, part,
+            x, table, t0, tn, hinv, grad_y, part,
             N, nin, nout, nb, n_knots, steps, rows,
             x.stride(0), x.stride(1), grad_y.stride(0), grad_y.stride(1),
             UNIFORM=uniform, K=k, PREC=prec, interpreted=km.INTERPRETED,
@@ -545,7 +584,7 @@ def _wide_forward(x, grid, coef, base_weight, k, y):
     nout, _, nb = coef.shape
     bm = _wide_kernels(x.device)
     x = _row_major(x)
-    _, tp, t0, tn, _ = _grid_info(grid, k)
+    _, tp, t0, tn, _, _ = _grid_info(grid, k)
     tables = (tp, t0, tn, grid.shape[1])
     has_base = base_weight is not None
     wt = _wide_weights(coef, base_weight, x.dtype).t()
@@ -571,7 +610,7 @@ def _wide_backward(grad_y, x, grid, coef, base_weight, k, gx, need_x, need_coef,
     bm = _wide_kernels(x.device)
     x = _row_major(x)
     grad_y = _row_major(grad_y.to(x.dtype))
-    _, tp, t0, tn, _ = _grid_info(grid, k)
+    _, tp, t0, tn, _, _ = _grid_info(grid, k)
     tables = (tp, t0, tn, grid.shape[1])
     n_knots = grid.shape[1]
     wcat = _wide_weights(coef, base_weight, x.dtype)

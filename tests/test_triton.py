@@ -436,12 +436,14 @@ for kern, knot_free in ((km.kan_fwd_kernel, True), (km.kan_bwd_x_kernel, False),
     params = inspect.signature(fn.fn).parameters
     cons = {n: v for n, v in dict(UNIFORM=knot_free, K=3, HAS_BASE=True, PREC="tf32").items() if n in params}
     cons.update(cfg.kwargs)
+    if "JC" in params:  # the basis-chunk constexprs (G + k = 8: one chunk)
+        cons.update(JC=8, NC=1)
     sig = {}
     for n in inspect.signature(fn.fn).parameters:
         if n in cons:
             sig[n] = "constexpr"
         elif n.startswith("p_"):
-            sig[n] = "*fp32" if n in ("p_t", "p_t0", "p_tn", "p_h", "p_gw", "p_gb") else "*bf16"
+            sig[n] = "*fp32" if n in ("p_t", "p_t0", "p_tn", "p_hinv", "p_gw", "p_gb") else "*bf16"
         else:
             sig[n] = "i32"
     compiled = triton.compile(
