@@ -14,8 +14,8 @@ Entry point: :func:`kan_linear_triton` (same contract as
   whichever threads make them); compiled GPU launches do not.
 * float64 falls back to the torch backend (Triton's ``tl.dot`` has no useful
   fp64 path).
-* Wide layers take the wide-layer path (:func:`use_wide_path`: float16/bfloat16,
-  ``out >= 128`` and ``in * (G + k + 1) >= 512``, where the static sm_90 model
+* Wide layers at fine grids take the wide-layer path (:func:`use_wide_path`:
+  float16/bfloat16, ``out >= 128`` and ``G >= 50``, where the static sm_90 model
   says it wins): per chunk of rows a Triton
   kernel (:mod:`kanfast.kernels.basis_block`) writes the dense basis block
   ``D = [silu(x) | B(x)]`` in x's dtype, and ``torch.mm`` (cuBLAS) makes
@@ -463,19 +463,23 @@ def use_wide_path(in_features: int, out_features: int, grid_size: int, spline_or
     """True when the wide-layer path (dense basis block + ``torch.mm``) is chosen over the
     fused kernels for a layer of this shape and dtype (KANFAST_TRITON_WIDE=auto).
 
-    Rule: float16/bfloat16, ``out_features >= 128`` and ``in_features * (G + k + 1) >= 512``.
+    Rule: float16/bfloat16, ``out_features >= 128`` and ``grid_size >= 50``.
 
     Why: the static sm_90 model (``benchmarks/wide_model.py`` on ``benchmarks/gpu_model.py``;
-    a MODEL, not a measurement; it assumes cuBLAS reaches 790 TFLOP/s on every GEMM)
-    at batch 65536, G = 5, k = 3, bf16, forward + backward, wide vs fused: in x out =
-    1024 x 1024: 7.8 vs 27.1 ms; 256 x 256: 1.1 vs 2.4; 64 x 1024: 0.49 vs 2.35;
-    128 x 256: 0.55 vs 1.22; 1024 x 128: 4.1 vs 5.1; 1024 x 64: 4.1 vs 3.6 (fused wins).
-    The basis block costs about the same whatever ``out``, while the GEMM work it
-    enables grows with ``out``; so the crossover is in ``out`` (between 64 and 128).
-    Smaller GEMM depths than ``in * (G + k + 1) = 576`` were not modelled. float32 stays
-    on the fused kernels: cuBLAS float32 follows torch's matmul precision setting (IEEE
-    by default, far below the fused kernels' TF32), not :func:`set_fp32_precision`.
-    Figures and commands: ``benchmarks/results/wide_model_*.json``.
+    a MODEL, not a measurement; it assumes cuBLAS reaches 790 TFLOP/s on every GEMM) at
+    batch 65536, k = 3, bf16, forward + backward, wide vs fused (the kernels of issue 17:
+    long-K forward and grad_x, grad_W v2, cardinal-piece basis), in x out: at G = 5,
+    1024 x 1024: 7.76 vs 6.62 ms; 256 x 256: 1.05 vs 0.55; 128 x 256: 0.52 vs 0.30;
+    1024 x 128: 3.85 vs 1.67; 1024 x 64: 3.84 vs 1.51; 64 x 1024: 0.49 vs 0.51 (the only
+    G = 5 shape where wide wins, by 4%); at G = 50, 1024 x 1024: 38.9 vs 40.0 ms. The fused
+    kernels pay for the zero bases of their dense tiles like the wide path's GEMMs, but
+    their forward spills at G = 50 and their L2 traffic grows with G, so the wide path
+    (cuBLAS at the dense rate) takes over at fine grids; ``out >= 128`` keeps the GEMMs
+    wide enough to pay for the basis block. G between 5 and 50 was not modelled: the
+    threshold is the modelled point, not a crossover. float32 stays on the fused
+    kernels: cuBLAS float32 follows torch's matmul precision setting (IEEE by default, far
+    below the fused kernels' TF32), not :func:`set_fp32_precision`. Figures and commands:
+    ``benchmarks/results/wide_model_*.json``, ``gpu_model_v2_G*.json``.
 
     Args:
         in_features, out_features, grid_size (G), spline_order (k): the layer's sizes.
@@ -486,7 +490,7 @@ def use_wide_path(in_features: int, out_features: int, grid_size: int, spline_or
     """
     if dtype not in (torch.float16, torch.bfloat16):
         return False
-    return out_features >= 128 and in_features * (grid_size + spline_order + 1) >= 512
+    return out_features >= 128 and grid_size >= 50
 
 
 def _wide_selected(nin: int, nout: int, G: int, k: int, dtype: torch.dtype) -> bool:

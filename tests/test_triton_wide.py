@@ -215,26 +215,25 @@ def test_wide_opcheck(wide):
 
 
 def test_rule_picks_what_it_documents():
-    """use_wide_path: float16/bfloat16, out >= 128 and in * (G + k + 1) >= 512."""
+    """use_wide_path: float16/bfloat16, out >= 128 and G >= 50."""
     for dt in (torch.float16, torch.bfloat16):
-        assert tb.use_wide_path(1024, 1024, 5, 3, dt)  # the issue's target shape
-        assert tb.use_wide_path(64, 128, 5, 2, dt)  # 64 * 8 = 512, out = 128: on both boundaries
-        assert not tb.use_wide_path(64, 127, 5, 2, dt)  # out one short
-        assert not tb.use_wide_path(63, 128, 5, 2, dt)  # K = 504 < 512
-        assert not tb.use_wide_path(1024, 64, 5, 3, dt)  # the model's fused win
-        assert tb.use_wide_path(16, 4096, 50, 3, dt)  # 16 * 54 = 864
+        assert not tb.use_wide_path(1024, 1024, 5, 3, dt)  # the issue's target shape: fused v2 wins
+        assert tb.use_wide_path(1024, 1024, 50, 3, dt)  # G = 50: the wide path's modelled win
+        assert tb.use_wide_path(16, 128, 50, 2, dt)  # on both boundaries
+        assert not tb.use_wide_path(16, 127, 50, 2, dt)  # out one short
+        assert not tb.use_wide_path(1024, 1024, 49, 3, dt)  # G one short
     for dt in (torch.float32, torch.float64):
-        assert not tb.use_wide_path(1024, 1024, 5, 3, dt)
+        assert not tb.use_wide_path(1024, 1024, 50, 3, dt)
 
 
 def test_mode_selection(monkeypatch):
     monkeypatch.setattr(tb, "_WIDE_MODE", "auto")
-    assert tb._wide_selected(1024, 1024, 5, 3, torch.bfloat16)
-    assert not tb._wide_selected(1024, 1024, 5, 3, torch.float32)
+    assert tb._wide_selected(1024, 1024, 50, 3, torch.bfloat16)
+    assert not tb._wide_selected(1024, 1024, 50, 3, torch.float32)
     monkeypatch.setattr(tb, "_WIDE_MODE", "wide")
     assert tb._wide_selected(2, 2, 1, 1, torch.float32)
     monkeypatch.setattr(tb, "_WIDE_MODE", "fused")
-    assert not tb._wide_selected(1024, 1024, 5, 3, torch.bfloat16)
+    assert not tb._wide_selected(1024, 1024, 50, 3, torch.bfloat16)
 
 
 def test_auto_mode_dispatches_by_rule(monkeypatch):
@@ -244,9 +243,9 @@ def test_auto_mode_dispatches_by_rule(monkeypatch):
     monkeypatch.setattr(tb, "_WIDE_MODE", "auto")
     monkeypatch.setattr(tb, "_wide_forward", lambda *a, **kw: calls.append(a[0].dtype) or fwd(*a, **kw))
     torch.manual_seed(15)
-    layer = FastKANLayer(64, 128, grid_size=5, spline_order=2, backend="triton")
+    layer = FastKANLayer(16, 128, grid_size=50, spline_order=2, backend="triton")
     half = copy.deepcopy(layer).half()
-    x = torch.randn(2, 64)
+    x = torch.randn(2, 16)
     try:
         y = half(x.half())
     except Exception as e:  # pragma: no cover - depends on the interpreter
