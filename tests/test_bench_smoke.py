@@ -292,3 +292,20 @@ def test_small_sweep_structure_ratios_and_figure(tmp_path, monkeypatch):
     assert (tmp_path / "s.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     fig = bench.plot_results(tmp_path / "s.json", tmp_path / "again.png")
     assert len(fig.axes) == 2 and all(ax.get_yscale() == "log" for ax in fig.axes)
+
+
+def test_memory_rule_extrapolates_measured_peaks_and_checks_pykan_before_building():
+    """The grid sweep's memory rule: a case's measured peak at an earlier G scales by (G+k+1)/(G0+k+1)
+    (never down; the MLP's not at all); pykan's construction (lstsq on in*out (G+1)x(G+k) matrices) is
+    part of its estimate and of the --max-elements check made before it is built."""
+    assert bench._extrapolate_peak(None, 20, 3) is None
+    assert bench._extrapolate_peak((10, 1400.0), 20, 3) == pytest.approx(1400.0 * 24 / 14)
+    assert bench._extrapolate_peak((10, 1400.0), 5, 3) == 1400.0  # an earlier, smaller G: kept as measured
+    assert bench._extrapolate_peak((10, 1400.0), 500, 3, "mlp") == 1400.0
+    shape = (256, 1024, 1024, 50, 3)
+    assert bench._pykan_init_elements(shape) == 1024 * 1024 * 51 * 53
+    assert bench._case_bytes("pykan", shape, 4)[1] >= 2 * 4 * 1024 * 1024 * 51 * 53
+    assert bench._pykan_too_big((4096, 64, 64, 50, 3), 2e8) is None
+    assert "(batch, in, out)" in bench._pykan_too_big((4096, 256, 256, 3, 3), 2e8)
+    assert "construction" in bench._pykan_too_big((16, 1024, 1024, 50, 3), 2e8)
+    assert "least-squares" in bench._pykan_too_big((4096, 64, 64, 200, 3), 2e8)  # 3.4e10 multiply-adds
