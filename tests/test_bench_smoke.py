@@ -309,3 +309,25 @@ def test_memory_rule_extrapolates_measured_peaks_and_checks_pykan_before_buildin
     assert "(batch, in, out)" in bench._pykan_too_big((4096, 256, 256, 3, 3), 2e8)
     assert "construction" in bench._pykan_too_big((16, 1024, 1024, 50, 3), 2e8)
     assert "least-squares" in bench._pykan_too_big((4096, 64, 64, 200, 3), 2e8)  # 3.4e10 multiply-adds
+
+
+def test_plan_skips_on_the_extrapolated_measured_peak(monkeypatch):
+    """A case whose estimate fits but whose peak measured at the previous G, scaled to this G, does not is
+    skipped for memory with that reason; without the measurement it is kept; pykan over --max-elements is
+    skipped before anything is counted."""
+    import kanfast.cli_checks as cc
+
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    args = parser.parse_args(["--sweep", "grid", "--layers", "16x4x3", "--peers", "pykan", "--no-compile",
+                              "--max-elements", "10"])
+    bench._apply_sweep_defaults(args)
+    shape, labels = (16, 4, 3, 10, 3), ["kanfast-torch", "materialized", "mlp", "pykan"]
+    monkeypatch.setattr(cc, "available_memory", lambda: 10 * 2**20)  # 8 MiB usable: every estimate fits
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    plan = bench._plan_shape(shape, labels, args, {}, None)
+    assert "materialized" not in plan.skip and plan.skip["pykan"].startswith("pykan materialises")
+    peaks = {("materialized", 16, 4, 3, 3): (5, 6 * 2**20)}  # 6 MiB at G = 5 -> 10.5 MiB at G = 10
+    plan = bench._plan_shape(shape, labels, args, {}, None, peaks)
+    assert plan.skip["materialized"].startswith("memory:") and "measured at the previous G" in plan.skip["materialized"]
+    assert "mlp" not in plan.skip and "kanfast-torch" not in plan.skip
