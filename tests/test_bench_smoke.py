@@ -331,3 +331,27 @@ def test_plan_skips_on_the_extrapolated_measured_peak(monkeypatch):
     plan = bench._plan_shape(shape, labels, args, {}, None, peaks)
     assert plan.skip["materialized"].startswith("memory:") and "measured at the previous G" in plan.skip["materialized"]
     assert "mlp" not in plan.skip and "kanfast-torch" not in plan.skip
+
+
+def test_plan_time_budget_counts_the_shapes_earlier_cases_and_compiles(monkeypatch):
+    """The time-budget rule sums the predicted seconds of the cases kept before a case on the same shape,
+    and counts a compiled case's compile (its warm-up seconds at the previous G)."""
+    import time
+
+    import kanfast.cli_checks as cc
+
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    args = parser.parse_args(["--sweep", "grid", "--layers", "16x4x3", "--peers", "none", "--warmup", "0"])
+    bench._apply_sweep_defaults(args)
+    args.max_step_s = None
+    monkeypatch.setattr(cc, "available_memory", lambda: None)
+    shape = (16, 4, 3, 5, 3)
+    labels = ["kanfast-torch", "materialized", "materialized+compile", "mlp"]
+    history = {(lb, 16, 4, 3, 3): (5, 1.0, 3.0, 30.0) for lb in ["floor", *labels]}  # 4 s per case at this G
+    plan = bench._plan_shape(shape, labels, args, history, time.monotonic() + 10.0)
+    assert "kanfast-torch" not in plan.skip and "floor" not in plan.skip  # 4 + 4 s
+    assert plan.skip["materialized"].startswith("time budget:") and plan.skip["mlp"].startswith("time budget:")
+    plan = bench._plan_shape(shape, labels, args, history, time.monotonic() + 20.0)
+    assert "materialized" not in plan.skip and "mlp" not in plan.skip  # 16 s in all
+    assert plan.skip["materialized+compile"].startswith("time budget:")  # 4 s + its 30 s compile

@@ -435,19 +435,23 @@ def _plan_shape(shape, labels: Sequence[str], args, history: Dict, deadline: Opt
     threads = torch.get_num_threads()
     skip: Dict[str, str] = {}
     predicted: Dict[str, Optional[float]] = {}
+    compile_s: Dict[str, float] = {}
     for label in ["floor", *labels]:
         prev = history.get((label, b, i, o, k))
         if prev is None:
             predicted[label] = None
         else:
-            g0, fwd_s, fb_s = prev
+            g0, fwd_s, fb_s = prev[:3]
             scale = 1.0 if label == "mlp" else (G + k + 1) / (g0 + k + 1)
             predicted[label] = (fwd_s + fb_s) * scale
+            if label.endswith("+compile") and len(prev) > 3:  # its compile (warm-up) at the previous G
+                compile_s[label] = prev[3] or 0.0
     gc.collect()
     _malloc_trim()
     avail = available_memory()
     order = [lb for lb in labels if lb.startswith("kanfast-")] + ["floor"] + [lb for lb in labels if not lb.startswith("kanfast-")]
     persistent = transient = 0
+    planned = 0.0  # predicted seconds of the cases kept so far (steps, warm-ups, compiles)
     now = time.monotonic()
     for label in order:
         why = _pykan_too_big(shape, args.max_elements) if label == "pykan" else None
@@ -468,10 +472,13 @@ def _plan_shape(shape, labels: Sequence[str], args, history: Dict, deadline: Opt
         if not measured_always and pred is not None and args.max_step_s is not None and pred > args.max_step_s:
             skip[label] = f"time: predicted ~{pred:.3g} s per fwd + fwd+bwd step (from the previous G), over --max-step-s {args.max_step_s:g}"
             continue
+        # the shape's cases run one after another (interleaved): what the cases kept before take counts
+        cost = (pred or 0.0) * (1 + (args.warmup if not measured_always else 0)) + compile_s.get(label, 0.0)
         if (deadline is not None and history  # (the run's first shape is always measured)
-                and now + (pred or 0.0) * (1 + (args.warmup if not measured_always else 0)) > deadline):
+                and now + planned + cost > deadline):
             skip[label] = "time budget: --time-budget {:g} s spent before this case".format(args.time_budget)
             continue
+        planned += cost
         persistent += p
         transient = max(transient, t)
     return _Plan(skip, predicted)
@@ -1349,7 +1356,8 @@ def run(args: argparse.Namespace) -> int:
                     "(kanfast and the floor first; each transient the larger of the estimate and the case's "
                     "peak measured at the previous G, scaled by (G+k+1)) is skipped ('memory: ...'); a baseline or peer whose fwd + "
                     "fwd+bwd step, predicted from the previous G of the same layer scaled by (G+k+1), exceeds "
-                    "max_step_s is skipped ('time: ...'); a case predicted to end past the time budget is skipped "
+                    "max_step_s is skipped ('time: ...'); a case predicted to end past the time budget, counting the "
+                    "shape's cases kept before it and a compiled case's compile time at the previous G, is skipped "
                     "('time budget: ...'). Timed repeats per case: up to --repeats, stopping once case_seconds are "
                     "spent or the budget is (at least one); no warm-up for an eager step predicted over "
                     "case_seconds/2; compiled cases always get one warm-up (the compile; its time is warmup_s)",
@@ -1357,7 +1365,7 @@ def run(args: argparse.Namespace) -> int:
     rows: List[Dict[str, Any]] = []
     floors: List[Dict[str, Any]] = []
     deadline = time.monotonic() + args.time_budget if args.time_budget is not None else None
-    history: Dict[Tuple, Tuple[int, float, float]] = {}
+    history: Dict[Tuple, Tuple] = {}  # (G, fwd s, fwd+bwd s[, warm-up s]) at the last G
     peaks: Dict[Tuple, Tuple[int, float]] = {}  # measured transient bytes per case and layer, at the last G
     labels = _case_labels(args, backends, peers)
     itemsize = torch.empty((), dtype=dtype).element_size()
@@ -1375,7 +1383,8 @@ def run(args: argparse.Namespace) -> int:
             b, i, o, G, k = shape
             for row in r:
                 if row.get("fwd_bwd_ms") is not None:
-                    history[(row["impl"], b, i, o, k)] = (G, row["fwd_ms"] / 1e3, row["fwd_bwd_ms"] / 1e3)
+                    history[(row["impl"], b, i, o, k)] = (G, row["fwd_ms"] / 1e3, row["fwd_bwd_ms"] / 1e3,
+                                                          row.get("warmup_s"))
                 if row.get("peak_extra_mb") is not None:  # + the output and input gradient it excludes
                     peaks[(row["impl"], b, i, o, k)] = (G, row["peak_extra_mb"] * 2**20 + b * (i + o) * itemsize)
             if f.get("fwd_bwd_ms") is not None:
