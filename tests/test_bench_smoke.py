@@ -247,7 +247,7 @@ def test_grid_sweep_memory_and_budget_skips(tmp_path, monkeypatch):
     kan, floor, mat = est["kanfast-torch", 3], est["floor", 3], est["materialized", 3]
     fits = est["kanfast-torch", 5][0] + max(est["kanfast-torch", 5][1], est["floor", 5][1])  # kanfast + floor at G=5
     assert kan[0] + mat[0] + max(kan[1], floor[1], mat[1]) > fits * 1.01  # the baseline at G=3 does not fit
-    monkeypatch.setattr(cc, "available_memory", lambda: int(fits / 0.8 * 1.01))
+    monkeypatch.setattr(cc, "available_memory", lambda: int(fits / bench.MEMORY_FRACTION * 1.01))
     monkeypatch.setattr(torch, "get_num_threads", lambda: 64)  # (the estimate above, whatever this machine has)
     parser = argparse.ArgumentParser()
     bench.add_arguments(parser)
@@ -323,7 +323,7 @@ def test_plan_skips_on_the_extrapolated_measured_peak(monkeypatch):
                               "--max-elements", "10"])
     bench._apply_sweep_defaults(args)
     shape, labels = (16, 4, 3, 10, 3), ["kanfast-torch", "materialized", "mlp", "pykan"]
-    monkeypatch.setattr(cc, "available_memory", lambda: 10 * 2**20)  # 8 MiB usable: every estimate fits
+    monkeypatch.setattr(cc, "available_memory", lambda: int(8 * 2**20 / bench.MEMORY_FRACTION))  # 8 MiB usable
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
     plan = bench._plan_shape(shape, labels, args, {}, None)
     assert "materialized" not in plan.skip and plan.skip["pykan"].startswith("pykan materialises")

@@ -367,6 +367,11 @@ def _case_bytes(label: str, shape, itemsize: int, threads: int = 1) -> Tuple[int
     return per[0] * itemsize, per[1] * itemsize
 
 
+#: Share of MemAvailable the cases of one shape may plan to use (the estimates and extrapolations are
+#: not bounds: a full --sweep grid run with 0.8, 1 thread, loaded host, reached 19 GB resident of 24 GB).
+MEMORY_FRACTION = 0.6
+
+
 def _pykan_init_elements(shape) -> int:
     """Elements of the matrix pykan's ``KANLayer.__init__`` materialises: its ``curve2coef`` fits the
     initial coefficients by ``torch.linalg.lstsq`` on ``in * out`` expanded (G + 1) x (G + k) B-spline
@@ -425,7 +430,7 @@ def _plan_shape(shape, labels: Sequence[str], args, history: Dict, deadline: Opt
     """Skip, before building anything, the cases of ``shape`` that would not fit: memory (the
     estimates of :func:`_case_bytes`, each transient max'd with the case's measured peak at the
     previous G of the same layer extrapolated by :func:`_extrapolate_peak` (``peaks``: (label, batch,
-    in, out, k) -> (G, bytes)), against 80% of the memory available now -- MemAvailable, after gc and
+    in, out, k) -> (G, bytes)), against MEMORY_FRACTION of the memory available now -- MemAvailable, after gc and
     malloc_trim, so memory this process still holds counts as used --, kanfast and the floor first), time (a baseline or peer predicted over ``--max-step-s``) or the run's time
     budget (its warm-up and one repeat predicted to end past ``--time-budget``)."""
     from ..cli_checks import available_memory, format_bytes
@@ -464,7 +469,7 @@ def _plan_shape(shape, labels: Sequence[str], args, history: Dict, deadline: Opt
         if t_meas is not None and t_meas > t:
             t, how = int(t_meas), "measured at the previous G, extrapolated"
         pred = predicted[label]
-        if avail is not None and persistent + p + max(transient, t) > 0.8 * avail:
+        if avail is not None and persistent + p + max(transient, t) > MEMORY_FRACTION * avail:
             skip[label] = (f"memory: needs ~{format_bytes(p + t)} ({how}) besides the cases kept, "
                            f"{format_bytes(avail)} available")
             continue
@@ -1352,7 +1357,7 @@ def run(args: argparse.Namespace) -> int:
     if budgeted:
         meta["budget"] = {
             "time_budget_s": args.time_budget, "max_step_s": args.max_step_s, "case_seconds": args.case_seconds,
-            "rule": "per shape, before building: a case whose estimated memory does not fit in 80% of MemAvailable "
+            "rule": "per shape, before building: a case whose estimated memory does not fit in MEMORY_FRACTION (0.6) of MemAvailable "
                     "(kanfast and the floor first; each transient the larger of the estimate and the case's "
                     "peak measured at the previous G, scaled by (G+k+1)) is skipped ('memory: ...'); a baseline or peer whose fwd + "
                     "fwd+bwd step, predicted from the previous G of the same layer scaled by (G+k+1), exceeds "
