@@ -247,7 +247,7 @@ def test_grid_sweep_memory_and_budget_skips(tmp_path, monkeypatch):
     kan, floor, mat = est["kanfast-torch", 3], est["floor", 3], est["materialized", 3]
     fits = est["kanfast-torch", 5][0] + max(est["kanfast-torch", 5][1], est["floor", 5][1])  # kanfast + floor at G=5
     assert kan[0] + mat[0] + max(kan[1], floor[1], mat[1]) > fits * 1.01  # the baseline at G=3 does not fit
-    monkeypatch.setattr(cc, "available_memory", lambda: int(fits / 0.8 * 1.01))
+    monkeypatch.setattr(cc, "available_memory", lambda: int(fits / bench.MEMORY_FRACTION * 1.01))
     monkeypatch.setattr(torch, "get_num_threads", lambda: 64)  # (the estimate above, whatever this machine has)
     parser = argparse.ArgumentParser()
     bench.add_arguments(parser)
@@ -292,3 +292,66 @@ def test_small_sweep_structure_ratios_and_figure(tmp_path, monkeypatch):
     assert (tmp_path / "s.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     fig = bench.plot_results(tmp_path / "s.json", tmp_path / "again.png")
     assert len(fig.axes) == 2 and all(ax.get_yscale() == "log" for ax in fig.axes)
+
+
+def test_memory_rule_extrapolates_measured_peaks_and_checks_pykan_before_building():
+    """The grid sweep's memory rule: a case's measured peak at an earlier G scales by (G+k+1)/(G0+k+1)
+    (never down; the MLP's not at all); pykan's construction (lstsq on in*out (G+1)x(G+k) matrices) is
+    part of its estimate and of the --max-elements check made before it is built."""
+    assert bench._extrapolate_peak(None, 20, 3) is None
+    assert bench._extrapolate_peak((10, 1400.0), 20, 3) == pytest.approx(1400.0 * 24 / 14)
+    assert bench._extrapolate_peak((10, 1400.0), 5, 3) == 1400.0  # an earlier, smaller G: kept as measured
+    assert bench._extrapolate_peak((10, 1400.0), 500, 3, "mlp") == 1400.0
+    shape = (256, 1024, 1024, 50, 3)
+    assert bench._pykan_init_elements(shape) == 1024 * 1024 * 51 * 53
+    assert bench._case_bytes("pykan", shape, 4)[1] >= 2 * 4 * 1024 * 1024 * 51 * 53
+    assert bench._pykan_too_big((4096, 64, 64, 50, 3), 2e8) is None
+    assert "(batch, in, out)" in bench._pykan_too_big((4096, 256, 256, 3, 3), 2e8)
+    assert "construction" in bench._pykan_too_big((16, 1024, 1024, 50, 3), 2e8)
+    assert "least-squares" in bench._pykan_too_big((4096, 64, 64, 200, 3), 2e8)  # 3.4e10 multiply-adds
+
+
+def test_plan_skips_on_the_extrapolated_measured_peak(monkeypatch):
+    """A case whose estimate fits but whose peak measured at the previous G, scaled to this G, does not is
+    skipped for memory with that reason; without the measurement it is kept; pykan over --max-elements is
+    skipped before anything is counted."""
+    import kanfast.cli_checks as cc
+
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    args = parser.parse_args(["--sweep", "grid", "--layers", "16x4x3", "--peers", "pykan", "--no-compile",
+                              "--max-elements", "10"])
+    bench._apply_sweep_defaults(args)
+    shape, labels = (16, 4, 3, 10, 3), ["kanfast-torch", "materialized", "mlp", "pykan"]
+    monkeypatch.setattr(cc, "available_memory", lambda: int(8 * 2**20 / bench.MEMORY_FRACTION))  # 8 MiB usable
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    plan = bench._plan_shape(shape, labels, args, {}, None)
+    assert "materialized" not in plan.skip and plan.skip["pykan"].startswith("pykan materialises")
+    peaks = {("materialized", 16, 4, 3, 3): (5, 6 * 2**20)}  # 6 MiB at G = 5 -> 10.5 MiB at G = 10
+    plan = bench._plan_shape(shape, labels, args, {}, None, peaks)
+    assert plan.skip["materialized"].startswith("memory:") and "measured at the previous G" in plan.skip["materialized"]
+    assert "mlp" not in plan.skip and "kanfast-torch" not in plan.skip
+
+
+def test_plan_time_budget_counts_the_shapes_earlier_cases_and_compiles(monkeypatch):
+    """The time-budget rule sums the predicted seconds of the cases kept before a case on the same shape,
+    and counts a compiled case's compile (its warm-up seconds at the previous G)."""
+    import time
+
+    import kanfast.cli_checks as cc
+
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    args = parser.parse_args(["--sweep", "grid", "--layers", "16x4x3", "--peers", "none", "--warmup", "0"])
+    bench._apply_sweep_defaults(args)
+    args.max_step_s = None
+    monkeypatch.setattr(cc, "available_memory", lambda: None)
+    shape = (16, 4, 3, 5, 3)
+    labels = ["kanfast-torch", "materialized", "materialized+compile", "mlp"]
+    history = {(lb, 16, 4, 3, 3): (5, 1.0, 3.0, 30.0) for lb in ["floor", *labels]}  # 4 s per case at this G
+    plan = bench._plan_shape(shape, labels, args, history, time.monotonic() + 10.0)
+    assert "kanfast-torch" not in plan.skip and "floor" not in plan.skip  # 4 + 4 s
+    assert plan.skip["materialized"].startswith("time budget:") and plan.skip["mlp"].startswith("time budget:")
+    plan = bench._plan_shape(shape, labels, args, history, time.monotonic() + 20.0)
+    assert "materialized" not in plan.skip and "mlp" not in plan.skip  # 16 s in all
+    assert plan.skip["materialized+compile"].startswith("time budget:")  # 4 s + its 30 s compile

@@ -356,13 +356,64 @@ def _case_bytes(label: str, shape, itemsize: int, threads: int = 1) -> Tuple[int
         per = (2 * P + 2 * table * max(1, threads), io + table)
     elif label.endswith("+compile"):  # fused basis; the feature matrix and its gradient
         per = (2 * P, 3 * feat + io)
-    elif base == "pykan":
-        per = (2 * P, cdb + 6 * b * i * o + io)
+    elif base == "pykan":  # its step's (batch, in, out) tensors, or its construction (the larger)
+        per = (2 * P, max(cdb + 6 * b * i * o + io, 2 * _pykan_init_elements(shape)))
     elif base == "materialized":
         per = (2 * P, cdb + feat + io)
+    elif base == "flashkan":  # eager: measured ~20 feature matrices (4096 x 256 -> 256, G = 20: 2.0 GiB)
+        per = (2 * P, 24 * feat + io)
     else:  # eager peers: the basis built in (k + 1) steps, the features and their gradient
         per = (2 * P, (k + 4) * feat + io)
     return per[0] * itemsize, per[1] * itemsize
+
+
+#: Share of MemAvailable the cases of one shape may plan to use (the estimates and extrapolations are
+#: not bounds: a full --sweep grid run with 0.8, 1 thread, loaded host, reached 19 GB resident of 24 GB).
+MEMORY_FRACTION = 0.6
+
+
+def _pykan_init_elements(shape) -> int:
+    """Elements of the matrix pykan's ``KANLayer.__init__`` materialises: its ``curve2coef`` fits the
+    initial coefficients by ``torch.linalg.lstsq`` on ``in * out`` expanded (G + 1) x (G + k) B-spline
+    matrices (measured, 1 thread: peak ~1.4x this matrix; 1024 x 1024 at G = 10: 0.87 GiB, 12 s)."""
+    b, i, o, G, k = shape
+    return i * o * (G + 1) * (G + k)
+
+
+#: Most least-squares work (in*out*(G+1)*(G+k)^2) of a pykan construction a run will wait for: measured
+#: (1 thread, loaded host) 12 s at 1024 x 1024, G = 10 (2e9) and 5 s at 64 x 64, G = 100 (4.4e9).
+PYKAN_INIT_MAX_WORK = 1.0e10
+
+
+def _pykan_too_big(shape, max_elements: float) -> Optional[str]:
+    """Why pykan is not built on ``shape`` (None: it is): the (batch, in, out) tensors of its step or
+    the least-squares matrix of its construction over ``max_elements``. Checked before building,
+    since the construction alone can exhaust memory (G = 50 on 1024 x 1024: ~15 GiB)."""
+    b, i, o, G, k = shape
+    if b * i * o > max_elements:
+        return f"pykan materialises (batch, in, out) = {b * i * o:.2e}-element tensors, over --max-elements"
+    n = _pykan_init_elements(shape)
+    if n > max_elements:
+        return (f"pykan's construction materialises in*out*(G+1)*(G+k) = {n:.2e} elements (lstsq of its initial "
+                f"coefficients), over --max-elements")
+    work = n * (G + k)
+    if work > PYKAN_INIT_MAX_WORK:
+        return (f"pykan's construction solves in*out least-squares problems of (G+1) x (G+k): ~{work:.2e} "
+                f"multiply-adds, over {PYKAN_INIT_MAX_WORK:.0e} (tens of seconds or more)")
+    return None
+
+
+def _extrapolate_peak(prev: Optional[Tuple[int, float]], G: int, k: int, label: str = "") -> Optional[float]:
+    """Transient bytes of a case at ``G`` predicted from its measured peak ``prev = (G0, bytes)`` at an
+    earlier G of the same layer: materialised bases grow linearly in the basis count, so scaled by
+    (G + k + 1) / (G0 + k + 1) when G > G0 (never scaled down; ``mlp`` does not depend on G).
+    None without a measurement."""
+    if prev is None or prev[1] is None:
+        return None
+    g0, peak = prev
+    if label == "mlp" or G <= g0:
+        return float(peak)
+    return float(peak) * (G + k + 1) / (g0 + k + 1)
 
 
 class _Plan:
@@ -374,10 +425,13 @@ class _Plan:
         self.skip, self.predicted = skip, predicted
 
 
-def _plan_shape(shape, labels: Sequence[str], args, history: Dict, deadline: Optional[float]) -> _Plan:
+def _plan_shape(shape, labels: Sequence[str], args, history: Dict, deadline: Optional[float],
+                peaks: Optional[Dict] = None) -> _Plan:
     """Skip, before building anything, the cases of ``shape`` that would not fit: memory (the
-    estimates of :func:`_case_bytes` against 80% of the memory available now, kanfast and the
-    floor first), time (a baseline or peer predicted over ``--max-step-s``) or the run's time
+    estimates of :func:`_case_bytes`, each transient max'd with the case's measured peak at the
+    previous G of the same layer extrapolated by :func:`_extrapolate_peak` (``peaks``: (label, batch,
+    in, out, k) -> (G, bytes)), against MEMORY_FRACTION of the memory available now -- MemAvailable, after gc and
+    malloc_trim, so memory this process still holds counts as used --, kanfast and the floor first), time (a baseline or peer predicted over ``--max-step-s``) or the run's time
     budget (its warm-up and one repeat predicted to end past ``--time-budget``)."""
     from ..cli_checks import available_memory, format_bytes
 
@@ -386,35 +440,50 @@ def _plan_shape(shape, labels: Sequence[str], args, history: Dict, deadline: Opt
     threads = torch.get_num_threads()
     skip: Dict[str, str] = {}
     predicted: Dict[str, Optional[float]] = {}
+    compile_s: Dict[str, float] = {}
     for label in ["floor", *labels]:
         prev = history.get((label, b, i, o, k))
         if prev is None:
             predicted[label] = None
         else:
-            g0, fwd_s, fb_s = prev
+            g0, fwd_s, fb_s = prev[:3]
             scale = 1.0 if label == "mlp" else (G + k + 1) / (g0 + k + 1)
             predicted[label] = (fwd_s + fb_s) * scale
+            if label.endswith("+compile") and len(prev) > 3:  # its compile (warm-up) at the previous G
+                compile_s[label] = prev[3] or 0.0
     gc.collect()
     _malloc_trim()
     avail = available_memory()
     order = [lb for lb in labels if lb.startswith("kanfast-")] + ["floor"] + [lb for lb in labels if not lb.startswith("kanfast-")]
     persistent = transient = 0
+    planned = 0.0  # predicted seconds of the cases kept so far (steps, warm-ups, compiles)
     now = time.monotonic()
     for label in order:
+        why = _pykan_too_big(shape, args.max_elements) if label == "pykan" else None
+        if why is not None:  # never built (see _build_cases): neither its memory nor its time counts
+            skip[label] = why
+            continue
         p, t = _case_bytes(label, shape, itemsize, threads)
+        t_meas = _extrapolate_peak((peaks or {}).get((label, b, i, o, k)), G, k, label)
+        how = "estimate"
+        if t_meas is not None and t_meas > t:
+            t, how = int(t_meas), "measured at the previous G, extrapolated"
         pred = predicted[label]
-        if avail is not None and persistent + p + max(transient, t) > 0.8 * avail:
-            skip[label] = (f"memory: needs ~{format_bytes(p + t)} (estimate) besides the cases kept, "
+        if avail is not None and persistent + p + max(transient, t) > MEMORY_FRACTION * avail:
+            skip[label] = (f"memory: needs ~{format_bytes(p + t)} ({how}) besides the cases kept, "
                            f"{format_bytes(avail)} available")
             continue
         measured_always = label == "floor" or label.startswith("kanfast-")
         if not measured_always and pred is not None and args.max_step_s is not None and pred > args.max_step_s:
             skip[label] = f"time: predicted ~{pred:.3g} s per fwd + fwd+bwd step (from the previous G), over --max-step-s {args.max_step_s:g}"
             continue
+        # the shape's cases run one after another (interleaved): what the cases kept before take counts
+        cost = (pred or 0.0) * (1 + (args.warmup if not measured_always else 0)) + compile_s.get(label, 0.0)
         if (deadline is not None and history  # (the run's first shape is always measured)
-                and now + (pred or 0.0) * (1 + (args.warmup if not measured_always else 0)) > deadline):
+                and now + planned + cost > deadline):
             skip[label] = "time budget: --time-budget {:g} s spent before this case".format(args.time_budget)
             continue
+        planned += cost
         persistent += p
         transient = max(transient, t)
     return _Plan(skip, predicted)
@@ -479,15 +548,14 @@ def _build_cases(shape, args, device, dtype, backends, peers, skip: Optional[Dic
             label = name + ("+compile" if compiled else "")
             if label in skip:
                 built.append((label, PeerStatus(label, "skipped", skip[label])))
+            elif name == "pykan" and _pykan_too_big(shape, args.max_elements):
+                built.append((label, PeerStatus(label, "skipped", _pykan_too_big(shape, args.max_elements))))
             else:
                 built += make_peers([name], nin, nout, G, k, layer.grid_range, device=device, dtype=dtype,
                                     compiled=compiled)
     for label, mod in built:
         if isinstance(mod, PeerStatus):
             cases.append(_Case(label, "peer", status=mod.status, note=mod.reason))
-        elif label.startswith("pykan") and b * nin * nout > args.max_elements:
-            cases.append(_Case(label, "peer", status="skipped",
-                               note=f"pykan materialises (batch, in, out) = {b * nin * nout:.2e}-element tensors, over --max-elements"))
         else:
             cases.append(_Case(label, "peer", mod))
     return cases, layer
@@ -755,6 +823,20 @@ def _run_shape(shape, args, device, dtype, backends, peers, progress, plan: Opti
         rows.append(r)
     floor.update({"batch": b, "in": nin, "out": nout, "G": G, "k": k})
     return rows, floor
+
+
+def _release_shape(compiled: bool) -> None:
+    """Between shapes: collect the shape's modules and autograd graphs, drop Dynamo's compiled code
+    (its caches would keep every shape's graphs alive), free kanfast's kept work buffers and hand
+    freed heap back to the OS, so that the next shape's memory check sees what is really free."""
+    from kanfast.torch_backend import release_buffers
+
+    release_buffers()
+    gc.collect()
+    if compiled:
+        torch._dynamo.reset()
+        gc.collect()
+    _malloc_trim()
 
 
 @contextlib.contextmanager
@@ -1275,10 +1357,12 @@ def run(args: argparse.Namespace) -> int:
     if budgeted:
         meta["budget"] = {
             "time_budget_s": args.time_budget, "max_step_s": args.max_step_s, "case_seconds": args.case_seconds,
-            "rule": "per shape, before building: a case whose estimated memory does not fit in 80% of MemAvailable "
-                    "(kanfast and the floor first) is skipped ('memory: ...'); a baseline or peer whose fwd + "
+            "rule": "per shape, before building: a case whose estimated memory does not fit in MEMORY_FRACTION (0.6) of MemAvailable "
+                    "(kanfast and the floor first; each transient the larger of the estimate and the case's "
+                    "peak measured at the previous G, scaled by (G+k+1)) is skipped ('memory: ...'); a baseline or peer whose fwd + "
                     "fwd+bwd step, predicted from the previous G of the same layer scaled by (G+k+1), exceeds "
-                    "max_step_s is skipped ('time: ...'); a case predicted to end past the time budget is skipped "
+                    "max_step_s is skipped ('time: ...'); a case predicted to end past the time budget, counting the "
+                    "shape's cases kept before it and a compiled case's compile time at the previous G, is skipped "
                     "('time budget: ...'). Timed repeats per case: up to --repeats, stopping once case_seconds are "
                     "spent or the budget is (at least one); no warm-up for an eager step predicted over "
                     "case_seconds/2; compiled cases always get one warm-up (the compile; its time is warmup_s)",
@@ -1286,22 +1370,28 @@ def run(args: argparse.Namespace) -> int:
     rows: List[Dict[str, Any]] = []
     floors: List[Dict[str, Any]] = []
     deadline = time.monotonic() + args.time_budget if args.time_budget is not None else None
-    history: Dict[Tuple, Tuple[int, float, float]] = {}
+    history: Dict[Tuple, Tuple] = {}  # (G, fwd s, fwd+bwd s[, warm-up s]) at the last G
+    peaks: Dict[Tuple, Tuple[int, float]] = {}  # measured transient bytes per case and layer, at the last G
     labels = _case_labels(args, backends, peers)
+    itemsize = torch.empty((), dtype=dtype).element_size()
     with contextlib.ExitStack() as stack, \
             tqdm(total=len(shapes), disable=args.no_progress, desc="kanfast bench", unit="shape", file=sys.stderr) as bar:
         if args.compile or args.compile_peers:
             stack.enter_context(_compile_limits())
         for shape in shapes:
             bar.set_postfix_str("batch={} in={} out={} G={} k={}".format(*shape))
-            plan = _plan_shape(shape, labels, args, history, deadline) if budgeted else None
+            plan = _plan_shape(shape, labels, args, history, deadline, peaks) if budgeted else None
             r, f = _run_shape(shape, args, device, dtype, backends, peers, bar.update, plan, deadline)
+            _release_shape(args.compile or args.compile_peers)
             rows += r
             floors.append(f)
             b, i, o, G, k = shape
             for row in r:
                 if row.get("fwd_bwd_ms") is not None:
-                    history[(row["impl"], b, i, o, k)] = (G, row["fwd_ms"] / 1e3, row["fwd_bwd_ms"] / 1e3)
+                    history[(row["impl"], b, i, o, k)] = (G, row["fwd_ms"] / 1e3, row["fwd_bwd_ms"] / 1e3,
+                                                          row.get("warmup_s"))
+                if row.get("peak_extra_mb") is not None:  # + the output and input gradient it excludes
+                    peaks[(row["impl"], b, i, o, k)] = (G, row["peak_extra_mb"] * 2**20 + b * (i + o) * itemsize)
             if f.get("fwd_bwd_ms") is not None:
                 history[("floor", b, i, o, k)] = (G, f["fwd_ms"] / 1e3, f["fwd_bwd_ms"] / 1e3)
     if not args.no_first_call and device.type == "cpu":
