@@ -54,10 +54,18 @@ def _grid_key(g: torch.Tensor) -> tuple:
     return (g.data_ptr(), version, g.dtype, tuple(g.shape), g.device)
 
 
+_is_functorch_wrapped = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
+
+
 def _under_torch_func(*tensors: torch.Tensor) -> bool:
     """Any of ``tensors`` wrapped by a torch.func transform (grad/vmap levels)."""
-    is_wrapped = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
+    is_wrapped = _is_functorch_wrapped
     return is_wrapped is not None and any(is_wrapped(t) for t in tensors)
+
+
+_Tensor = torch.Tensor
+_PLAIN_DTYPES = (torch.float32, torch.float64)  # the dtypes the general path computes in unchanged
+_EAGER_BACKENDS = ("auto", "torch")  # the backends a CPU input resolves to "torch" under
 
 
 class FastKANLayer(nn.Module):
@@ -344,7 +352,11 @@ class FastKANLayer(nn.Module):
     def _uniform_flag(self) -> bool:
         if torch.compiler.is_compiling() and getattr(self, "_grid_uniform", None) is not None:
             return self._grid_uniform  # a Python constant for the compiler (guarded)
-        if getattr(self, "_grid_key", None) != _grid_key(self.grid):
+        return self._uniform_flag_of(self.grid)
+
+    def _uniform_flag_of(self, grid: torch.Tensor) -> bool:
+        """The cached flag of ``grid`` (the layer's own grid), refreshed when its key changed."""
+        if getattr(self, "_grid_key", None) != _grid_key(grid):
             self.refresh_grid_cache()
         return self._grid_uniform
 
@@ -477,6 +489,10 @@ class FastKANLayer(nn.Module):
             TypeError: dtype differs from the parameters' (outside autocast).
             RuntimeError: device differs from the parameters'.
         """
+        if type(x) is _Tensor and x.dim() == 2 and x.is_cpu and not torch.is_autocast_enabled("cpu"):
+            y = self._forward_plain(x)  # the common case: the same call without the no-op casts
+            if y is not None:
+                return y
         self._check_input(x)
         backend = self.resolve_backend(x)
         comp, out_dtype, autocast = self._compute_dtypes(x, backend)
@@ -486,6 +502,48 @@ class FastKANLayer(nn.Module):
         else:
             y = self._forward_impl(x, comp, backend)
         return y.to(out_dtype)
+
+    def _forward_plain(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """:meth:`forward` of a plain 2-D CPU float32/float64 tensor ``x`` (outside CPU autocast;
+        the caller's guard) when it is the common case, or None (then the general path runs).
+
+        The common case: x of the parameters' dtype, backend ``"auto"``/``"torch"``, SiLU base,
+        no symbolic branch, parameters read from the module's own dicts (a parametrized or
+        swapped-out entry: not the common case), not compiling, no torch.func wrapper. Every
+        cast, reshape and dtype/backend decision of the general path is then a no-op, so this
+        makes the same :func:`kanfast.ops.kan_linear_op` call on the same tensors without them
+        (and without the view that reshaping gives): the same checks pass, the same result.
+        The per-call Python cost of a small layer is otherwise mostly these no-op calls."""
+        if x.shape[1] != self.in_features or self._backend not in _EAGER_BACKENDS:
+            return None
+        params, modules = self._parameters, self._modules
+        bw, sw, grid = params.get("base_weight"), params.get("spline_weight"), self._buffers.get("grid")
+        dt = x.dtype
+        if (
+            bw is None or sw is None or grid is None or dt not in _PLAIN_DTYPES or bw.dtype != dt
+            or sw.dtype != dt or grid.dtype != dt or not bw.is_cpu
+            or modules.get("symbolic") is not None or type(modules.get("base_activation")) is not nn.SiLU
+        ):
+            return None
+        scale = params.get("spline_scaler") if self.enable_standalone_scale_spline else None
+        if self.enable_standalone_scale_spline and (scale is None or scale.dtype != dt):
+            return None
+        if torch.compiler.is_compiling() or (
+            _is_functorch_wrapped is not None
+            and (_is_functorch_wrapped(x) or _is_functorch_wrapped(sw) or _is_functorch_wrapped(bw))
+        ):
+            return None  # (the general path: the compiled op, or the torch.func error)
+        if self.keep_input:
+            self.last_input = x
+        mask = self._buffers.get("edge_mask")
+        if mask is not None:
+            bw = bw * mask
+            scale = mask if scale is None else scale * mask
+            if scale.dtype != dt:
+                scale = scale.to(dt)
+            if bw.dtype != dt:
+                bw = bw.to(dt)
+        return kan_linear_op(x, grid, sw, bw, self.spline_order, self._uniform_flag_of(grid), "torch", scale)
 
     def _forward_impl(self, x: torch.Tensor, comp: torch.dtype, backend: str) -> torch.Tensor:
         lead = x.shape[:-1]

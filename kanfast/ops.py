@@ -166,8 +166,11 @@ class _SparseKAN(torch.autograd.Function):
     backward = staticmethod(make_backward(_sparse_backward))
 
 
-def _needs_graph(*tensors) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+def _needs_graph(x, coef, base_weight, scale) -> bool:
+    return torch.is_grad_enabled() and (
+        x.requires_grad or coef.requires_grad or (base_weight is not None and base_weight.requires_grad)
+        or (scale is not None and scale.requires_grad)
+    )
 
 
 # -------------------------------------------------------------------- triton
@@ -279,7 +282,8 @@ def kan_linear_op(
         if scale is not None:
             coef = coef * scale.unsqueeze(-1)
         return _kan_linear_triton_op(x, grid, coef, base_weight, spline_order)
-    grid = grid.to(x.dtype)
+    if grid.dtype != x.dtype:
+        grid = grid.to(x.dtype)
     k = int(spline_order)
     if torch.compiler.is_compiling():  # one opaque graph node for Dynamo/AOTAutograd
         return kan_fwd(x, grid, coef, base_weight, k, bool(uniform), scale)

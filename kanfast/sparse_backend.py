@@ -111,10 +111,10 @@ def chooses(x: Tensor, grid: Tensor, coef: Tensor, base_weight: Optional[Tensor]
     takes the sparse path (the documented size rule of the module docstring), its tensors
     permitting (CPU, one float32/float64 dtype, plain tensors, no recording mode)."""
     dt = x.dtype
-    if not ENABLED or dt not in (torch.float32, torch.float64) or x.device.type != "cpu" or x.dim() != 2 or coef.dim() != 3:
+    if not ENABLED or dt not in (torch.float32, torch.float64) or not x.is_cpu or x.dim() != 2 or coef.dim() != 3:
         return False
-    for t in (x, grid, coef, base_weight, scale):
-        if t is not None and (type(t) not in _PLAIN or t.dtype != dt or t.device.type != "cpu"):
+    for t in (x, grid, coef, base_weight, scale):  # (is_cpu: no device object per tensor)
+        if t is not None and (type(t) not in _PLAIN or t.dtype != dt or not t.is_cpu):
             return False
     if not 0 <= k < cpu_spline.MAX_ORDER or coef.shape[2] < 1 or grid.shape[1] != coef.shape[2] + k + 1:
         return False

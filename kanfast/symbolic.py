@@ -71,18 +71,30 @@ class SymbolicFit:
 
 
 # --------------------------------------------------------------------- fitting
+#: Elements of the ``(a, b, sample)`` block of :func:`fit_affine`'s grid search evaluated at once:
+#: a few rows of ``a`` at a time, so that the function values and the R^2 table's temporaries stay
+#: in cache (the whole 41 x 41 x 1024 block is 13 MB in float64, each of its passes a trip to memory).
+R2_BLOCK_ELEMENTS = 1 << 16
+
+
 def _r2_table(post: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """R^2 of the best ``c * post + d`` for every row of ``post`` (..., N); -inf where post is not finite."""
-    finite = torch.isfinite(post).all(-1)
-    p = torch.where(torch.isfinite(post), post, torch.zeros_like(post))
+    finite = None  # None: every value finite (a NaN or an inf makes the sum non-finite; the sum is one pass,
+    p = post  # torch.isfinite four)
+    if not math.isfinite(float(post.sum())):
+        fin = torch.isfinite(post)
+        finite = fin.all(-1)
+        p = torch.where(fin, post, 0.0)  # (non-finite values as 0)
     pc = p - p.mean(-1, keepdim=True)
     yc = y - y.mean()
     syy = (yc * yc).sum()
     spp = (pc * pc).sum(-1)
     spy = (pc * yc).sum(-1)
-    ok = finite & (spp > 1e-24 * p.abs().amax(-1).clamp_min(1.0) ** 2 * post.shape[-1])
+    ok = spp > 1e-24 * p.abs().amax(-1).clamp_min(1.0) ** 2 * post.shape[-1]
+    if finite is not None:
+        ok &= finite
     r2 = torch.where(ok, spy**2 / (spp * syy).clamp_min(1e-300), torch.zeros_like(spp))
-    return torch.where(finite, r2, torch.full_like(r2, -math.inf))
+    return r2 if finite is None else torch.where(finite, r2, -math.inf)
 
 
 def fit_affine(
@@ -123,9 +135,12 @@ def fit_affine(
     for _ in range(iterations):
         a_vals = torch.linspace(a_lo, a_hi, grid_number, dtype=torch.float64)
         b_vals = torch.linspace(b_lo, b_hi, grid_number, dtype=torch.float64)
+        rows = max(1, R2_BLOCK_ELEMENTS // (grid_number * x.numel()))  # rows of a per block
         with torch.no_grad(), torch.autograd.set_grad_enabled(False):
-            post = fun.fn(a_vals[:, None, None] * x + b_vals[None, :, None])  # (Na, Nb, N)
-            r2 = _r2_table(post, y)
+            r2 = torch.cat([  # (Na, Nb): the block (rows, Nb, N) of f(a x + b) at a time
+                _r2_table(fun.fn(a_vals[r : r + rows, None, None] * x + b_vals[None, :, None]), y)
+                for r in range(0, grid_number, rows)
+            ])
         # a == 0 makes f constant: a degenerate fit, never preferred
         r2 = torch.where(a_vals[:, None] == 0, torch.full_like(r2, -math.inf), r2)
         flat = int(torch.argmax(torch.nan_to_num(r2, nan=-math.inf)))

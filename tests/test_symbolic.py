@@ -62,6 +62,64 @@ def test_fit_affine_domain_and_constant():
         fit_affine(x, y[:10], SYMBOLIC_LIB["sin"])
 
 
+def _r2_direct(post, y):
+    """R^2 of the least-squares c * post + d, row by row, from its definition (1 - SSE / SST via a
+    float64 lstsq per row): the oracle of the grid search's closed form; -inf for rows with NaN/inf."""
+    out = torch.empty(post.shape[:-1], dtype=DT).reshape(-1)
+    for r, row in enumerate(post.reshape(-1, post.shape[-1])):
+        if not bool(torch.isfinite(row).all()):
+            out[r] = -math.inf
+            continue
+        A = torch.stack([row, torch.ones_like(row)], 1)
+        sol = torch.linalg.lstsq(A, y.unsqueeze(1), driver="gelsd").solution
+        resid = y - (A @ sol).reshape(-1)
+        out[r] = 1 - float((resid**2).sum() / ((y - y.mean()) ** 2).sum())
+    return out.reshape(post.shape[:-1])
+
+
+def test_r2_table_against_its_definition():
+    """The grid search's R^2 table (its all-finite shortcut and its NaN/inf rows) against
+    1 - SSE/SST of a least-squares fit per row."""
+    from kanfast.symbolic import _r2_table
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(200, generator=g, dtype=DT) * 2 - 1
+    y = torch.sin(2 * x) + 0.1 * torch.randn(200, generator=g, dtype=DT)
+    post = torch.stack([torch.sin(a * x + 0.3) for a in (0.5, 1.0, 2.0, 3.0)]).reshape(2, 2, 200)
+    assert torch.allclose(_r2_table(post, y), _r2_direct(post, y), rtol=0, atol=1e-12)  # all finite
+    bad = post.clone()
+    bad[0, 1, 7] = math.nan
+    bad[1, 0, 0] = math.inf
+    bad[1, 1, 199] = -math.inf
+    got = _r2_table(bad, y)
+    assert torch.equal(torch.isinf(got), torch.tensor([[False, True], [True, True]]))
+    assert (got[torch.isinf(got)] < 0).all()
+    assert got[0, 0] == _r2_table(post, y)[0, 0]
+    # +inf and -inf in one row (their sum is NaN); finite values whose block sum overflows (the
+    # shortcut is skipped: the row counts as finite, as every element is)
+    both = post.clone()
+    both[0, 0, :2] = torch.tensor([math.inf, -math.inf], dtype=DT)
+    both[1, 1, :] = 1e307
+    both[1, 1, :100] = 0.0
+    got = _r2_table(both, y)
+    assert got[0, 0] == -math.inf and got[1, 1] != -math.inf
+    assert torch.equal(got[:, :1], _r2_table(post, y)[:, :1].where(torch.tensor([[False], [True]]), -math.inf))
+
+
+@pytest.mark.parametrize("name", ["sin", "log", "1/x", "sqrt", "x^2"])
+def test_fit_affine_blocks_do_not_change_the_fit(name, monkeypatch):
+    """The grid search evaluated a few rows of a at a time gives the fit of the whole block."""
+    import kanfast.symbolic as symbolic
+
+    x = torch.linspace(-1, 1, 257, dtype=DT)
+    y = torch.exp(torch.sin(2.5 * x)) + 0.01 * x**3
+    fits = []
+    for block in (1, 257 * 41 * 7, 1 << 30):  # one row of a per block, 7 rows, all 41
+        monkeypatch.setattr(symbolic, "R2_BLOCK_ELEMENTS", block)
+        fits.append(fit_affine(x, y, SYMBOLIC_LIB[name]))
+    assert fits[0] == fits[1] == fits[2]
+
+
 def _model_with_edges(funcs, grid_size=20):
     """A [2, 1] KAN whose edges (0, i, 0) are spline fits of funcs[i] on [-1, 1]."""
     model = KAN([2, 1], grid_size=grid_size, dtype=DT)
