@@ -164,7 +164,7 @@ def _fwd_blocks(nb: int, k: int, nout: int, dt: torch.dtype) -> Tuple[int, int, 
 def _bwd_features(nb: int, k: int, nout: int, dt: torch.dtype) -> int:
     """FB: features per block of the backward, so that their table rows and weight gradient,
     2 FB (nb + 2k + 1) out elements, fit BWD_BLOCK_BYTES (at least one feature)."""
-    s = torch.empty(0, dtype=dt).element_size()
+    s = dt.itemsize
     return max(1, BWD_BLOCK_BYTES // (2 * (nb + 2 * k + 1) * nout * s))
 
 
