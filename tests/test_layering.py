@@ -22,8 +22,10 @@ ROOT = Path(__file__).resolve().parents[1] / "kanfast"
 #: not named on its own ("kernels": ``kanfast.kernels`` and its modules; "benchmarks": the
 #: empty package ``kanfast.benchmarks``, whose modules are named); "__init__" is ``kanfast``.
 LAYERS = [
-    # foundations: import nothing of kanfast
-    ("reference", "knots", "kernels", "cpu_buffers", "cpu_workers", "benchmarks"),
+    # the knot arithmetic (grids, padding, cardinal pieces): imports nothing of kanfast
+    ("knots",),
+    # foundations: the oracle, the device code (the Triton kernels' Horner constants come from knots)
+    ("reference", "kernels", "cpu_buffers", "cpu_workers", "benchmarks"),
     # the autograd formula of every engine (create_graph through the oracle); the engines' knot constants
     ("differentiable", "cpu_knots"),
     # the dense-block engine, bottom up

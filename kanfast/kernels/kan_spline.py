@@ -6,7 +6,7 @@ Basis (``_local_bases``): each element's knot interval ``m`` and its ``k + 1`` n
 ``B_{m-k..m}``. Uniform knots (a ``UNIFORM`` constexpr specialisation): ``m = floor((x - t_0) / h)``
 (times the launcher's 1/h) moved by one where rounding put x on the wrong side of the stored
 ``t_m`` / ``t_{m+1}`` (two gathers), ``f = (x - t_m) / h`` against the stored knot, and the
-cardinal B-spline pieces by Horner (k FMAs per value, constants from ``_cardinal_pieces``; d/dx
+cardinal B-spline pieces by Horner (k FMAs per value, constants from :func:`kanfast.knots.cardinal_pieces`; d/dx
 likewise): no division. Otherwise a branch-free binary search over the feature's stored knots and
 de Boor's triangle (NURBS Book alg. A2.2) multiplying by the launcher's reciprocals of knot
 differences (one interleaved table per grid change: knot, 1/(t_{a+1}-t_a), .., 1/(t_{a+k}-t_a)), all
@@ -83,12 +83,12 @@ accumulator row is an out index, its columns slot-major), grad_base_weight parti
 """
 
 import os
-from fractions import Fraction
-from math import comb, factorial
 
 import triton
 import triton.language as tl
 from triton import knobs
+
+from ..knots import cardinal_pieces
 
 #: True when this copy of the module was loaded under Triton's interpreter.
 INTERPRETED = bool(knobs.runtime.interpret)
@@ -114,22 +114,6 @@ BWD_W_SHAPES = [(32, 16, 256, 8, 8, 2), (64, 16, 256, 8, 8, 2), (32, 8, 256, 16,
 BWD_BASE_SHAPES = [(32, 128, 256, 8, 3), (64, 128, 256, 8, 3), (32, 64, 128, 4, 3)]
 
 
-def _cardinal_pieces(k):
-    """c[r][p]: B_{m-k+r}(x) = sum_p c[r][p] f^p on [t_m, t_m + h), f = (x - t_m) / h, for
-    uniform knots (the cardinal B-spline N_k(k - r + f); exact rationals, rounded once)."""
-    out = []
-    for r in range(k + 1):
-        j = k - r
-        row = []
-        for p in range(k + 1):
-            acc = Fraction(0)
-            for l in range(j + 1):
-                acc += (-1) ** l * comb(k + 1, l) * comb(k, p) * Fraction(j - l) ** (k - p)
-            row.append(float(acc / factorial(k)))
-        out.append(tuple(row))
-    return tuple(out)
-
-
 def _flat_tables(tables):
     """(flat tuple, offsets): tables[k][r][p] at flat[offsets[k] + r * len(tables[k][r]) + p] (Triton's
     constexpr tuples index well flat, not nested three deep)."""
@@ -140,10 +124,10 @@ def _flat_tables(tables):
     return tuple(flat), tuple(offs)
 
 
-_P, _P_OFF = _flat_tables([_cardinal_pieces(k) for k in range(MAX_SPLINE_ORDER + 1)])
-_D, _D_OFF = _flat_tables([tuple(tuple((p + 1) * c[p + 1] for p in range(k)) for c in _cardinal_pieces(k))
+_P, _P_OFF = _flat_tables([cardinal_pieces(k) for k in range(MAX_SPLINE_ORDER + 1)])
+_D, _D_OFF = _flat_tables([tuple(tuple((p + 1) * c[p + 1] for p in range(k)) for c in cardinal_pieces(k))
                            for k in range(MAX_SPLINE_ORDER + 1)])
-#: The cardinal pieces of order k as the kernels' Horner constants: c[r][p] of _cardinal_pieces(k) at
+#: The cardinal pieces of order k as the kernels' Horner constants: c[r][p] of cardinal_pieces(k) at
 #: _PIECES[_PIECES_OFF[k] + r * (k + 1) + p]; those of d/df (degree k - 1, k >= 1) at
 #: _DPIECES[_DPIECES_OFF[k] + r * k + p].
 _PIECES = tl.constexpr(_P)
