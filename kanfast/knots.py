@@ -244,6 +244,10 @@ def solve_coefficients(basis: torch.Tensor, values: torch.Tensor) -> torch.Tenso
     return sol.permute(2, 0, 1).to(device=values.device, dtype=values.dtype).contiguous()
 
 
+#: Bytes of float64 work arrays per block of features in :func:`uniform_init_coefficients`.
+_INIT_BLOCK_BYTES = 64 << 20
+
+
 def uniform_init_coefficients(values: torch.Tensor, spline_order: int) -> torch.Tensor:
     """Minimum-norm least-squares spline coefficients through ``values`` at the knots of
     a uniform grid (what :func:`solve_coefficients` gives there): ``(out, in, G + k)``
@@ -279,7 +283,9 @@ def uniform_init_coefficients(values: torch.Tensor, spline_order: int) -> torch.
     Ab = np.where(rows + np.arange(k + 1)[None, :] < nb, band[None, :], 0.0)  # (G+1, k+1): A[r, r+m]
     n_r = int(Ab.any(axis=1).sum())  # rows with a basis on them: a prefix (truncation only at the right)
     Ab = Ab[:n_r]
-    B = values.detach().to("cpu", torch.float64).reshape(n_pts, n_in * n_out).numpy()[:n_r]
+    vals = values.detach()
+    # |values| max over everything: the refinement's tolerance is relative to it, whatever the chunk
+    scale = float(vals[:n_r].abs().max()) if vals[:n_r].numel() else 0.0
 
     def times_A(c):  # A c, c (nb, M) -> (n_r, M)
         c = np.concatenate([c, np.zeros((k + 1, c.shape[1]))])  # columns past nb: zero in Ab anyway
@@ -295,26 +301,37 @@ def uniform_init_coefficients(values: torch.Tensor, spline_order: int) -> torch.
     ab = np.zeros((u + 1, n_r))
     for d in range(u + 1):  # upper band of A A^T: (A A^T)[r, r+d] = sum_m A[r, r+m] A[r+d, r+m]
         ab[u - d, d:] = (Ab[: n_r - d, d:] * Ab[d:, : k + 1 - d]).sum(axis=1)
-    scale = np.abs(B).max(initial=0.0)
-    ok = False
     try:
         factor = (cholesky_banded(ab, check_finite=False), False)
-        coef = np.zeros((nb, B.shape[1]))
-        for _ in range(6):  # the solve, then iterative refinement (stays in A's row space: minimum norm)
-            resid = B - times_A(coef)
-            err = np.abs(resid).max(initial=0.0)
-            if err <= 1e-12 * scale:
-                break
-            coef = coef + times_At(cho_solve_banded(factor, resid, check_finite=False))
-        ok = bool(np.abs(B - times_A(coef)).max(initial=0.0) <= 1e-9 * scale)
     except LinAlgError:
-        pass
-    if not ok:
-        A = np.zeros((n_r, nb))
-        for m in range(k + 1):
-            idx = np.arange(n_r)
-            keep = idx + m < nb
-            A[idx[keep], idx[keep] + m] = Ab[keep, m]
-        coef = torch.linalg.lstsq(torch.from_numpy(A), torch.from_numpy(B), driver="gelsd").solution.numpy()
-    coef = torch.from_numpy(np.ascontiguousarray(coef)).reshape(nb, n_in, n_out)
-    return coef.permute(2, 1, 0).contiguous()
+        factor = None
+    A_dense = None
+    out = torch.empty(n_out, n_in, nb, dtype=torch.float64)
+    # Every column (feature, output) is its own problem: solved in blocks of features so that the
+    # float64 work arrays stay near _INIT_BLOCK_BYTES whatever in x out x G (the whole (G + 1, in,
+    # out) problem at once took ~13x the float32 parameters: 27 GB at 1024 x 1024, G = 500).
+    per_feature = 8 * (n_pts + 2 * (nb + k + 1)) * max(n_out, 1)
+    step = max(1, _INIT_BLOCK_BYTES // per_feature)
+    for i0 in range(0, n_in, step):
+        i1 = min(n_in, i0 + step)
+        B = vals[:n_r, i0:i1].to("cpu", torch.float64).reshape(n_r, (i1 - i0) * n_out).numpy()
+        ok = False
+        if factor is not None:
+            coef = np.zeros((nb, B.shape[1]))
+            for _ in range(6):  # the solve, then iterative refinement (stays in A's row space: minimum norm)
+                resid = B - times_A(coef)
+                err = np.abs(resid).max(initial=0.0)
+                if err <= 1e-12 * scale:
+                    break
+                coef = coef + times_At(cho_solve_banded(factor, resid, check_finite=False))
+            ok = bool(np.abs(B - times_A(coef)).max(initial=0.0) <= 1e-9 * scale)
+        if not ok:
+            if A_dense is None:
+                A_dense = np.zeros((n_r, nb))
+                for m in range(k + 1):
+                    idx = np.arange(n_r)
+                    keep = idx + m < nb
+                    A_dense[idx[keep], idx[keep] + m] = Ab[keep, m]
+            coef = torch.linalg.lstsq(torch.from_numpy(A_dense), torch.from_numpy(B), driver="gelsd").solution.numpy()
+        out[:, i0:i1, :] = torch.from_numpy(np.ascontiguousarray(coef)).reshape(nb, i1 - i0, n_out).permute(2, 1, 0)
+    return out

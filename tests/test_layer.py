@@ -144,6 +144,27 @@ def test_initial_coefficients_are_the_least_squares_solution(dtype, rtol, k, G):
     assert (layer.spline_weight.detach().double() - want).abs().max() <= rtol * want.abs().max()
 
 
+@pytest.mark.parametrize("k", [0, 1, 3, 5])
+def test_initial_coefficients_in_feature_blocks_are_those_of_one_solve(monkeypatch, k):
+    """The initial fit is solved in blocks of features (its float64 work arrays bounded: the
+    whole problem at once took ~13x the parameters, 27 GB at 1024 x 1024, G = 500): one feature
+    per block gives the coefficients of one block holding every feature, and both the
+    minimum-norm least-squares solution per feature (solve_coefficients, gelsd)."""
+    from kanfast import knots
+    from kanfast.ops import basis_matrix
+
+    G, n_in, n_out = 7, 5, 3
+    values = (torch.rand(G + 1, n_in, n_out, generator=torch.Generator().manual_seed(k), dtype=torch.float64) - 0.5)
+    whole = knots.uniform_init_coefficients(values, k)
+    monkeypatch.setattr(knots, "_INIT_BLOCK_BYTES", 1)  # one feature per block
+    blocked = knots.uniform_init_coefficients(values, k)
+    assert blocked.shape == (n_out, n_in, G + k)
+    torch.testing.assert_close(blocked, whole, rtol=0, atol=1e-13)
+    grid = knots.uniform_grid(n_in, G, k, (-1, 1), dtype=torch.float64)
+    want = knots.solve_coefficients(basis_matrix(grid.t()[k : k + G + 1], grid, k), values)
+    torch.testing.assert_close(blocked, want, rtol=0, atol=1e-9)
+
+
 def test_construction_at_a_fine_grid_solves_no_dense_system(monkeypatch):
     """Issue 14.11: FastKANLayer(8, 1, grid_size=4000) ran one dense float64 least-squares
     solve per feature (85 s); the fit is now one banded solve. No timing asserted: the
