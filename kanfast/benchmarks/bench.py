@@ -352,8 +352,10 @@ def _case_bytes(label: str, shape, itemsize: int, threads: int = 1) -> Tuple[int
         per = (2 * (i * o + o), io)
     elif label == "kanfast-reference":
         per = (2 * P, cdb + io)
-    elif base.startswith("kanfast-"):  # the engine's packed table and weight-gradient buffer per thread
-        per = (2 * P + 2 * table * max(1, threads), io + table)
+    elif base.startswith("kanfast-"):  # the engine's packed table and weight-gradient buffer per thread;
+        # its construction: the initial fit's noise, float64 solution and casts, ~5 P (measured ~4 P at
+        # 1024 x 1024, G = 100)
+        per = (2 * P + 2 * table * max(1, threads), max(io + table, 5 * P))
     elif label.endswith("+compile"):  # fused basis; the feature matrix and its gradient
         per = (2 * P, 3 * feat + io)
     elif base == "pykan":  # its step's (batch, in, out) tensors, or its construction (the larger)
