@@ -190,6 +190,31 @@ def _check_ratios(row, ref_rows, floor=None):
             assert row["fwd_bwd_vs_floor"] == pytest.approx(row["fwd_bwd_ms"] / floor["fwd_bwd_ms"])
 
 
+def test_partial_results_are_kept_after_each_shape(tmp_path, monkeypatch):
+    """A run stopped part-way leaves the shapes it measured in OUT.partial.json (meta.partial);
+    a run that ends writes its outputs and removes the partial file."""
+    real = bench._run_shape
+    calls = []
+
+    def second_shape_fails(*a, **kw):
+        calls.append(a[0])
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # as a stopped run
+        return real(*a, **kw)
+
+    monkeypatch.setattr(bench, "_run_shape", second_shape_fails)
+    with pytest.raises(KeyboardInterrupt):
+        bench.run(_args(tmp_path, "--no-first-call", "--no-memory"))
+    assert not (tmp_path / "bench.json").exists()
+    part = json.loads((tmp_path / "bench.partial.json").read_text())
+    assert part["meta"]["partial"] is True
+    assert {r["G"] for r in part["results"]} == {3} and [f["G"] for f in part["floors"]] == [3]
+    assert any(r["impl"] == "kanfast-torch" and r["status"] == "ok" for r in part["results"])
+    monkeypatch.setattr(bench, "_run_shape", real)
+    assert bench.run(_args(tmp_path, "--no-first-call", "--no-memory", "--force")) == 0
+    assert (tmp_path / "bench.json").exists() and not (tmp_path / "bench.partial.json").exists()
+
+
 def test_grid_sweep_structure_and_time_skips(tmp_path, monkeypatch):
     """``--sweep grid`` on two tiny layers and two G: per (layer, G) kanfast (its path recorded), the
     floor, the MLP, the baseline eager and '+compile'; with ``--max-step-s`` below every step, the

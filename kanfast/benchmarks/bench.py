@@ -1302,6 +1302,21 @@ def check_arguments(args: argparse.Namespace) -> None:
                  hint="choose smaller --batch/--in-features/--out-features/--grid-size")
 
 
+def _partial_path(out: Path) -> Path:
+    return out.with_name(out.stem + ".partial.json")
+
+
+def _write_partial(out: Path, meta: Dict[str, Any], floors: List[Dict[str, Any]], rows: List[Dict[str, Any]]) -> None:
+    """The shapes measured so far, as ``OUT.partial.json`` (``meta.partial`` true), rewritten after each
+    shape and removed once the run's own outputs are written: a run stopped part-way (memory watch,
+    time limit, Ctrl-C) still leaves its data. Written to a temporary file, then renamed."""
+    path = _partial_path(out)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as fh:
+        json.dump({"meta": {**meta, "partial": True}, "floors": floors, "results": rows}, fh, indent=1)
+    os.replace(tmp, path)
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark described by ``args`` (from :func:`add_arguments`). Returns the exit code
     (0 on success, 2 on bad arguments, checked by :func:`check_arguments` before any work).
@@ -1396,6 +1411,7 @@ def run(args: argparse.Namespace) -> int:
                     peaks[(row["impl"], b, i, o, k)] = (G, row["peak_extra_mb"] * 2**20 + b * (i + o) * itemsize)
             if f.get("fwd_bwd_ms") is not None:
                 history[("floor", b, i, o, k)] = (G, f["fwd_ms"] / 1e3, f["fwd_bwd_ms"] / 1e3)
+            _write_partial(Path(args.out), meta, floors, rows)
     if not args.no_first_call and device.type == "cpu":
         meta["first_call"] = _first_call(shapes[0], args.dtype, args.threads)
     meta["machine"]["loadavg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
@@ -1403,6 +1419,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     with open_output(out, getattr(args, "force", False)) as fh:
         json.dump({"meta": meta, "floors": floors, "results": rows}, fh, indent=1)
+    _partial_path(out).unlink(missing_ok=True)
     fields = ["batch", "in", "out", "G", "k", "impl", "kind", "status", "note", "fwd_ms", "fwd_ms_min", "fwd_bwd_ms",
               "fwd_bwd_ms_min", "fwd_samples_per_s", "fwd_bwd_samples_per_s", "fwd_gflops", "fwd_bwd_gflops",
               "fwd_vs_mlp", "fwd_bwd_vs_mlp", "fwd_vs_materialized", "fwd_bwd_vs_materialized", "fwd_vs_floor",
