@@ -215,6 +215,35 @@ def test_partial_results_are_kept_after_each_shape(tmp_path, monkeypatch):
     assert (tmp_path / "bench.json").exists() and not (tmp_path / "bench.partial.json").exists()
 
 
+def test_a_shape_whose_cases_are_all_skipped_builds_no_layer(tmp_path, monkeypatch):
+    """The layer (its construction is several times its parameters: the wide layer at G = 500 ran the
+    sweep out of memory with every case skipped) is built only when a case uses it."""
+    import kanfast
+
+    args = _args(tmp_path, "--peers", "flashkan")
+    labels = bench._case_labels(args, ["torch"], ["flashkan"])
+    skip = {lb: "memory: test" for lb in labels}
+    built = []
+    real = kanfast.FastKANLayer
+
+    def counting(*a, **kw):
+        built.append(a)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(kanfast, "FastKANLayer", counting)
+    cases, layer = bench._build_cases((16, 4, 3, 5, 2), args, torch.device("cpu"), torch.float32, ["torch"],
+                                      ["flashkan"], skip)
+    assert layer is None and built == []
+    assert {c.label: c.status for c in cases} == {lb: "skipped" for lb in labels}
+    rows, floor = bench._run_shape((16, 4, 3, 5, 2), args, torch.device("cpu"), torch.float32, ["torch"],
+                                   ["flashkan"], lambda *a: None, bench._Plan({**skip, "floor": "memory: test"}, {}))
+    assert built == [] and all(r["status"] == "skipped" for r in rows)
+    del skip["kanfast-torch"]  # one case that uses it: built
+    cases, layer = bench._build_cases((16, 4, 3, 5, 2), args, torch.device("cpu"), torch.float32, ["torch"],
+                                      ["flashkan"], skip)
+    assert layer is not None and len(built) == 1
+
+
 def test_grid_sweep_structure_and_time_skips(tmp_path, monkeypatch):
     """``--sweep grid`` on two tiny layers and two G: per (layer, G) kanfast (its path recorded), the
     floor, the MLP, the baseline eager and '+compile'; with ``--max-step-s`` below every step, the
