@@ -110,7 +110,8 @@ def stratified_split(y: np.ndarray, test_size: float, seed: int) -> Tuple[np.nda
     if class_counts.min() < 2:
         raise ValueError(f"every class needs at least 2 members; classes {classes[class_counts < 2].tolist()} have 1")
     if n_train < len(classes) or n_test < len(classes):
-        raise ValueError(f"{n_train} train / {n_test} test rows for {len(classes)} classes: need at least one per class")
+        raise ValueError(f"{n_train} train / {n_test} test rows for {len(classes)} classes: "
+                         "need at least one per class")
     class_indices = np.split(np.argsort(y_indices, kind="stable"), np.cumsum(class_counts)[:-1])
     rng = np.random.RandomState(seed)
     n_i = _approximate_mode(class_counts, n_train, rng)
@@ -129,7 +130,8 @@ def load_digits_split(test_size: float = 0.25, seed: int = 0):
     data, target = load_digits_arrays()
     x = torch.tensor(data, dtype=torch.float32) / 8.0 - 1.0
     y = torch.tensor(target, dtype=torch.int64)
-    idx_tr, idx_te = (torch.from_numpy(np.asarray(i, dtype=np.int64)) for i in stratified_split(target, test_size, seed))
+    idx_tr, idx_te = (torch.from_numpy(np.asarray(i, dtype=np.int64))
+                      for i in stratified_split(target, test_size, seed))
     return x[idx_tr], y[idx_tr], x[idx_te], y[idx_te]
 
 
