@@ -378,3 +378,79 @@ def test_toy_scaling_writes_curve_and_never_overwrites(tmp_path, capsys):
     with pytest.raises(ValueError, match="exists"):
         kanfast.toy.toy_workflow(parser.parse_args(argv))
     assert out.read_bytes() == before
+
+
+# ------------------------------------------- edge functions: engine path and dense path
+def _ref_edges(layer, x):
+    """phi[n, i, o] from the definition with the reference basis (any order differentiable)."""
+    W = layer.spline_weight * layer.spline_scaler.unsqueeze(-1)
+    base = layer.base_weight
+    if layer.edge_mask is not None:
+        W = W * layer.edge_mask.unsqueeze(-1)
+        base = base * layer.edge_mask
+    B = b_spline_basis(x, layer.grid.to(x.dtype), layer.spline_order)
+    phi = torch.einsum("nij,oij->nio", B, W.to(x.dtype)) + F.silu(x).unsqueeze(-1) * base.t().to(x.dtype)
+    if layer.symbolic is not None:
+        phi = phi + layer.symbolic.edge_values(x)
+    return phi
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("engine", [True, False])
+@pytest.mark.parametrize("case", ["plain", "masked_symbolic", "nonuniform"])
+def test_edge_functions_match_reference_values_and_gradients(dtype, engine, case, monkeypatch):
+    """Both formulations (the engines on block-diagonal coefficients, the dense basis) against
+    the reference: values, the gradients in x and every parameter, and d2/dx2 (create_graph);
+    NaN rows and inputs outside the grid included."""
+    if not engine:
+        monkeypatch.setattr(workflow, "EDGE_ENGINE_ELEMENTS", 0)
+    torch.manual_seed(3)
+    model = _randomise(KAN([3, 4], grid_size=5, dtype=dtype), seed=3, scale=0.4)
+    layer = model.layers[0]
+    x = torch.rand(40, 3, dtype=dtype) * 2.6 - 1.3  # some outside the grid
+    if case == "nonuniform":
+        layer.update_grid(torch.rand(64, 3, dtype=dtype) ** 2 * 2 - 1)
+        assert not kanfast.knots.grid_is_uniform(layer.grid)
+    if case == "masked_symbolic":  # edge (in 2 -> out 1) fixed to a formula, edge (0 -> 0) pruned
+        kanfast.fix_symbolic(model, 0, 2, 1, "sin", fit_params=False, params=(1.3, 0.2, 0.7, -0.1))
+        with torch.no_grad():
+            layer.edge_mask[0, 0] = 0.0
+    x[5, 1] = float("nan")
+    tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-9, atol=1e-11)
+    xa = x.clone().requires_grad_(True)
+    xb = x.clone().requires_grad_(True)
+    got = workflow.edge_functions(layer, xa)
+    want = _ref_edges(layer, xb)
+    assert torch.equal(torch.isnan(got), torch.isnan(want))  # NaN stays in its own input's edges
+    assert torch.isnan(got[5, 1]).all() and not torch.isnan(got[5, [0, 2]]).any()
+    torch.testing.assert_close(got, want, equal_nan=True, **tol)
+    keep = ~torch.isnan(want)
+    gw = torch.randn(want.shape, dtype=dtype, generator=torch.Generator().manual_seed(4))
+    params = [p for p in layer.parameters() if p.requires_grad]
+    g_got = torch.autograd.grad((got[keep] * gw[keep]).sum(), [xa, *params], create_graph=True)
+    g_want = torch.autograd.grad((want[keep] * gw[keep]).sum(), [xb, *params], create_graph=True)
+    for a, b in zip(g_got, g_want):
+        torch.testing.assert_close(a, b, equal_nan=True, **tol)
+    fin = torch.isfinite(x).all(1)
+    h_got = torch.autograd.grad(g_got[0][fin].sum(), xa)[0][fin]
+    h_want = torch.autograd.grad(g_want[0][fin].sum(), xb)[0][fin]
+    assert h_want.abs().sum() > 0
+    torch.testing.assert_close(h_got, h_want, **tol)
+
+
+def test_edge_functions_size_rule(monkeypatch):
+    """Large layers take the dense formulation, small ones the engines (one layer call)."""
+    calls = []
+    real = workflow.kan_linear_op
+
+    def spy(*a, **kw):
+        calls.append(a[2].shape)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(workflow, "kan_linear_op", spy)
+    small = FastKANLayer(2, 5, grid_size=5, dtype=DT)
+    workflow.edge_functions(small, torch.rand(10, 2, dtype=DT))
+    assert calls == [torch.Size([10, 2, 8])]
+    big = FastKANLayer(64, 32, grid_size=5, dtype=DT)
+    workflow.edge_functions(big, torch.rand(10, 64, dtype=DT))
+    assert len(calls) == 1
