@@ -175,20 +175,40 @@ def forward(x: Tensor, grid: Tensor, coef: Tensor, base_weight: Optional[Tensor]
 
     Args: x ``(N, in)``; grid ``(in, G + 2k + 1)``; coef ``(out, in, G + k)`` spline weights;
     base_weight ``(out, in)`` or None (no SiLU term); k the spline order; scale ``(out, in)``
-    or None (``W = coef * scale[..., None]``). All of one dtype on the CPU (:func:`chooses`)."""
+    or None (``W = coef * scale[..., None]``). All of one dtype on the CPU (:func:`chooses`).
+
+    A call on one worker is one C entry (check, pack, forward: ``kf_sparse_fwd_call``), its
+    table and work area in one cached buffer; split calls pack and run by ranges on the workers."""
     kern = _kernels()
-    x = x if (x.shape[1] <= 1 or x.stride(1) == 1) else x.contiguous()
-    grid, coef, base_weight, scale = _c(grid), _c(coef), _c(base_weight), _c(scale)
-    if kern.sparse_check(grid):
-        return None
+    if x.stride(1) != 1 and x.shape[1] > 1:
+        x = x.contiguous()
+    if not grid.is_contiguous():
+        grid = grid.contiguous()
+    if not coef.is_contiguous():
+        coef = coef.contiguous()
+    if base_weight is not None and not base_weight.is_contiguous():
+        base_weight = base_weight.contiguous()
+    if scale is not None and not scale.is_contiguous():
+        scale = scale.contiguous()
     nout, nin, nb = coef.shape
     N, dt = x.shape[0], x.dtype
     y = torch.empty(N, nout, dtype=dt)
     nw = nin * (nb + 2 * k) * nout
-    table = _buffer("W", nw + nin * nout, dt)  # the packed table (one per call, shared by the workers)
-    Bt = table[nw:] if base_weight is not None else None
     R, FB, NV = _fwd_blocks(nb, k, nout, dt)
     wlen = kern.fwd_work(R, FB, k, dt)
+    P = _workers(x, grid, coef, base_weight, scale)
+    if P == 1:
+        off_w = (nw + nin * nout + 15) & ~15  # (64-byte aligned work area after Wt and Bt)
+        rc = kern.sparse_fwd_call(x, grid, k, coef, scale, base_weight, y, R, FB, NV,
+                                  _buffer("W", off_w + wlen, dt), nw, off_w, wlen)
+        if rc == 1:
+            return None
+        assert rc == 0, f"kf_sparse_fwd_call returned {rc}"
+        return y
+    if kern.sparse_check(grid):
+        return None
+    table = _buffer("W", nw + nin * nout, dt)  # the packed table (one per call, shared by the workers)
+    Bt = table[nw:] if base_weight is not None else None
 
     def pack(a, b):
         kern.sparse_pack(a, b, k, coef, scale, base_weight, table[a * (nb + 2 * k) * nout:],
@@ -198,13 +218,8 @@ def forward(x: Tensor, grid: Tensor, coef: Tensor, base_weight: Optional[Tensor]
         rc = kern.sparse_fwd(x[a:b], grid, k, table, Bt, y[a:b], R, FB, NV, _buffer("fwork", wlen, dt))
         assert rc == 0, f"kf_sparse_fwd returned {rc}"
 
-    P = _workers(x, grid, coef, base_weight, scale)
-    if P == 1:
-        pack(0, nin)
-        rows(0, N)
-    else:
-        cpu_workers.run(pack, cpu_workers.split(nin, P))
-        cpu_workers.run(rows, cpu_workers.split(N, P))
+    cpu_workers.run(pack, cpu_workers.split(nin, P))
+    cpu_workers.run(rows, cpu_workers.split(N, P))
     return y
 
 
@@ -221,35 +236,52 @@ def backward(grad_y: Tensor, x: Tensor, grid: Tensor, coef: Tensor, base_weight:
     """``(grad_x, grad_coef, grad_base, grad_scale)`` of :func:`forward` (None where not
     needed), or None when the kernel declines the knots. Split by input features across the
     CPU workers, each weight gradient one sum over the rows in order: the same bits for any
-    thread count."""
+    thread count. A call on one worker is one C entry (check, rows with a non-finite grad_y,
+    backward: ``kf_sparse_bwd_call``)."""
     kern = _kernels()
-    x = x if (x.shape[1] <= 1 or x.stride(1) == 1) else x.contiguous()
-    grid, coef, base_weight, scale = _c(grid), _c(coef), _c(base_weight), _c(scale)
-    if kern.sparse_check(grid):
-        return None
-    grad_y = grad_y.contiguous()
+    if x.stride(1) != 1 and x.shape[1] > 1:
+        x = x.contiguous()
+    if not grid.is_contiguous():
+        grid = grid.contiguous()
+    if not coef.is_contiguous():
+        coef = coef.contiguous()
+    if base_weight is not None and not base_weight.is_contiguous():
+        base_weight = base_weight.contiguous()
+    if scale is not None and not scale.is_contiguous():
+        scale = scale.contiguous()
+    if not grad_y.is_contiguous():
+        grad_y = grad_y.contiguous()
     nout, nin, nb = coef.shape
     N, dt = x.shape[0], x.dtype
     need_b = need_b and base_weight is not None
     need_s = need_s and scale is not None
+    need_w = need_c or need_s
+    if not (need_x or need_w or need_b):
+        return None if kern.sparse_check(grid) else (None, None, None, None)
     gx = torch.empty(x.shape, dtype=dt) if need_x else None
     gc = torch.empty(nout, nin, nb, dtype=dt) if need_c else None
     gs = torch.empty(nout, nin, dtype=dt) if need_s else None
     gb = torch.empty(nout, nin, dtype=dt) if need_b else None
-    need_w = need_c or need_s
-    bad, nbad = None, 0
-    if (need_w or need_x) and N:  # the rows with a NaN or +-inf in grad_y (the reference's 0 * inf)
-        bad = torch.empty(N, dtype=torch.int64)
-        nbad = kern.sparse_bad_rows(grad_y, bad)
+    # the rows with a NaN or +-inf in grad_y (the reference's 0 * inf)
+    bad = torch.empty(N, dtype=torch.int64) if (need_w or need_x) and N else None
     FB = _bwd_features(nb, k, nout, dt)
     wlen = kern.bwd_work(FB, nb, k, nout, need_x, need_w or need_b)
+    P = _workers(x, grid, coef, base_weight, scale)
+    if P == 1:
+        rc = kern.sparse_bwd_call(x, grid, k, grad_y, coef, scale, base_weight, gx, gc, gs, gb, bad, FB,
+                                  _buffer("bwork", wlen, dt))
+        if rc == 1:
+            return None
+        assert rc == 0, f"kf_sparse_bwd_call returned {rc}"
+        return gx, gc, gb, gs
+    if kern.sparse_check(grid):
+        return None
+    nbad = kern.sparse_bad_rows(grad_y, bad) if bad is not None else 0
 
     def feats(a, b):
         rc = kern.sparse_bwd(x, grid, k, grad_y, coef, scale, base_weight, a, b, gx, gc, gs, gb, nbad, bad, FB,
                              _buffer("bwork", wlen, dt))
         assert rc == 0, f"kf_sparse_bwd returned {rc}"
 
-    if need_x or need_w or need_b:
-        P = _workers(x, grid, coef, base_weight, scale)
-        cpu_workers.run(feats, cpu_workers.split(nin, P))
+    cpu_workers.run(feats, cpu_workers.split(nin, P))
     return gx, gc, gb, gs
