@@ -63,7 +63,8 @@ import torch
 from . import cpu_buffers, cpu_workers
 from .kernels import cpu_spline
 
-__all__ = ["ENABLED", "SMALL_WORK", "TABLE_BYTES", "ROWS_PER_TABLE_ROW", "chooses", "forward", "backward"]
+__all__ = ["ENABLED", "SMALL_WORK", "TABLE_BYTES", "ROWS_PER_TABLE_ROW", "PAIRS_PER_WORKER", "chooses", "forward",
+           "backward"]
 
 Tensor = torch.Tensor
 
@@ -94,11 +95,18 @@ FWD_BLOCK_BYTES = 24 << 10
 FWD_MAX_FEATURES = 32
 #: Backward: features per block so that their table rows and weight gradient take at most this.
 BWD_BLOCK_BYTES = 512 << 10
+#: (Row, input) pairs each CPU worker must get before a sparse call is split across them
+#: (:func:`_workers`): 2 workers from 2 x PAIRS_PER_WORKER pairs. Measured on the development
+#: VM (2 cores, loaded host), a split costs ~0.1 ms per call (waking the pool, releasing the
+#: caller's OpenMP team) and a pair ~10-40 ns per direction (k = 3; more for outputs that are
+#: not whole vectors), so a split pays from a few thousand pairs.
+PAIRS_PER_WORKER = 8192
 #: Off: every call takes the dense engine (``KANFAST_SPARSE=0`` in the environment at import;
 #: tests of the dense engine's own paths set it).
 ENABLED = os.environ.get("KANFAST_SPARSE", "1").strip().lower() not in ("0", "false", "no", "off")
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
+_F32, _F64 = torch.float32, torch.float64
 
 
 def _kernels():
@@ -111,12 +119,13 @@ def chooses(x: Tensor, grid: Tensor, coef: Tensor, base_weight: Optional[Tensor]
     takes the sparse path (the documented size rule of the module docstring), its tensors
     permitting (CPU, one float32/float64 dtype, plain tensors, no recording mode)."""
     dt = x.dtype
-    if not ENABLED or dt not in (torch.float32, torch.float64) or not x.is_cpu or x.dim() != 2 or coef.dim() != 3:
+    if not ENABLED or (dt is not _F32 and dt is not _F64) or x.dim() != 2 or coef.dim() != 3 or grid.dim() != 2:
         return False
     for t in (x, grid, coef, base_weight, scale):  # (is_cpu: no device object per tensor)
-        if t is not None and (type(t) not in _PLAIN or t.dtype != dt or not t.is_cpu):
+        if t is not None and (type(t) not in _PLAIN or t.dtype is not dt or not t.is_cpu):
             return False
-    if not 0 <= k < cpu_spline.MAX_ORDER or coef.shape[2] < 1 or grid.shape[1] != coef.shape[2] + k + 1:
+    nout, nin, nb = coef.shape
+    if not 0 <= k < cpu_spline.MAX_ORDER or nb < 1 or grid.shape[1] != nb + k + 1:
         return False
     if (
         torch._C._get_tracing_state() is not None
@@ -124,14 +133,14 @@ def chooses(x: Tensor, grid: Tensor, coef: Tensor, base_weight: Optional[Tensor]
         or torch._C._len_torch_function_stack()
     ):
         return False
-    N, nin = x.shape
-    cols = coef.shape[2] + 1  # bases and the SiLU column per input
-    work = N * nin * cols * coef.shape[0]
-    table = nin * cols * coef.shape[0] * x.element_size()
-    G = coef.shape[2] - k
-    amortised = N * (3 * G - 3) >= ROWS_PER_TABLE_ROW * (G + 3 * k)  # rows pay for the table passes
-    if work > SMALL_WORK * max(1, torch.get_num_threads()) and table > TABLE_BYTES and not amortised:
-        return False
+    N = x.shape[0]
+    work = N * nin * (nb + 1) * nout  # dense multiply-adds: the bases and the SiLU column per input
+    if work > SMALL_WORK and work > SMALL_WORK * max(1, torch.get_num_threads()):
+        table = nin * (nb + 1) * nout * dt.itemsize
+        G = nb - k
+        amortised = N * (3 * G - 3) >= ROWS_PER_TABLE_ROW * (G + 3 * k)  # rows pay for the table passes
+        if table > TABLE_BYTES and not amortised:
+            return False
     return _kernels() is not None
 
 
@@ -224,10 +233,16 @@ def forward(x: Tensor, grid: Tensor, coef: Tensor, base_weight: Optional[Tensor]
 
 
 def _workers(x, grid, coef, base_weight, scale) -> int:
-    """Number of CPU workers (:mod:`kanfast.cpu_workers`, its rule on the dense work
-    ``rows x in x (G + k + 1)``): 1 runs inline."""
+    """Number of CPU workers (:mod:`kanfast.cpu_workers`, its rule on a call's work; 1 runs
+    inline): the work is the dense elements ``rows x in x (G + k + 1)``, or, when larger, the
+    (row, input) pairs in units of ``MIN_ELEMENTS / PAIRS_PER_WORKER`` (the sparse kernels' cost
+    per pair does not fall with G as the dense work does)."""
     N, nin = x.shape
-    return cpu_workers.worker_count(N * nin * (coef.shape[2] + 1), x, grid, coef, base_weight, scale)
+    pairs = N * nin
+    work = max(pairs * (coef.shape[2] + 1), pairs * (cpu_workers.MIN_ELEMENTS // PAIRS_PER_WORKER))
+    if work < 2 * cpu_workers.MIN_ELEMENTS:
+        return 1  # (worker_count's own first answer, without its calls)
+    return cpu_workers.worker_count(work, x, grid, coef, base_weight, scale)
 
 
 def backward(grad_y: Tensor, x: Tensor, grid: Tensor, coef: Tensor, base_weight: Optional[Tensor], k: int,
