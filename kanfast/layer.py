@@ -514,6 +514,9 @@ class FastKANLayer(nn.Module):
         cast, reshape and dtype/backend decision of the general path is then a no-op, so this
         makes the same :func:`kanfast.ops.kan_linear_op` call on the same tensors without them
         (and without the view that reshaping gives): the same checks pass, the same result.
+        Calls the size rule gives the sparse engine go through :func:`kanfast.ops.kan_linear_small`
+        (the same engine and calls, without the cached "uniform knots" flag only the dense engine
+        reads; the flag is refreshed on the calls that reach the dense engine).
         The per-call Python cost of a small layer is otherwise mostly these no-op calls."""
         if x.shape[1] != self.in_features or self._backend not in _EAGER_BACKENDS:
             return None

@@ -27,7 +27,8 @@ and an optional SiLU base weight ``base_weight: (out, in)``:
   first-order only). It takes 16-bit operands with float32 knots and float32
   accumulation.
 
-Eager dispatch (:func:`kan_linear_op`): a call that :func:`kanfast.sparse_backend.chooses`
+Eager dispatch (:func:`kan_linear_op`, and :func:`kan_linear_small`, its sparse half for the
+modules' common call): a call that :func:`kanfast.sparse_backend.chooses`
 (the size rule documented there: small calls, or a coefficient table that fits in cache)
 runs the sparse contraction kernels (one C call forward, one backward, through
 ``_SparseKAN``); the others the dense-block engine of :mod:`kanfast.torch_backend`

@@ -16,7 +16,10 @@ base term. No dense basis block, no GEMM: k + 2 multiply-adds per (row, input, o
 non-decreasing) in every call, so no edit of the grid (in place, through ``.data``,
 ``load_state_dict``, ``update_grid``, ``extend_grid``, ``.to()``) can leave a stale constant.
 Forward: tiles of FWD_ROWS rows x a block of features whose table rows for a chunk of 64 outputs
-fit L1 (:func:`_fwd_blocks`); rows split across the CPU workers. Backward: split by input
+fit L1 (:func:`_fwd_blocks`); rows split across the CPU workers (:func:`_workers`: the dense
+engine's rule, or at least PAIRS_PER_WORKER (row, input) pairs per worker). A call on one
+worker is one C entry per direction (``kf_sparse_fwd_call``: check, pack, forward;
+``kf_sparse_bwd_call``: check, non-finite grad_y rows, backward). Backward: split by input
 features across the workers; per block of features (:func:`_bwd_features`) every row in order:
 grad_x (one dot product per input), the transposed scatter ``gW[i, m + r, :] += B_r grad_y[b, :]``,
 then the gradients of ``spline_weight``, ``spline_scaler`` and ``base_weight`` of those features
@@ -46,8 +49,8 @@ its own).
 
 Memory: nothing saved but x (and the parameters). Kept between calls in the CPU engine's
 per-thread cache (:func:`kanfast.torch_backend.release_buffers` frees them): the packed table,
-``in x (G + 3k + 1) x out`` elements, one per calling thread (the workers share it); per worker
-thread a forward tile, ``FWD_ROWS x FB x (k + 2)`` elements plus as many int64 offsets, and a
+``in x (G + 3k + 1) x out`` elements, one per calling thread (the workers share it; on one
+worker the forward tile follows it in the same buffer); per worker thread a forward tile, ``FWD_ROWS x FB x (k + 2)`` elements plus as many int64 offsets, and a
 backward block, at most ``max(BWD_BLOCK_BYTES, 2 (G + 3k + 1) out elements)`` (one feature's
 table rows and gradient). Per call: the outputs and a list of the rows with a non-finite grad_y
 (one int64 per row). Nothing grows with batch x G.
