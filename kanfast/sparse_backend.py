@@ -50,10 +50,11 @@ its own).
 Memory: nothing saved but x (and the parameters). Kept between calls in the CPU engine's
 per-thread cache (:func:`kanfast.torch_backend.release_buffers` frees them): the packed table,
 ``in x (G + 3k + 1) x out`` elements, one per calling thread (the workers share it; on one
-worker the forward tile follows it in the same buffer); per worker thread a forward tile, ``FWD_ROWS x FB x (k + 2)`` elements plus as many int64 offsets, and a
-backward block, at most ``max(BWD_BLOCK_BYTES, 2 (G + 3k + 1) out elements)`` (one feature's
-table rows and gradient). Per call: the outputs and a list of the rows with a non-finite grad_y
-(one int64 per row). Nothing grows with batch x G.
+worker the forward tile follows it in the same buffer); per worker thread a forward tile,
+``FWD_ROWS x FB x (k + 2)`` elements plus as many int64 offsets, and a backward block, at most
+``max(BWD_BLOCK_BYTES, 2 (G + 3k + 1) out elements)`` (one feature's table rows and gradient).
+Per call: the outputs and a list of the rows with a non-finite grad_y (one int64 per row).
+Nothing grows with batch x G.
 """
 
 from __future__ import annotations
@@ -159,10 +160,6 @@ def _buffer(name: str, n: int, dtype: torch.dtype) -> Tensor:
         with torch.inference_mode(False):  # written through pointers only; never an inference tensor
             buf = bufs[key] = torch.empty(max(n, 1), dtype=dtype)
     return buf
-
-
-def _c(t: Optional[Tensor]) -> Optional[Tensor]:
-    return None if t is None else t.contiguous()
 
 
 def _fwd_blocks(nb: int, k: int, nout: int, dt: torch.dtype) -> Tuple[int, int, int]:

@@ -277,7 +277,8 @@ def test_model_loop_honours_module_dispatch(monkeypatch):
         assert not torch.equal(y, plain)
         h1.remove(), h2.remove()
         torch.testing.assert_close(model(x), plain, rtol=0, atol=0)
-        g = torch.nn.modules.module.register_module_forward_hook(lambda m, a, y: y + 1 if m is model.layers[1] else None)
+        g = torch.nn.modules.module.register_module_forward_hook(
+            lambda m, a, y: y + 1 if m is model.layers[1] else None)
         try:
             y = model(x)
         finally:
