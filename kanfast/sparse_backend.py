@@ -100,11 +100,14 @@ FWD_MAX_FEATURES = 32
 #: Backward: features per block so that their table rows and weight gradient take at most this.
 BWD_BLOCK_BYTES = 512 << 10
 #: (Row, input) pairs each CPU worker must get before a sparse call is split across them
-#: (:func:`_workers`): 2 workers from 2 x PAIRS_PER_WORKER pairs. Measured on the development
-#: VM (2 cores, loaded host), a split costs ~0.1 ms per call (waking the pool, releasing the
-#: caller's OpenMP team) and a pair ~10-40 ns per direction (k = 3; more for outputs that are
-#: not whole vectors), so a split pays from a few thousand pairs.
-PAIRS_PER_WORKER = 8192
+#: (:func:`_workers`): 2 workers from 2 x PAIRS_PER_WORKER pairs. A pair costs ~10-40 ns per
+#: direction (k = 3; more for outputs that are not whole vectors) and a split ~0.1 ms or more
+#: (waking the pool, releasing the caller's OpenMP team, a core that must be free). Development
+#: VM, 2 threads, loaded host (not results), KAN fwd / fwd+bwd: [784, 64, 10] batch 128 (its
+#: first layer 100352 pairs, split) 2.27 / 6.9 ms inline, 1.68 / 4.8 split; [64, 32, 10] batch 256
+#: (16384 pairs) 0.58 / 1.55 inline, 0.84 / 1.89 split: the split pays only for calls of
+#: about a millisecond or more.
+PAIRS_PER_WORKER = 32768
 #: Off: every call takes the dense engine (``KANFAST_SPARSE=0`` in the environment at import;
 #: tests of the dense engine's own paths set it).
 ENABLED = os.environ.get("KANFAST_SPARSE", "1").strip().lower() not in ("0", "false", "no", "off")
