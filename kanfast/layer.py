@@ -14,9 +14,10 @@ from typing import Optional, Sequence, Type
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.modules import module as _mm
 
 from .knots import adaptive_grid, grid_is_uniform, solve_coefficients, uniform_grid, uniform_init_coefficients
-from .ops import basis_matrix, forget_grid, kan_linear_op, triton_available
+from .ops import basis_matrix, forget_grid, kan_linear_op, kan_linear_small, triton_available
 from .reference import kan_linear_reference
 from .symbolic_branch import SymbolicBranch
 
@@ -513,6 +514,9 @@ class FastKANLayer(nn.Module):
         cast, reshape and dtype/backend decision of the general path is then a no-op, so this
         makes the same :func:`kanfast.ops.kan_linear_op` call on the same tensors without them
         (and without the view that reshaping gives): the same checks pass, the same result.
+        Calls the size rule gives the sparse engine go through :func:`kanfast.ops.kan_linear_small`
+        (the same engine and calls, without the cached "uniform knots" flag only the dense engine
+        reads; the flag is refreshed on the calls that reach the dense engine).
         The per-call Python cost of a small layer is otherwise mostly these no-op calls."""
         if x.shape[1] != self.in_features or self._backend not in _EAGER_BACKENDS:
             return None
@@ -543,6 +547,11 @@ class FastKANLayer(nn.Module):
                 scale = scale.to(dt)
             if bw.dtype != dt:
                 bw = bw.to(dt)
+        # the sparse engine when the size rule takes the call (it reads the knots themselves, no
+        # flag of them); else the dense engine, with the layer's cached "uniform knots" flag
+        y = kan_linear_small(x, grid, sw, bw, self.spline_order, scale)
+        if y is not None:
+            return y
         return kan_linear_op(x, grid, sw, bw, self.spline_order, self._uniform_flag_of(grid), "torch", scale)
 
     def _forward_impl(self, x: torch.Tensor, comp: torch.dtype, backend: str) -> torch.Tensor:
@@ -757,6 +766,27 @@ class FastKANLayer(nn.Module):
         return regularize_activation * total + regularize_entropy * entropy
 
 
+def _calls_plain(layers) -> bool:
+    """Whether ``layer(x)`` is exactly ``layer.forward(x)`` for every layer: no module hooks (the
+    layers' own or global ones), no ``Module.compile()``'d layer, no ``jit.trace`` (which calls
+    ``_slow_forward``), nothing but FastKANLayer's own ``forward``. (The per-call cost of
+    nn.Module's dispatch is a sizeable part of a small layer's.)"""
+    if torch.compiler.is_compiling() or torch._C._get_tracing_state() is not None or (
+        _mm._global_forward_hooks or _mm._global_forward_pre_hooks or _mm._global_backward_hooks
+        or _mm._global_backward_pre_hooks
+    ):
+        return False
+    for layer in layers:
+        if (
+            type(layer) is not FastKANLayer or getattr(layer, "_compiled_call_impl", None) is not None
+            or layer._forward_hooks
+            or layer._forward_pre_hooks or layer._backward_hooks or layer._backward_pre_hooks
+            or "forward" in layer.__dict__
+        ):
+            return False
+    return True
+
+
 class _all_layers_or_none:
     """Context for a grid change of every layer of a KAN: if it raises, each layer's knots,
     grid_size, spline weights and scalers (the same tensor objects, with their values),
@@ -880,8 +910,13 @@ class KAN(nn.Module):
         """Args: x ``(..., in)``; update_grid: adapt each layer's knots to its
         input first (see :meth:`FastKANLayer.update_grid`; all layers or none)."""
         if not update_grid:
-            for layer in self.layers:
-                x = layer(x)
+            layers = self.layers._modules.values()
+            if _calls_plain(layers):  # layer(x) would be layer.forward(x): skip nn.Module's dispatch
+                for layer in layers:
+                    x = layer.forward(x)
+            else:
+                for layer in layers:
+                    x = layer(x)
             return x
         with _all_layers_or_none(self):
             for layer in self.layers:

@@ -27,7 +27,8 @@ and an optional SiLU base weight ``base_weight: (out, in)``:
   first-order only). It takes 16-bit operands with float32 knots and float32
   accumulation.
 
-Eager dispatch (:func:`kan_linear_op`): a call that :func:`kanfast.sparse_backend.chooses`
+Eager dispatch (:func:`kan_linear_op`, and :func:`kan_linear_small`, its sparse half for the
+modules' common call): a call that :func:`kanfast.sparse_backend.chooses`
 (the size rule documented there: small calls, or a coefficient table that fits in cache)
 runs the sparse contraction kernels (one C call forward, one backward, through
 ``_SparseKAN``); the others the dense-block engine of :mod:`kanfast.torch_backend`
@@ -68,6 +69,7 @@ __all__ = [
     "kan_fwd",
     "kan_bwd",
     "kan_linear_op",
+    "kan_linear_small",
     "kan_linear_differentiable",
     "triton_ops_available",
     "triton_available",
@@ -143,6 +145,8 @@ def _sparse_backward(
     (edited through ``.data`` between forward and backward to non-finite or decreasing ones)."""
     out = sparse_backend.backward(grad_y, x, grid, coef, base_weight, k, scale, need_x, need_c, need_b, need_s)
     if out is None:
+        if uniform is None:  # (the modules' small call leaves the flag to the fallback: see kan_linear_small)
+            uniform = grid_is_uniform(grid)
         return torch_backend.eager_backward(grad_y, x, grid, coef, base_weight, k, uniform, need_x, need_c, need_b,
                                             scale, need_s)
     return out
@@ -152,13 +156,16 @@ class _SparseKAN(torch.autograd.Function):
     """The small-call path (:mod:`kanfast.sparse_backend`): one kernel call forward, one
     backward, only the inputs saved; the same autograd formula (and ``create_graph``
     route) as the dense engine. Forward falls back to the dense engine when the kernel
-    declines the knots."""
+    declines the knots. ``uniform`` None: the dense engine's flag is computed from the grid
+    only on such a fallback (the sparse kernels do not use it)."""
 
     @staticmethod
     def forward(ctx, x, grid, coef, base_weight, spline_order, uniform, scale):
         setup_context(ctx, (x, grid, coef, base_weight, spline_order, uniform, scale), None)
         y = sparse_backend.forward(x, grid, coef, base_weight, spline_order, scale)
         if y is None:
+            if uniform is None:
+                uniform = grid_is_uniform(grid)
             return torch_backend.forward(x.contiguous(), grid.contiguous(), coef, base_weight, spline_order, uniform,
                                          scale)
         return y
@@ -297,6 +304,31 @@ def kan_linear_op(
     if not graph:  # inference on the dense engine: no autograd node, nothing saved
         return torch_backend.forward(x.contiguous(), grid.contiguous(), coef, base_weight, k, bool(uniform), scale)
     return torch_backend.EagerTorchKAN.apply(x, grid, coef, base_weight, k, bool(uniform), scale)
+
+
+def kan_linear_small(
+    x: Tensor, grid: Tensor, coef: Tensor, base_weight: Optional[Tensor], spline_order: int,
+    scale: Optional[Tensor] = None,
+) -> Optional[Tensor]:
+    """:func:`kan_linear_op`'s call on the sparse engine, for the modules' common case (eager,
+    backend ``"torch"``, grid of x's dtype: the caller's guards), or None when that engine does
+    not take it (the size rule, :func:`kanfast.sparse_backend.chooses`): then call
+    :func:`kan_linear_op`. The same result as :func:`kan_linear_op` (the same engine, the same
+    calls, the same fallback to the dense engine when the kernel declines the knots), without
+    the "uniform knots" flag, which only the dense engine reads: it is computed from the grid
+    on such a fallback. Args and returns as :func:`kan_linear_op`'s."""
+    if not sparse_backend.chooses(x, grid, coef, base_weight, spline_order, scale):
+        return None
+    if torch.is_grad_enabled() and (
+        x.requires_grad or coef.requires_grad or (base_weight is not None and base_weight.requires_grad)
+        or (scale is not None and scale.requires_grad)
+    ):
+        return _SparseKAN.apply(x, grid, coef, base_weight, spline_order, None, scale)
+    y = sparse_backend.forward(x, grid, coef, base_weight, spline_order, scale)  # inference: nothing saved
+    if y is None:  # knots declined: the dense engine, as kan_linear_op
+        return torch_backend.forward(x.contiguous(), grid.contiguous(), coef, base_weight, spline_order,
+                                     grid_is_uniform(grid), scale)
+    return y
 
 
 # ----------------------------------------------------------- for the modules

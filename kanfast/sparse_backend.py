@@ -16,7 +16,10 @@ base term. No dense basis block, no GEMM: k + 2 multiply-adds per (row, input, o
 non-decreasing) in every call, so no edit of the grid (in place, through ``.data``,
 ``load_state_dict``, ``update_grid``, ``extend_grid``, ``.to()``) can leave a stale constant.
 Forward: tiles of FWD_ROWS rows x a block of features whose table rows for a chunk of 64 outputs
-fit L1 (:func:`_fwd_blocks`); rows split across the CPU workers. Backward: split by input
+fit L1 (:func:`_fwd_blocks`); rows split across the CPU workers (:func:`_workers`: the dense
+engine's rule, or at least PAIRS_PER_WORKER (row, input) pairs per worker). A call on one
+worker is one C entry per direction (``kf_sparse_fwd_call``: check, pack, forward;
+``kf_sparse_bwd_call``: check, non-finite grad_y rows, backward). Backward: split by input
 features across the workers; per block of features (:func:`_bwd_features`) every row in order:
 grad_x (one dot product per input), the transposed scatter ``gW[i, m + r, :] += B_r grad_y[b, :]``,
 then the gradients of ``spline_weight``, ``spline_scaler`` and ``base_weight`` of those features
@@ -46,11 +49,12 @@ its own).
 
 Memory: nothing saved but x (and the parameters). Kept between calls in the CPU engine's
 per-thread cache (:func:`kanfast.torch_backend.release_buffers` frees them): the packed table,
-``in x (G + 3k + 1) x out`` elements, one per calling thread (the workers share it); per worker
-thread a forward tile, ``FWD_ROWS x FB x (k + 2)`` elements plus as many int64 offsets, and a
-backward block, at most ``max(BWD_BLOCK_BYTES, 2 (G + 3k + 1) out elements)`` (one feature's
-table rows and gradient). Per call: the outputs and a list of the rows with a non-finite grad_y
-(one int64 per row). Nothing grows with batch x G.
+``in x (G + 3k + 1) x out`` elements, one per calling thread (the workers share it; on one
+worker the forward tile follows it in the same buffer); per worker thread a forward tile,
+``FWD_ROWS x FB x (k + 2)`` elements plus as many int64 offsets, and a backward block, at most
+``max(BWD_BLOCK_BYTES, 2 (G + 3k + 1) out elements)`` (one feature's table rows and gradient).
+Per call: the outputs and a list of the rows with a non-finite grad_y (one int64 per row).
+Nothing grows with batch x G.
 """
 
 from __future__ import annotations
@@ -63,7 +67,8 @@ import torch
 from . import cpu_buffers, cpu_workers
 from .kernels import cpu_spline
 
-__all__ = ["ENABLED", "SMALL_WORK", "TABLE_BYTES", "ROWS_PER_TABLE_ROW", "chooses", "forward", "backward"]
+__all__ = ["ENABLED", "SMALL_WORK", "TABLE_BYTES", "ROWS_PER_TABLE_ROW", "PAIRS_PER_WORKER", "chooses", "forward",
+           "backward"]
 
 Tensor = torch.Tensor
 
@@ -94,11 +99,21 @@ FWD_BLOCK_BYTES = 24 << 10
 FWD_MAX_FEATURES = 32
 #: Backward: features per block so that their table rows and weight gradient take at most this.
 BWD_BLOCK_BYTES = 512 << 10
+#: (Row, input) pairs each CPU worker must get before a sparse call is split across them
+#: (:func:`_workers`): 2 workers from 2 x PAIRS_PER_WORKER pairs. A pair costs ~10-40 ns per
+#: direction (k = 3; more for outputs that are not whole vectors) and a split ~0.1 ms or more
+#: (waking the pool, releasing the caller's OpenMP team, a core that must be free). Development
+#: VM, 2 threads, loaded host (not results), KAN fwd / fwd+bwd: [784, 64, 10] batch 128 (its
+#: first layer 100352 pairs, split) 2.27 / 6.9 ms inline, 1.68 / 4.8 split; [64, 32, 10] batch 256
+#: (16384 pairs) 0.58 / 1.55 inline, 0.84 / 1.89 split: the split pays only for calls of
+#: about a millisecond or more.
+PAIRS_PER_WORKER = 32768
 #: Off: every call takes the dense engine (``KANFAST_SPARSE=0`` in the environment at import;
 #: tests of the dense engine's own paths set it).
 ENABLED = os.environ.get("KANFAST_SPARSE", "1").strip().lower() not in ("0", "false", "no", "off")
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
+_F32, _F64 = torch.float32, torch.float64
 
 
 def _kernels():
@@ -111,12 +126,13 @@ def chooses(x: Tensor, grid: Tensor, coef: Tensor, base_weight: Optional[Tensor]
     takes the sparse path (the documented size rule of the module docstring), its tensors
     permitting (CPU, one float32/float64 dtype, plain tensors, no recording mode)."""
     dt = x.dtype
-    if not ENABLED or dt not in (torch.float32, torch.float64) or not x.is_cpu or x.dim() != 2 or coef.dim() != 3:
+    if not ENABLED or (dt is not _F32 and dt is not _F64) or x.dim() != 2 or coef.dim() != 3 or grid.dim() != 2:
         return False
     for t in (x, grid, coef, base_weight, scale):  # (is_cpu: no device object per tensor)
-        if t is not None and (type(t) not in _PLAIN or t.dtype != dt or not t.is_cpu):
+        if t is not None and (type(t) not in _PLAIN or t.dtype is not dt or not t.is_cpu):
             return False
-    if not 0 <= k < cpu_spline.MAX_ORDER or coef.shape[2] < 1 or grid.shape[1] != coef.shape[2] + k + 1:
+    nout, nin, nb = coef.shape
+    if not 0 <= k < cpu_spline.MAX_ORDER or nb < 1 or grid.shape[1] != nb + k + 1:
         return False
     if (
         torch._C._get_tracing_state() is not None
@@ -124,14 +140,14 @@ def chooses(x: Tensor, grid: Tensor, coef: Tensor, base_weight: Optional[Tensor]
         or torch._C._len_torch_function_stack()
     ):
         return False
-    N, nin = x.shape
-    cols = coef.shape[2] + 1  # bases and the SiLU column per input
-    work = N * nin * cols * coef.shape[0]
-    table = nin * cols * coef.shape[0] * x.element_size()
-    G = coef.shape[2] - k
-    amortised = N * (3 * G - 3) >= ROWS_PER_TABLE_ROW * (G + 3 * k)  # rows pay for the table passes
-    if work > SMALL_WORK * max(1, torch.get_num_threads()) and table > TABLE_BYTES and not amortised:
-        return False
+    N = x.shape[0]
+    work = N * nin * (nb + 1) * nout  # dense multiply-adds: the bases and the SiLU column per input
+    if work > SMALL_WORK and work > SMALL_WORK * max(1, torch.get_num_threads()):
+        table = nin * (nb + 1) * nout * dt.itemsize
+        G = nb - k
+        amortised = N * (3 * G - 3) >= ROWS_PER_TABLE_ROW * (G + 3 * k)  # rows pay for the table passes
+        if table > TABLE_BYTES and not amortised:
+            return False
     return _kernels() is not None
 
 
@@ -147,10 +163,6 @@ def _buffer(name: str, n: int, dtype: torch.dtype) -> Tensor:
         with torch.inference_mode(False):  # written through pointers only; never an inference tensor
             buf = bufs[key] = torch.empty(max(n, 1), dtype=dtype)
     return buf
-
-
-def _c(t: Optional[Tensor]) -> Optional[Tensor]:
-    return None if t is None else t.contiguous()
 
 
 def _fwd_blocks(nb: int, k: int, nout: int, dt: torch.dtype) -> Tuple[int, int, int]:
@@ -175,20 +187,40 @@ def forward(x: Tensor, grid: Tensor, coef: Tensor, base_weight: Optional[Tensor]
 
     Args: x ``(N, in)``; grid ``(in, G + 2k + 1)``; coef ``(out, in, G + k)`` spline weights;
     base_weight ``(out, in)`` or None (no SiLU term); k the spline order; scale ``(out, in)``
-    or None (``W = coef * scale[..., None]``). All of one dtype on the CPU (:func:`chooses`)."""
+    or None (``W = coef * scale[..., None]``). All of one dtype on the CPU (:func:`chooses`).
+
+    A call on one worker is one C entry (check, pack, forward: ``kf_sparse_fwd_call``), its
+    table and work area in one cached buffer; split calls pack and run by ranges on the workers."""
     kern = _kernels()
-    x = x if (x.shape[1] <= 1 or x.stride(1) == 1) else x.contiguous()
-    grid, coef, base_weight, scale = _c(grid), _c(coef), _c(base_weight), _c(scale)
-    if kern.sparse_check(grid):
-        return None
+    if x.stride(1) != 1 and x.shape[1] > 1:
+        x = x.contiguous()
+    if not grid.is_contiguous():
+        grid = grid.contiguous()
+    if not coef.is_contiguous():
+        coef = coef.contiguous()
+    if base_weight is not None and not base_weight.is_contiguous():
+        base_weight = base_weight.contiguous()
+    if scale is not None and not scale.is_contiguous():
+        scale = scale.contiguous()
     nout, nin, nb = coef.shape
     N, dt = x.shape[0], x.dtype
     y = torch.empty(N, nout, dtype=dt)
     nw = nin * (nb + 2 * k) * nout
-    table = _buffer("W", nw + nin * nout, dt)  # the packed table (one per call, shared by the workers)
-    Bt = table[nw:] if base_weight is not None else None
     R, FB, NV = _fwd_blocks(nb, k, nout, dt)
     wlen = kern.fwd_work(R, FB, k, dt)
+    P = _workers(x, grid, coef, base_weight, scale)
+    if P == 1:
+        off_w = (nw + nin * nout + 15) & ~15  # (64-byte aligned work area after Wt and Bt)
+        rc = kern.sparse_fwd_call(x, grid, k, coef, scale, base_weight, y, R, FB, NV,
+                                  _buffer("W", off_w + wlen, dt), nw, off_w, wlen)
+        if rc == 1:
+            return None
+        assert rc == 0, f"kf_sparse_fwd_call returned {rc}"
+        return y
+    if kern.sparse_check(grid):
+        return None
+    table = _buffer("W", nw + nin * nout, dt)  # the packed table (one per call, shared by the workers)
+    Bt = table[nw:] if base_weight is not None else None
 
     def pack(a, b):
         kern.sparse_pack(a, b, k, coef, scale, base_weight, table[a * (nb + 2 * k) * nout:],
@@ -198,21 +230,22 @@ def forward(x: Tensor, grid: Tensor, coef: Tensor, base_weight: Optional[Tensor]
         rc = kern.sparse_fwd(x[a:b], grid, k, table, Bt, y[a:b], R, FB, NV, _buffer("fwork", wlen, dt))
         assert rc == 0, f"kf_sparse_fwd returned {rc}"
 
-    P = _workers(x, grid, coef, base_weight, scale)
-    if P == 1:
-        pack(0, nin)
-        rows(0, N)
-    else:
-        cpu_workers.run(pack, cpu_workers.split(nin, P))
-        cpu_workers.run(rows, cpu_workers.split(N, P))
+    cpu_workers.run(pack, cpu_workers.split(nin, P))
+    cpu_workers.run(rows, cpu_workers.split(N, P))
     return y
 
 
 def _workers(x, grid, coef, base_weight, scale) -> int:
-    """Number of CPU workers (:mod:`kanfast.cpu_workers`, its rule on the dense work
-    ``rows x in x (G + k + 1)``): 1 runs inline."""
+    """Number of CPU workers (:mod:`kanfast.cpu_workers`, its rule on a call's work; 1 runs
+    inline): the work is the dense elements ``rows x in x (G + k + 1)``, or, when larger, the
+    (row, input) pairs in units of ``MIN_ELEMENTS / PAIRS_PER_WORKER`` (the sparse kernels' cost
+    per pair does not fall with G as the dense work does)."""
     N, nin = x.shape
-    return cpu_workers.worker_count(N * nin * (coef.shape[2] + 1), x, grid, coef, base_weight, scale)
+    pairs = N * nin
+    work = max(pairs * (coef.shape[2] + 1), pairs * (cpu_workers.MIN_ELEMENTS // PAIRS_PER_WORKER))
+    if work < 2 * cpu_workers.MIN_ELEMENTS:
+        return 1  # (worker_count's own first answer, without its calls)
+    return cpu_workers.worker_count(work, x, grid, coef, base_weight, scale)
 
 
 def backward(grad_y: Tensor, x: Tensor, grid: Tensor, coef: Tensor, base_weight: Optional[Tensor], k: int,
@@ -221,35 +254,52 @@ def backward(grad_y: Tensor, x: Tensor, grid: Tensor, coef: Tensor, base_weight:
     """``(grad_x, grad_coef, grad_base, grad_scale)`` of :func:`forward` (None where not
     needed), or None when the kernel declines the knots. Split by input features across the
     CPU workers, each weight gradient one sum over the rows in order: the same bits for any
-    thread count."""
+    thread count. A call on one worker is one C entry (check, rows with a non-finite grad_y,
+    backward: ``kf_sparse_bwd_call``)."""
     kern = _kernels()
-    x = x if (x.shape[1] <= 1 or x.stride(1) == 1) else x.contiguous()
-    grid, coef, base_weight, scale = _c(grid), _c(coef), _c(base_weight), _c(scale)
-    if kern.sparse_check(grid):
-        return None
-    grad_y = grad_y.contiguous()
+    if x.stride(1) != 1 and x.shape[1] > 1:
+        x = x.contiguous()
+    if not grid.is_contiguous():
+        grid = grid.contiguous()
+    if not coef.is_contiguous():
+        coef = coef.contiguous()
+    if base_weight is not None and not base_weight.is_contiguous():
+        base_weight = base_weight.contiguous()
+    if scale is not None and not scale.is_contiguous():
+        scale = scale.contiguous()
+    if not grad_y.is_contiguous():
+        grad_y = grad_y.contiguous()
     nout, nin, nb = coef.shape
     N, dt = x.shape[0], x.dtype
     need_b = need_b and base_weight is not None
     need_s = need_s and scale is not None
+    need_w = need_c or need_s
+    if not (need_x or need_w or need_b):
+        return None if kern.sparse_check(grid) else (None, None, None, None)
     gx = torch.empty(x.shape, dtype=dt) if need_x else None
     gc = torch.empty(nout, nin, nb, dtype=dt) if need_c else None
     gs = torch.empty(nout, nin, dtype=dt) if need_s else None
     gb = torch.empty(nout, nin, dtype=dt) if need_b else None
-    need_w = need_c or need_s
-    bad, nbad = None, 0
-    if (need_w or need_x) and N:  # the rows with a NaN or +-inf in grad_y (the reference's 0 * inf)
-        bad = torch.empty(N, dtype=torch.int64)
-        nbad = kern.sparse_bad_rows(grad_y, bad)
+    # the rows with a NaN or +-inf in grad_y (the reference's 0 * inf)
+    bad = torch.empty(N, dtype=torch.int64) if (need_w or need_x) and N else None
     FB = _bwd_features(nb, k, nout, dt)
     wlen = kern.bwd_work(FB, nb, k, nout, need_x, need_w or need_b)
+    P = _workers(x, grid, coef, base_weight, scale)
+    if P == 1:
+        rc = kern.sparse_bwd_call(x, grid, k, grad_y, coef, scale, base_weight, gx, gc, gs, gb, bad, FB,
+                                  _buffer("bwork", wlen, dt))
+        if rc == 1:
+            return None
+        assert rc == 0, f"kf_sparse_bwd_call returned {rc}"
+        return gx, gc, gb, gs
+    if kern.sparse_check(grid):
+        return None
+    nbad = kern.sparse_bad_rows(grad_y, bad) if bad is not None else 0
 
     def feats(a, b):
         rc = kern.sparse_bwd(x, grid, k, grad_y, coef, scale, base_weight, a, b, gx, gc, gs, gb, nbad, bad, FB,
                              _buffer("bwork", wlen, dt))
         assert rc == 0, f"kf_sparse_bwd returned {rc}"
 
-    if need_x or need_w or need_b:
-        P = _workers(x, grid, coef, base_weight, scale)
-        cpu_workers.run(feats, cpu_workers.split(nin, P))
+    cpu_workers.run(feats, cpu_workers.split(nin, P))
     return gx, gc, gb, gs

@@ -13,7 +13,7 @@ import torch.nn as nn
 from torch.nn.utils import parametrize
 
 from conftest import rel_rms
-from kanfast import FastKANLayer, sparse_backend
+from kanfast import KAN, FastKANLayer, sparse_backend
 from kanfast.reference import kan_linear_reference
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -235,3 +235,56 @@ def test_uniform_flag_data_write_without_refresh(plain, monkeypatch):
         ref = kan_linear_reference(x, layer.grid, layer.base_weight, layer.spline_weight, layer.spline_scaler, 3)
     torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
     assert plain["taken"] == 2
+
+
+def test_model_loop_honours_module_dispatch(monkeypatch):
+    """KAN.forward calls its layers' forward directly only when ``layer(x)`` would do just that:
+    layer hooks (pre and post), global hooks and a forward set on the instance still run."""
+    torch.manual_seed(0)
+    model = KAN([3, 4, 2]).double()
+    x = torch.rand(9, 3, dtype=torch.float64) * 2 - 1
+    dispatched = []
+    real = nn.Module._call_impl
+
+    def spy(self, *a, **kw):
+        dispatched.append(type(self).__name__)
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(FastKANLayer, "_call_impl", spy)
+    with torch.no_grad():
+        model(x)
+    assert dispatched == []  # the direct loop: no hooks anywhere
+    model.layers[1].register_forward_hook(lambda m, a, y: None)
+    with torch.no_grad():
+        model(x)
+    assert dispatched == ["FastKANLayer", "FastKANLayer"]  # a hook: nn.Module's dispatch for every layer
+    model = KAN([3, 4, 2]).double()
+
+    def chain(t):
+        for layer in model.layers:
+            t = layer(t)
+        return t
+
+    with torch.no_grad():
+        plain = model(x)
+        torch.testing.assert_close(plain, chain(x), rtol=0, atol=0)
+        seen = []
+        h1 = model.layers[1].register_forward_pre_hook(lambda m, a: (a[0] * 2,))
+        h2 = model.layers[0].register_forward_hook(lambda m, a, y: seen.append(y.shape))
+        y = model(x)
+        assert seen == [(9, 4)]
+        torch.testing.assert_close(y, model.layers[1](model.layers[0](x)), rtol=0, atol=0)
+        assert not torch.equal(y, plain)
+        h1.remove(), h2.remove()
+        torch.testing.assert_close(model(x), plain, rtol=0, atol=0)
+        g = torch.nn.modules.module.register_module_forward_hook(
+            lambda m, a, y: y + 1 if m is model.layers[1] else None)
+        try:
+            y = model(x)
+        finally:
+            g.remove()
+        torch.testing.assert_close(y, plain + 1, rtol=0, atol=0)
+        model.layers[0].forward = lambda t: torch.zeros(t.shape[0], 4, dtype=t.dtype)
+        torch.testing.assert_close(model(x), model.layers[1](torch.zeros(9, 4, dtype=torch.float64)), rtol=0, atol=0)
+        del model.layers[0].forward
+        torch.testing.assert_close(model(x), plain, rtol=0, atol=0)

@@ -248,6 +248,80 @@ def test_grid_edits_never_stale(edit, calls):
     _assert_ref(layer, x, calls)
 
 
+@pytest.mark.parametrize("edit", ["data", "load_state_dict", "update_grid", "extend_grid", "to"])
+def test_grid_edits_never_stale_in_training_and_model(edit, calls):
+    """The same edits on the training path (values and every gradient) and through a KAN's layer
+    loop: the reference's on the new knots, before and after (float64, 1e-12)."""
+    model = KAN([3, 4, 2], grid_size=5)
+    model.double()
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.spline_weight.normal_()
+    first = model.layers[0]
+    x = torch.rand(60, 3, dtype=torch.float64) * 2.4 - 1.2
+    gy = torch.randn(60, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+
+    def check():
+        before = dict(calls)
+        _check(_grads(first, x, gy, reference=False), _grads(first, x, gy, reference=True), torch.float64)
+        with torch.no_grad():
+            y = model(x)
+            h = kan_linear_reference(x, first.grid, first.base_weight, first.spline_weight, first.spline_scaler, 3)
+            second = model.layers[1]
+            want = kan_linear_reference(h, second.grid, second.base_weight, second.spline_weight,
+                                        second.spline_scaler, 3)
+        torch.testing.assert_close(y, want, rtol=1e-12, atol=1e-12)
+        assert calls == {"fwd": before["fwd"] + 3, "bwd": before["bwd"] + 1}  # all on the sparse path
+
+    check()
+    if edit == "data":  # no version bump
+        v = first.grid._version
+        first.grid.data.copy_(first.grid * 1.3 + 0.1 * torch.arange(first.grid.shape[1], dtype=torch.float64) ** 2)
+        assert first.grid._version == v
+    elif edit == "load_state_dict":
+        other = KAN([3, 4, 2], grid_size=5).double()
+        other.update_grid(torch.randn(200, 3, dtype=torch.float64) ** 3)
+        model.load_state_dict(other.state_dict())
+        assert torch.equal(first.grid, other.layers[0].grid)
+    elif edit == "update_grid":
+        model.update_grid(torch.randn(100, 3, dtype=torch.float64) * 0.5)
+    elif edit == "extend_grid":
+        model.extend_grid(9, torch.randn(100, 3, dtype=torch.float64) * 0.7)
+    else:
+        model.to(torch.float32).to(torch.float64)  # new grid tensors
+    check()
+
+
+def test_unsorted_knots_fall_back_in_training(calls, monkeypatch):
+    """Declined knots on the training path: the forward and the backward fall back to the dense
+    engine (its flag of the knots computed from them), bit for bit its own result; and knots
+    made decreasing between the forward and the backward: the dense engine's backward."""
+    layer = _layer(3, 2, 5, 3, torch.float64, True, seed=9)
+    x = torch.rand(20, 3, dtype=torch.float64) * 1.8 - 0.9
+    gy = torch.randn(20, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    good = _grads(layer, x, gy, reference=False)
+    layer.grid.data[1, 4] = 5.0  # decreasing afterwards
+    bad = _grads(layer, x, gy, reference=False)
+    assert calls == {"fwd": 2, "bwd": 2}
+    with monkeypatch.context() as m:
+        m.setattr(sparse_backend, "chooses", lambda *a: False)
+        dense = _grads(layer, x, gy, reference=False)
+    for a, b in zip(bad, dense):
+        assert torch.equal(torch.nan_to_num(a), torch.nan_to_num(b)) and torch.equal(a.isnan(), b.isnan())
+    # the edit between forward and backward: the same gradients as the dense engine's on those knots
+    layer.grid.data[1, 4] = layer.grid[1, 3] + (layer.grid[1, 5] - layer.grid[1, 3]) / 2  # sorted again
+    layer.zero_grad(set_to_none=True)
+    xx = x.clone().requires_grad_(True)
+    y = layer(xx)
+    torch.testing.assert_close(y.detach(), good[0], rtol=0, atol=1e-12)
+    layer.grid.data[1, 4] = 5.0
+    y.backward(gy)
+    assert calls == {"fwd": 3, "bwd": 3}
+    for a, b in zip([xx.grad, layer.base_weight.grad, layer.spline_weight.grad, layer.spline_scaler.grad],
+                    dense[1:]):
+        assert torch.equal(torch.nan_to_num(a), torch.nan_to_num(b)) and torch.equal(a.isnan(), b.isnan())
+
+
 def test_unsorted_knots_fall_back(calls, monkeypatch):
     """Knots that are not non-decreasing (written through .data) make the kernel decline; the
     layer then gives the dense engine's result, as it did before the small path existed."""
@@ -327,6 +401,28 @@ def test_split_across_workers(dtype, three_workers, calls):
         fin = torch.isfinite(b)
         tol = 1e-12 if dtype == torch.float64 else 2e-5
         assert rel_rms(a[fin], b[fin]) <= tol
+
+
+def test_worker_rule_counts_pairs(monkeypatch, restore_threads):
+    """The split rule of the sparse path (sparse_backend._workers): the dense elements or the
+    (row, input) pairs over PAIRS_PER_WORKER, whichever asks for more workers; small calls inline."""
+    from kanfast import cpu_workers
+
+    if not cpu_workers._uses_openmp():
+        pytest.skip("workers need torch's OpenMP backend")
+    monkeypatch.setattr(cpu_workers, "_usable_cpus", lambda: 64)
+    torch.set_num_threads(2)
+    ppw = sparse_backend.PAIRS_PER_WORKER
+
+    def workers(N, nin, G=5):
+        x = torch.empty(N, nin)
+        return sparse_backend._workers(x, None, torch.empty(1, nin, G + 3), None, None)
+
+    assert workers(64, 16) == 1 and workers(1000, 2) == 1
+    assert workers(2 * ppw, 1) == 2 and workers(2 * ppw - 1, 1) == 1
+    assert workers(128, 784) == 2
+    torch.set_num_threads(1)
+    assert workers(128, 784) == 1
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -431,10 +527,12 @@ def test_non_finite_grad_y_as_reference(dtype, k, calls, monkeypatch):
     assert torch.isnan(gw[1]).all() and torch.isnan(gw[2]).any() and torch.isfinite(gw[3]).all()
 
 
+@pytest.mark.usefixtures("one_thread")
 def test_buffers_flat_in_batch_and_bounded(calls):
     """The sparse path's kept buffers: the packed table (in x (G + 3k + 1) x out, one per calling
     thread) and per thread a forward tile (R x FB x (k + 4)) and a backward block of at most
-    max(BWD_BLOCK_BYTES, one feature's 2 (G + 3k + 1) out elements): none grows with the batch."""
+    max(BWD_BLOCK_BYTES, one feature's 2 (G + 3k + 1) out elements): none grows with the batch.
+    (One thread: every call inline, its buffers the calling thread's.)"""
     layer = _layer(24, 40, 30, 3, torch.float32, True, seed=3)
     sizes = []
     for N in (100, 3000):
@@ -444,11 +542,13 @@ def test_buffers_flat_in_batch_and_bounded(calls):
         bufs = cpu_buffers.thread_buffers()
         sizes.append({key[1]: bufs[key].numel() for key in list(bufs.keys()) if key[0] == "sparse"})
     assert calls == {"fwd": 2, "bwd": 2}
-    assert sizes[0] == sizes[1] and set(sizes[0]) == {"W", "fwork", "bwork"}
+    # one buffer on one thread: the table, then (64-byte aligned) the forward's tile
+    assert sizes[0] == sizes[1] and set(sizes[0]) == {"W", "bwork"}
     nbp = 30 + 3 + 2 * 3
-    assert sizes[0]["W"] == 24 * nbp * 40 + 24 * 40
+    table = 24 * nbp * 40 + 24 * 40
     R, FB, _ = sparse_backend._fwd_blocks(33, 3, 40, torch.float32)
-    assert sizes[0]["fwork"] * 4 <= R * FB * (3 + 2) * 4 + R * FB * 8
+    assert table <= sizes[0]["W"] - cpu_spline.load().fwd_work(R, FB, 3, torch.float32) <= table + 15
+    assert cpu_spline.load().fwd_work(R, FB, 3, torch.float32) * 4 <= R * FB * (3 + 2) * 4 + R * FB * 8
     assert sizes[0]["bwork"] * 4 <= max(sparse_backend.BWD_BLOCK_BYTES, 2 * (nbp + 1) * 40 * 4) + 4 * 1088 * 4
 
 

@@ -708,4 +708,33 @@ KS_ATTR int64_t SFX(kf_sparse_bwd)(int64_t N, int64_t nin, int64_t nout, int64_t
     return 0;
 }
 
+/* One layer call on the calling thread, in one entry (the small calls of kanfast.sparse_backend,
+ * whose cost is the calls themselves): forward = kf_sparse_check, kf_sparse_pack of every feature
+ * into Wt/Bt, kf_sparse_fwd of every row (arguments as theirs; Bt is used only with bw). Returns 1
+ * when the knots are declined (nothing written), else kf_sparse_fwd's code (2 also for sizes the
+ * pack cannot take). The same operations in the same order as the three calls: the same bits. */
+KS_ATTR int64_t SFX(kf_sparse_fwd_call)(int64_t N, int64_t nin, int64_t nout, int64_t k, int64_t n, const T* x,
+                                        int64_t sx, const T* grid, const T* sw, const T* sc, const T* bw, T* Wt,
+                                        T* Bt, T* y, int64_t R, int64_t FB, int64_t NV, T* work,
+                                        int64_t work_len) {
+    if (SFX(kf_sparse_check)(nin, n, grid)) return 1;
+    const int64_t nb = n - k - 1;
+    if (k < 0 || k >= KS_MAXK || nb < 1) return 2;
+    SFX(kf_sparse_pack)(0, nin, nin, nout, nb, k, sw, sc, bw, Wt, bw ? Bt : 0);
+    return SFX(kf_sparse_fwd)(N, nin, nout, k, n, x, sx, grid, Wt, bw ? Bt : 0, y, R, FB, NV, work, work_len);
+}
+
+/* Backward in one entry: kf_sparse_check (returns 1: declined, nothing written), then, when bad is
+ * not NULL, kf_sparse_bad_rows of gy into bad (at least N int64), then kf_sparse_bwd of features
+ * [f0, f1) (its arguments; nbad from the listing, 0 when bad is NULL). Returns kf_sparse_bwd's code. */
+KS_ATTR int64_t SFX(kf_sparse_bwd_call)(int64_t N, int64_t nin, int64_t nout, int64_t k, int64_t n, int64_t f0,
+                                        int64_t f1, const T* x, int64_t sx, const T* grid, const T* gy,
+                                        const T* sw, const T* sc, const T* bw, T* gx, int64_t sgx, T* gsw, T* gsc,
+                                        T* gbw, int64_t* bad, int64_t FB, T* work, int64_t work_len) {
+    if (SFX(kf_sparse_check)(nin, n, grid)) return 1;
+    const int64_t nbad = bad ? SFX(kf_sparse_bad_rows)(N, nout, gy, bad) : 0;
+    return SFX(kf_sparse_bwd)(N, nin, nout, k, n, f0, f1, x, sx, grid, gy, sw, sc, bw, gx, sgx, gsw, gsc, gbw, nbad,
+                              bad, FB, work, work_len);
+}
+
 #endif /* sparse kernels */

@@ -436,6 +436,9 @@ class CpuSplineKernels:
             gx.restype = None
             self._fill[dtype], self._grad_x[dtype] = fill, gx
         self._lib = lib
+        # the one-entry calls of the small path, looked up once (their signatures set here)
+        self._fwd_call = {dt: self._sparse_fn("fwd_call", dt) for dt in (torch.float32, torch.float64)}
+        self._bwd_call = {dt: self._sparse_fn("bwd_call", dt) for dt in (torch.float32, torch.float64)}
 
     @staticmethod
     def supports(x: torch.Tensor, k: int) -> bool:
@@ -490,6 +493,8 @@ class CpuSplineKernels:
         "fwd": ([_I, _I, _I, _I, _I, _P, _I, _P, _P, _P, _P, _I, _I, _I, _P, _I], _I),
         "bad_rows": ([_I, _I, _P, _P], _I),
         "bwd": ([_I, _I, _I, _I, _I, _I, _I, _P, _I, _P, _P, _P, _P, _P, _P, _I, _P, _P, _P, _I, _P, _I, _P, _I], _I),
+        "fwd_call": ([_I, _I, _I, _I, _I, _P, _I, _P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _P, _I], _I),
+        "bwd_call": ([_I, _I, _I, _I, _I, _I, _I, _P, _I, _P, _P, _P, _P, _P, _P, _I, _P, _P, _P, _P, _I, _P, _I], _I),
     }
 
     def _sparse_fn(self, name: str, dtype: torch.dtype):
@@ -548,6 +553,40 @@ class CpuSplineKernels:
         """Elements the backward's work buffer needs for blocks of ``FB`` features."""
         blk = FB * (nb + 2 * k + 1) * nout + 2 * 1088  # (+ the arrays' skew, KS_SKEW bytes each)
         return (blk if need_x else 0) + (blk if need_w else 0)
+
+    def sparse_fwd_call(self, x, grid, k: int, sw, sc, bw, y, R: int, FB: int, NV: int, buf, off_b: int,
+                        off_w: int, wlen: int) -> int:
+        """One entry for a whole forward on the calling thread (``kf_sparse_fwd_call``: the knot
+        check, :meth:`sparse_pack` of every feature and :meth:`sparse_fwd` of every row, the small
+        calls' path): the table packed into ``buf`` (one contiguous buffer of x's dtype: Wt from
+        element 0, Bt from ``off_b``, the work area of ``wlen`` elements from ``off_w``, a
+        multiple of 8). ``x`` (rows, in; unit feature stride), ``grid`` (in, n), ``sw``
+        (out, in, nb), ``sc``/``bw`` (out, in) or None, ``y`` (rows, out): contiguous, one dtype
+        (the caller's checks: nothing is asserted here). Returns 1 when the knots are declined
+        (nothing written), else :meth:`sparse_fwd`'s code."""
+        p, s = buf.data_ptr(), buf.element_size()
+        return self._fwd_call[x.dtype](
+            x.shape[0], x.shape[1], y.shape[1], k, grid.shape[1], x.data_ptr(), x.stride(0), grid.data_ptr(),
+            sw.data_ptr(), None if sc is None else sc.data_ptr(), None if bw is None else bw.data_ptr(), p,
+            p + off_b * s, y.data_ptr(), R, FB, NV, p + off_w * s, wlen,
+        )
+
+    def sparse_bwd_call(self, x, grid, k: int, gy, sw, sc, bw, gx, gsw, gsc, gbw, bad, FB: int, work) -> int:
+        """One entry for a whole backward on the calling thread (``kf_sparse_bwd_call``: the knot
+        check, :meth:`sparse_bad_rows` into ``bad`` (int64, at least rows elements; None: grad_y
+        is not scanned, no weight gradient nor grad_x wanted) and :meth:`sparse_bwd` of every
+        feature). Arguments as :meth:`sparse_bwd`'s, contiguous (the caller's checks). Returns 1
+        when the knots are declined (nothing written), else :meth:`sparse_bwd`'s code."""
+        rows, nin = x.shape
+        nout, _, nb = sw.shape
+        return self._bwd_call[x.dtype](
+            rows, nin, nout, k, grid.shape[1], 0, nin, x.data_ptr(), x.stride(0), grid.data_ptr(), gy.data_ptr(),
+            sw.data_ptr(), None if sc is None else sc.data_ptr(), None if bw is None else bw.data_ptr(),
+            None if gx is None else gx.data_ptr(), 0 if gx is None else gx.stride(0),
+            None if gsw is None else gsw.data_ptr(), None if gsc is None else gsc.data_ptr(),
+            None if gbw is None else gbw.data_ptr(), None if bad is None else bad.data_ptr(), FB, work.data_ptr(),
+            work.numel(),
+        )
 
     def sparse_bad_rows(self, gy, idx) -> int:
         """The rows of ``gy`` (rows, out) contiguous with a NaN or +-inf, written to ``idx`` (int64,
