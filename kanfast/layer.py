@@ -233,9 +233,13 @@ class FastKANLayer(nn.Module):
             # the curves at the grid points t_k..t_{k+G}, fitted with the minimum-norm least-squares
             # coefficients (what a gelsd solve per feature gives), in O(G k^2) for all features at once
             coef = uniform_init_coefficients(noise.to(self.spline_weight.dtype), k)
-            coef = coef.to(device=self.grid.device, dtype=self.spline_weight.dtype)
+            del noise
             gain = 1.0 if self.enable_standalone_scale_spline else self.scale_spline
-            self.spline_weight.copy_(gain * coef)
+            # cast and scale in place (the same float ops as gain * coef.to(dtype), no more full copies)
+            self.spline_weight.copy_(coef)
+            del coef
+            if gain != 1.0:
+                self.spline_weight.mul_(gain)
             if self.enable_standalone_scale_spline:
                 nn.init.kaiming_uniform_(self.spline_scaler, a=math.sqrt(5) * self.scale_spline)
 

@@ -355,9 +355,9 @@ def _case_bytes(label: str, shape, itemsize: int, threads: int = 1) -> Tuple[int
     elif label == "kanfast-reference":
         per = (2 * P, cdb + io)
     elif base.startswith("kanfast-"):  # the engine's packed table and weight-gradient buffer per thread;
-        # its construction: the initial fit's noise, float64 solution and casts, ~5 P (measured ~4 P at
-        # 1024 x 1024, G = 100)
-        per = (2 * P + 2 * table * max(1, threads), max(io + table, 5 * P))
+        # its construction: the parameters, the initial fit's noise and float64 solution, ~4 P (measured
+        # ~3 P at 1024 x 1024, G = 100)
+        per = (2 * P + 2 * table * max(1, threads), max(io + table, 4 * P))
     elif label.endswith("+compile"):  # fused basis; the feature matrix and its gradient
         per = (2 * P, 3 * feat + io)
     elif base == "pykan":  # its step's (batch, in, out) tensors, or its construction (the larger)
