@@ -87,11 +87,14 @@ TABLE_BYTES = 16 << 20
 #: batch 256, G = 5 dense 255 ms / sparse 427 ms fwd+bwd; in = out = 256, batch 4096, G = 200
 #: dense 5.9 s / sparse 0.38 s).
 ROWS_PER_TABLE_ROW = 550
-#: Forward tiles: rows per tile, and the features per block so that the block's table rows of one
-#: chunk of out take at most FWD_BLOCK_BYTES (L1; at most FWD_MAX_FEATURES features).
+#: Forward tiles: at most FWD_ROWS rows per tile, fewer when the tile's y (rows x out, padded to
+#: whole vectors) would exceed FWD_TILE_BYTES (each feature's rows of a tile are sorted by span:
+#: the longer the tile, the more rows share the table rows held in registers; measured on the
+#: development VM, batch 4096, 256 -> 256, one thread: G = 200 forward 164 / 97 / 77 ms at 256 /
+#: 512 / 1024 rows, G = 5 49 / 46 / 45 ms), in chunks of FWD_NV vectors of 64 bytes of out.
 FWD_ROWS = 1024
-FWD_BLOCK_BYTES = 24 << 10
-FWD_MAX_FEATURES = 32
+FWD_TILE_BYTES = 1 << 20
+FWD_NV = 4
 #: Backward: features per block so that their table rows and weight gradient take at most this.
 BWD_BLOCK_BYTES = 512 << 10
 #: Off: every call takes the dense engine (``KANFAST_SPARSE=0`` in the environment at import;
@@ -154,11 +157,14 @@ def _c(t: Optional[Tensor]) -> Optional[Tensor]:
 
 
 def _fwd_blocks(nb: int, k: int, nout: int, dt: torch.dtype) -> Tuple[int, int, int]:
-    """(R, FB, NV): the forward's tiles (the C header): R = FWD_ROWS rows, chunks of NV = 4
-    vectors of 64 bytes of out, FB features so that the block's rows of one chunk, FB (nb + 2k)
-    NV 64 bytes, fit FWD_BLOCK_BYTES (L1; at least one feature, at most FWD_MAX_FEATURES)."""
-    fb = FWD_BLOCK_BYTES // ((nb + 2 * k) * 4 * 64)
-    return FWD_ROWS, max(1, min(FWD_MAX_FEATURES, fb)), 4
+    """(R, FB, NV): the forward's tiles (the C header): R rows (FWD_ROWS, or fewer so that the
+    tile's y takes at most FWD_TILE_BYTES; a multiple of 64), chunks of NV = FWD_NV vectors of 64
+    bytes of out; FB sizes the work buffer (``fwd_work``) to cover a sorted tile
+    (:meth:`~kanfast.kernels.cpu_spline.CpuSplineKernels.fwd_units`)."""
+    s = dt.itemsize
+    op = -(-nout // (64 // s)) * (64 // s)
+    R = max(64, min(FWD_ROWS, FWD_TILE_BYTES // (op * s)) // 64 * 64)
+    return R, cpu_spline.CpuSplineKernels.fwd_units(R, k, nb + k + 1, nout, dt), FWD_NV
 
 
 def _bwd_features(nb: int, k: int, nout: int, dt: torch.dtype) -> int:
@@ -242,7 +248,7 @@ def backward(grad_y: Tensor, x: Tensor, grid: Tensor, coef: Tensor, base_weight:
         bad = torch.empty(N, dtype=torch.int64)
         nbad = kern.sparse_bad_rows(grad_y, bad)
     FB = _bwd_features(nb, k, nout, dt)
-    wlen = kern.bwd_work(FB, nb, k, nout, need_x, need_w or need_b)
+    wlen = kern.bwd_work(FB, nb, k, nout, need_x, need_w or need_b, dt)
 
     def feats(a, b):
         rc = kern.sparse_bwd(x, grid, k, grad_y, coef, scale, base_weight, a, b, gx, gc, gs, gb, nbad, bad, FB,
