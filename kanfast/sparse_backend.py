@@ -15,12 +15,13 @@ base term. No dense basis block, no GEMM: k + 2 multiply-adds per (row, input, o
 2k + 4 backward, whatever G. The knots are read where they are stored and checked (finite,
 non-decreasing) in every call, so no edit of the grid (in place, through ``.data``,
 ``load_state_dict``, ``update_grid``, ``extend_grid``, ``.to()``) can leave a stale constant.
-Forward: tiles of FWD_ROWS rows x a block of features whose table rows for a chunk of 64 outputs
-fit L1 (:func:`_fwd_blocks`); rows split across the CPU workers. Backward: split by input
-features across the workers; per block of features (:func:`_bwd_features`) every row in order:
-grad_x (one dot product per input), the transposed scatter ``gW[i, m + r, :] += B_r grad_y[b, :]``,
-then the gradients of ``spline_weight``, ``spline_scaler`` and ``base_weight`` of those features
-written directly.
+Forward: tiles of up to FWD_ROWS rows (:func:`_fwd_blocks`), per tile and feature the rows sorted
+by span (the rows of one span share the table rows held in registers); rows split across the CPU
+workers. Backward: split by input features across the workers; per block of features
+(:func:`_bwd_features`) tiles of rows, each feature's rows sorted by span: grad_x (one dot product
+per input), the transposed scatter ``gW[i, m + r, :] += B_r grad_y[b, :]`` into weight-gradient rows
+held in registers while their span lasts, then the gradients of ``spline_weight``,
+``spline_scaler`` and ``base_weight`` of those features written directly.
 
 When (the size rule, :func:`chooses`): a call takes this path when the kernels are built,
 x and the parameters are plain float32/float64 CPU tensors of one dtype (no dispatch/function
@@ -32,9 +33,9 @@ rows amortise the passes over a larger table (:data:`ROWS_PER_TABLE_ROW`). Else 
 engine of :mod:`kanfast.torch_backend` runs. The rule is the same for training and inference.
 
 Determinism: every y[b, o] is one chain of multiply-adds over the features in order, every
-weight gradient one sum over all rows in order, every grad_x one dot product: nothing depends on
-the tiling or on how rows (forward) or features (backward) are split across the workers, so the
-results are bit-identical run to run and for every thread count.
+weight gradient one sum over all rows in a fixed order (tile by tile, by span within a tile), every
+grad_x one dot product: nothing depends on how rows (forward) or features (backward) are split
+across the workers, so the results are bit-identical run to run and for every thread count.
 
 Non-finite values: inputs outside the knots, NaN and +-inf give the reference's result (no spline
 term; the SiLU term carries NaN/inf). Weight gradients follow the reference's
@@ -47,10 +48,12 @@ its own).
 Memory: nothing saved but x (and the parameters). Kept between calls in the CPU engine's
 per-thread cache (:func:`kanfast.torch_backend.release_buffers` frees them): the packed table,
 ``in x (G + 3k + 1) x out`` elements, one per calling thread (the workers share it); per worker
-thread a forward tile, ``FWD_ROWS x FB x (k + 2)`` elements plus as many int64 offsets, and a
-backward block, at most ``max(BWD_BLOCK_BYTES, 2 (G + 3k + 1) out elements)`` (one feature's
-table rows and gradient). Per call: the outputs and a list of the rows with a non-finite grad_y
-(one int64 per row). Nothing grows with batch x G.
+thread a forward tile (a sorted tile of R rows: ``R (k + 2)`` elements, ``3R + G + 2k + 1`` int32,
+and when out is not a whole number of 64-byte vectors the tile's y padded to them) and a backward
+block, at most ``max(BWD_BLOCK_BYTES, 2 (G + 3k + 1) out elements)`` (one feature's table rows and
+gradient) plus its sorted tiles (``cpu_spline.BWD_GROUP`` of ``cpu_spline.BWD_ROWS`` rows). Per call:
+the outputs and a list of the rows with a non-finite grad_y (one int64 per row). Nothing grows
+with batch x G.
 """
 
 from __future__ import annotations

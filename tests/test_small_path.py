@@ -470,3 +470,24 @@ def test_float64_tiles_blocks_and_tails(k, uniform, calls, monkeypatch):
     assert calls == {"fwd": 1, "bwd": 1}
     assert sparse_backend._bwd_features(40 + k, k, 43, torch.float64) < 13
     _check(got, want, torch.float64)
+
+
+@pytest.mark.parametrize("nout", [1, 5, 10, 17])
+@pytest.mark.parametrize("G", [3, 200])
+def test_narrow_outputs_and_span_windows(nout, G, calls):
+    """Outputs narrower than a vector or not a whole number of vectors (the padded y / grad_y
+    tiles and the lane-by-lane loads and stores of table and gradient rows), with the rows of a
+    tile sorted by span: G = 3 (long runs of one span, windows that slide by one) and G = 200
+    with non-uniform knots (short runs, windows that jump past k + 1 rows); float64 against the
+    reference to 1e-12, and float32 the same bits on a second call."""
+    layer = _layer(9, nout, G, 3, torch.float64, G == 3, seed=G + nout)
+    x = _inputs(layer, 1100, torch.float64, seed=nout)
+    gy = torch.randn(x.shape[0], nout, dtype=torch.float64, generator=torch.Generator().manual_seed(G))
+    want = _grads(layer, x, gy, reference=True)
+    got = _grads(layer, x, gy, reference=False)
+    assert calls == {"fwd": 1, "bwd": 1}
+    _check(got, want, torch.float64)
+    l32, x32, g32 = copy.deepcopy(layer).to(torch.float32), x.to(torch.float32), gy.to(torch.float32)
+    a, b = _grads(l32, x32, g32, reference=False), _grads(l32, x32, g32, reference=False)
+    for u, v in zip(a, b):
+        assert torch.equal(u.view(torch.int32), v.view(torch.int32))

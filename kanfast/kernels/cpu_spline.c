@@ -227,22 +227,36 @@ void SFX(kf_grad_x)(int64_t rows, int64_t fw, const T* x, int64_t sx, const T* h
  * carries near the ends) read the clamped end knot; those slots are zeroed. Inputs outside
  * [t_0, t_last) (NaN and +-inf included) contribute no spline term (their bases are 0, as in
  * the reference); their SiLU term carries NaN/inf.
- * Forward (kf_sparse_fwd, rows [0, N) of one worker): tiles of R rows x FB features; the bases
- * of a tile computed once, then per chunk of 4 vectors of out and per row the FB features'
- * k + 2 rows accumulated in registers (y loaded and stored once per feature block). Every
- * y[b, o] is the same chain of multiply-adds (features in order; per feature the SiLU term,
- * then r = 0..k), whatever R, FB, the chunking and the rows a worker gets.
- * Backward (kf_sparse_bwd, features [f0, f1) of one worker, ALL rows): per block of FB
- * features, their table rows packed and their weight gradient gW (FB, nb + 2k, out) zeroed, then
- * for every row in order: gW[i, m + r, :] += B_r grad_y[b, :] (the transposed scatter),
- * gB[i, :] += silu(x) grad_y[b, :], grad_x[b, i] = <grad_y[b], silu'(x) Bt[i] +
- * sum_r B_r'(x) Wt[i, m + r]> (one vector of partial sums over out, its lanes in order),
- * B_r' = k (B_{j,k-1} / (t_{j+k} - t_j) - B_{j+1,k-1} / (t_{j+k+1} - t_{j+1})) from the
- * triangle's last-level quotients; then the block's parameter gradients written directly:
- * spline_weight (out, in, G + k) (times the scale), the scale (sum over j, in order) and
- * base_weight. Each weight gradient is one sum over the rows in order, each grad_x one dot
- * product: nothing depends on how the features are split, so results are bit-identical for
- * every thread count (and run to run); no partial sums, no reduction.
+ * Sorted tiles (ks_sort_tile): for a tile of rows and one feature, the bases of every row computed
+ * (KS_TILE rows at a time), then the rows ordered by span with a stable counting sort (rows of one
+ * span contiguous, in row order), so that the k + 1 table rows a span selects are loaded once per
+ * run of rows and held in registers (the loads per multiply-add of a row-by-row sweep, and in the
+ * backward the loads and stores of the weight-gradient rows, are what bounds the contraction).
+ * Forward (kf_sparse_fwd, rows [0, N) of one worker): tiles of R rows; per tile, feature by
+ * feature in order, its sorted rows, then per chunk of NV vectors of out and per run of one span:
+ * the span's k + 1 table rows and the base row in registers, and per row y loaded, the SiLU term
+ * and r = 0..k added, y stored. Every y[b, o] is the same chain of multiply-adds (features in
+ * order; per feature the SiLU term, then r = 0..k), whatever R, NV and the rows a worker gets.
+ * Backward (kf_sparse_bwd, features [f0, f1) of one worker, ALL rows): per block of FB features,
+ * their table rows packed and their weight gradient gW (FB, nb + 2k, out) zeroed; then tiles of
+ * KS_BT rows, per tile groups of KS_FG features (each one's rows sorted), and per chunk of 2
+ * vectors of out, feature by feature of the group, its runs in span order: the span's k + 1 rows of
+ * W and of gW held in registers (a sliding window: when the span moves on, the rows that leave are
+ * stored, each exactly once per tile and chunk, the rows that enter loaded), and per row
+ * gW[i, m + r, :] += B_r grad_y[b, :] (the transposed scatter), gB[i, :] += silu(x) grad_y[b, :],
+ * and the partial sums of grad_x[b, i] = <grad_y[b], silu'(x) Bt[i] + sum_r B_r'(x) Wt[i, m + r]>
+ * (one vector of partial sums over out, continued over the chunks in order, its lanes then added in
+ * order), B_r' = k (B_{j,k-1} / (t_{j+k} - t_j) - B_{j+1,k-1} / (t_{j+k+1} - t_{j+1})) from the
+ * triangle's last-level quotients; then the block's parameter gradients written directly
+ * (transposed by tiles through a small buffer): spline_weight (out, in, G + k) (times the scale),
+ * the scale (sum over j, in order) and base_weight. Each weight gradient is one sum over all rows
+ * in a fixed order (tile by tile, within a tile by span, rows of one span in row order), each grad_x
+ * one dot product: nothing depends on how the features are split, so results are bit-identical
+ * for every thread count (and run to run); no partial sums across workers, no reduction.
+ * Outputs that are not a whole number of vectors (out < 16 floats included): the last vector is
+ * partial; table and gradient rows are loaded and stored lane by lane there (only where a window
+ * changes), y and grad_y go through a copy of the tile padded with zeros to whole vectors, so every
+ * contraction is vectorised (no scalar tail); the padding lanes hold zeros and are never stored.
  * Zero-gradient rule (as the dense path and the reference, whose weight gradient is
  * sum_b grad_y[b, o] B_j(x_bi) over every row): a weight whose basis is 0 on every row gets
  * exactly 0, and a non-finite grad_y[b, o] makes every weight (i, j, o) with B_j(x_bi) = 0
@@ -255,10 +269,12 @@ void SFX(kf_grad_x)(int64_t rows, int64_t fw, const T* x, int64_t sx, const T* h
  * anything else; 1 means "not so", and the caller takes another path. Nothing derived from the
  * knots is kept between calls, so no edit of the knots can leave anything stale.
  * Memory: forward, one packed table Wt, Bt per call (in (nb + 2k + 1) out elements, shared by
- * the workers, packed by them by feature ranges: kf_sparse_pack) and per worker R FB (k + 3)
- * elements; backward, per worker a block of FB features (2 FB (nb + 2k + 1) out elements at most),
- * FB chosen by the caller to fit its budget: nothing grows with the batch (but a list of the
- * rows with non-finite grad_y) and nothing with G beyond one feature's rows per worker.
+ * the workers, packed by them by feature ranges: kf_sparse_pack) and per worker a sorted tile
+ * (ks_tile_need: R (k + 2) elements, 3 R + n int32, and the padded y tile when out is not whole
+ * vectors); backward, per worker a block of FB features (2 FB (nb + 2k + 1) out elements at most,
+ * FB chosen by the caller to fit its budget) and KS_FG sorted tiles of KS_BT rows: nothing grows
+ * with the batch (but a list of the rows with non-finite grad_y) and nothing with G beyond one
+ * feature's rows per worker and the counts (n int32).
  * Addresses are formed only from indices checked to lie in range (m in [0, n - 2] by the
  * search's invariant): no input value can move a load or store.
  * Floats: the contractions are compiled with fp-contract=fast (fused multiply-adds where the
@@ -274,8 +290,8 @@ void SFX(kf_grad_x)(int64_t rows, int64_t fw, const T* x, int64_t sx, const T* h
 #define KS_SKEW 1088     /* bytes (17 x 64) between the backward's work arrays */
 #define KS_UNROLL _Pragma("GCC unroll 17") /* the loops over slots and vectors: whole, early */
 #define KS_PF 8          /* rows ahead whose grad_y / y is prefetched */
-#define KS_BT 256        /* backward rows per tile (a multiple of KS_TILE) */
-#define KS_FG 8          /* backward features sorted per tile and swept together chunk by chunk */
+#define KS_BT 1024        /* backward rows per tile (a multiple of KS_TILE) */
+#define KS_FG 4          /* backward features sorted per tile and swept together chunk by chunk */
 #if defined(__clang__)
 #define KS_ATTR
 #define KS_CONTRACT _Pragma("clang fp contract(fast)")
@@ -297,10 +313,6 @@ static inline __attribute__((always_inline)) SFX(ks_v) SFX(ks_ld)(const T* p) {
 }
 static inline __attribute__((always_inline)) void SFX(ks_st)(T* p, SFX(ks_v) v) { memcpy(p, &v, sizeof v); }
 
-static inline T SFX(ks_knot)(const T* restrict t, int64_t n, int64_t j) {
-    return t[j < 0 ? 0 : (j > n - 1 ? n - 1 : j)];
-}
-
 /* 1 unless every knot row is finite and non-decreasing */
 int64_t SFX(kf_sparse_check)(int64_t nin, int64_t n, const T* grid) {
     for (int64_t i = 0; i < nin; i++) {
@@ -315,33 +327,35 @@ int64_t SFX(kf_sparse_check)(int64_t nin, int64_t n, const T* grid) {
 
 /* Features [f0, f1) of the table: feature i at Wt + (i - f0) (nb + 2k) nout, its row j + k =
  * sw[o, i, j] * sc[o, i] (sc NULL: 1), k zero rows before and after; Bt + (i - f0) nout =
- * bw[:, i] (Bt NULL: skipped). Blocked by 8 features x 64 outputs: a block reads 64 runs of
- * 8 nb elements of sw and writes 8 (nb + 2k) runs of 64 (few pages: the transposition's
- * large strides would otherwise miss the TLB on every element). */
+ * bw[:, i] (Bt NULL: skipped). Transposed by tiles of 16 outputs x up to 256 bases through a small
+ * buffer: sw read by runs of up to 256 bases, Wt written by 64-byte runs of outputs (the
+ * transposition's large strides would otherwise miss the caches and the TLB on every element). */
 KS_ATTR void SFX(kf_sparse_pack)(int64_t f0, int64_t f1, int64_t nin, int64_t nout, int64_t nb, int64_t k,
                                  const T* sw, const T* sc, const T* bw, T* Wt, T* Bt) {
     KS_CONTRACT
     const int64_t nbp = nb + 2 * k;
-    for (int64_t i0 = f0; i0 < f1; i0 += 8) {
-        const int64_t ie = i0 + 8 < f1 ? i0 + 8 : f1;
-        for (int64_t i = i0; i < ie; i++) {
-            T* restrict d = Wt + (i - f0) * nbp * nout;
-            memset(d, 0, (size_t)(k * nout) * sizeof(T));
-            memset(d + (nb + k) * nout, 0, (size_t)(k * nout) * sizeof(T));
-        }
-        for (int64_t o0 = 0; o0 < nout; o0 += 64) {
-            const int64_t oe = o0 + 64 < nout ? o0 + 64 : nout;
-            for (int64_t i = i0; i < ie; i++) {
-                T sv[64];
-                for (int64_t o = o0; o < oe; o++) sv[o - o0] = sc ? sc[o * nin + i] : (T)1;
-                for (int64_t j = 0; j < nb; j++) {
-                    T* restrict d = Wt + ((i - f0) * nbp + j + k) * nout;
-                    for (int64_t o = o0; o < oe; o++) d[o] = sw[(o * nin + i) * nb + j] * sv[o - o0];
+    T buf[256][16];
+    for (int64_t i = f0; i < f1; i++) {
+        T* restrict d = Wt + (i - f0) * nbp * nout;
+        memset(d, 0, (size_t)(k * nout) * sizeof(T));
+        memset(d + (nb + k) * nout, 0, (size_t)(k * nout) * sizeof(T));
+        for (int64_t o0 = 0; o0 < nout; o0 += 16) {
+            const int64_t no = o0 + 16 < nout ? 16 : nout - o0;
+            for (int64_t j0 = 0; j0 < nb; j0 += 256) {
+                const int64_t nj = j0 + 256 < nb ? 256 : nb - j0;
+                for (int64_t o = 0; o < no; o++) {
+                    const int64_t oi = (o0 + o) * nin + i;
+                    const T sv = sc ? sc[oi] : (T)1;
+                    const T* restrict src = sw + oi * nb + j0;
+                    for (int64_t j = 0; j < nj; j++) buf[j][o] = src[j] * sv;
+                }
+                for (int64_t j = 0; j < nj; j++) {
+                    T* restrict dr = d + (j0 + j + k) * nout + o0;
+                    for (int64_t o = 0; o < no; o++) dr[o] = buf[j][o];
                 }
             }
             if (Bt)
-                for (int64_t o = o0; o < oe; o++)
-                    for (int64_t i = i0; i < ie; i++) Bt[(i - f0) * nout + o] = bw[o * nin + i];
+                for (int64_t o = 0; o < no; o++) Bt[(i - f0) * nout + o0 + o] = bw[(o0 + o) * nin + i];
         }
     }
 }
@@ -380,9 +394,16 @@ static KS_ATTR __attribute__((noinline)) void SFX(ks_tile_bases)(
             size -= half;
         }
     }
-    const int64_t nk = 2 * k; /* knots m - k + 1 .. m + k, clamped to the row */
-    for (int64_t d = 0; d < nk; d++)
-        for (int64_t b = 0; b < nr; b++) kt[d * KS_TILE + b] = SFX(ks_knot)(t, n, m[b] - k + 1 + d);
+    const int64_t nk = 2 * k; /* knots m - k + 1 .. m + k, clamped to the row (indices first, no branch) */
+    for (int64_t d = 0; d < nk; d++) {
+        int64_t ji[KS_TILE];
+        for (int64_t b = 0; b < nr; b++) {
+            int64_t j = m[b] - k + 1 + d;
+            j = j < 0 ? 0 : j;
+            ji[b] = j > n - 1 ? n - 1 : j;
+        }
+        for (int64_t b = 0; b < nr; b++) kt[d * KS_TILE + b] = t[ji[b]];
+    }
     for (int64_t b = 0; b < nr; b++) v[b] = in[b]; /* level 0: 1 inside, 0 outside (all levels follow) */
     for (int64_t p = 1; p <= k; p++) {
         for (int64_t b = 0; b < nr; b++) saved[b] = 0;
@@ -431,25 +452,25 @@ static inline __attribute__((always_inline)) void SFX(ks_stp)(T* p, SFX(ks_v) v,
 }
 
 /* Bytes of the work the sorted tiles of R rows need (ks_sort_tile; forward one feature's, backward
- * KS_FG features'): R CW elements per feature and once more (the coefficients by span, by row),
+ * KS_FG features'): R CW elements per feature (the coefficients, by row),
  * 2 R int32 per feature (span and row by sorted position) and R more (span by row), n int32 (the
  * counts), then the padded y / grad_y tile of R op elements, op = nout rounded up to whole vectors,
- * and backward the grad_x partial sums, R KS_L elements per feature. */
+ * and backward the grad_x partial sums and values, R (KS_L + 1) elements per feature. */
 static int64_t SFX(ks_tile_need)(int64_t R, int64_t k, int64_t n, int64_t nout, int bwd) {
     const int64_t CW = bwd ? 2 * k + 4 : k + 2, op = (nout + KS_L - 1) / KS_L * KS_L, F = bwd ? KS_FG : 1;
-    return (int64_t)sizeof(T) * ((F + 1) * R * CW + R * op + (bwd ? F * R * KS_L : 0)) + 4 * ((2 * F + 1) * R + n) +
-           64;
+    return (int64_t)sizeof(T) * (F * R * CW + R * op + (bwd ? F * R * (KS_L + 1) : 0)) +
+           4 * ((2 * F + 1) * R + n) + 64;
 }
 
 /* One feature on rows [0, nr) of a tile (nr <= R): spans and bases (ks_tile_bases, KS_TILE rows at
  * a time), then the rows sorted by span (a stable counting sort): ms[p] and ord[p] the span and
- * row of sorted position p, cs + p CW its coefficients: B_0..B_k, silu(x) and, backward (bwd),
- * B_0'..B_k' (0 for slots whose basis does not exist), silu'(x). cw (R CW), mr (R) and cnt (n)
- * are scratch. Rows with the same span are contiguous, in row order. */
+ * row of sorted position p; cs + b CW the coefficients of row b: B_0..B_k, silu(x) and, backward
+ * (bwd), B_0'..B_k' (0 for slots whose basis does not exist), silu'(x). mr (R) and cnt (n) are
+ * scratch. Rows with the same span are contiguous, in row order. */
 static KS_ATTR __attribute__((noinline)) void SFX(ks_sort_tile)(int64_t nr, const T* restrict x, int64_t sx,
                                                                 const T* restrict t, int64_t n, int64_t k, int bwd,
                                                                 int32_t* restrict ms, int32_t* restrict ord,
-                                                                T* restrict cs, T* restrict cw, int32_t* restrict mr,
+                                                                T* restrict cs, int32_t* restrict mr,
                                                                 int32_t* restrict cnt) {
     KS_CONTRACT
     const int64_t CW = bwd ? 2 * k + 4 : k + 2, nb = n - k - 1;
@@ -459,7 +480,7 @@ static KS_ATTR __attribute__((noinline)) void SFX(ks_sort_tile)(int64_t nr, cons
         const int64_t ns = s0 + KS_TILE < nr ? KS_TILE : nr - s0;
         SFX(ks_tile_bases)(ns, x + s0 * sx, sx, t, n, k, bwd && k > 0, xs, in, m, v, q, e);
         for (int64_t b = 0; b < ns; b++) {
-            T* restrict c = cw + (s0 + b) * CW;
+            T* restrict c = cs + (s0 + b) * CW;
             mr[s0 + b] = (int32_t)m[b];
             for (int64_t r = 0; r <= k; r++) c[r] = v[r * KS_TILE + b];
             c[k + 1] = xs[b] / ((T)1 + e[b]); /* silu(x) */
@@ -485,9 +506,6 @@ static KS_ATTR __attribute__((noinline)) void SFX(ks_sort_tile)(int64_t nr, cons
         const int64_t p = cnt[mr[b]]++;
         ms[p] = mr[b];
         ord[p] = (int32_t)b;
-        const T* restrict a = cw + b * CW;
-        T* restrict c = cs + p * CW;
-        for (int64_t r = 0; r < CW; r++) c[r] = a[r];
     }
 }
 
@@ -510,7 +528,7 @@ static inline __attribute__((always_inline)) void SFX(ks_fwd_feat)(
             KS_UNROLL
             for (int u = 0; u < NV; u++) w[r][u] = SFX(ks_ldp)(Wf + (mp + r) * nout + o0 + u * KS_L, lim - u * KS_L);
         for (; p < nr && ms[p] == mp; p++) {
-            const T* restrict c = cs + p * (K + 2);
+            const T* restrict c = cs + ord[p] * (K + 2);
             T* restrict yr = yt + ord[p] * sy + o0;
             if (p + KS_PF < nr && !first) /* the rows come in span order, not in memory order: fetch ahead */
                 KS_UNROLL
@@ -582,8 +600,7 @@ KS_ATTR int64_t SFX(kf_sparse_fwd)(int64_t N, int64_t nin, int64_t nout, int64_t
     if (work_len * (int64_t)sizeof(T) < SFX(ks_tile_need)(R, k, n, nout, 0)) return 3;
     const int64_t nvp = (nout + KS_L - 1) / KS_L, op = nvp * KS_L, pad = op != nout;
     T* restrict cs = work;
-    T* restrict cw = cs + R * K2;
-    T* restrict yp = cw + R * K2; /* the padded tile (pad) */
+    T* restrict yp = cs + R * K2; /* the padded tile (pad) */
     int32_t* restrict ms = (int32_t*)(yp + (pad ? R * op : 0));
     int32_t* restrict ord = ms + R;
     int32_t* restrict mr = ord + R;
@@ -593,7 +610,7 @@ KS_ATTR int64_t SFX(kf_sparse_fwd)(int64_t N, int64_t nin, int64_t nout, int64_t
         T* restrict yt = pad ? yp : y + b0 * nout;
         const int64_t sy = pad ? op : nout;
         for (int64_t i = 0; i < nin; i++) {
-            SFX(ks_sort_tile)(nr, x + b0 * sx + i, sx, grid + i * n, n, k, 0, ms, ord, cs, cw, mr, cnt);
+            SFX(ks_sort_tile)(nr, x + b0 * sx + i, sx, grid + i * n, n, k, 0, ms, ord, cs, mr, cnt);
             const T* Wf = Wt + i * nbp * nout;
             const T* Bf = Bt ? Bt + i * nout : 0;
             if (k == 3)
@@ -685,7 +702,7 @@ static inline __attribute__((always_inline)) void SFX(ks_bwd_feat)(
             mcur = mp;
         }
         for (; p < nr && ms[p] == mp; p++) {
-            const T* restrict c = cs + p * CW;
+            const T* restrict c = cs + ord[p] * CW;
             const T* restrict g = gt + ord[p] * sg + o0;
             if (p + KS_PF < nr) /* the rows come in span order, not in memory order: fetch ahead */
                 for (int u = 0; u < NV; u++) __builtin_prefetch(gt + ord[p + KS_PF] * sg + o0 + u * KS_L);
@@ -783,10 +800,11 @@ KS_ATTR int64_t SFX(kf_sparse_bwd)(int64_t N, int64_t nin, int64_t nout, int64_t
     T* gWb = want_x ? work + blk : work;
     T* gBb = gWb + FB * nbp * nout + sk;
     const int64_t nvp = (nout + KS_L - 1) / KS_L, op = nvp * KS_L, pad = op != nout;
-    T* restrict csg = work + used;           /* KS_FG sorted tiles' coefficients */
-    T* restrict cw = csg + KS_FG * R * CW;   /* by row (scratch) */
-    T* restrict daccg = cw + R * CW;         /* KS_FG x R x KS_L grad_x partial sums */
-    T* restrict gp = daccg + KS_FG * R * KS_L; /* the padded grad_y tile (pad) */
+    const int64_t nl = nvp > 1 ? KS_L : nout; /* lanes of the partial sums that hold outputs */
+    T* restrict csg = work + used;           /* KS_FG sorted tiles' coefficients (by row) */
+    T* restrict daccg = csg + KS_FG * R * CW; /* KS_FG x R x KS_L grad_x partial sums */
+    T* restrict gxb = daccg + KS_FG * R * KS_L; /* R x KS_FG grad_x of the group, by row */
+    T* restrict gp = gxb + KS_FG * R;          /* the padded grad_y tile (pad) */
     int32_t* restrict msg = (int32_t*)(gp + (pad ? R * op : 0));
     int32_t* restrict ordg = msg + KS_FG * R;
     int32_t* restrict mr = ordg + KS_FG * R;
@@ -817,7 +835,7 @@ KS_ATTR int64_t SFX(kf_sparse_bwd)(int64_t N, int64_t nin, int64_t nout, int64_t
                 const int64_t ng = g0 + KS_FG < nf ? KS_FG : nf - g0;
                 for (int64_t f = 0; f < ng; f++)
                     SFX(ks_sort_tile)(nr, x + b0 * sx + fb + g0 + f, sx, grid + (fb + g0 + f) * n, n, k, 1, msg + f * R,
-                                      ordg + f * R, csg + f * R * CW, cw, mr, cnt);
+                                      ordg + f * R, csg + f * R * CW, mr, cnt);
                 for (int64_t vv = 0; vv < nvp; vv += 2)
                     for (int64_t f = 0; f < ng; f++) {
                         const int64_t fl = g0 + f;
@@ -834,17 +852,20 @@ KS_ATTR int64_t SFX(kf_sparse_bwd)(int64_t N, int64_t nin, int64_t nout, int64_t
                         else
                             SFX(ks_bwd_chunk_any)(k, vv, nr, ms, ord, cs, gt, sg, Wf, Bf, gWf, gBf, nout, nvp, dacc);
                     }
-                if (want_x)
+                if (want_x) { /* the partial sums' lanes in order; by row into gxb, then the group's run of gx */
                     for (int64_t f = 0; f < ng; f++) {
                         const int32_t* ord = ordg + f * R;
                         const T* dacc = daccg + f * R * KS_L;
-                        for (int64_t p = 0; p < nr; p++) { /* the partial sums' lanes in order */
+                        for (int64_t p = 0; p < nr; p++) {
                             const T* restrict d = dacc + p * KS_L;
                             T acc = 0;
-                            for (int64_t l = 0; l < KS_L; l++) acc += d[l];
-                            gx[(b0 + ord[p]) * sgx + fb + g0 + f] = nout ? acc : (T)0;
+                            for (int64_t l = 0; l < nl; l++) acc += d[l];
+                            gxb[ord[p] * KS_FG + f] = nout ? acc : (T)0;
                         }
                     }
+                    for (int64_t b = 0; b < nr; b++)
+                        for (int64_t f = 0; f < ng; f++) gx[(b0 + b) * sgx + fb + g0 + f] = gxb[b * KS_FG + f];
+                }
             }
         }
         for (int64_t f = 0; f < nf; f++) {
@@ -865,22 +886,42 @@ KS_ATTR int64_t SFX(kf_sparse_bwd)(int64_t N, int64_t nin, int64_t nout, int64_t
                 }
             }
         }
-        /* the block's parameter gradients, by outputs (each o's run of nf features x nb contiguous) */
-        for (int64_t o = 0; o < nout && (want_w || want_b); o++)
-            for (int64_t f = 0; f < nf; f++) {
-                const int64_t i = fb + f, oi = o * nin + i;
-                const T* restrict GW = gWb + (f * nbp + k) * nout + o; /* basis j at GW[j nout] */
-                if (gsw) {
-                    const T sv = sc ? sc[oi] : (T)1;
-                    for (int64_t j = 0; j < nb; j++) gsw[oi * nb + j] = GW[j * nout] * sv;
+        /* the block's parameter gradients (out, in, nb): gW (nbp, out) transposed by tiles of up to 256
+         * bases x 16 outputs through a small buffer (gW read by 64-byte rows, gsw written and sw read
+         * by runs of up to 256 bases); per (o, i) the scale's sum over j in order */
+        for (int64_t f = 0; f < nf && (want_w || want_b); f++) {
+            const int64_t i = fb + f;
+            const T* restrict GW = gWb + (f * nbp + k) * nout; /* basis j, output o at GW[j nout + o] */
+            for (int64_t o0 = 0; o0 < nout; o0 += 16) {
+                const int64_t no = o0 + 16 < nout ? 16 : nout - o0;
+                T acc[16], buf[16][256];
+                for (int64_t o = 0; o < no; o++) acc[o] = 0;
+                for (int64_t j0 = 0; j0 < nb && want_w; j0 += 256) {
+                    const int64_t nj = j0 + 256 < nb ? 256 : nb - j0;
+                    for (int64_t j = 0; j < nj; j++)
+                        for (int64_t o = 0; o < no; o++) buf[o][j] = GW[(j0 + j) * nout + o0 + o];
+                    for (int64_t o = 0; o < no; o++) {
+                        const int64_t oi = (o0 + o) * nin + i;
+                        if (gsw) {
+                            const T sv = sc ? sc[oi] : (T)1;
+                            T* restrict d = gsw + oi * nb + j0;
+                            for (int64_t j = 0; j < nj; j++) d[j] = buf[o][j] * sv;
+                        }
+                        if (gsc) {
+                            const T* restrict wv = sw + oi * nb + j0;
+                            T a = acc[o];
+                            for (int64_t j = 0; j < nj; j++) a = buf[o][j] * wv[j] + a;
+                            acc[o] = a;
+                        }
+                    }
                 }
-                if (gsc) {
-                    T acc = 0;
-                    for (int64_t j = 0; j < nb; j++) acc = GW[j * nout] * sw[oi * nb + j] + acc;
-                    gsc[oi] = acc;
+                for (int64_t o = 0; o < no; o++) {
+                    const int64_t oi = (o0 + o) * nin + i;
+                    if (gsc) gsc[oi] = acc[o];
+                    if (want_b) gbw[oi] = gBb[f * nout + o0 + o];
                 }
-                if (want_b) gbw[oi] = gBb[f * nout + o];
             }
+        }
     }
     return 0;
 }

@@ -70,9 +70,9 @@ MAX_ORDER = 16
 #: selecting them by compares over every column (see the C header).
 SELECT_MAX = 64
 #: Rows per tile of the sparse backward (``KS_BT`` in the C file).
-BWD_ROWS = 256
+BWD_ROWS = 1024
 #: Features whose sorted tiles the sparse backward keeps at once (``KS_FG``).
-BWD_GROUP = 8
+BWD_GROUP = 4
 _SOURCE = Path(__file__).with_name("cpu_spline.c")
 _ABI = 5
 
@@ -559,7 +559,7 @@ class CpuSplineKernels:
         op = -(-nout // L) * L
         cw = 2 * k + 4 if bwd else k + 2
         F = BWD_GROUP if bwd else 1
-        return s * ((F + 1) * R * cw + R * op + (F * R * L if bwd else 0)) + 4 * ((2 * F + 1) * R + n) + 64
+        return s * (F * R * cw + R * op + (F * R * (L + 1) if bwd else 0)) + 4 * ((2 * F + 1) * R + n) + 64
 
     @classmethod
     def fwd_units(cls, R: int, k: int, n: int, nout: int, dtype: torch.dtype) -> int:
