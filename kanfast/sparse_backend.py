@@ -15,15 +15,15 @@ base term. No dense basis block, no GEMM: k + 2 multiply-adds per (row, input, o
 2k + 4 backward, whatever G. The knots are read where they are stored and checked (finite,
 non-decreasing) in every call, so no edit of the grid (in place, through ``.data``,
 ``load_state_dict``, ``update_grid``, ``extend_grid``, ``.to()``) can leave a stale constant.
-Forward: tiles of FWD_ROWS rows x a block of features whose table rows for a chunk of 64 outputs
-fit L1 (:func:`_fwd_blocks`); rows split across the CPU workers (:func:`_workers`: the dense
-engine's rule, or at least PAIRS_PER_WORKER (row, input) pairs per worker). A call on one
-worker is one C entry per direction (``kf_sparse_fwd_call``: check, pack, forward;
-``kf_sparse_bwd_call``: check, non-finite grad_y rows, backward). Backward: split by input
-features across the workers; per block of features (:func:`_bwd_features`) every row in order:
-grad_x (one dot product per input), the transposed scatter ``gW[i, m + r, :] += B_r grad_y[b, :]``,
-then the gradients of ``spline_weight``, ``spline_scaler`` and ``base_weight`` of those features
-written directly.
+Forward: tiles of up to FWD_ROWS rows (:func:`_fwd_blocks`), per tile and feature the rows sorted
+by span (the rows of one span share the table rows held in registers); rows split across the CPU
+workers (:func:`_workers`: the dense engine's rule, or at least PAIRS_PER_WORKER (row, input) pairs per
+worker). A call on one worker is one C entry per direction (``kf_sparse_fwd_call``: check, pack,
+forward; ``kf_sparse_bwd_call``: check, non-finite grad_y rows, backward). Backward: split by input
+features across the workers; per block of features (:func:`_bwd_features`) tiles of rows, each feature's rows sorted by span: grad_x (one dot product
+per input), the transposed scatter ``gW[i, m + r, :] += B_r grad_y[b, :]`` into weight-gradient rows
+held in registers while their span lasts, then the gradients of ``spline_weight``,
+``spline_scaler`` and ``base_weight`` of those features written directly.
 
 When (the size rule, :func:`chooses`): a call takes this path when the kernels are built,
 x and the parameters are plain float32/float64 CPU tensors of one dtype (no dispatch/function
@@ -35,9 +35,9 @@ rows amortise the passes over a larger table (:data:`ROWS_PER_TABLE_ROW`). Else 
 engine of :mod:`kanfast.torch_backend` runs. The rule is the same for training and inference.
 
 Determinism: every y[b, o] is one chain of multiply-adds over the features in order, every
-weight gradient one sum over all rows in order, every grad_x one dot product: nothing depends on
-the tiling or on how rows (forward) or features (backward) are split across the workers, so the
-results are bit-identical run to run and for every thread count.
+weight gradient one sum over all rows in a fixed order (tile by tile, by span within a tile), every
+grad_x one dot product: nothing depends on how rows (forward) or features (backward) are split
+across the workers, so the results are bit-identical run to run and for every thread count.
 
 Non-finite values: inputs outside the knots, NaN and +-inf give the reference's result (no spline
 term; the SiLU term carries NaN/inf). Weight gradients follow the reference's
@@ -49,12 +49,14 @@ its own).
 
 Memory: nothing saved but x (and the parameters). Kept between calls in the CPU engine's
 per-thread cache (:func:`kanfast.torch_backend.release_buffers` frees them): the packed table,
-``in x (G + 3k + 1) x out`` elements, one per calling thread (the workers share it; on one
-worker the forward tile follows it in the same buffer); per worker thread a forward tile,
-``FWD_ROWS x FB x (k + 2)`` elements plus as many int64 offsets, and a backward block, at most
-``max(BWD_BLOCK_BYTES, 2 (G + 3k + 1) out elements)`` (one feature's table rows and gradient).
-Per call: the outputs and a list of the rows with a non-finite grad_y (one int64 per row).
-Nothing grows with batch x G.
+``in x (G + 3k + 1) x out`` elements, one per calling thread (the workers share it; on one worker the forward tile follows it in the
+same buffer); per worker
+thread a forward tile (a sorted tile of R rows: ``R (k + 2)`` elements, ``3R + G + 2k + 1`` int32,
+and when out is not a whole number of 64-byte vectors the tile's y padded to them) and a backward
+block, at most ``max(BWD_BLOCK_BYTES, 2 (G + 3k + 1) out elements)`` (one feature's table rows and
+gradient) plus its sorted tiles (``cpu_spline.BWD_GROUP`` of ``cpu_spline.BWD_ROWS`` rows). Per call:
+the outputs and a list of the rows with a non-finite grad_y (one int64 per row). Nothing grows
+with batch x G.
 """
 
 from __future__ import annotations
@@ -92,11 +94,14 @@ TABLE_BYTES = 16 << 20
 #: batch 256, G = 5 dense 255 ms / sparse 427 ms fwd+bwd; in = out = 256, batch 4096, G = 200
 #: dense 5.9 s / sparse 0.38 s).
 ROWS_PER_TABLE_ROW = 550
-#: Forward tiles: rows per tile, and the features per block so that the block's table rows of one
-#: chunk of out take at most FWD_BLOCK_BYTES (L1; at most FWD_MAX_FEATURES features).
+#: Forward tiles: at most FWD_ROWS rows per tile, fewer when the tile's y (rows x out, padded to
+#: whole vectors) would exceed FWD_TILE_BYTES (each feature's rows of a tile are sorted by span:
+#: the longer the tile, the more rows share the table rows held in registers; measured on the
+#: development VM, batch 4096, 256 -> 256, one thread: G = 200 forward 164 / 97 / 77 ms at 256 /
+#: 512 / 1024 rows, G = 5 49 / 46 / 45 ms), in chunks of FWD_NV vectors of 64 bytes of out.
 FWD_ROWS = 1024
-FWD_BLOCK_BYTES = 24 << 10
-FWD_MAX_FEATURES = 32
+FWD_TILE_BYTES = 1 << 20
+FWD_NV = 4
 #: Backward: features per block so that their table rows and weight gradient take at most this.
 BWD_BLOCK_BYTES = 512 << 10
 #: (Row, input) pairs each CPU worker must get before a sparse call is split across them
@@ -166,11 +171,14 @@ def _buffer(name: str, n: int, dtype: torch.dtype) -> Tensor:
 
 
 def _fwd_blocks(nb: int, k: int, nout: int, dt: torch.dtype) -> Tuple[int, int, int]:
-    """(R, FB, NV): the forward's tiles (the C header): R = FWD_ROWS rows, chunks of NV = 4
-    vectors of 64 bytes of out, FB features so that the block's rows of one chunk, FB (nb + 2k)
-    NV 64 bytes, fit FWD_BLOCK_BYTES (L1; at least one feature, at most FWD_MAX_FEATURES)."""
-    fb = FWD_BLOCK_BYTES // ((nb + 2 * k) * 4 * 64)
-    return FWD_ROWS, max(1, min(FWD_MAX_FEATURES, fb)), 4
+    """(R, FB, NV): the forward's tiles (the C header): R rows (FWD_ROWS, or fewer so that the
+    tile's y takes at most FWD_TILE_BYTES; a multiple of 64), chunks of NV = FWD_NV vectors of 64
+    bytes of out; FB sizes the work buffer (``fwd_work``) to cover a sorted tile
+    (:meth:`~kanfast.kernels.cpu_spline.CpuSplineKernels.fwd_units`)."""
+    s = dt.itemsize
+    op = -(-nout // (64 // s)) * (64 // s)
+    R = max(64, min(FWD_ROWS, FWD_TILE_BYTES // (op * s)) // 64 * 64)
+    return R, cpu_spline.CpuSplineKernels.fwd_units(R, k, nb + k + 1, nout, dt), FWD_NV
 
 
 def _bwd_features(nb: int, k: int, nout: int, dt: torch.dtype) -> int:
@@ -283,7 +291,7 @@ def backward(grad_y: Tensor, x: Tensor, grid: Tensor, coef: Tensor, base_weight:
     # the rows with a NaN or +-inf in grad_y (the reference's 0 * inf)
     bad = torch.empty(N, dtype=torch.int64) if (need_w or need_x) and N else None
     FB = _bwd_features(nb, k, nout, dt)
-    wlen = kern.bwd_work(FB, nb, k, nout, need_x, need_w or need_b)
+    wlen = kern.bwd_work(FB, nb, k, nout, need_x, need_w or need_b, dt)
     P = _workers(x, grid, coef, base_weight, scale)
     if P == 1:
         rc = kern.sparse_bwd_call(x, grid, k, grad_y, coef, scale, base_weight, gx, gc, gs, gb, bad, FB,

@@ -530,8 +530,9 @@ def test_non_finite_grad_y_as_reference(dtype, k, calls, monkeypatch):
 @pytest.mark.usefixtures("one_thread")
 def test_buffers_flat_in_batch_and_bounded(calls):
     """The sparse path's kept buffers: the packed table (in x (G + 3k + 1) x out, one per calling
-    thread) and per thread a forward tile (R x FB x (k + 4)) and a backward block of at most
-    max(BWD_BLOCK_BYTES, one feature's 2 (G + 3k + 1) out elements): none grows with the batch.
+    thread) and per thread a forward tile (a sorted tile of R rows: its coefficients, order and
+    padded y rows) and a backward block of at most max(BWD_BLOCK_BYTES, one feature's
+    2 (G + 3k + 1) out elements) plus a sorted tile of BWD_ROWS rows: none grows with the batch.
     (One thread: every call inline, its buffers the calling thread's.)"""
     layer = _layer(24, 40, 30, 3, torch.float32, True, seed=3)
     sizes = []
@@ -547,18 +548,20 @@ def test_buffers_flat_in_batch_and_bounded(calls):
     nbp = 30 + 3 + 2 * 3
     table = 24 * nbp * 40 + 24 * 40
     R, FB, _ = sparse_backend._fwd_blocks(33, 3, 40, torch.float32)
-    assert table <= sizes[0]["W"] - cpu_spline.load().fwd_work(R, FB, 3, torch.float32) <= table + 15
-    assert cpu_spline.load().fwd_work(R, FB, 3, torch.float32) * 4 <= R * FB * (3 + 2) * 4 + R * FB * 8
-    assert sizes[0]["bwork"] * 4 <= max(sparse_backend.BWD_BLOCK_BYTES, 2 * (nbp + 1) * 40 * 4) + 4 * 1088 * 4
+    tile = cpu_spline.CpuSplineKernels.tile_bytes  # a sorted tile: coefficients, order, padded rows
+    fwork = cpu_spline.load().fwd_work(R, FB, 3, torch.float32)
+    assert table <= sizes[0]["W"] - fwork <= table + 15
+    assert fwork * 4 <= max(R * FB * (3 + 2) * 4 + R * FB * 8, tile(R, 3, 37, 40, 4, False) + R * 28)
+    assert sizes[0]["bwork"] * 4 <= (max(sparse_backend.BWD_BLOCK_BYTES, 2 * (nbp + 1) * 40 * 4) + 4 * 1088
+                                     + tile(cpu_spline.BWD_ROWS, 3, 37, 40, 4, True) + 4)
 
 
 @pytest.mark.parametrize("k,uniform", [(1, False), (3, True), (4, False)])
 def test_float64_tiles_blocks_and_tails(k, uniform, calls, monkeypatch):
-    """Shapes that cross every tiling boundary of the kernels: more rows than a forward tile (1024)
-    and a basis tile (64), several feature blocks forward and backward (small budgets), outputs
-    that are not whole vectors (chunks of 4 vectors, single vectors, the scalar tail), G large
-    enough for the binary-search spans; against the reference, float64 to 1e-12."""
-    monkeypatch.setattr(sparse_backend, "FWD_BLOCK_BYTES", 1 << 14)
+    """Shapes that cross every tiling boundary of the kernels: more rows than a forward and a
+    backward tile (256) and a basis tile (64), several feature blocks backward (a small budget),
+    outputs that are not whole vectors (chunks of 4 and 2 vectors, single vectors, the partial
+    vector), G large enough for the binary-search spans; against the reference, float64 to 1e-12."""
     monkeypatch.setattr(sparse_backend, "BWD_BLOCK_BYTES", 1 << 16)
     layer = _layer(13, 43, 40, k, torch.float64, uniform, seed=k + 20)
     x = _inputs(layer, 1100, torch.float64, seed=k + 1)
@@ -568,3 +571,24 @@ def test_float64_tiles_blocks_and_tails(k, uniform, calls, monkeypatch):
     assert calls == {"fwd": 1, "bwd": 1}
     assert sparse_backend._bwd_features(40 + k, k, 43, torch.float64) < 13
     _check(got, want, torch.float64)
+
+
+@pytest.mark.parametrize("nout", [1, 5, 10, 17])
+@pytest.mark.parametrize("G", [3, 200])
+def test_narrow_outputs_and_span_windows(nout, G, calls):
+    """Outputs narrower than a vector or not a whole number of vectors (the padded y / grad_y
+    tiles and the lane-by-lane loads and stores of table and gradient rows), with the rows of a
+    tile sorted by span: G = 3 (long runs of one span, windows that slide by one) and G = 200
+    with non-uniform knots (short runs, windows that jump past k + 1 rows); float64 against the
+    reference to 1e-12, and float32 the same bits on a second call."""
+    layer = _layer(9, nout, G, 3, torch.float64, G == 3, seed=G + nout)
+    x = _inputs(layer, 1100, torch.float64, seed=nout)
+    gy = torch.randn(x.shape[0], nout, dtype=torch.float64, generator=torch.Generator().manual_seed(G))
+    want = _grads(layer, x, gy, reference=True)
+    got = _grads(layer, x, gy, reference=False)
+    assert calls == {"fwd": 1, "bwd": 1}
+    _check(got, want, torch.float64)
+    l32, x32, g32 = copy.deepcopy(layer).to(torch.float32), x.to(torch.float32), gy.to(torch.float32)
+    a, b = _grads(l32, x32, g32, reference=False), _grads(l32, x32, g32, reference=False)
+    for u, v in zip(a, b):
+        assert torch.equal(u.view(torch.int32), v.view(torch.int32))

@@ -227,22 +227,36 @@ void SFX(kf_grad_x)(int64_t rows, int64_t fw, const T* x, int64_t sx, const T* h
  * carries near the ends) read the clamped end knot; those slots are zeroed. Inputs outside
  * [t_0, t_last) (NaN and +-inf included) contribute no spline term (their bases are 0, as in
  * the reference); their SiLU term carries NaN/inf.
- * Forward (kf_sparse_fwd, rows [0, N) of one worker): tiles of R rows x FB features; the bases
- * of a tile computed once, then per chunk of 4 vectors of out and per row the FB features'
- * k + 2 rows accumulated in registers (y loaded and stored once per feature block). Every
- * y[b, o] is the same chain of multiply-adds (features in order; per feature the SiLU term,
- * then r = 0..k), whatever R, FB, the chunking and the rows a worker gets.
- * Backward (kf_sparse_bwd, features [f0, f1) of one worker, ALL rows): per block of FB
- * features, their table rows packed and their weight gradient gW (FB, nb + 2k, out) zeroed, then
- * for every row in order: gW[i, m + r, :] += B_r grad_y[b, :] (the transposed scatter),
- * gB[i, :] += silu(x) grad_y[b, :], grad_x[b, i] = <grad_y[b], silu'(x) Bt[i] +
- * sum_r B_r'(x) Wt[i, m + r]> (one vector of partial sums over out, its lanes in order),
- * B_r' = k (B_{j,k-1} / (t_{j+k} - t_j) - B_{j+1,k-1} / (t_{j+k+1} - t_{j+1})) from the
- * triangle's last-level quotients; then the block's parameter gradients written directly:
- * spline_weight (out, in, G + k) (times the scale), the scale (sum over j, in order) and
- * base_weight. Each weight gradient is one sum over the rows in order, each grad_x one dot
- * product: nothing depends on how the features are split, so results are bit-identical for
- * every thread count (and run to run); no partial sums, no reduction.
+ * Sorted tiles (ks_sort_tile): for a tile of rows and one feature, the bases of every row computed
+ * (KS_TILE rows at a time), then the rows ordered by span with a stable counting sort (rows of one
+ * span contiguous, in row order), so that the k + 1 table rows a span selects are loaded once per
+ * run of rows and held in registers (the loads per multiply-add of a row-by-row sweep, and in the
+ * backward the loads and stores of the weight-gradient rows, are what bounds the contraction).
+ * Forward (kf_sparse_fwd, rows [0, N) of one worker): tiles of R rows; per tile, feature by
+ * feature in order, its sorted rows, then per chunk of NV vectors of out and per run of one span:
+ * the span's k + 1 table rows and the base row in registers, and per row y loaded, the SiLU term
+ * and r = 0..k added, y stored. Every y[b, o] is the same chain of multiply-adds (features in
+ * order; per feature the SiLU term, then r = 0..k), whatever R, NV and the rows a worker gets.
+ * Backward (kf_sparse_bwd, features [f0, f1) of one worker, ALL rows): per block of FB features,
+ * their table rows packed and their weight gradient gW (FB, nb + 2k, out) zeroed; then tiles of
+ * KS_BT rows, per tile groups of KS_FG features (each one's rows sorted), and per chunk of 2
+ * vectors of out, feature by feature of the group, its runs in span order: the span's k + 1 rows of
+ * W and of gW held in registers (a sliding window: when the span moves on, the rows that leave are
+ * stored, each exactly once per tile and chunk, the rows that enter loaded), and per row
+ * gW[i, m + r, :] += B_r grad_y[b, :] (the transposed scatter), gB[i, :] += silu(x) grad_y[b, :],
+ * and the partial sums of grad_x[b, i] = <grad_y[b], silu'(x) Bt[i] + sum_r B_r'(x) Wt[i, m + r]>
+ * (one vector of partial sums over out, continued over the chunks in order, its lanes then added in
+ * order), B_r' = k (B_{j,k-1} / (t_{j+k} - t_j) - B_{j+1,k-1} / (t_{j+k+1} - t_{j+1})) from the
+ * triangle's last-level quotients; then the block's parameter gradients written directly
+ * (transposed by tiles through a small buffer): spline_weight (out, in, G + k) (times the scale),
+ * the scale (sum over j, in order) and base_weight. Each weight gradient is one sum over all rows
+ * in a fixed order (tile by tile, within a tile by span, rows of one span in row order), each grad_x
+ * one dot product: nothing depends on how the features are split, so results are bit-identical
+ * for every thread count (and run to run); no partial sums across workers, no reduction.
+ * Outputs that are not a whole number of vectors (out < 16 floats included): the last vector is
+ * partial; table and gradient rows are loaded and stored lane by lane there (only where a window
+ * changes), y and grad_y go through a copy of the tile padded with zeros to whole vectors, so every
+ * contraction is vectorised (no scalar tail); the padding lanes hold zeros and are never stored.
  * Zero-gradient rule (as the dense path and the reference, whose weight gradient is
  * sum_b grad_y[b, o] B_j(x_bi) over every row): a weight whose basis is 0 on every row gets
  * exactly 0, and a non-finite grad_y[b, o] makes every weight (i, j, o) with B_j(x_bi) = 0
@@ -255,10 +269,12 @@ void SFX(kf_grad_x)(int64_t rows, int64_t fw, const T* x, int64_t sx, const T* h
  * anything else; 1 means "not so", and the caller takes another path. Nothing derived from the
  * knots is kept between calls, so no edit of the knots can leave anything stale.
  * Memory: forward, one packed table Wt, Bt per call (in (nb + 2k + 1) out elements, shared by
- * the workers, packed by them by feature ranges: kf_sparse_pack) and per worker R FB (k + 3)
- * elements; backward, per worker a block of FB features (2 FB (nb + 2k + 1) out elements at most),
- * FB chosen by the caller to fit its budget: nothing grows with the batch (but a list of the
- * rows with non-finite grad_y) and nothing with G beyond one feature's rows per worker.
+ * the workers, packed by them by feature ranges: kf_sparse_pack) and per worker a sorted tile
+ * (ks_tile_need: R (k + 2) elements, 3 R + n int32, and the padded y tile when out is not whole
+ * vectors); backward, per worker a block of FB features (2 FB (nb + 2k + 1) out elements at most,
+ * FB chosen by the caller to fit its budget) and KS_FG sorted tiles of KS_BT rows: nothing grows
+ * with the batch (but a list of the rows with non-finite grad_y) and nothing with G beyond one
+ * feature's rows per worker and the counts (n int32).
  * Addresses are formed only from indices checked to lie in range (m in [0, n - 2] by the
  * search's invariant): no input value can move a load or store.
  * Floats: the contractions are compiled with fp-contract=fast (fused multiply-adds where the
@@ -272,6 +288,10 @@ void SFX(kf_grad_x)(int64_t rows, int64_t fw, const T* x, int64_t sx, const T* h
 #define KS_COUNT_MAX 32  /* knots up to which spans are found by counting */
 #define KS_VB 64         /* bytes per vector */
 #define KS_SKEW 1088     /* bytes (17 x 64) between the backward's work arrays */
+#define KS_UNROLL _Pragma("GCC unroll 17") /* the loops over slots and vectors: whole, early */
+#define KS_PF 8          /* rows ahead whose grad_y / y is prefetched */
+#define KS_BT 1024        /* backward rows per tile (a multiple of KS_TILE) */
+#define KS_FG 4          /* backward features sorted per tile and swept together chunk by chunk */
 #if defined(__clang__)
 #define KS_ATTR
 #define KS_CONTRACT _Pragma("clang fp contract(fast)")
@@ -293,10 +313,6 @@ static inline __attribute__((always_inline)) SFX(ks_v) SFX(ks_ld)(const T* p) {
 }
 static inline __attribute__((always_inline)) void SFX(ks_st)(T* p, SFX(ks_v) v) { memcpy(p, &v, sizeof v); }
 
-static inline T SFX(ks_knot)(const T* restrict t, int64_t n, int64_t j) {
-    return t[j < 0 ? 0 : (j > n - 1 ? n - 1 : j)];
-}
-
 /* 1 unless every knot row is finite and non-decreasing */
 int64_t SFX(kf_sparse_check)(int64_t nin, int64_t n, const T* grid) {
     for (int64_t i = 0; i < nin; i++) {
@@ -311,33 +327,35 @@ int64_t SFX(kf_sparse_check)(int64_t nin, int64_t n, const T* grid) {
 
 /* Features [f0, f1) of the table: feature i at Wt + (i - f0) (nb + 2k) nout, its row j + k =
  * sw[o, i, j] * sc[o, i] (sc NULL: 1), k zero rows before and after; Bt + (i - f0) nout =
- * bw[:, i] (Bt NULL: skipped). Blocked by 8 features x 64 outputs: a block reads 64 runs of
- * 8 nb elements of sw and writes 8 (nb + 2k) runs of 64 (few pages: the transposition's
- * large strides would otherwise miss the TLB on every element). */
+ * bw[:, i] (Bt NULL: skipped). Transposed by tiles of 16 outputs x up to 256 bases through a small
+ * buffer: sw read by runs of up to 256 bases, Wt written by 64-byte runs of outputs (the
+ * transposition's large strides would otherwise miss the caches and the TLB on every element). */
 KS_ATTR void SFX(kf_sparse_pack)(int64_t f0, int64_t f1, int64_t nin, int64_t nout, int64_t nb, int64_t k,
                                  const T* sw, const T* sc, const T* bw, T* Wt, T* Bt) {
     KS_CONTRACT
     const int64_t nbp = nb + 2 * k;
-    for (int64_t i0 = f0; i0 < f1; i0 += 8) {
-        const int64_t ie = i0 + 8 < f1 ? i0 + 8 : f1;
-        for (int64_t i = i0; i < ie; i++) {
-            T* restrict d = Wt + (i - f0) * nbp * nout;
-            memset(d, 0, (size_t)(k * nout) * sizeof(T));
-            memset(d + (nb + k) * nout, 0, (size_t)(k * nout) * sizeof(T));
-        }
-        for (int64_t o0 = 0; o0 < nout; o0 += 64) {
-            const int64_t oe = o0 + 64 < nout ? o0 + 64 : nout;
-            for (int64_t i = i0; i < ie; i++) {
-                T sv[64];
-                for (int64_t o = o0; o < oe; o++) sv[o - o0] = sc ? sc[o * nin + i] : (T)1;
-                for (int64_t j = 0; j < nb; j++) {
-                    T* restrict d = Wt + ((i - f0) * nbp + j + k) * nout;
-                    for (int64_t o = o0; o < oe; o++) d[o] = sw[(o * nin + i) * nb + j] * sv[o - o0];
+    T buf[256][16];
+    for (int64_t i = f0; i < f1; i++) {
+        T* restrict d = Wt + (i - f0) * nbp * nout;
+        memset(d, 0, (size_t)(k * nout) * sizeof(T));
+        memset(d + (nb + k) * nout, 0, (size_t)(k * nout) * sizeof(T));
+        for (int64_t o0 = 0; o0 < nout; o0 += 16) {
+            const int64_t no = o0 + 16 < nout ? 16 : nout - o0;
+            for (int64_t j0 = 0; j0 < nb; j0 += 256) {
+                const int64_t nj = j0 + 256 < nb ? 256 : nb - j0;
+                for (int64_t o = 0; o < no; o++) {
+                    const int64_t oi = (o0 + o) * nin + i;
+                    const T sv = sc ? sc[oi] : (T)1;
+                    const T* restrict src = sw + oi * nb + j0;
+                    for (int64_t j = 0; j < nj; j++) buf[j][o] = src[j] * sv;
+                }
+                for (int64_t j = 0; j < nj; j++) {
+                    T* restrict dr = d + (j0 + j + k) * nout + o0;
+                    for (int64_t o = 0; o < no; o++) dr[o] = buf[j][o];
                 }
             }
             if (Bt)
-                for (int64_t o = o0; o < oe; o++)
-                    for (int64_t i = i0; i < ie; i++) Bt[(i - f0) * nout + o] = bw[o * nin + i];
+                for (int64_t o = 0; o < no; o++) Bt[(i - f0) * nout + o0 + o] = bw[(o0 + o) * nin + i];
         }
     }
 }
@@ -376,9 +394,16 @@ static KS_ATTR __attribute__((noinline)) void SFX(ks_tile_bases)(
             size -= half;
         }
     }
-    const int64_t nk = 2 * k; /* knots m - k + 1 .. m + k, clamped to the row */
-    for (int64_t d = 0; d < nk; d++)
-        for (int64_t b = 0; b < nr; b++) kt[d * KS_TILE + b] = SFX(ks_knot)(t, n, m[b] - k + 1 + d);
+    const int64_t nk = 2 * k; /* knots m - k + 1 .. m + k, clamped to the row (indices first, no branch) */
+    for (int64_t d = 0; d < nk; d++) {
+        int64_t ji[KS_TILE];
+        for (int64_t b = 0; b < nr; b++) {
+            int64_t j = m[b] - k + 1 + d;
+            j = j < 0 ? 0 : j;
+            ji[b] = j > n - 1 ? n - 1 : j;
+        }
+        for (int64_t b = 0; b < nr; b++) kt[d * KS_TILE + b] = t[ji[b]];
+    }
     for (int64_t b = 0; b < nr; b++) v[b] = in[b]; /* level 0: 1 inside, 0 outside (all levels follow) */
     for (int64_t p = 1; p <= k; p++) {
         for (int64_t b = 0; b < nr; b++) saved[b] = 0;
@@ -408,126 +433,196 @@ static KS_ATTR __attribute__((noinline)) void SFX(ks_tile_bases)(
     }
 }
 
-/* Forward of one tile and feature block on NV vectors of out from o0, NR rows at a time (NV NR
- * accumulators): rows [0, nr) of y (row stride nout), woff[b * FB + f] the table offset of (row b,
- * feature f)'s first slot row, c + (b * FB + f) (K + 2) its k + 1 bases and its SiLU value; Bt the
- * block's first base row (NULL: no base term). first: y not yet written (start from 0). */
-static inline __attribute__((always_inline)) void SFX(ks_fwd_rows)(
-    const int NV, const int NR, int64_t K, int64_t b, int64_t nf, int64_t FB, int64_t nout, int64_t o0,
-    const int64_t* restrict woff, const T* restrict cf, const T* restrict Wt, const T* restrict Bt, T* restrict y,
-    int first) {
-    SFX(ks_v) acc[8][4];
-    for (int q = 0; q < NR; q++)
-        for (int u = 0; u < NV; u++)
-            acc[q][u] = first ? (SFX(ks_v)){0} : SFX(ks_ld)(y + (b + q) * nout + o0 + u * KS_L);
-    for (int64_t f = 0; f < nf; f++) {
-        const T* W[8];
-        const T* c[8];
-        for (int q = 0; q < NR; q++) W[q] = Wt + woff[(b + q) * FB + f] + o0, c[q] = cf + ((b + q) * FB + f) * (K + 2);
-        if (Bt) {
-            const T* restrict bt = Bt + f * nout + o0;
-            for (int u = 0; u < NV; u++) {
-                const SFX(ks_v) bv = SFX(ks_ld)(bt + u * KS_L);
-                for (int q = 0; q < NR; q++) acc[q][u] = c[q][K + 1] * bv + acc[q][u];
-            }
-        }
-        for (int64_t r = 0; r <= K; r++)
-            for (int q = 0; q < NR; q++) {
-                const T cr = c[q][r];
-                for (int u = 0; u < NV; u++) acc[q][u] = cr * SFX(ks_ld)(W[q] + r * nout + u * KS_L) + acc[q][u];
-            }
+/* Partial vectors (the last, nout % KS_L lanes of a row that is not a whole number of vectors):
+ * lanes [0, lim) from p, the others 0 (ks_ldp); lanes [0, lim) of v to p, nothing past (ks_stp). */
+static inline __attribute__((always_inline)) SFX(ks_v) SFX(ks_ldp)(const T* p, int64_t lim) {
+    if (lim >= KS_L) return SFX(ks_ld)(p);
+    T buf[KS_L];
+    for (int64_t l = 0; l < KS_L; l++) buf[l] = l < lim ? p[l] : (T)0;
+    return SFX(ks_ld)(buf);
+}
+static inline __attribute__((always_inline)) void SFX(ks_stp)(T* p, SFX(ks_v) v, int64_t lim) {
+    if (lim >= KS_L) {
+        SFX(ks_st)(p, v);
+        return;
     }
-    for (int q = 0; q < NR; q++)
-        for (int u = 0; u < NV; u++) SFX(ks_st)(y + (b + q) * nout + o0 + u * KS_L, acc[q][u]);
+    T buf[KS_L];
+    SFX(ks_st)(buf, v);
+    for (int64_t l = 0; l < lim; l++) p[l] = buf[l];
 }
 
-/* the rows of a chunk: NR at a time, then one at a time */
-#define KS_FWD_CHUNK(NV, NR, K)                                                                         \
-    do {                                                                                                \
-        int64_t b = 0;                                                                                  \
-        for (; b + (NR) <= nr; b += (NR))                                                               \
-            SFX(ks_fwd_rows)(NV, NR, K, b, nf, FB, nout, o0, woff, cf, Wt, Bt, y, first);               \
-        for (; b < nr; b++) SFX(ks_fwd_rows)(NV, 1, K, b, nf, FB, nout, o0, woff, cf, Wt, Bt, y, first); \
+/* Bytes of the work the sorted tiles of R rows need (ks_sort_tile; forward one feature's, backward
+ * KS_FG features'): R CW elements per feature (the coefficients, by row),
+ * 2 R int32 per feature (span and row by sorted position) and R more (span by row), n int32 (the
+ * counts), then the padded y / grad_y tile of R op elements, op = nout rounded up to whole vectors,
+ * and backward the grad_x partial sums and values, R (KS_L + 1) elements per feature. */
+static int64_t SFX(ks_tile_need)(int64_t R, int64_t k, int64_t n, int64_t nout, int bwd) {
+    const int64_t CW = bwd ? 2 * k + 4 : k + 2, op = (nout + KS_L - 1) / KS_L * KS_L, F = bwd ? KS_FG : 1;
+    return (int64_t)sizeof(T) * (F * R * CW + R * op + (bwd ? F * R * (KS_L + 1) : 0)) +
+           4 * ((2 * F + 1) * R + n) + 64;
+}
+
+/* One feature on rows [0, nr) of a tile (nr <= R): spans and bases (ks_tile_bases, KS_TILE rows at
+ * a time), then the rows sorted by span (a stable counting sort): ms[p] and ord[p] the span and
+ * row of sorted position p; cs + b CW the coefficients of row b: B_0..B_k, silu(x) and, backward
+ * (bwd), B_0'..B_k' (0 for slots whose basis does not exist), silu'(x). mr (R) and cnt (n) are
+ * scratch. Rows with the same span are contiguous, in row order. */
+static KS_ATTR __attribute__((noinline)) void SFX(ks_sort_tile)(int64_t nr, const T* restrict x, int64_t sx,
+                                                                const T* restrict t, int64_t n, int64_t k, int bwd,
+                                                                int32_t* restrict ms, int32_t* restrict ord,
+                                                                T* restrict cs, int32_t* restrict mr,
+                                                                int32_t* restrict cnt) {
+    KS_CONTRACT
+    const int64_t CW = bwd ? 2 * k + 4 : k + 2, nb = n - k - 1;
+    T xs[KS_TILE], in[KS_TILE], e[KS_TILE], v[(KS_MAXK + 1) * KS_TILE], q[KS_MAXK * KS_TILE];
+    int64_t m[KS_TILE];
+    for (int64_t s0 = 0; s0 < nr; s0 += KS_TILE) {
+        const int64_t ns = s0 + KS_TILE < nr ? KS_TILE : nr - s0;
+        SFX(ks_tile_bases)(ns, x + s0 * sx, sx, t, n, k, bwd && k > 0, xs, in, m, v, q, e);
+        for (int64_t b = 0; b < ns; b++) {
+            T* restrict c = cs + (s0 + b) * CW;
+            mr[s0 + b] = (int32_t)m[b];
+            for (int64_t r = 0; r <= k; r++) c[r] = v[r * KS_TILE + b];
+            c[k + 1] = xs[b] / ((T)1 + e[b]); /* silu(x) */
+            if (!bwd) continue;
+            const T sig = (T)1 / ((T)1 + e[b]);
+            c[2 * k + 3] = sig * ((T)1 + xs[b] * ((T)1 - sig)); /* silu'(x) */
+            for (int64_t r = 0; r <= k; r++) { /* B_r' = k (q_{r-1} - q_r), q_{-1} = q_k = 0 */
+                const int64_t j = m[b] - k + r;
+                const T qa = r > 0 ? q[(r - 1) * KS_TILE + b] : (T)0, qb = r < k ? q[r * KS_TILE + b] : (T)0;
+                c[k + 2 + r] = (k > 0 && j >= 0 && j < nb) ? (T)k * qa - (T)k * qb : (T)0;
+            }
+        }
+    }
+    for (int64_t j = 0; j < n; j++) cnt[j] = 0;
+    for (int64_t b = 0; b < nr; b++) cnt[mr[b]]++;
+    int32_t s = 0;
+    for (int64_t j = 0; j < n; j++) {
+        const int32_t c = cnt[j];
+        cnt[j] = s;
+        s += c;
+    }
+    for (int64_t b = 0; b < nr; b++) {
+        const int64_t p = cnt[mr[b]]++;
+        ms[p] = mr[b];
+        ord[p] = (int32_t)b;
+    }
+}
+
+/* Forward of one feature on the sorted rows of a tile, NV vectors of out from o0 (lim: the lanes
+ * that exist from o0; the last vector may be partial), run by run (the rows of one span): the
+ * feature's k + 1 table rows of the span (and its base row) held in registers for the run; per
+ * row y loaded (not when first), the SiLU term and r = 0..k added, y stored. yt: the tile's y
+ * rows, stride sy (full vectors writable). */
+static inline __attribute__((always_inline)) void SFX(ks_fwd_feat)(
+    const int NV, int64_t K, int64_t nr, const int32_t* restrict ms, const int32_t* restrict ord,
+    const T* restrict cs, const T* restrict Wf, const T* restrict Bf, int64_t nout, int64_t o0, int64_t lim,
+    T* restrict yt, int64_t sy, int first, SFX(ks_v) (*restrict w)[4]) {
+    SFX(ks_v) bt[4];
+    KS_UNROLL
+    for (int u = 0; u < NV; u++) bt[u] = Bf ? SFX(ks_ldp)(Bf + o0 + u * KS_L, lim - u * KS_L) : (SFX(ks_v)){0};
+    for (int64_t p = 0; p < nr;) {
+        const int64_t mp = ms[p];
+        KS_UNROLL
+        for (int64_t r = 0; r <= K; r++)
+            KS_UNROLL
+            for (int u = 0; u < NV; u++) w[r][u] = SFX(ks_ldp)(Wf + (mp + r) * nout + o0 + u * KS_L, lim - u * KS_L);
+        for (; p < nr && ms[p] == mp; p++) {
+            const T* restrict c = cs + ord[p] * (K + 2);
+            T* restrict yr = yt + ord[p] * sy + o0;
+            if (p + KS_PF < nr && !first) /* the rows come in span order, not in memory order: fetch ahead */
+                KS_UNROLL
+                for (int u = 0; u < NV; u++) __builtin_prefetch(yt + ord[p + KS_PF] * sy + o0 + u * KS_L, 1);
+            SFX(ks_v) acc[4];
+            KS_UNROLL
+            for (int u = 0; u < NV; u++) acc[u] = first ? (SFX(ks_v)){0} : SFX(ks_ld)(yr + u * KS_L);
+            if (Bf)
+                KS_UNROLL
+                for (int u = 0; u < NV; u++) acc[u] = c[K + 1] * bt[u] + acc[u];
+            KS_UNROLL
+            for (int64_t r = 0; r <= K; r++)
+                KS_UNROLL
+                for (int u = 0; u < NV; u++) acc[u] = c[r] * w[r][u] + acc[u];
+            KS_UNROLL
+            for (int u = 0; u < NV; u++) SFX(ks_st)(yr + u * KS_L, acc[u]);
+        }
+    }
+}
+
+/* one feature over every output: chunks of NV (4, 2, 1) vectors, then the partial vector */
+#define KS_FWD_FEAT(K)                                                                                       \
+    do {                                                                                                     \
+        int64_t v = 0;                                                                                       \
+        if (NV >= 4)                                                                                         \
+            for (; v + 4 <= nvp; v += 4)                                                                     \
+                SFX(ks_fwd_feat)(4, K, nr, ms, ord, cs, Wf, Bf, nout, v * KS_L, nout - v * KS_L, yt, sy, first, w); \
+        if (NV >= 2)                                                                                         \
+            for (; v + 2 <= nvp; v += 2)                                                                     \
+                SFX(ks_fwd_feat)(2, K, nr, ms, ord, cs, Wf, Bf, nout, v * KS_L, nout - v * KS_L, yt, sy, first, w); \
+        for (; v < nvp; v++)                                                                                 \
+            SFX(ks_fwd_feat)(1, K, nr, ms, ord, cs, Wf, Bf, nout, v * KS_L, nout - v * KS_L, yt, sy, first, w); \
     } while (0)
 
-/* the same for the last nout % KS_L outputs, one element at a time (the same chain per element) */
-static KS_ATTR void SFX(ks_fwd_tail)(int64_t K, int64_t nr, int64_t nf, int64_t FB, int64_t nout, int64_t o0,
-                                     const int64_t* restrict woff, const T* restrict cf, const T* restrict Wt,
-                                     const T* restrict Bt, T* restrict y, int first) {
+static KS_ATTR __attribute__((noinline)) void SFX(ks_fwd_feat3)(int64_t NV, int64_t nr, const int32_t* ms,
+                                                                const int32_t* ord, const T* cs, const T* Wf,
+                                                                const T* Bf, int64_t nout, int64_t nvp, T* yt,
+                                                                int64_t sy, int first) {
     KS_CONTRACT
-    for (int64_t b = 0; b < nr; b++)
-        for (int64_t o = o0; o < nout; o++) {
-            T acc = first ? (T)0 : y[b * nout + o];
-            for (int64_t f = 0; f < nf; f++) {
-                const T* restrict W = Wt + woff[b * FB + f] + o;
-                const T* restrict c = cf + (b * FB + f) * (K + 2);
-                if (Bt) acc = c[K + 1] * Bt[f * nout + o] + acc;
-                for (int64_t r = 0; r <= K; r++) acc = c[r] * W[r * nout] + acc;
-            }
-            y[b * nout + o] = acc;
-        }
+    SFX(ks_v) w[4][4]; /* the window: exactly k + 1 rows, so that it lives in registers */
+    KS_FWD_FEAT(3);
 }
 
-/* Forward of a tile (nr rows) and feature block (nf features) over every output: chunks of NV
- * vectors (4, 2 or 1: the caller's choice, so that the block's rows of a chunk stay in L1), the
- * rows 8 / NV at a time, then the vectors left one at a time, then the tail. */
-static KS_ATTR __attribute__((noinline)) void SFX(ks_fwd_block)(
-    int64_t K, int64_t NV, int64_t nr, int64_t nf, int64_t FB, int64_t nout, const int64_t* restrict woff,
-    const T* restrict cf, const T* restrict Wt, const T* restrict Bt, T* restrict y, int first) {
+static KS_ATTR __attribute__((noinline)) void SFX(ks_fwd_feat_any)(int64_t K, int64_t NV, int64_t nr,
+                                                                   const int32_t* ms, const int32_t* ord,
+                                                                   const T* cs, const T* Wf, const T* Bf,
+                                                                   int64_t nout, int64_t nvp, T* yt, int64_t sy,
+                                                                   int first) {
     KS_CONTRACT
-    const int64_t nv = nout / KS_L;
-    int64_t v = 0;
-    if (K == 3) {
-        if (NV >= 4)
-            for (; v + 4 <= nv; v += 4) { const int64_t o0 = v * KS_L; KS_FWD_CHUNK(4, 2, 3); }
-        if (NV >= 2)
-            for (; v + 2 <= nv; v += 2) { const int64_t o0 = v * KS_L; KS_FWD_CHUNK(2, 4, 3); }
-        for (; v < nv; v++) { const int64_t o0 = v * KS_L; KS_FWD_CHUNK(1, 8, 3); }
-    } else {
-        if (NV >= 4)
-            for (; v + 4 <= nv; v += 4) { const int64_t o0 = v * KS_L; KS_FWD_CHUNK(4, 2, K); }
-        if (NV >= 2)
-            for (; v + 2 <= nv; v += 2) { const int64_t o0 = v * KS_L; KS_FWD_CHUNK(2, 4, K); }
-        for (; v < nv; v++) { const int64_t o0 = v * KS_L; KS_FWD_CHUNK(1, 8, K); }
-    }
-    if (nv * KS_L < nout) SFX(ks_fwd_tail)(K, nr, nf, FB, nout, nv * KS_L, woff, cf, Wt, Bt, y, first);
+    SFX(ks_v) w[KS_MAXK + 1][4];
+    KS_FWD_FEAT(K);
 }
 
 /* Rows [0, N) of y (N, nout), row stride nout, from the packed table (kf_sparse_pack of every
- * feature; Bt NULL: no base term). Tiles of R rows (a multiple of KS_TILE) x FB features, chunks
- * of NV vectors of out (ks_fwd_block); work:
- * at least R FB (k + 2) elements plus R FB int64 (returns 3 if work_len, in elements, is short). */
+ * feature; Bt NULL: no base term). Tiles of R rows (a multiple of KS_TILE); per tile, feature by
+ * feature in order: the rows sorted by span (ks_sort_tile), then chunks of NV (4, 2 or 1) vectors
+ * of out (ks_fwd_feat). When nout is not a whole number of vectors the tile is accumulated in a
+ * padded copy (row stride nout rounded up) and copied out at the end of the tile. FB: the caller's
+ * sizing of work only (work_len is checked against ks_tile_need; at least R FB (k + 2) elements
+ * plus R FB int64 are asked for by kanfast.kernels.cpu_spline.fwd_work with the FB of
+ * kanfast.sparse_backend._fwd_blocks). Returns 3 if work_len (in elements) is short. */
 KS_ATTR int64_t SFX(kf_sparse_fwd)(int64_t N, int64_t nin, int64_t nout, int64_t k, int64_t n, const T* x,
                                    int64_t sx, const T* grid, const T* Wt, const T* Bt, T* y, int64_t R,
                                    int64_t FB, int64_t NV, T* work, int64_t work_len) {
     KS_CONTRACT
     const int64_t nb = n - k - 1, nbp = nb + 2 * k, K2 = k + 2;
-    if (k < 0 || k >= KS_MAXK || nb < 1 || R < KS_TILE || R % KS_TILE || FB < 1) return 2;
-    if (work_len * (int64_t)sizeof(T) < R * FB * (K2 * (int64_t)sizeof(T) + 8)) return 3;
-    int64_t* restrict woff = (int64_t*)work;
-    T* restrict cf = (T*)(woff + R * FB);
-    T xs[KS_TILE], in[KS_TILE], e[KS_TILE], v[(KS_MAXK + 1) * KS_TILE], q[KS_MAXK * KS_TILE];
-    int64_t m[KS_TILE];
+    if (k < 0 || k >= KS_MAXK || nb < 1 || R < KS_TILE || R % KS_TILE || FB < 1 || n >= (1 << 30) || R >= (1 << 30))
+        return 2;
+    if (work_len * (int64_t)sizeof(T) < SFX(ks_tile_need)(R, k, n, nout, 0)) return 3;
+    const int64_t nvp = (nout + KS_L - 1) / KS_L, op = nvp * KS_L, pad = op != nout;
+    T* restrict cs = work;
+    T* restrict yp = cs + R * K2; /* the padded tile (pad) */
+    int32_t* restrict ms = (int32_t*)(yp + (pad ? R * op : 0));
+    int32_t* restrict ord = ms + R;
+    int32_t* restrict mr = ord + R;
+    int32_t* restrict cnt = mr + R;
     for (int64_t b0 = 0; b0 < N; b0 += R) {
         const int64_t nr = b0 + R < N ? R : N - b0;
-        for (int64_t f0 = 0; f0 < nin; f0 += FB) {
-            const int64_t nf = f0 + FB < nin ? FB : nin - f0;
-            for (int64_t f = 0; f < nf; f++) {
-                const int64_t i = f0 + f;
-                for (int64_t s0 = 0; s0 < nr; s0 += KS_TILE) {
-                    const int64_t ns = s0 + KS_TILE < nr ? KS_TILE : nr - s0;
-                    SFX(ks_tile_bases)(ns, x + (b0 + s0) * sx + i, sx, grid + i * n, n, k, 0, xs, in, m, v, q, e);
-                    for (int64_t b = 0; b < ns; b++) {
-                        const int64_t idx = (s0 + b) * FB + f;
-                        woff[idx] = (i * nbp + m[b]) * nout;
-                        T* restrict c = cf + idx * K2;
-                        for (int64_t r = 0; r <= k; r++) c[r] = v[r * KS_TILE + b];
-                        c[k + 1] = xs[b] / ((T)1 + e[b]); /* silu */
-                    }
-                }
-            }
-            SFX(ks_fwd_block)(k, NV, nr, nf, FB, nout, woff, cf, Wt, Bt ? Bt + f0 * nout : 0, y + b0 * nout, f0 == 0);
+        T* restrict yt = pad ? yp : y + b0 * nout;
+        const int64_t sy = pad ? op : nout;
+        for (int64_t i = 0; i < nin; i++) {
+            SFX(ks_sort_tile)(nr, x + b0 * sx + i, sx, grid + i * n, n, k, 0, ms, ord, cs, mr, cnt);
+            const T* Wf = Wt + i * nbp * nout;
+            const T* Bf = Bt ? Bt + i * nout : 0;
+            if (k == 3)
+                SFX(ks_fwd_feat3)(NV, nr, ms, ord, cs, Wf, Bf, nout, nvp, yt, sy, i == 0);
+            else
+                SFX(ks_fwd_feat_any)(k, NV, nr, ms, ord, cs, Wf, Bf, nout, nvp, yt, sy, i == 0);
         }
+        if (nin == 0)
+            for (int64_t b = 0; b < nr; b++)
+                for (int64_t o = 0; o < nout; o++) yt[b * sy + o] = 0;
+        if (pad)
+            for (int64_t b = 0; b < nr; b++) memcpy(y + (b0 + b) * nout, yp + b * op, (size_t)nout * sizeof(T));
     }
     return 0;
 }
@@ -544,85 +639,177 @@ int64_t SFX(kf_sparse_bad_rows)(int64_t N, int64_t nout, const T* gy, int64_t* i
     return cnt;
 }
 
-/* One (row, feature) of the backward over out: gw rows r <= K (row stride nout) += v_r g, gb += s g
- * (each when not NULL); returns <g, sp Bt + sum_r d_r W_r> (W not NULL; Bt NULL: no base term)
- * as one vector of partial sums over out, its lanes in order, then the tail. v, d: stride KS_TILE. */
-static inline __attribute__((always_inline)) T SFX(ks_bwd_row)(
-    int64_t K, int64_t nout, const T* restrict g, const T* restrict v, const T* restrict d, T* restrict gw,
-    T* restrict gb, T s, T sp, const T* restrict Bt, const T* restrict W) {
-    T c[KS_MAXK + 1], dd[KS_MAXK + 1];
-    for (int64_t r = 0; r <= K; r++) c[r] = v[r * KS_TILE], dd[r] = d[r * KS_TILE];
-    SFX(ks_v) dacc = {0};
-    int64_t o = 0;
-    for (; o + KS_L <= nout; o += KS_L) {
-        const SFX(ks_v) gv = SFX(ks_ld)(g + o);
-        if (gw)
-            for (int64_t r = 0; r <= K; r++) SFX(ks_st)(gw + r * nout + o, c[r] * gv + SFX(ks_ld)(gw + r * nout + o));
-        if (gb) SFX(ks_st)(gb + o, s * gv + SFX(ks_ld)(gb + o));
-        if (W) {
-            SFX(ks_v) u = Bt ? sp * SFX(ks_ld)(Bt + o) : (SFX(ks_v)){0};
-            for (int64_t r = 0; r <= K; r++) u = dd[r] * SFX(ks_ld)(W + r * nout + o) + u;
-            dacc = gv * u + dacc;
+
+/* Backward of one feature on the sorted rows of a tile, NV vectors of out from o0 (lim: the lanes
+ * that exist from o0). While a span lasts, its k + 1 rows of the table W (for grad_x) and of the
+ * weight gradient gW (accumulators) are held in registers; when the span moves on, the rows that
+ * leave the window are stored (each exactly once per tile: later spans do not touch them) and the
+ * rows that enter are loaded. Per row: gW[m + r] += B_r g, gB += silu(x) g, and the partial sums of
+ * grad_x, d += g (silu'(x) Bt + sum_r B_r' W[m + r]), one vector per sorted position (dacc, stride
+ * KS_L; first: start from 0), continued over the chunks of out in order. gt: the tile's grad_y rows
+ * (stride sg; full vectors readable: padded with 0 where nout is not whole vectors). Wf, Bf: the
+ * feature's table rows and base row (NULL: no grad_x); gWf, gBf: its gradients (NULL: not needed;
+ * Bf NULL with Wf: no base term). */
+static inline __attribute__((always_inline)) void SFX(ks_bwd_feat)(
+    const int NV, int64_t K, int64_t nr, const int32_t* restrict ms, const int32_t* restrict ord,
+    const T* restrict cs, const T* restrict gt, int64_t sg, const T* restrict Wf, const T* restrict Bf,
+    T* restrict gWf, T* restrict gBf, int64_t nout, int64_t o0, int64_t lim, T* restrict dacc, int first,
+    SFX(ks_v) (*restrict w)[2], SFX(ks_v) (*restrict a)[2]) {
+    SFX(ks_v) bt[2], gb[2];
+    const int64_t CW = 2 * K + 4;
+    KS_UNROLL
+    for (int64_t r = 0; r <= K; r++)
+        KS_UNROLL
+        for (int u = 0; u < NV; u++) a[r][u] = w[r][u] = (SFX(ks_v)){0};
+    KS_UNROLL
+    for (int u = 0; u < NV; u++) {
+        bt[u] = Bf ? SFX(ks_ldp)(Bf + o0 + u * KS_L, lim - u * KS_L) : (SFX(ks_v)){0};
+        gb[u] = gBf ? SFX(ks_ldp)(gBf + o0 + u * KS_L, lim - u * KS_L) : (SFX(ks_v)){0};
+    }
+    int64_t mcur = -1;
+    for (int64_t p = 0; p < nr;) {
+        const int64_t mp = ms[p];
+        {
+            int64_t j = mcur < 0 ? mp : mcur; /* the window's first row */
+            if (mcur >= 0 && mp - mcur <= K) { /* slide by one row until it starts at mp */
+                for (; j < mp; j++) {
+                    KS_UNROLL
+                    for (int u = 0; u < NV; u++) {
+                        const int64_t l = lim - u * KS_L, off = o0 + u * KS_L;
+                        if (gWf) SFX(ks_stp)(gWf + j * nout + off, a[0][u], l);
+                        KS_UNROLL
+                        for (int64_t r = 0; r < K; r++) a[r][u] = a[r + 1][u], w[r][u] = w[r + 1][u];
+                        if (gWf) a[K][u] = SFX(ks_ldp)(gWf + (j + K + 1) * nout + off, l);
+                        if (Wf) w[K][u] = SFX(ks_ldp)(Wf + (j + K + 1) * nout + off, l);
+                    }
+                }
+            } else { /* (first span, or a jump past the window) store it all, load the new one */
+                if (mcur >= 0 && gWf)
+                    KS_UNROLL
+                    for (int64_t r = 0; r <= K; r++)
+                        KS_UNROLL
+                        for (int u = 0; u < NV; u++)
+                            SFX(ks_stp)(gWf + (mcur + r) * nout + o0 + u * KS_L, a[r][u], lim - u * KS_L);
+                KS_UNROLL
+                for (int64_t r = 0; r <= K; r++)
+                    KS_UNROLL
+                    for (int u = 0; u < NV; u++) {
+                        const int64_t l = lim - u * KS_L, off = (mp + r) * nout + o0 + u * KS_L;
+                        if (gWf) a[r][u] = SFX(ks_ldp)(gWf + off, l);
+                        if (Wf) w[r][u] = SFX(ks_ldp)(Wf + off, l);
+                    }
+            }
+            mcur = mp;
+        }
+        for (; p < nr && ms[p] == mp; p++) {
+            const T* restrict c = cs + ord[p] * CW;
+            const T* restrict g = gt + ord[p] * sg + o0;
+            if (p + KS_PF < nr) /* the rows come in span order, not in memory order: fetch ahead */
+                for (int u = 0; u < NV; u++) __builtin_prefetch(gt + ord[p + KS_PF] * sg + o0 + u * KS_L);
+            SFX(ks_v) gv[2];
+            KS_UNROLL
+            for (int u = 0; u < NV; u++) gv[u] = SFX(ks_ld)(g + u * KS_L);
+            if (gWf)
+                KS_UNROLL
+                for (int64_t r = 0; r <= K; r++)
+                    KS_UNROLL
+                    for (int u = 0; u < NV; u++) a[r][u] = c[r] * gv[u] + a[r][u];
+            if (gBf)
+                KS_UNROLL
+                for (int u = 0; u < NV; u++) gb[u] = c[K + 1] * gv[u] + gb[u];
+            if (Wf) {
+                SFX(ks_v) d = first ? (SFX(ks_v)){0} : SFX(ks_ld)(dacc + p * KS_L);
+                KS_UNROLL
+                for (int u = 0; u < NV; u++) {
+                    SFX(ks_v) uu = Bf ? c[2 * K + 3] * bt[u] : (SFX(ks_v)){0};
+                    KS_UNROLL
+                    for (int64_t r = 0; r <= K; r++) uu = c[K + 2 + r] * w[r][u] + uu;
+                    d = gv[u] * uu + d;
+                }
+                SFX(ks_st)(dacc + p * KS_L, d);
+            }
         }
     }
-    T acc = 0;
-    for (int64_t l = 0; l < KS_L; l++) acc += dacc[l];
-    for (; o < nout; o++) {
-        const T gv = g[o];
-        if (gw)
-            for (int64_t r = 0; r <= K; r++) gw[r * nout + o] = c[r] * gv + gw[r * nout + o];
-        if (gb) gb[o] = s * gv + gb[o];
-        if (W) {
-            T u = Bt ? sp * Bt[o] : (T)0;
-            for (int64_t r = 0; r <= K; r++) u = dd[r] * W[r * nout + o] + u;
-            acc = gv * u + acc;
-        }
-    }
-    return acc;
+    if (mcur >= 0 && gWf)
+        KS_UNROLL
+        for (int64_t r = 0; r <= K; r++)
+            KS_UNROLL
+            for (int u = 0; u < NV; u++)
+                SFX(ks_stp)(gWf + (mcur + r) * nout + o0 + u * KS_L, a[r][u], lim - u * KS_L);
+    if (gBf)
+        KS_UNROLL
+        for (int u = 0; u < NV; u++) SFX(ks_stp)(gBf + o0 + u * KS_L, gb[u], lim - u * KS_L);
 }
 
-/* the default case (k = 3, every gradient, a base term): constants, the loop over r unrolled */
-static KS_ATTR __attribute__((noinline)) T SFX(ks_bwd_row3)(int64_t nout, const T* restrict g, const T* restrict v,
-                                                            const T* restrict d, T* restrict gw, T* restrict gb, T s,
-                                                            T sp, const T* restrict Bt, const T* restrict W) {
+/* one feature, one chunk: 2 vectors of out from vector v (1 when only one is left, possibly partial) */
+#define KS_BWD_CHUNK(K)                                                                                   \
+    do {                                                                                                  \
+        if (v + 2 <= nvp)                                                                                 \
+            SFX(ks_bwd_feat)(2, K, nr, ms, ord, cs, gt, sg, Wf, Bf, gWf, gBf, nout, v * KS_L, nout - v * KS_L, \
+                             dacc, v == 0, w, a);                                                         \
+        else                                                                                              \
+            SFX(ks_bwd_feat)(1, K, nr, ms, ord, cs, gt, sg, Wf, Bf, gWf, gBf, nout, v * KS_L, nout - v * KS_L, \
+                             dacc, v == 0, w, a);                                                         \
+    } while (0)
+
+/* the default case (k = 3, every gradient, a base term): constants, the loops over r unrolled */
+static KS_ATTR __attribute__((noinline)) void SFX(ks_bwd_chunk3)(int64_t v, int64_t nr, const int32_t* ms,
+                                                                 const int32_t* ord, const T* cs, const T* gt,
+                                                                 int64_t sg, const T* Wf, const T* Bf, T* gWf,
+                                                                 T* gBf, int64_t nout, int64_t nvp, T* dacc) {
     KS_CONTRACT
-    return SFX(ks_bwd_row)(3, nout, g, v, d, gw, gb, s, sp, Bt, W);
+    SFX(ks_v) w[4][2], a[4][2]; /* the windows: exactly k + 1 rows, so that they live in registers */
+    KS_BWD_CHUNK(3);
 }
 
-static KS_ATTR __attribute__((noinline)) T SFX(ks_bwd_any)(int64_t K, int64_t nout, const T* restrict g,
-                                                           const T* restrict v, const T* restrict d, T* restrict gw,
-                                                           T* restrict gb, T s, T sp, const T* restrict Bt,
-                                                           const T* restrict W) {
+static KS_ATTR __attribute__((noinline)) void SFX(ks_bwd_chunk_any)(int64_t K, int64_t v, int64_t nr,
+                                                                    const int32_t* ms, const int32_t* ord,
+                                                                    const T* cs, const T* gt, int64_t sg,
+                                                                    const T* Wf, const T* Bf, T* gWf, T* gBf,
+                                                                    int64_t nout, int64_t nvp, T* dacc) {
     KS_CONTRACT
-    return SFX(ks_bwd_row)(K, nout, g, v, d, gw, gb, s, sp, Bt, W);
+    SFX(ks_v) w[KS_MAXK + 1][2], a[KS_MAXK + 1][2];
+    KS_BWD_CHUNK(K);
 }
 
 /* Backward of features [f0, f1) over all rows [0, N): gx[:, f0:f1] (row stride sgx; NULL: not
  * needed), and the parameter gradients of those features written directly: gsw (out, in, nb) =
  * GW^T sc (sc NULL: 1), gsc (out, in) = sum_j GW^T sw, gbw (out, in) = GB^T (each NULL when not
  * needed; gbw needs bw). gy (N, nout) contiguous; bad[0 .. nbad) the rows of gy with a non-finite
- * entry (kf_sparse_bad_rows). Blocks of FB features; work: at least FB (nb + 2k + 1) nout elements
- * for gx and as many for the weight gradients (returns 3 if work_len is short). */
+ * entry (kf_sparse_bad_rows). Blocks of FB features; per block, tiles of KS_BT rows, per tile
+ * feature by feature: the rows sorted by span (ks_sort_tile), then chunks of out (ks_bwd_feat).
+ * work: at least FB (nb + 2k + 1) nout elements (+ 2 KS_SKEW bytes) for gx and as many for the
+ * weight gradients, plus ks_tile_need(KS_BT) bytes (returns 3 if work_len is short). */
 KS_ATTR int64_t SFX(kf_sparse_bwd)(int64_t N, int64_t nin, int64_t nout, int64_t k, int64_t n, int64_t f0,
                                    int64_t f1, const T* x, int64_t sx, const T* grid, const T* gy, const T* sw,
                                    const T* sc, const T* bw, T* gx, int64_t sgx, T* gsw, T* gsc, T* gbw,
                                    int64_t nbad, const int64_t* bad, int64_t FB, T* work, int64_t work_len) {
     KS_CONTRACT
-    const int64_t nb = n - k - 1, nbp = nb + 2 * k;
-    if (k < 0 || k >= KS_MAXK || nb < 1 || FB < 1) return 2;
+    const int64_t nb = n - k - 1, nbp = nb + 2 * k, R = KS_BT, CW = 2 * k + 4;
+    if (k < 0 || k >= KS_MAXK || nb < 1 || FB < 1 || n >= (1 << 30)) return 2;
     const int want_x = gx != 0, want_w = gsw != 0 || gsc != 0, want_b = gbw != 0 && bw != 0;
     /* FB x (nbp, nout) table rows, FB x nout base rows, then the same for their gradients, each
      * array KS_SKEW bytes past a multiple of 128 from the previous one's end: no address of one
      * differs from another's by a multiple of 4 KiB plus a multiple of the row length (the
      * stores of the scatter would stall the loads of the table rows, 4K aliasing) */
     const int64_t sk = KS_SKEW / (int64_t)sizeof(T), blk = FB * (nbp + 1) * nout + 2 * sk;
-    if (work_len < (want_x ? blk : 0) + (want_w || want_b ? blk : 0)) return 3;
+    const int64_t used = (want_x ? blk : 0) + (want_w || want_b ? blk : 0);
+    if (work_len < used || (work_len - used) * (int64_t)sizeof(T) < SFX(ks_tile_need)(R, k, n, nout, 1)) return 3;
     T* Wb = work;
     T* Bb = Wb + FB * nbp * nout + sk;
     T* gWb = want_x ? work + blk : work;
     T* gBb = gWb + FB * nbp * nout + sk;
+    const int64_t nvp = (nout + KS_L - 1) / KS_L, op = nvp * KS_L, pad = op != nout;
+    const int64_t nl = nvp > 1 ? KS_L : nout; /* lanes of the partial sums that hold outputs */
+    T* restrict csg = work + used;           /* KS_FG sorted tiles' coefficients (by row) */
+    T* restrict daccg = csg + KS_FG * R * CW; /* KS_FG x R x KS_L grad_x partial sums */
+    T* restrict gxb = daccg + KS_FG * R * KS_L; /* R x KS_FG grad_x of the group, by row */
+    T* restrict gp = gxb + KS_FG * R;          /* the padded grad_y tile (pad) */
+    int32_t* restrict msg = (int32_t*)(gp + (pad ? R * op : 0));
+    int32_t* restrict ordg = msg + KS_FG * R;
+    int32_t* restrict mr = ordg + KS_FG * R;
+    int32_t* restrict cnt = mr + R;
     T xs[KS_TILE], in[KS_TILE], e[KS_TILE], v[(KS_MAXK + 1) * KS_TILE], q[KS_MAXK * KS_TILE];
-    T dv[(KS_MAXK + 1) * KS_TILE];
     int64_t m[KS_TILE];
     const int fast = k == 3 && want_x && want_w && want_b;
     for (int64_t fb = f0; fb < f1; fb += FB) {
@@ -630,43 +817,54 @@ KS_ATTR int64_t SFX(kf_sparse_bwd)(int64_t N, int64_t nin, int64_t nout, int64_t
         if (want_x) SFX(kf_sparse_pack)(fb, fb + nf, nin, nout, nb, k, sw, sc, bw, Wb, bw ? Bb : 0);
         if (want_w) memset(gWb, 0, (size_t)(nf * nbp * nout) * sizeof(T));
         if (want_b) memset(gBb, 0, (size_t)(nf * nout) * sizeof(T));
-        for (int64_t b0 = 0; b0 < N; b0 += KS_TILE) {
-            const int64_t nr = b0 + KS_TILE < N ? KS_TILE : N - b0;
-            for (int64_t f = 0; f < nf; f++) {
-                const int64_t i = fb + f;
-                SFX(ks_tile_bases)(nr, x + b0 * sx + i, sx, grid + i * n, n, k, want_x && k > 0, xs, in, m, v, q, e);
-                if (want_x) { /* B_r' = k (q_{r-1} - q_r), q_{-1} = q_k = 0; 0 for slots that do not exist */
-                    for (int64_t r = 0; r <= k; r++) {
-                        T* restrict dr = dv + r * KS_TILE;
-                        const T* restrict qa = q + (r > 0 ? r - 1 : 0) * KS_TILE;
-                        const T* restrict qb = q + (r < k ? r : 0) * KS_TILE;
-                        const T ka = r > 0 ? (T)k : (T)0, kb = r < k ? (T)k : (T)0;
-                        if (k == 0) /* piecewise constant: no derivative (and no quotients computed) */
-                            for (int64_t b = 0; b < nr; b++) dr[b] = 0;
-                        else
-                            for (int64_t b = 0; b < nr; b++) {
-                                const int64_t j = m[b] - k + r;
-                                dr[b] = (j >= 0 && j < nb) ? ka * qa[b] - kb * qb[b] : (T)0;
-                            }
-                    }
-                }
-                const T* restrict Wf = want_x ? Wb + f * nbp * nout : 0;
-                const T* restrict Bf = want_x && bw ? Bb + f * nout : 0;
-                T* restrict gWf = want_w ? gWb + f * nbp * nout : 0;
-                T* restrict gBf = want_b ? gBb + f * nout : 0;
+        for (int64_t b0 = 0; b0 < N; b0 += R) {
+            const int64_t nr = b0 + R < N ? R : N - b0;
+            const T* gt = gy + b0 * nout;
+            int64_t sg = nout;
+            if (pad) { /* rows padded with 0 to whole vectors */
                 for (int64_t b = 0; b < nr; b++) {
-                    const T* restrict g = gy + (b0 + b) * nout;
-                    const T xi = xs[b], sig = (T)1 / ((T)1 + e[b]);
-                    const T s = xi / ((T)1 + e[b]);              /* silu(x) */
-                    const T sp = sig * ((T)1 + xi * ((T)1 - sig)); /* silu'(x) */
-                    const int64_t off = m[b] * nout;
-                    T acc;
-                    if (fast)
-                        acc = SFX(ks_bwd_row3)(nout, g, v + b, dv + b, gWf + off, gBf, s, sp, Bf, Wf + off);
-                    else
-                        acc = SFX(ks_bwd_any)(k, nout, g, v + b, dv + b, gWf ? gWf + off : 0, gBf, s, sp, Bf,
-                                              Wf ? Wf + off : 0);
-                    if (want_x) gx[(b0 + b) * sgx + i] = acc;
+                    T* restrict d = gp + b * op;
+                    memcpy(d, gy + (b0 + b) * nout, (size_t)nout * sizeof(T));
+                    for (int64_t o = nout; o < op; o++) d[o] = 0;
+                }
+                gt = gp, sg = op;
+            }
+            /* groups of KS_FG features: each one's rows sorted, then chunk by chunk of out over the
+             * group's features (the tile's grad_y columns of a chunk are reused by the group) */
+            for (int64_t g0 = 0; g0 < nf; g0 += KS_FG) {
+                const int64_t ng = g0 + KS_FG < nf ? KS_FG : nf - g0;
+                for (int64_t f = 0; f < ng; f++)
+                    SFX(ks_sort_tile)(nr, x + b0 * sx + fb + g0 + f, sx, grid + (fb + g0 + f) * n, n, k, 1, msg + f * R,
+                                      ordg + f * R, csg + f * R * CW, mr, cnt);
+                for (int64_t vv = 0; vv < nvp; vv += 2)
+                    for (int64_t f = 0; f < ng; f++) {
+                        const int64_t fl = g0 + f;
+                        const int32_t* ms = msg + f * R;
+                        const int32_t* ord = ordg + f * R;
+                        const T* cs = csg + f * R * CW;
+                        T* dacc = daccg + f * R * KS_L;
+                        const T* Wf = want_x ? Wb + fl * nbp * nout : 0;
+                        const T* Bf = want_x && bw ? Bb + fl * nout : 0;
+                        T* gWf = want_w ? gWb + fl * nbp * nout : 0;
+                        T* gBf = want_b ? gBb + fl * nout : 0;
+                        if (fast)
+                            SFX(ks_bwd_chunk3)(vv, nr, ms, ord, cs, gt, sg, Wf, Bf, gWf, gBf, nout, nvp, dacc);
+                        else
+                            SFX(ks_bwd_chunk_any)(k, vv, nr, ms, ord, cs, gt, sg, Wf, Bf, gWf, gBf, nout, nvp, dacc);
+                    }
+                if (want_x) { /* the partial sums' lanes in order; by row into gxb, then the group's run of gx */
+                    for (int64_t f = 0; f < ng; f++) {
+                        const int32_t* ord = ordg + f * R;
+                        const T* dacc = daccg + f * R * KS_L;
+                        for (int64_t p = 0; p < nr; p++) {
+                            const T* restrict d = dacc + p * KS_L;
+                            T acc = 0;
+                            for (int64_t l = 0; l < nl; l++) acc += d[l];
+                            gxb[ord[p] * KS_FG + f] = nout ? acc : (T)0;
+                        }
+                    }
+                    for (int64_t b = 0; b < nr; b++)
+                        for (int64_t f = 0; f < ng; f++) gx[(b0 + b) * sgx + fb + g0 + f] = gxb[b * KS_FG + f];
                 }
             }
         }
@@ -688,22 +886,42 @@ KS_ATTR int64_t SFX(kf_sparse_bwd)(int64_t N, int64_t nin, int64_t nout, int64_t
                 }
             }
         }
-        /* the block's parameter gradients, by outputs (each o's run of nf features x nb contiguous) */
-        for (int64_t o = 0; o < nout && (want_w || want_b); o++)
-            for (int64_t f = 0; f < nf; f++) {
-                const int64_t i = fb + f, oi = o * nin + i;
-                const T* restrict GW = gWb + (f * nbp + k) * nout + o; /* basis j at GW[j nout] */
-                if (gsw) {
-                    const T sv = sc ? sc[oi] : (T)1;
-                    for (int64_t j = 0; j < nb; j++) gsw[oi * nb + j] = GW[j * nout] * sv;
+        /* the block's parameter gradients (out, in, nb): gW (nbp, out) transposed by tiles of up to 256
+         * bases x 16 outputs through a small buffer (gW read by 64-byte rows, gsw written and sw read
+         * by runs of up to 256 bases); per (o, i) the scale's sum over j in order */
+        for (int64_t f = 0; f < nf && (want_w || want_b); f++) {
+            const int64_t i = fb + f;
+            const T* restrict GW = gWb + (f * nbp + k) * nout; /* basis j, output o at GW[j nout + o] */
+            for (int64_t o0 = 0; o0 < nout; o0 += 16) {
+                const int64_t no = o0 + 16 < nout ? 16 : nout - o0;
+                T acc[16], buf[16][256];
+                for (int64_t o = 0; o < no; o++) acc[o] = 0;
+                for (int64_t j0 = 0; j0 < nb && want_w; j0 += 256) {
+                    const int64_t nj = j0 + 256 < nb ? 256 : nb - j0;
+                    for (int64_t j = 0; j < nj; j++)
+                        for (int64_t o = 0; o < no; o++) buf[o][j] = GW[(j0 + j) * nout + o0 + o];
+                    for (int64_t o = 0; o < no; o++) {
+                        const int64_t oi = (o0 + o) * nin + i;
+                        if (gsw) {
+                            const T sv = sc ? sc[oi] : (T)1;
+                            T* restrict d = gsw + oi * nb + j0;
+                            for (int64_t j = 0; j < nj; j++) d[j] = buf[o][j] * sv;
+                        }
+                        if (gsc) {
+                            const T* restrict wv = sw + oi * nb + j0;
+                            T a = acc[o];
+                            for (int64_t j = 0; j < nj; j++) a = buf[o][j] * wv[j] + a;
+                            acc[o] = a;
+                        }
+                    }
                 }
-                if (gsc) {
-                    T acc = 0;
-                    for (int64_t j = 0; j < nb; j++) acc = GW[j * nout] * sw[oi * nb + j] + acc;
-                    gsc[oi] = acc;
+                for (int64_t o = 0; o < no; o++) {
+                    const int64_t oi = (o0 + o) * nin + i;
+                    if (gsc) gsc[oi] = acc[o];
+                    if (want_b) gbw[oi] = gBb[f * nout + o0 + o];
                 }
-                if (want_b) gbw[oi] = gBb[f * nout + o];
             }
+        }
     }
     return 0;
 }

@@ -69,6 +69,10 @@ MAX_ORDER = 16
 #: Columns x slots per input above which the kernels place the slots directly instead of
 #: selecting them by compares over every column (see the C header).
 SELECT_MAX = 64
+#: Rows per tile of the sparse backward (``KS_BT`` in the C file).
+BWD_ROWS = 1024
+#: Features whose sorted tiles the sparse backward keeps at once (``KS_FG``).
+BWD_GROUP = 4
 _SOURCE = Path(__file__).with_name("cpu_spline.c")
 _ABI = 5
 
@@ -531,9 +535,10 @@ class CpuSplineKernels:
     def sparse_fwd(self, x, grid, k: int, Wt, Bt, y, R: int, FB: int, NV: int, work) -> int:
         """``y`` (rows, out) of the rows of ``x`` (rows, in; unit feature stride) on knots ``grid``
         (in, n) contiguous, from the table packed by :meth:`sparse_pack` (every feature; ``Bt`` None:
-        no base term). Tiles of ``R`` rows (a multiple of 64) by ``FB`` features, chunks of ``NV`` (4,
-        2 or 1) vectors of 64 bytes of out; ``work`` at least
-        :meth:`fwd_work` elements. Returns 0 (2: bad sizes, 3: work too short)."""
+        no base term). Tiles of ``R`` rows (a multiple of 64), each feature's rows sorted by span,
+        chunks of ``NV`` (4, 2 or 1) vectors of 64 bytes of out; ``work`` at least
+        :meth:`fwd_work` elements with ``FB`` from :meth:`fwd_units`. Returns 0 (2: bad sizes,
+        3: work too short)."""
         rows, nin = x.shape
         nout = y.shape[1]
         assert y.is_contiguous() and grid.is_contiguous() and (x.stride(1) == 1 or nin <= 1)
@@ -544,15 +549,39 @@ class CpuSplineKernels:
 
     @staticmethod
     def fwd_work(R: int, FB: int, k: int, dtype: torch.dtype) -> int:
-        """Elements of ``dtype`` the forward's work buffer needs (bases and offsets of one tile)."""
+        """Elements of ``dtype`` the forward's work buffer is given: ``R FB (k + 2)`` elements plus
+        ``R FB`` int64, FB from :meth:`fwd_units` (the kernel checks them against a sorted tile's
+        needs, :meth:`tile_bytes`)."""
         s = dtype.itemsize
         return R * FB * (k + 2 + 8 // s)
 
     @staticmethod
-    def bwd_work(FB: int, nb: int, k: int, nout: int, need_x: bool, need_w: bool) -> int:
-        """Elements the backward's work buffer needs for blocks of ``FB`` features."""
-        blk = FB * (nb + 2 * k + 1) * nout + 2 * 1088  # (+ the arrays' skew, KS_SKEW bytes each)
-        return (blk if need_x else 0) + (blk if need_w else 0)
+    def tile_bytes(R: int, k: int, n: int, nout: int, s: int, bwd: bool) -> int:
+        """Bytes a sorted tile of ``R`` rows needs in the work buffer (``ks_tile_need`` in the C file:
+        coefficients by row and by span, spans, order and counts, the padded y or grad_y tile and,
+        backward, the grad_x partial sums); ``n`` knots per input, ``s`` bytes per element."""
+        L = 64 // s
+        op = -(-nout // L) * L
+        cw = 2 * k + 4 if bwd else k + 2
+        F = BWD_GROUP if bwd else 1
+        return s * (F * R * cw + R * op + (F * R * (L + 1) if bwd else 0)) + 4 * ((2 * F + 1) * R + n) + 64
+
+    @classmethod
+    def fwd_units(cls, R: int, k: int, n: int, nout: int, dtype: torch.dtype) -> int:
+        """The FB to pass to :meth:`fwd_work` and :meth:`sparse_fwd` for tiles of ``R`` rows: the
+        smallest whose work covers :meth:`tile_bytes` (at least 1)."""
+        s = dtype.itemsize
+        per = R * ((k + 2) * s + 8)
+        return max(1, -(-cls.tile_bytes(R, k, n, nout, s, False) // per))
+
+    @classmethod
+    def bwd_work(cls, FB: int, nb: int, k: int, nout: int, need_x: bool, need_w: bool, dtype: torch.dtype) -> int:
+        """Elements of ``dtype`` the backward's work buffer needs for blocks of ``FB`` features:
+        their table rows and gradient, and a sorted tile of :data:`BWD_ROWS` rows."""
+        s = dtype.itemsize
+        blk = FB * (nb + 2 * k + 1) * nout + 2 * (1088 // s)  # (+ the arrays' skew, KS_SKEW bytes each)
+        tile = -(-cls.tile_bytes(BWD_ROWS, k, nb + k + 1, nout, s, True) // s)
+        return (blk if need_x else 0) + (blk if need_w else 0) + tile
 
     def sparse_fwd_call(self, x, grid, k: int, sw, sc, bw, y, R: int, FB: int, NV: int, buf, off_b: int,
                         off_w: int, wlen: int) -> int:
