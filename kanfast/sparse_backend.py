@@ -86,14 +86,15 @@ SMALL_WORK = 1 << 24
 #: 256: G = 5 (37 MB) 379 / 238, G = 20 (96 MB) 968 / 667).
 TABLE_BYTES = 16 << 20
 #: Past TABLE_BYTES the call is still sparse when its rows amortise the passes over the table
-#: (packing it, forward and backward, and writing the weight gradient: ~20 ns per element of the
-#: padded table, in x (G + 3k) x out, on the development VM, one thread, where the dense GEMMs
-#: take ~0.036 ns per multiply-add and the sparse kernels about as much): when
-#: rows x (3 (G + k + 1) - (3k + 6)) >= ROWS_PER_TABLE_ROW x (G + 3k), i.e. when the dense
-#: multiply-adds it saves per (in, out) pair pay for its table rows (measured: in = out = 1024,
-#: batch 256, G = 5 dense 255 ms / sparse 427 ms fwd+bwd; in = out = 256, batch 4096, G = 200
-#: dense 5.9 s / sparse 0.38 s).
-ROWS_PER_TABLE_ROW = 550
+#: (packing it, forward and backward, and writing the weight gradient, O(in (G + 3k) out) each):
+#: when rows x (3 (G + k + 1) - (3k + 6)) >= ROWS_PER_TABLE_ROW x (G + 3k), i.e. when the dense
+#: multiply-adds it saves per (in, out) pair pay for its table rows. With the span-sorted kernels
+#: the sparse path matches or beats the dense one down to small batches (development VM, quiet,
+#: in = out = 1024, fwd+bwd, ms, dense / sparse: 1 thread, batch 64: G = 3 115 / 111, G = 5 122 /
+#: 113, G = 20 374 / 244; batch 128: G = 3 132 / 139, G = 5 175 / 151; batch 256: G = 3 251 / 219,
+#: G = 5 259 / 233, G = 20 816 / 380; 2 threads, batch 256: G = 5 172 / 117, G = 20 427 / 186),
+#: hence the break-even at about 64 rows for G = 3 (it was 550 with the earlier kernels).
+ROWS_PER_TABLE_ROW = 32
 #: Forward tiles: at most FWD_ROWS rows per tile, fewer when the tile's y (rows x out, padded to
 #: whole vectors) would exceed FWD_TILE_BYTES (each feature's rows of a tile are sorted by span:
 #: the longer the tile, the more rows share the table rows held in registers; measured on the

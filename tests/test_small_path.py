@@ -186,7 +186,8 @@ def test_size_rule(monkeypatch):
 
     assert case(1000, 2, 5, 5) and case(64, 4, 16, 5) and case(128, 784, 64, 5)
     assert case(4096, 256, 256, 5) and case(4096, 256, 256, 50)  # tables of 2.4 and 14 MB
-    assert not case(256, 1024, 1024, 5)  # 37 MB, 256 rows: 256 x 12 < 550 x 14
+    assert case(256, 1024, 1024, 5)  # 37 MB, 256 rows: 256 x 12 >= 32 x 14
+    assert not case(32, 1024, 1024, 5)  # 32 rows: 32 x 12 < 32 x 14, the table passes dominate
     assert case(4096, 256, 256, 200) and case(4096, 256, 256, 500)  # 53 and 130 MB, amortised by the rows
     assert not case(4096, 1024, 1024, 1)  # 21 MB at G = 1: the sparse path saves nothing per row
     assert case(1, 1024, 1024, 5)  # one row: small work
