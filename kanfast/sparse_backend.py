@@ -189,6 +189,22 @@ def _bwd_features(nb: int, k: int, nout: int, dt: torch.dtype) -> int:
     return max(1, BWD_BLOCK_BYTES // (2 * (nb + 2 * k + 1) * nout * s))
 
 
+def _kernel_layout(x: Tensor, grid: Tensor, coef: Tensor, base_weight: Optional[Tensor], scale: Optional[Tensor]):
+    """The call's tensors as the kernels read them: x with unit feature stride, the rest contiguous
+    (copies only where they are not)."""
+    if x.stride(1) != 1 and x.shape[1] > 1:
+        x = x.contiguous()
+    if not grid.is_contiguous():
+        grid = grid.contiguous()
+    if not coef.is_contiguous():
+        coef = coef.contiguous()
+    if base_weight is not None and not base_weight.is_contiguous():
+        base_weight = base_weight.contiguous()
+    if scale is not None and not scale.is_contiguous():
+        scale = scale.contiguous()
+    return x, grid, coef, base_weight, scale
+
+
 def forward(x: Tensor, grid: Tensor, coef: Tensor, base_weight: Optional[Tensor], k: int,
             scale: Optional[Tensor] = None) -> Optional[Tensor]:
     """y ``(N, out)`` of the layer (module docstring) by the sparse kernel, or None when the
@@ -201,16 +217,7 @@ def forward(x: Tensor, grid: Tensor, coef: Tensor, base_weight: Optional[Tensor]
     A call on one worker is one C entry (check, pack, forward: ``kf_sparse_fwd_call``), its
     table and work area in one cached buffer; split calls pack and run by ranges on the workers."""
     kern = _kernels()
-    if x.stride(1) != 1 and x.shape[1] > 1:
-        x = x.contiguous()
-    if not grid.is_contiguous():
-        grid = grid.contiguous()
-    if not coef.is_contiguous():
-        coef = coef.contiguous()
-    if base_weight is not None and not base_weight.is_contiguous():
-        base_weight = base_weight.contiguous()
-    if scale is not None and not scale.is_contiguous():
-        scale = scale.contiguous()
+    x, grid, coef, base_weight, scale = _kernel_layout(x, grid, coef, base_weight, scale)
     nout, nin, nb = coef.shape
     N, dt = x.shape[0], x.dtype
     y = torch.empty(N, nout, dtype=dt)
@@ -266,16 +273,7 @@ def backward(grad_y: Tensor, x: Tensor, grid: Tensor, coef: Tensor, base_weight:
     thread count. A call on one worker is one C entry (check, rows with a non-finite grad_y,
     backward: ``kf_sparse_bwd_call``)."""
     kern = _kernels()
-    if x.stride(1) != 1 and x.shape[1] > 1:
-        x = x.contiguous()
-    if not grid.is_contiguous():
-        grid = grid.contiguous()
-    if not coef.is_contiguous():
-        coef = coef.contiguous()
-    if base_weight is not None and not base_weight.is_contiguous():
-        base_weight = base_weight.contiguous()
-    if scale is not None and not scale.is_contiguous():
-        scale = scale.contiguous()
+    x, grid, coef, base_weight, scale = _kernel_layout(x, grid, coef, base_weight, scale)
     if not grad_y.is_contiguous():
         grad_y = grad_y.contiguous()
     nout, nin, nb = coef.shape
