@@ -640,6 +640,17 @@ int64_t SFX(kf_sparse_bad_rows)(int64_t N, int64_t nout, const T* gy, int64_t* i
 }
 
 
+/* Store the weight-gradient window a (k + 1 rows of NV vectors, lanes up to lim) at rows
+ * gW .. gW + K nout, from o0: when the backward's span jumps past the window and at the end. */
+static inline __attribute__((always_inline)) void SFX(ks_bwd_store)(
+    const int NV, int64_t K, T* restrict gW, int64_t nout, int64_t o0, int64_t lim,
+    SFX(ks_v) (*restrict a)[2]) {
+    KS_UNROLL
+    for (int64_t r = 0; r <= K; r++)
+        KS_UNROLL
+        for (int u = 0; u < NV; u++) SFX(ks_stp)(gW + r * nout + o0 + u * KS_L, a[r][u], lim - u * KS_L);
+}
+
 /* Backward of one feature on the sorted rows of a tile, NV vectors of out from o0 (lim: the lanes
  * that exist from o0). While a span lasts, its k + 1 rows of the table W (for grad_x) and of the
  * weight gradient gW (accumulators) are held in registers; when the span moves on, the rows that
@@ -684,12 +695,7 @@ static inline __attribute__((always_inline)) void SFX(ks_bwd_feat)(
                     }
                 }
             } else { /* (first span, or a jump past the window) store it all, load the new one */
-                if (mcur >= 0 && gWf)
-                    KS_UNROLL
-                    for (int64_t r = 0; r <= K; r++)
-                        KS_UNROLL
-                        for (int u = 0; u < NV; u++)
-                            SFX(ks_stp)(gWf + (mcur + r) * nout + o0 + u * KS_L, a[r][u], lim - u * KS_L);
+                if (mcur >= 0 && gWf) SFX(ks_bwd_store)(NV, K, gWf + mcur * nout, nout, o0, lim, a);
                 KS_UNROLL
                 for (int64_t r = 0; r <= K; r++)
                     KS_UNROLL
@@ -730,12 +736,7 @@ static inline __attribute__((always_inline)) void SFX(ks_bwd_feat)(
             }
         }
     }
-    if (mcur >= 0 && gWf)
-        KS_UNROLL
-        for (int64_t r = 0; r <= K; r++)
-            KS_UNROLL
-            for (int u = 0; u < NV; u++)
-                SFX(ks_stp)(gWf + (mcur + r) * nout + o0 + u * KS_L, a[r][u], lim - u * KS_L);
+    if (mcur >= 0 && gWf) SFX(ks_bwd_store)(NV, K, gWf + mcur * nout, nout, o0, lim, a);
     if (gBf)
         KS_UNROLL
         for (int u = 0; u < NV; u++) SFX(ks_stp)(gBf + o0 + u * KS_L, gb[u], lim - u * KS_L);
