@@ -17,8 +17,7 @@ non-decreasing) in every call, so no edit of the grid (in place, through ``.data
 ``load_state_dict``, ``update_grid``, ``extend_grid``, ``.to()``) can leave a stale constant.
 Forward: tiles of up to FWD_ROWS rows (:func:`_fwd_blocks`), per tile and feature the rows sorted
 by span (the rows of one span share the table rows held in registers); rows split across the CPU
-workers (:func:`_workers`: the dense engine's rule, or at least PAIRS_PER_WORKER (row, input) pairs per
-worker). A call on one worker is one C entry per direction (``kf_sparse_fwd_call``: check, pack,
+workers when the call's estimated time pays for the split (:func:`_workers`, :data:`WORKER_NS`). A call on one worker is one C entry per direction (``kf_sparse_fwd_call``: check, pack,
 forward; ``kf_sparse_bwd_call``: check, non-finite grad_y rows, backward). Backward: split by input
 features across the workers; per block of features (:func:`_bwd_features`) tiles of rows, each feature's rows sorted by span: grad_x (one dot product
 per input), the transposed scatter ``gW[i, m + r, :] += B_r grad_y[b, :]`` into weight-gradient rows
@@ -69,7 +68,7 @@ import torch
 from . import cpu_buffers, cpu_workers
 from .kernels import cpu_spline
 
-__all__ = ["ENABLED", "SMALL_WORK", "TABLE_BYTES", "ROWS_PER_TABLE_ROW", "PAIRS_PER_WORKER", "chooses", "forward",
+__all__ = ["ENABLED", "SMALL_WORK", "TABLE_BYTES", "ROWS_PER_TABLE_ROW", "WORKER_NS", "chooses", "forward",
            "backward"]
 
 Tensor = torch.Tensor
@@ -105,15 +104,24 @@ FWD_TILE_BYTES = 1 << 20
 FWD_NV = 4
 #: Backward: features per block so that their table rows and weight gradient take at most this.
 BWD_BLOCK_BYTES = 512 << 10
-#: (Row, input) pairs each CPU worker must get before a sparse call is split across them
-#: (:func:`_workers`): 2 workers from 2 x PAIRS_PER_WORKER pairs. A pair costs ~10-40 ns per
-#: direction (k = 3; more for outputs that are not whole vectors) and a split ~0.1 ms or more
-#: (waking the pool, releasing the caller's OpenMP team, a core that must be free). Development
-#: VM, 2 threads, loaded host (not results), KAN fwd / fwd+bwd: [784, 64, 10] batch 128 (its
-#: first layer 100352 pairs, split) 2.27 / 6.9 ms inline, 1.68 / 4.8 split; [64, 32, 10] batch 256
-#: (16384 pairs) 0.58 / 1.55 inline, 0.84 / 1.89 split: the split pays only for calls of
-#: about a millisecond or more.
-PAIRS_PER_WORKER = 32768
+#: The split rule (:func:`_workers`): a call's estimated time on one thread, ``pairs x (PAIR_NS +
+#: VECTOR_NS x v) + table x TABLE_NS`` nanoseconds (pairs = rows x in, v the 64-byte vectors of one
+#: row of out, table = in x (G + 3k) x out elements packed and swept per call), is split into
+#: ``min(torch.get_num_threads(), estimate // WORKER_NS)`` parts, when that is 2 or more. A split
+#: costs ~0.1-0.3 ms (waking the pool twice per forward, releasing the caller's OpenMP team) and
+#: halves the rows each forward tile sorts, so it pays only for calls of a few milliseconds.
+#: Development VM (AMD EPYC, 2 cores), quiet, kernel alone, one thread, ns per pair forward:
+#: float32 out = 1 11.6, out = 64 15.8, out = 256 34.8; float64 out = 1 17.3, out = 256 83. Split (2
+#: workers) against inline, the best of 9 interleaved samples, forward / fwd+bwd: 64 -> 64, batch
+#: 1024 (estimate 1.05 ms): 1.14 / 1.35 (slower); 784 -> 10, batch 128 (1.2 ms): 1.37 / 1.20;
+#: 784 -> 64, batch 128 (1.6 ms): 0.85 / 1.47; 784 -> 64, batch 192 (2.4 ms): 0.83 / 0.66; 128 -> 128,
+#: batch 1024 (2.9 ms): 0.73 / 0.73; 256 -> 256, batch 256 (2.2 ms): 0.74 / 0.62; 256 -> 256, batch
+#: 1024: 0.56 / 0.55. (The earlier rule, 2 workers from 65536 pairs whatever out, was tuned on a
+#: loaded host and split the first two, which then ran slower.)
+PAIR_NS = {4: 10.0, 8: 16.0}
+VECTOR_NS = {4: 1.5, 8: 2.0}
+TABLE_NS = 0.5
+WORKER_NS = 1_000_000
 #: Off: every call takes the dense engine (``KANFAST_SPARSE=0`` in the environment at import;
 #: tests of the dense engine's own paths set it).
 ENABLED = os.environ.get("KANFAST_SPARSE", "1").strip().lower() not in ("0", "false", "no", "off")
@@ -252,15 +260,19 @@ def forward(x: Tensor, grid: Tensor, coef: Tensor, base_weight: Optional[Tensor]
 
 
 def _workers(x, grid, coef, base_weight, scale) -> int:
-    """Number of CPU workers (:mod:`kanfast.cpu_workers`, its rule on a call's work; 1 runs
-    inline): the work is the dense elements ``rows x in x (G + k + 1)``, or, when larger, the
-    (row, input) pairs in units of ``MIN_ELEMENTS / PAIRS_PER_WORKER`` (the sparse kernels' cost
-    per pair does not fall with G as the dense work does)."""
+    """Number of CPU workers for a call (1 runs inline): ``estimate // WORKER_NS`` parts of the
+    call's estimated time on one thread (the split rule at :data:`WORKER_NS`), capped by
+    :func:`kanfast.cpu_workers.worker_count` (threads, usable CPUs, tensor kinds, recording
+    modes), to which the estimate is passed in its units of ``MIN_ELEMENTS`` per worker."""
     N, nin = x.shape
-    pairs = N * nin
-    work = max(pairs * (coef.shape[2] + 1), pairs * (cpu_workers.MIN_ELEMENTS // PAIRS_PER_WORKER))
-    if work < 2 * cpu_workers.MIN_ELEMENTS:
+    nout, _, nb = coef.shape
+    s = x.dtype.itemsize
+    k = grid.shape[1] - nb - 1
+    est = (N * nin * (PAIR_NS[s] + VECTOR_NS[s] * -(-nout * s // 64))
+           + nin * (nb + 2 * k) * nout * TABLE_NS)
+    if est < 2 * WORKER_NS:
         return 1  # (worker_count's own first answer, without its calls)
+    work = int(est / WORKER_NS * cpu_workers.MIN_ELEMENTS)
     return cpu_workers.worker_count(work, x, grid, coef, base_weight, scale)
 
 

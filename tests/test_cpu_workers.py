@@ -161,10 +161,11 @@ def test_dispatch_mode_runs_inline(workers):
 
 _FORK_SCRIPT = r"""
 import os, sys, torch
-from kanfast import FastKANLayer, cpu_workers
+from kanfast import FastKANLayer, cpu_workers, sparse_backend
 from kanfast.reference import kan_linear_reference
 torch.set_num_threads(3)
 cpu_workers.MIN_ELEMENTS = 1
+sparse_backend.WORKER_NS = 1e-6  # (the sparse path's split rule: any call splits)
 layer = FastKANLayer(6, 4, dtype=torch.float64)
 x = torch.linspace(-0.9, 0.9, 25 * 6, dtype=torch.float64).view(25, 6)
 layer(x)

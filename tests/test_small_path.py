@@ -362,6 +362,7 @@ def _force_workers(monkeypatch, n):
     from kanfast import cpu_workers
 
     monkeypatch.setattr(cpu_workers, "MIN_ELEMENTS", 1)
+    monkeypatch.setattr(sparse_backend, "WORKER_NS", 1e-6)  # (any estimate asks for every thread)
     monkeypatch.setattr(cpu_workers, "_usable_cpus", lambda: 64)
     torch.set_num_threads(n)
 
@@ -404,26 +405,36 @@ def test_split_across_workers(dtype, three_workers, calls):
         assert rel_rms(a[fin], b[fin]) <= tol
 
 
-def test_worker_rule_counts_pairs(monkeypatch, restore_threads):
-    """The split rule of the sparse path (sparse_backend._workers): the dense elements or the
-    (row, input) pairs over PAIRS_PER_WORKER, whichever asks for more workers; small calls inline."""
+def test_worker_rule_follows_the_estimated_time(monkeypatch, restore_threads):
+    """The split rule of the sparse path (sparse_backend._workers): the call's estimated time on one
+    thread, pairs x (PAIR_NS + VECTOR_NS x vectors of out) + table x TABLE_NS, over WORKER_NS per
+    worker; calls under two workers' worth inline; wider outputs and float64 split earlier."""
     from kanfast import cpu_workers
 
     if not cpu_workers._uses_openmp():
         pytest.skip("workers need torch's OpenMP backend")
     monkeypatch.setattr(cpu_workers, "_usable_cpus", lambda: 64)
-    torch.set_num_threads(2)
-    ppw = sparse_backend.PAIRS_PER_WORKER
+    torch.set_num_threads(4)
+    sb = sparse_backend
 
-    def workers(N, nin, G=5):
-        x = torch.empty(N, nin)
-        return sparse_backend._workers(x, None, torch.empty(1, nin, G + 3), None, None)
+    def workers(N, nin, nout, G=5, k=3, dtype=torch.float32):
+        x = torch.empty(N, nin, dtype=dtype)
+        grid = torch.empty(nin, G + 2 * k + 1, dtype=dtype)
+        return sb._workers(x, grid, torch.empty(nout, nin, G + k, dtype=dtype), None, None)
 
-    assert workers(64, 16) == 1 and workers(1000, 2) == 1
-    assert workers(2 * ppw, 1) == 2 and workers(2 * ppw - 1, 1) == 1
-    assert workers(128, 784) == 2
+    def estimate(N, nin, nout, G=5, k=3, s=4):
+        return N * nin * (sb.PAIR_NS[s] + sb.VECTOR_NS[s] * -(-nout * s // 64)) + nin * (G + 3 * k) * nout * sb.TABLE_NS
+
+    assert workers(64, 16, 16) == 1 and workers(1024, 64, 64) == 1  # about 1 ms: inline
+    for shape in [(128, 784, 64), (1024, 64, 64), (4096, 256, 256), (256, 256, 256), (20000, 8, 1), (128, 784, 10)]:
+        for dtype, s in ((torch.float32, 4), (torch.float64, 8)):
+            want = int(estimate(*shape, s=s) // sb.WORKER_NS)
+            want = 1 if want < 2 else min(4, want)
+            assert workers(*shape, dtype=dtype) == want, (shape, dtype)
+    assert workers(256, 256, 256) >= 2 and workers(256, 256, 16) == 1  # the same pairs, wider outputs split
+    assert workers(1024, 64, 64, dtype=torch.float64) >= workers(1024, 64, 64)
     torch.set_num_threads(1)
-    assert workers(128, 784) == 1
+    assert workers(4096, 256, 256) == 1
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
