@@ -68,7 +68,7 @@ import torch
 from . import cpu_buffers, cpu_workers
 from .kernels import cpu_spline
 
-__all__ = ["ENABLED", "SMALL_WORK", "TABLE_BYTES", "ROWS_PER_TABLE_ROW", "WORKER_NS", "chooses", "forward",
+__all__ = ["ENABLED", "SMALL_WORK", "TABLE_BYTES", "ROWS_PER_TABLE_ROW", "WORKER_NS", "OMP_WORKER_NS", "chooses", "forward",
            "backward"]
 
 Tensor = torch.Tensor
@@ -122,6 +122,13 @@ PAIR_NS = {4: 10.0, 8: 16.0}
 VECTOR_NS = {4: 1.5, 8: 2.0}
 TABLE_NS = 0.5
 WORKER_NS = 1_000_000
+#: The same rule's unit where the kernels were built with OpenMP (``CpuSplineKernels.openmp``; not in
+#: a forked child): the one-entry C call splits itself across the caller's OpenMP team, whose fork
+#: and join cost microseconds, so 2 threads from a 50 us estimate. Development VM, quiet, best of 9
+#: interleaved samples, 2 threads against 1, forward / fwd+bwd: 16 -> 16, batch 64 (14 us): 0.93 /
+#: 0.89; 64 -> 32, batch 256 (0.2 ms): 0.83 / 0.79; 64 -> 64, batch 1024: 0.69 / 0.67; 784 -> 64,
+#: batch 128: 0.60 / 0.54; 256 -> 256, batch 256: 0.64 / 0.53; 64 -> 10, batch 4096: 0.52 / 0.52.
+OMP_WORKER_NS = 25_000
 #: Off: every call takes the dense engine (``KANFAST_SPARSE=0`` in the environment at import;
 #: tests of the dense engine's own paths set it).
 ENABLED = os.environ.get("KANFAST_SPARSE", "1").strip().lower() not in ("0", "false", "no", "off")
@@ -132,6 +139,22 @@ _F32, _F64 = torch.float32, torch.float64
 
 def _kernels():
     return cpu_spline.load()
+
+
+#: True in a process forked from one that imported this module: libgomp is not fork-safe (a child's
+#: parallel region would wait for the parent's team threads, which do not exist there), so a split
+#: call there runs on the child's own Python worker pool (:mod:`kanfast.cpu_workers`), never on
+#: the OpenMP team the one-entry calls use elsewhere.
+_forked = False
+
+
+def _after_fork_in_child() -> None:
+    global _forked
+    _forked = True
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def chooses(x: Tensor, grid: Tensor, coef: Tensor, base_weight: Optional[Tensor], k: int,
@@ -233,10 +256,11 @@ def forward(x: Tensor, grid: Tensor, coef: Tensor, base_weight: Optional[Tensor]
     R, FB, NV = _fwd_blocks(nb, k, nout, dt)
     wlen = kern.fwd_work(R, FB, k, dt)
     P = _workers(x, grid, coef, base_weight, scale)
-    if P == 1:
+    if P == 1 or (kern.openmp and not _forked):
         off_w = (nw + nin * nout + 15) & ~15  # (64-byte aligned work area after Wt and Bt)
+        wall = P * ((wlen + 15) & ~15)  # (P > 1: the C call's team, a work area each)
         rc = kern.sparse_fwd_call(x, grid, k, coef, scale, base_weight, y, R, FB, NV,
-                                  _buffer("W", off_w + wlen, dt), nw, off_w, wlen)
+                                  _buffer("W", off_w + wall, dt), nw, off_w, wall, P)
         if rc == 1:
             return None
         assert rc == 0, f"kf_sparse_fwd_call returned {rc}"
@@ -260,8 +284,9 @@ def forward(x: Tensor, grid: Tensor, coef: Tensor, base_weight: Optional[Tensor]
 
 
 def _workers(x, grid, coef, base_weight, scale) -> int:
-    """Number of CPU workers for a call (1 runs inline): ``estimate // WORKER_NS`` parts of the
-    call's estimated time on one thread (the split rule at :data:`WORKER_NS`), capped by
+    """Number of CPU workers for a call (1 runs inline): ``estimate // unit`` parts of the call's
+    estimated time on one thread (the split rule at :data:`WORKER_NS`; the unit is
+    :data:`OMP_WORKER_NS` where the C calls split themselves on the OpenMP team), capped by
     :func:`kanfast.cpu_workers.worker_count` (threads, usable CPUs, tensor kinds, recording
     modes), to which the estimate is passed in its units of ``MIN_ELEMENTS`` per worker."""
     N, nin = x.shape
@@ -270,9 +295,10 @@ def _workers(x, grid, coef, base_weight, scale) -> int:
     k = grid.shape[1] - nb - 1
     est = (N * nin * (PAIR_NS[s] + VECTOR_NS[s] * -(-nout * s // 64))
            + nin * (nb + 2 * k) * nout * TABLE_NS)
-    if est < 2 * WORKER_NS:
+    unit = OMP_WORKER_NS if (not _forked and _kernels().openmp) else WORKER_NS
+    if est < 2 * unit:
         return 1  # (worker_count's own first answer, without its calls)
-    work = int(est / WORKER_NS * cpu_workers.MIN_ELEMENTS)
+    work = int(est / unit * cpu_workers.MIN_ELEMENTS)
     return cpu_workers.worker_count(work, x, grid, coef, base_weight, scale)
 
 
@@ -304,9 +330,10 @@ def backward(grad_y: Tensor, x: Tensor, grid: Tensor, coef: Tensor, base_weight:
     FB = _bwd_features(nb, k, nout, dt)
     wlen = kern.bwd_work(FB, nb, k, nout, need_x, need_w or need_b, dt)
     P = _workers(x, grid, coef, base_weight, scale)
-    if P == 1:
+    if P == 1 or (kern.openmp and not _forked):
+        wall = P * ((wlen + 15) & ~15)
         rc = kern.sparse_bwd_call(x, grid, k, grad_y, coef, scale, base_weight, gx, gc, gs, gb, bad, FB,
-                                  _buffer("bwork", wlen, dt))
+                                  _buffer("bwork", wall, dt), P)
         if rc == 1:
             return None
         assert rc == 0, f"kf_sparse_bwd_call returned {rc}"

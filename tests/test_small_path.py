@@ -363,6 +363,7 @@ def _force_workers(monkeypatch, n):
 
     monkeypatch.setattr(cpu_workers, "MIN_ELEMENTS", 1)
     monkeypatch.setattr(sparse_backend, "WORKER_NS", 1e-6)  # (any estimate asks for every thread)
+    monkeypatch.setattr(sparse_backend, "OMP_WORKER_NS", 1e-6)
     monkeypatch.setattr(cpu_workers, "_usable_cpus", lambda: 64)
     torch.set_num_threads(n)
 
@@ -374,15 +375,37 @@ def restore_threads():
     torch.set_num_threads(n)
 
 
-@pytest.fixture
-def three_workers(monkeypatch, restore_threads):
-    """Force the CPU workers (3 parts) for any call; records the parts of every split call."""
+def _split_by(monkeypatch, how: str) -> list:
+    """Split calls run by ``how``: "openmp" (the one-entry C calls across the caller's OpenMP team;
+    skipped where the library was built without OpenMP) or "pool" (kanfast.cpu_workers' threads).
+    Returns the list the P of every one-entry call is appended to."""
+    kern = sparse_backend._kernels()
+    if how == "openmp" and not kern.openmp:
+        pytest.skip("the CPU kernels were built without OpenMP")
+    monkeypatch.setattr(kern, "openmp", how == "openmp")
+    seen = []
+    for name in ("sparse_fwd_call", "sparse_bwd_call"):
+        real = getattr(kern, name)
+
+        def spy(*a, _real=real, **kw):
+            seen.append(a[14] if len(a) > 14 else kw.get("P", 1))  # (P: the 15th argument of both)
+            return _real(*a, **kw)
+
+        monkeypatch.setattr(kern, name, spy)
+    return seen
+
+
+@pytest.fixture(params=["openmp", "pool"])
+def three_workers(request, monkeypatch, restore_threads):
+    """Force 3 parts for any call, split by the OpenMP team or the worker pool (request.param);
+    returns (how, the ranges of every pool split, the P of every one-entry C call)."""
     from kanfast import cpu_workers
 
     if not cpu_workers._uses_openmp():
         pytest.skip("workers need torch's OpenMP backend")
     _force_workers(monkeypatch, 3)
-    return spy_on_worker_runs(monkeypatch)
+    seen = _split_by(monkeypatch, request.param)
+    return request.param, spy_on_worker_runs(monkeypatch), seen
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -396,7 +419,11 @@ def test_split_across_workers(dtype, three_workers, calls):
     got = _grads(layer, x, gy, reference=False)
     assert calls == {"fwd": 1, "bwd": 1}
     n = x.shape[0]
-    assert three_workers == [[(0, 2), (2, 4), (4, 6)], [(0, 32), (32, 64), (64, n)], [(0, 2), (2, 4), (4, 6)]]
+    how, runs, ps = three_workers
+    if how == "pool":
+        assert runs == [[(0, 2), (2, 4), (4, 6)], [(0, 32), (32, 64), (64, n)], [(0, 2), (2, 4), (4, 6)]]
+    else:  # one C call per direction, split inside it
+        assert runs == [] and ps == [3, 3]
     want = _grads(layer, x, gy, reference=True)
     for a, b in zip(got, want):
         assert torch.equal(torch.isnan(a), torch.isnan(b))
@@ -405,17 +432,21 @@ def test_split_across_workers(dtype, three_workers, calls):
         assert rel_rms(a[fin], b[fin]) <= tol
 
 
-def test_worker_rule_follows_the_estimated_time(monkeypatch, restore_threads):
+@pytest.mark.parametrize("how", ["openmp", "pool"])
+def test_worker_rule_follows_the_estimated_time(how, monkeypatch, restore_threads):
     """The split rule of the sparse path (sparse_backend._workers): the call's estimated time on one
-    thread, pairs x (PAIR_NS + VECTOR_NS x vectors of out) + table x TABLE_NS, over WORKER_NS per
-    worker; calls under two workers' worth inline; wider outputs and float64 split earlier."""
+    thread, pairs x (PAIR_NS + VECTOR_NS x vectors of out) + table x TABLE_NS, over the unit per
+    worker (OMP_WORKER_NS where the C calls split on the OpenMP team, WORKER_NS for the pool); calls
+    under two units inline; wider outputs and float64 split earlier."""
     from kanfast import cpu_workers
 
     if not cpu_workers._uses_openmp():
         pytest.skip("workers need torch's OpenMP backend")
+    _split_by(monkeypatch, how)
     monkeypatch.setattr(cpu_workers, "_usable_cpus", lambda: 64)
     torch.set_num_threads(4)
     sb = sparse_backend
+    unit = sb.OMP_WORKER_NS if how == "openmp" else sb.WORKER_NS
 
     def workers(N, nin, nout, G=5, k=3, dtype=torch.float32):
         x = torch.empty(N, nin, dtype=dtype)
@@ -425,13 +456,16 @@ def test_worker_rule_follows_the_estimated_time(monkeypatch, restore_threads):
     def estimate(N, nin, nout, G=5, k=3, s=4):
         return N * nin * (sb.PAIR_NS[s] + sb.VECTOR_NS[s] * -(-nout * s // 64)) + nin * (G + 3 * k) * nout * sb.TABLE_NS
 
-    assert workers(64, 16, 16) == 1 and workers(1024, 64, 64) == 1  # about 1 ms: inline
-    for shape in [(128, 784, 64), (1024, 64, 64), (4096, 256, 256), (256, 256, 256), (20000, 8, 1), (128, 784, 10)]:
+    assert workers(64, 16, 16) == 1  # tens of microseconds: inline
+    if how == "pool":
+        assert workers(1024, 64, 64) == 1  # about 1 ms: inline on the pool's rule
+    shapes = [(128, 784, 64), (1024, 64, 64), (4096, 256, 256), (256, 256, 256), (20000, 8, 1), (128, 784, 10),
+              (256, 64, 32), (256, 32, 10), (64, 4, 16)]
+    for shape in shapes:
         for dtype, s in ((torch.float32, 4), (torch.float64, 8)):
-            want = int(estimate(*shape, s=s) // sb.WORKER_NS)
+            want = int(estimate(*shape, s=s) // unit)
             want = 1 if want < 2 else min(4, want)
             assert workers(*shape, dtype=dtype) == want, (shape, dtype)
-    assert workers(256, 256, 256) >= 2 and workers(256, 256, 16) == 1  # the same pairs, wider outputs split
     assert workers(1024, 64, 64, dtype=torch.float64) >= workers(1024, 64, 64)
     torch.set_num_threads(1)
     assert workers(4096, 256, 256) == 1
@@ -439,7 +473,8 @@ def test_worker_rule_follows_the_estimated_time(monkeypatch, restore_threads):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("k,uniform", [(3, True), (2, False), (5, True)])
-def test_bit_identical_across_thread_counts(dtype, k, uniform, monkeypatch, restore_threads, calls):
+@pytest.mark.parametrize("how", ["openmp", "pool"])
+def test_bit_identical_across_thread_counts(dtype, k, uniform, how, monkeypatch, restore_threads, calls):
     """Values and every gradient the same bits on 1, 2 and 3 workers, and run to run (a layer wide
     enough for several feature blocks in the backward, a tail of out that is not a whole vector,
     NaN/inf and outside inputs, a non-finite grad_y row)."""
@@ -455,8 +490,12 @@ def test_bit_identical_across_thread_counts(dtype, k, uniform, monkeypatch, rest
     for n in (1, 2, 3, 2, 1):
         _force_workers(monkeypatch, n)
         spy = spy_on_worker_runs(monkeypatch)
+        ps = _split_by(monkeypatch, how)
         runs.append(_grads(layer, x, gy, reference=False))
-        assert all(len(r) == n for r in spy) and (n == 1 or len(spy) == 3)
+        if how == "pool":
+            assert all(len(r) == n for r in spy) and (n == 1 or len(spy) == 3)
+        else:
+            assert spy == [] and ps == [n, n]
     assert calls == {"fwd": 5, "bwd": 5}
     for other in runs[1:]:
         for a, b in zip(runs[0], other):

@@ -38,10 +38,22 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
 
 #ifndef KF_BODY
 
-int kf_abi_version(void) { return 5; }
+int kf_abi_version(void) { return 6; }
+
+/* 1 when built with OpenMP (the one-entry calls can then split themselves across the caller's team) */
+int kf_openmp(void) {
+#if defined(_OPENMP)
+    return 1;
+#else
+    return 0;
+#endif
+}
 
 /* exp for float, vectorisable (Cephes expf: range reduction by ln 2, degree-6 polynomial).
  * Arguments below -87.3 give exp(-87.3) (~1e-38: 1 + e rounds to 1, as it would for the exact
@@ -927,31 +939,82 @@ KS_ATTR int64_t SFX(kf_sparse_bwd)(int64_t N, int64_t nin, int64_t nout, int64_t
     return 0;
 }
 
-/* One layer call on the calling thread, in one entry (the small calls of kanfast.sparse_backend,
- * whose cost is the calls themselves): forward = kf_sparse_check, kf_sparse_pack of every feature
- * into Wt/Bt, kf_sparse_fwd of every row (arguments as theirs; Bt is used only with bw). Returns 1
- * when the knots are declined (nothing written), else kf_sparse_fwd's code (2 also for sizes the
- * pack cannot take). The same operations in the same order as the three calls: the same bits. */
+/* One layer call in one entry (the calls of kanfast.sparse_backend, whose cost is the calls themselves
+ * for small layers): forward = kf_sparse_check, kf_sparse_pack of every feature into Wt/Bt,
+ * kf_sparse_fwd of every row (arguments as theirs; Bt is used only with bw). P > 1 (built with OpenMP):
+ * split across a team of P threads of the caller's OpenMP runtime (torch's: forking and joining its
+ * team costs microseconds where a pool of Python threads costs ~0.1 ms): thread p of np packs
+ * features [nin p / np, nin (p + 1) / np), a barrier, then runs rows [N p / np, N (p + 1) / np) with
+ * its own work area (work_len / P elements, rounded down to a multiple of 16, each). Every y row is
+ * the same chain of multiply-adds whoever runs it: the same bits for any P. Returns 1 when the knots
+ * are declined (nothing written), else kf_sparse_fwd's code (2 also for sizes the pack cannot take). */
 KS_ATTR int64_t SFX(kf_sparse_fwd_call)(int64_t N, int64_t nin, int64_t nout, int64_t k, int64_t n, const T* x,
                                         int64_t sx, const T* grid, const T* sw, const T* sc, const T* bw, T* Wt,
                                         T* Bt, T* y, int64_t R, int64_t FB, int64_t NV, T* work,
-                                        int64_t work_len) {
+                                        int64_t work_len, int64_t P) {
     if (SFX(kf_sparse_check)(nin, n, grid)) return 1;
     const int64_t nb = n - k - 1;
     if (k < 0 || k >= KS_MAXK || nb < 1) return 2;
+#if defined(_OPENMP)
+    if (P > 1 && N > 1) {
+        const int64_t nbp = nb + 2 * k, per = work_len / P / 16 * 16;
+        int64_t rc = 0;
+#pragma omp parallel num_threads((int)P)
+        {
+            const int64_t p = omp_get_thread_num(), np = omp_get_num_threads();
+            const int64_t f0 = nin * p / np, f1 = nin * (p + 1) / np;
+            SFX(kf_sparse_pack)(f0, f1, nin, nout, nb, k, sw, sc, bw, Wt + f0 * nbp * nout, bw ? Bt + f0 * nout : 0);
+#pragma omp barrier
+            const int64_t a = N * p / np, b = N * (p + 1) / np;
+            const int64_t r = b > a ? SFX(kf_sparse_fwd)(b - a, nin, nout, k, n, x + a * sx, sx, grid, Wt, bw ? Bt : 0,
+                                                         y + a * nout, R, FB, NV, work + p * per, per)
+                                    : 0;
+            if (r) {
+#pragma omp critical
+                rc = r;
+            }
+        }
+        return rc;
+    }
+#endif
+    (void)P;
     SFX(kf_sparse_pack)(0, nin, nin, nout, nb, k, sw, sc, bw, Wt, bw ? Bt : 0);
     return SFX(kf_sparse_fwd)(N, nin, nout, k, n, x, sx, grid, Wt, bw ? Bt : 0, y, R, FB, NV, work, work_len);
 }
 
 /* Backward in one entry: kf_sparse_check (returns 1: declined, nothing written), then, when bad is
  * not NULL, kf_sparse_bad_rows of gy into bad (at least N int64), then kf_sparse_bwd of features
- * [f0, f1) (its arguments; nbad from the listing, 0 when bad is NULL). Returns kf_sparse_bwd's code. */
+ * [f0, f1) (its arguments; nbad from the listing, 0 when bad is NULL). P > 1 (built with OpenMP): the
+ * features split across a team of P threads of the caller's OpenMP runtime, thread p of np features
+ * [f0 + (f1 - f0) p / np, f0 + (f1 - f0) (p + 1) / np) with its own work area (work_len / P elements,
+ * rounded down to a multiple of 16): every gradient of a feature is computed by one thread over all
+ * rows in order, the same bits for any P. Returns kf_sparse_bwd's code. */
 KS_ATTR int64_t SFX(kf_sparse_bwd_call)(int64_t N, int64_t nin, int64_t nout, int64_t k, int64_t n, int64_t f0,
                                         int64_t f1, const T* x, int64_t sx, const T* grid, const T* gy,
                                         const T* sw, const T* sc, const T* bw, T* gx, int64_t sgx, T* gsw, T* gsc,
-                                        T* gbw, int64_t* bad, int64_t FB, T* work, int64_t work_len) {
+                                        T* gbw, int64_t* bad, int64_t FB, T* work, int64_t work_len, int64_t P) {
     if (SFX(kf_sparse_check)(nin, n, grid)) return 1;
     const int64_t nbad = bad ? SFX(kf_sparse_bad_rows)(N, nout, gy, bad) : 0;
+#if defined(_OPENMP)
+    if (P > 1 && f1 - f0 > 1) {
+        const int64_t per = work_len / P / 16 * 16;
+        int64_t rc = 0;
+#pragma omp parallel num_threads((int)P)
+        {
+            const int64_t p = omp_get_thread_num(), np = omp_get_num_threads();
+            const int64_t a = f0 + (f1 - f0) * p / np, b = f0 + (f1 - f0) * (p + 1) / np;
+            const int64_t r = b > a ? SFX(kf_sparse_bwd)(N, nin, nout, k, n, a, b, x, sx, grid, gy, sw, sc, bw, gx, sgx,
+                                                         gsw, gsc, gbw, nbad, bad, FB, work + p * per, per)
+                                    : 0;
+            if (r) {
+#pragma omp critical
+                rc = r;
+            }
+        }
+        return rc;
+    }
+#endif
+    (void)P;
     return SFX(kf_sparse_bwd)(N, nin, nout, k, n, f0, f1, x, sx, grid, gy, sw, sc, bw, gx, sgx, gsw, gsc, gbw, nbad,
                               bad, FB, work, work_len);
 }

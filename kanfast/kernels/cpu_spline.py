@@ -5,8 +5,8 @@ the fused span / basis / dense-block fill, and the fused grad_x contraction, uni
 knots), or None, in which case the torch backend runs its pure-torch ops instead.
 
 How: the C file is compiled with the system C compiler (``$CC``, else ``cc``, ``gcc``
-or ``clang``; flags :data:`CFLAGS`, ``-march=native``, or :data:`PORTABLE_CFLAGS`
-where the compiler refuses that) into a shared library cached in
+or ``clang``; flags :data:`CFLAGS` with :data:`OPENMP_CFLAGS` when torch runs on OpenMP, else
+without, or :data:`PORTABLE_CFLAGS` where the compiler refuses ``-march=native``) into a shared library cached in
 ``$KANFAST_CACHE_DIR`` (default ``$XDG_CACHE_HOME/kanfast`` or ``~/.cache/kanfast``;
 a private ``kanfast-<uid>`` under the temp dir when that is not writable or may not be
 used) under a name that hashes the source, the flags, the compiler (path, size, mtime) and this
@@ -54,7 +54,7 @@ from typing import List, Optional
 
 import torch
 
-__all__ = ["load", "reset", "CpuSplineKernels", "CFLAGS", "PORTABLE_CFLAGS", "MAX_ORDER"]
+__all__ = ["load", "reset", "CpuSplineKernels", "CFLAGS", "PORTABLE_CFLAGS", "OPENMP_CFLAGS", "MAX_ORDER"]
 
 #: No fast-math: the spans must be the IEEE results the torch path's interior check
 #: computes, and NaN must stay NaN. No contraction into FMA for the same reason.
@@ -64,6 +64,22 @@ CFLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fno-
           "-shared", "-fPIC"]
 #: The same without -march=native, tried when the compiler refuses that flag.
 PORTABLE_CFLAGS = [f for f in CFLAGS if f != "-march=native"]
+#: Added first when torch's own parallel backend is OpenMP (and its runtime is loaded): the
+#: one-entry sparse calls then split themselves across the caller's OpenMP team. The library's
+#: libgomp.so.1 is resolved by its soname to the copy torch already mapped (no other file is
+#: loaded); without the flag (a compiler without OpenMP) the same calls run on one thread.
+OPENMP_CFLAGS = ["-fopenmp"]
+
+
+def _torch_openmp() -> bool:
+    """Whether torch's intra-op backend is OpenMP and an OpenMP runtime is mapped in this process."""
+    if "OpenMP" not in torch.__config__.parallel_info():
+        return False
+    try:
+        with open("/proc/self/maps") as f:
+            return any("libgomp" in line for line in f)
+    except OSError:  # not Linux
+        return False
 #: Largest spline order (and polynomial degree + 1) the launchers accept.
 MAX_ORDER = 16
 #: Columns x slots per input above which the kernels place the slots directly instead of
@@ -74,7 +90,7 @@ BWD_ROWS = 1024
 #: Features whose sorted tiles the sparse backward keeps at once (``KS_FG``).
 BWD_GROUP = 4
 _SOURCE = Path(__file__).with_name("cpu_spline.c")
-_ABI = 5
+_ABI = 6
 
 _lock = threading.Lock()
 _loaded = False
@@ -344,14 +360,15 @@ def _compile_and_load() -> "CpuSplineKernels":
     if cc is None:
         raise RuntimeError("no C compiler found (set $CC, or install gcc or clang)")
     distrust: List[str] = []
+    tries = ([CFLAGS + OPENMP_CFLAGS] if _torch_openmp() else []) + [CFLAGS, PORTABLE_CFLAGS]
     try:
-        try:
-            return _load_or_build(cc, CFLAGS, distrust)
-        except RuntimeError as native_error:  # e.g. a compiler without -march=native: portable code
+        first_error = None
+        for flags in tries:  # e.g. a compiler without OpenMP, or without -march=native: the next
             try:
-                return _load_or_build(cc, PORTABLE_CFLAGS, distrust)
-            except RuntimeError:
-                raise native_error from None
+                return _load_or_build(cc, flags, distrust)
+            except RuntimeError as e:
+                first_error = first_error or e
+        raise first_error
     finally:
         if distrust:
             warnings.warn(
@@ -440,6 +457,9 @@ class CpuSplineKernels:
             gx.restype = None
             self._fill[dtype], self._grad_x[dtype] = fill, gx
         self._lib = lib
+        #: Whether the library was built with OpenMP: its one-entry calls can split themselves across
+        #: the caller's OpenMP team (torch's runtime, already loaded: the same libgomp by its soname).
+        self.openmp = bool(lib.kf_openmp())
         # the one-entry calls of the small path, looked up once (their signatures set here)
         self._fwd_call = {dt: self._sparse_fn("fwd_call", dt) for dt in (torch.float32, torch.float64)}
         self._bwd_call = {dt: self._sparse_fn("bwd_call", dt) for dt in (torch.float32, torch.float64)}
@@ -497,8 +517,8 @@ class CpuSplineKernels:
         "fwd": ([_I, _I, _I, _I, _I, _P, _I, _P, _P, _P, _P, _I, _I, _I, _P, _I], _I),
         "bad_rows": ([_I, _I, _P, _P], _I),
         "bwd": ([_I, _I, _I, _I, _I, _I, _I, _P, _I, _P, _P, _P, _P, _P, _P, _I, _P, _P, _P, _I, _P, _I, _P, _I], _I),
-        "fwd_call": ([_I, _I, _I, _I, _I, _P, _I, _P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _P, _I], _I),
-        "bwd_call": ([_I, _I, _I, _I, _I, _I, _I, _P, _I, _P, _P, _P, _P, _P, _P, _I, _P, _P, _P, _P, _I, _P, _I], _I),
+        "fwd_call": ([_I, _I, _I, _I, _I, _P, _I, _P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _P, _I, _I], _I),
+        "bwd_call": ([_I, _I, _I, _I, _I, _I, _I, _P, _I, _P, _P, _P, _P, _P, _P, _I, _P, _P, _P, _P, _I, _P, _I, _I], _I),
     }
 
     def _sparse_fn(self, name: str, dtype: torch.dtype):
@@ -584,28 +604,34 @@ class CpuSplineKernels:
         return (blk if need_x else 0) + (blk if need_w else 0) + tile
 
     def sparse_fwd_call(self, x, grid, k: int, sw, sc, bw, y, R: int, FB: int, NV: int, buf, off_b: int,
-                        off_w: int, wlen: int) -> int:
+                        off_w: int, wlen: int, P: int = 1) -> int:
         """One entry for a whole forward on the calling thread (``kf_sparse_fwd_call``: the knot
         check, :meth:`sparse_pack` of every feature and :meth:`sparse_fwd` of every row, the small
         calls' path): the table packed into ``buf`` (one contiguous buffer of x's dtype: Wt from
         element 0, Bt from ``off_b``, the work area of ``wlen`` elements from ``off_w``, a
         multiple of 8). ``x`` (rows, in; unit feature stride), ``grid`` (in, n), ``sw``
         (out, in, nb), ``sc``/``bw`` (out, in) or None, ``y`` (rows, out): contiguous, one dtype
-        (the caller's checks: nothing is asserted here). Returns 1 when the knots are declined
-        (nothing written), else :meth:`sparse_fwd`'s code."""
+        (the caller's checks: nothing is asserted here). ``P`` > 1 with :attr:`openmp`: split across
+        P threads of the caller's OpenMP team (features for the pack, then rows), each with a work
+        area of ``wlen // P`` elements rounded down to a multiple of 16 (``wlen`` the whole area
+        then). Returns 1 when the knots are declined (nothing written), else :meth:`sparse_fwd`'s
+        code."""
         p, s = buf.data_ptr(), buf.element_size()
         return self._fwd_call[x.dtype](
             x.shape[0], x.shape[1], y.shape[1], k, grid.shape[1], x.data_ptr(), x.stride(0), grid.data_ptr(),
             sw.data_ptr(), None if sc is None else sc.data_ptr(), None if bw is None else bw.data_ptr(), p,
-            p + off_b * s, y.data_ptr(), R, FB, NV, p + off_w * s, wlen,
+            p + off_b * s, y.data_ptr(), R, FB, NV, p + off_w * s, wlen, P,
         )
 
-    def sparse_bwd_call(self, x, grid, k: int, gy, sw, sc, bw, gx, gsw, gsc, gbw, bad, FB: int, work) -> int:
+    def sparse_bwd_call(self, x, grid, k: int, gy, sw, sc, bw, gx, gsw, gsc, gbw, bad, FB: int, work,
+                        P: int = 1) -> int:
         """One entry for a whole backward on the calling thread (``kf_sparse_bwd_call``: the knot
         check, :meth:`sparse_bad_rows` into ``bad`` (int64, at least rows elements; None: grad_y
         is not scanned, no weight gradient nor grad_x wanted) and :meth:`sparse_bwd` of every
-        feature). Arguments as :meth:`sparse_bwd`'s, contiguous (the caller's checks). Returns 1
-        when the knots are declined (nothing written), else :meth:`sparse_bwd`'s code."""
+        feature). Arguments as :meth:`sparse_bwd`'s, contiguous (the caller's checks). ``P`` > 1 with
+        :attr:`openmp`: the features split across P threads of the caller's OpenMP team, each with
+        ``work.numel() // P`` elements rounded down to a multiple of 16. Returns 1 when the knots
+        are declined (nothing written), else :meth:`sparse_bwd`'s code."""
         rows, nin = x.shape
         nout, _, nb = sw.shape
         return self._bwd_call[x.dtype](
@@ -614,7 +640,7 @@ class CpuSplineKernels:
             None if gx is None else gx.data_ptr(), 0 if gx is None else gx.stride(0),
             None if gsw is None else gsw.data_ptr(), None if gsc is None else gsc.data_ptr(),
             None if gbw is None else gbw.data_ptr(), None if bad is None else bad.data_ptr(), FB, work.data_ptr(),
-            work.numel(),
+            work.numel(), P,
         )
 
     def sparse_bad_rows(self, gy, idx) -> int:
