@@ -16,8 +16,11 @@ base term. No dense basis block, no GEMM: k + 2 multiply-adds per (row, input, o
 non-decreasing) in every call, so no edit of the grid (in place, through ``.data``,
 ``load_state_dict``, ``update_grid``, ``extend_grid``, ``.to()``) can leave a stale constant.
 Forward: tiles of up to FWD_ROWS rows (:func:`_fwd_blocks`), per tile and feature the rows sorted
-by span (the rows of one span share the table rows held in registers); rows split across the CPU
-workers when the call's estimated time pays for the split (:func:`_workers`, :data:`WORKER_NS`). A call on one worker is one C entry per direction (``kf_sparse_fwd_call``: check, pack,
+by span (the rows of one span share the table rows held in registers); rows split across threads
+when the call's estimated time pays for the split (:func:`_workers`): where the kernels were built
+with OpenMP (torch's runtime) the one C entry splits itself across the caller's OpenMP team
+(:data:`OMP_WORKER_NS`), else (and in a forked child) the CPU workers of :mod:`kanfast.cpu_workers`
+run ranges (:data:`WORKER_NS`). A call on one worker is one C entry per direction (``kf_sparse_fwd_call``: check, pack,
 forward; ``kf_sparse_bwd_call``: check, non-finite grad_y rows, backward). Backward: split by input
 features across the workers; per block of features (:func:`_bwd_features`) tiles of rows, each feature's rows sorted by span: grad_x (one dot product
 per input), the transposed scatter ``gW[i, m + r, :] += B_r grad_y[b, :]`` into weight-gradient rows
