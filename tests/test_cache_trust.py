@@ -66,7 +66,7 @@ def env(monkeypatch, tmp_path):
 
 
 def _name() -> str:
-    return cpu_spline._library_name(cpu_spline._compiler(), cpu_spline.CFLAGS)
+    return cpu_spline._library_name(cpu_spline._compiler(), cpu_spline._flag_sets()[0])
 
 
 def _plant(folder: Path, data: bytes, uid=None, mode=0o755) -> Path:

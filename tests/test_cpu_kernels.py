@@ -324,14 +324,20 @@ def test_damaged_cached_library_is_rebuilt(fresh_load):
     compare_to_reference(layer, torch.rand(20, 4, dtype=torch.float64) * 2 - 1)
 
 
-@needs_kernels
-def test_compiler_without_march_native_builds_portable_code(fresh_load, monkeypatch, tmp_path):
+def _compiler_refusing(flag: str, folder: Path, monkeypatch) -> Path:
+    """$CC set to a wrapper of the real compiler that fails on ``flag``."""
     real = cpu_spline._compiler()[0]
-    cc = tmp_path / "oldcc"
-    cc.write_text(f'#!/bin/sh\nfor a in "$@"; do [ "$a" = -march=native ] && {{ echo "unknown: $a" >&2; exit 1; }}; done\n'
+    cc = folder / "cc-without"
+    cc.write_text(f'#!/bin/sh\nfor a in "$@"; do [ "$a" = {flag} ] && {{ echo "unknown: $a" >&2; exit 1; }}; done\n'
                   f'exec "{real}" "$@"\n')
     cc.chmod(0o755)
     monkeypatch.setenv("CC", str(cc))
+    return cc
+
+
+@needs_kernels
+def test_compiler_without_march_native_builds_portable_code(fresh_load, monkeypatch, tmp_path):
+    cc = _compiler_refusing("-march=native", tmp_path, monkeypatch)
     kern = cpu_spline.load()
     assert kern is not None and kern.flags == cpu_spline.PORTABLE_CFLAGS
     (lib,) = fresh_load.glob("cpu_spline_*.so")
@@ -363,3 +369,17 @@ print("child", os.waitstatus_to_exitcode(status))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "child 0", out.stdout + out.stderr
+
+
+@needs_kernels
+def test_compiler_without_openmp_builds_without_it(fresh_load, monkeypatch, tmp_path):
+    """Where torch runs on OpenMP the kernels are first built with OPENMP_CFLAGS; a compiler that
+    refuses them gives the build without (the one-entry calls then never split themselves), and the
+    layer is still the reference's."""
+    if cpu_spline.OPENMP_CFLAGS[0] not in cpu_spline._flag_sets()[0]:
+        pytest.skip("torch here does not run on OpenMP: no OpenMP build is tried")
+    _compiler_refusing(cpu_spline.OPENMP_CFLAGS[0], tmp_path, monkeypatch)
+    kern = cpu_spline.load()
+    assert kern is not None and kern.flags == cpu_spline.CFLAGS and not kern.openmp
+    layer = FastKANLayer(4, 3, dtype=torch.float64)
+    compare_to_reference(layer, torch.rand(20, 4, dtype=torch.float64) * 2 - 1)

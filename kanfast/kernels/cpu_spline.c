@@ -958,21 +958,16 @@ KS_ATTR int64_t SFX(kf_sparse_fwd_call)(int64_t N, int64_t nin, int64_t nout, in
 #if defined(_OPENMP)
     if (P > 1 && N > 1) {
         const int64_t nbp = nb + 2 * k, per = work_len / P / 16 * 16;
-        int64_t rc = 0;
-#pragma omp parallel num_threads((int)P)
+        int64_t rc = 0; /* the largest code of any thread (kf_sparse_fwd's are 0, 2 or 3) */
+#pragma omp parallel num_threads((int)P) reduction(max : rc)
         {
             const int64_t p = omp_get_thread_num(), np = omp_get_num_threads();
-            const int64_t f0 = nin * p / np, f1 = nin * (p + 1) / np;
+            const int64_t f0 = nin * p / np, f1 = nin * (p + 1) / np, a = N * p / np, b = N * (p + 1) / np;
             SFX(kf_sparse_pack)(f0, f1, nin, nout, nb, k, sw, sc, bw, Wt + f0 * nbp * nout, bw ? Bt + f0 * nout : 0);
 #pragma omp barrier
-            const int64_t a = N * p / np, b = N * (p + 1) / np;
-            const int64_t r = b > a ? SFX(kf_sparse_fwd)(b - a, nin, nout, k, n, x + a * sx, sx, grid, Wt, bw ? Bt : 0,
-                                                         y + a * nout, R, FB, NV, work + p * per, per)
-                                    : 0;
-            if (r) {
-#pragma omp critical
-                rc = r;
-            }
+            if (b > a)
+                rc = SFX(kf_sparse_fwd)(b - a, nin, nout, k, n, x + a * sx, sx, grid, Wt, bw ? Bt : 0, y + a * nout, R, FB,
+                                        NV, work + p * per, per);
         }
         return rc;
     }
@@ -998,18 +993,14 @@ KS_ATTR int64_t SFX(kf_sparse_bwd_call)(int64_t N, int64_t nin, int64_t nout, in
 #if defined(_OPENMP)
     if (P > 1 && f1 - f0 > 1) {
         const int64_t per = work_len / P / 16 * 16;
-        int64_t rc = 0;
-#pragma omp parallel num_threads((int)P)
+        int64_t rc = 0; /* the largest code of any thread (kf_sparse_bwd's are 0, 2 or 3) */
+#pragma omp parallel num_threads((int)P) reduction(max : rc)
         {
             const int64_t p = omp_get_thread_num(), np = omp_get_num_threads();
             const int64_t a = f0 + (f1 - f0) * p / np, b = f0 + (f1 - f0) * (p + 1) / np;
-            const int64_t r = b > a ? SFX(kf_sparse_bwd)(N, nin, nout, k, n, a, b, x, sx, grid, gy, sw, sc, bw, gx, sgx,
-                                                         gsw, gsc, gbw, nbad, bad, FB, work + p * per, per)
-                                    : 0;
-            if (r) {
-#pragma omp critical
-                rc = r;
-            }
+            if (b > a)
+                rc = SFX(kf_sparse_bwd)(N, nin, nout, k, n, a, b, x, sx, grid, gy, sw, sc, bw, gx, sgx, gsw, gsc, gbw, nbad,
+                                        bad, FB, work + p * per, per);
         }
         return rc;
     }

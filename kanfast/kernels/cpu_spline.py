@@ -14,8 +14,8 @@ CPU's model and feature flags, so a cache shared between different machines neve
 hands one a library built for another's instruction set. Each build records its
 SHA-256 beside it; a cached library that does not match it, or does not load, is built
 again (a damaged shared object would crash the process that maps it). The build
-takes ~2 s of CPU once per machine (measured on a 2-core AMD EPYC VM, gcc 12); later
-processes load the cached file in milliseconds.
+takes ~14 s of CPU once per machine (measured on a 2-core AMD EPYC VM, gcc 12, the sparse
+kernels' unrolled loops most of it); later processes load the cached file in milliseconds.
 
 Trust: the file name is computed from public inputs and the SHA-256 proves integrity, not
 authorship, so a library is loaded or built only in a folder that is no symbolic link, is
@@ -355,15 +355,20 @@ def _load_or_build(cc: List[str], flags, distrust: List[str]) -> "CpuSplineKerne
     raise RuntimeError("found no folder that only this user can write to build in")
 
 
+def _flag_sets() -> List[List[str]]:
+    """The flags tried in order (the first that builds and loads is kept): :data:`CFLAGS` with
+    :data:`OPENMP_CFLAGS` where torch runs on OpenMP, :data:`CFLAGS`, :data:`PORTABLE_CFLAGS`."""
+    return ([CFLAGS + OPENMP_CFLAGS] if _torch_openmp() else []) + [CFLAGS, PORTABLE_CFLAGS]
+
+
 def _compile_and_load() -> "CpuSplineKernels":
     cc = _compiler()
     if cc is None:
         raise RuntimeError("no C compiler found (set $CC, or install gcc or clang)")
     distrust: List[str] = []
-    tries = ([CFLAGS + OPENMP_CFLAGS] if _torch_openmp() else []) + [CFLAGS, PORTABLE_CFLAGS]
     try:
         first_error = None
-        for flags in tries:  # e.g. a compiler without OpenMP, or without -march=native: the next
+        for flags in _flag_sets():  # e.g. a compiler without OpenMP, or without -march=native: the next
             try:
                 return _load_or_build(cc, flags, distrust)
             except RuntimeError as e:
