@@ -152,6 +152,14 @@ def _sparse_backward(
     return out
 
 
+def _dense_forward(x, grid, coef, base_weight, k, uniform, scale) -> Tensor:
+    """The dense engine's forward with no autograd node (inference, or inside ``_SparseKAN``'s
+    fallback); ``uniform`` None: the flag is decided from the grid here."""
+    if uniform is None:
+        uniform = grid_is_uniform(grid)
+    return torch_backend.forward(x.contiguous(), grid.contiguous(), coef, base_weight, k, bool(uniform), scale)
+
+
 class _SparseKAN(torch.autograd.Function):
     """The small-call path (:mod:`kanfast.sparse_backend`): one kernel call forward, one
     backward, only the inputs saved; the same autograd formula (and ``create_graph``
@@ -163,12 +171,7 @@ class _SparseKAN(torch.autograd.Function):
     def forward(ctx, x, grid, coef, base_weight, spline_order, uniform, scale):
         setup_context(ctx, (x, grid, coef, base_weight, spline_order, uniform, scale), None)
         y = sparse_backend.forward(x, grid, coef, base_weight, spline_order, scale)
-        if y is None:
-            if uniform is None:
-                uniform = grid_is_uniform(grid)
-            return torch_backend.forward(x.contiguous(), grid.contiguous(), coef, base_weight, spline_order, uniform,
-                                         scale)
-        return y
+        return _dense_forward(x, grid, coef, base_weight, spline_order, uniform, scale) if y is None else y
 
     backward = staticmethod(make_backward(_sparse_backward))
 
@@ -294,41 +297,31 @@ def kan_linear_op(
     k = int(spline_order)
     if torch.compiler.is_compiling():  # one opaque graph node for Dynamo/AOTAutograd
         return kan_fwd(x, grid, coef, base_weight, k, bool(uniform), scale)
-    graph = _needs_graph(x, coef, base_weight, scale)
-    if sparse_backend.chooses(x, grid, coef, base_weight, k, scale):  # the size rule
-        if graph:
-            return _SparseKAN.apply(x, grid, coef, base_weight, k, bool(uniform), scale)
-        y = sparse_backend.forward(x, grid, coef, base_weight, k, scale)  # inference: nothing saved
-        if y is not None:
-            return y
-    if not graph:  # inference on the dense engine: no autograd node, nothing saved
-        return torch_backend.forward(x.contiguous(), grid.contiguous(), coef, base_weight, k, bool(uniform), scale)
+    y = kan_linear_small(x, grid, coef, base_weight, k, scale, uniform=bool(uniform))  # the size rule's sparse calls
+    if y is not None:
+        return y
+    if not _needs_graph(x, coef, base_weight, scale):  # inference on the dense engine: no autograd node, nothing saved
+        return _dense_forward(x, grid, coef, base_weight, k, bool(uniform), scale)
     return torch_backend.EagerTorchKAN.apply(x, grid, coef, base_weight, k, bool(uniform), scale)
 
 
 def kan_linear_small(
     x: Tensor, grid: Tensor, coef: Tensor, base_weight: Optional[Tensor], spline_order: int,
-    scale: Optional[Tensor] = None,
+    scale: Optional[Tensor] = None, uniform: Optional[bool] = None,
 ) -> Optional[Tensor]:
-    """:func:`kan_linear_op`'s call on the sparse engine, for the modules' common case (eager,
-    backend ``"torch"``, grid of x's dtype: the caller's guards), or None when that engine does
-    not take it (the size rule, :func:`kanfast.sparse_backend.chooses`): then call
-    :func:`kan_linear_op`. The same result as :func:`kan_linear_op` (the same engine, the same
-    calls, the same fallback to the dense engine when the kernel declines the knots), without
-    the "uniform knots" flag, which only the dense engine reads: it is computed from the grid
-    on such a fallback. Args and returns as :func:`kan_linear_op`'s."""
+    """:func:`kan_linear_op`'s call on the sparse engine (its eager torch-backend calls that the
+    size rule, :func:`kanfast.sparse_backend.chooses`, gives that engine; the modules' common case
+    calls it directly: grid of x's dtype, the caller's guards), or None when that engine does not
+    take it: then call :func:`kan_linear_op`. The same engine, calls and fallback to the dense
+    engine when the kernel declines the knots. ``uniform``: the "uniform knots" flag, which only
+    that fallback reads; None: computed from the grid there. Args and returns as
+    :func:`kan_linear_op`'s."""
     if not sparse_backend.chooses(x, grid, coef, base_weight, spline_order, scale):
         return None
-    if torch.is_grad_enabled() and (
-        x.requires_grad or coef.requires_grad or (base_weight is not None and base_weight.requires_grad)
-        or (scale is not None and scale.requires_grad)
-    ):
-        return _SparseKAN.apply(x, grid, coef, base_weight, spline_order, None, scale)
+    if _needs_graph(x, coef, base_weight, scale):
+        return _SparseKAN.apply(x, grid, coef, base_weight, spline_order, uniform, scale)
     y = sparse_backend.forward(x, grid, coef, base_weight, spline_order, scale)  # inference: nothing saved
-    if y is None:  # knots declined: the dense engine, as kan_linear_op
-        return torch_backend.forward(x.contiguous(), grid.contiguous(), coef, base_weight, spline_order,
-                                     grid_is_uniform(grid), scale)
-    return y
+    return _dense_forward(x, grid, coef, base_weight, spline_order, uniform, scale) if y is None else y
 
 
 # ----------------------------------------------------------- for the modules
