@@ -160,6 +160,12 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+def _on_team(kern) -> bool:
+    """Whether split calls run as one C call on the caller's OpenMP team (the kernels built with
+    OpenMP, not in a forked child), else on the Python worker pool."""
+    return kern.openmp and not _forked
+
+
 def chooses(x: Tensor, grid: Tensor, coef: Tensor, base_weight: Optional[Tensor], k: int,
             scale: Optional[Tensor]) -> bool:
     """Whether the layer call ``x (N, in)``, ``grid (in, G + 2k + 1)``, ``coef (out, in, G + k)``
@@ -258,8 +264,9 @@ def forward(x: Tensor, grid: Tensor, coef: Tensor, base_weight: Optional[Tensor]
     nw = nin * (nb + 2 * k) * nout
     R, FB, NV = _fwd_blocks(nb, k, nout, dt)
     wlen = kern.fwd_work(R, FB, k, dt)
-    P = _workers(x, grid, coef, base_weight, scale)
-    if P == 1 or (kern.openmp and not _forked):
+    team = _on_team(kern)
+    P = _workers(x, grid, coef, base_weight, scale, team)
+    if P == 1 or team:
         off_w = (nw + nin * nout + 15) & ~15  # (64-byte aligned work area after Wt and Bt)
         wall = P * ((wlen + 15) & ~15)  # (P > 1: the C call's team, a work area each)
         rc = kern.sparse_fwd_call(x, grid, k, coef, scale, base_weight, y, R, FB, NV,
@@ -286,10 +293,10 @@ def forward(x: Tensor, grid: Tensor, coef: Tensor, base_weight: Optional[Tensor]
     return y
 
 
-def _workers(x, grid, coef, base_weight, scale) -> int:
+def _workers(x, grid, coef, base_weight, scale, team: bool) -> int:
     """Number of CPU workers for a call (1 runs inline): ``estimate // unit`` parts of the call's
     estimated time on one thread (the split rule at :data:`WORKER_NS`; the unit is
-    :data:`OMP_WORKER_NS` where the C calls split themselves on the OpenMP team), capped by
+    :data:`OMP_WORKER_NS` where the C calls split themselves on the OpenMP team, ``team``), capped by
     :func:`kanfast.cpu_workers.worker_count` (threads, usable CPUs, tensor kinds, recording
     modes), to which the estimate is passed in its units of ``MIN_ELEMENTS`` per worker."""
     N, nin = x.shape
@@ -298,7 +305,7 @@ def _workers(x, grid, coef, base_weight, scale) -> int:
     k = grid.shape[1] - nb - 1
     est = (N * nin * (PAIR_NS[s] + VECTOR_NS[s] * -(-nout * s // 64))
            + nin * (nb + 2 * k) * nout * TABLE_NS)
-    unit = OMP_WORKER_NS if (not _forked and _kernels().openmp) else WORKER_NS
+    unit = OMP_WORKER_NS if team else WORKER_NS
     if est < 2 * unit:
         return 1  # (worker_count's own first answer, without its calls)
     work = int(est / unit * cpu_workers.MIN_ELEMENTS)
@@ -332,8 +339,9 @@ def backward(grad_y: Tensor, x: Tensor, grid: Tensor, coef: Tensor, base_weight:
     bad = torch.empty(N, dtype=torch.int64) if (need_w or need_x) and N else None
     FB = _bwd_features(nb, k, nout, dt)
     wlen = kern.bwd_work(FB, nb, k, nout, need_x, need_w or need_b, dt)
-    P = _workers(x, grid, coef, base_weight, scale)
-    if P == 1 or (kern.openmp and not _forked):
+    team = _on_team(kern)
+    P = _workers(x, grid, coef, base_weight, scale, team)
+    if P == 1 or team:
         wall = P * ((wlen + 15) & ~15)
         rc = kern.sparse_bwd_call(x, grid, k, grad_y, coef, scale, base_weight, gx, gc, gs, gb, bad, FB,
                                   _buffer("bwork", wall, dt), P)

@@ -451,7 +451,8 @@ def test_worker_rule_follows_the_estimated_time(how, monkeypatch, restore_thread
     def workers(N, nin, nout, G=5, k=3, dtype=torch.float32):
         x = torch.empty(N, nin, dtype=dtype)
         grid = torch.empty(nin, G + 2 * k + 1, dtype=dtype)
-        return sb._workers(x, grid, torch.empty(nout, nin, G + k, dtype=dtype), None, None)
+        return sb._workers(x, grid, torch.empty(nout, nin, G + k, dtype=dtype), None, None,
+                           sb._on_team(sb._kernels()))
 
     def estimate(N, nin, nout, G=5, k=3, s=4):
         return N * nin * (sb.PAIR_NS[s] + sb.VECTOR_NS[s] * -(-nout * s // 64)) + nin * (G + 3 * k) * nout * sb.TABLE_NS
