@@ -69,17 +69,6 @@ PORTABLE_CFLAGS = [f for f in CFLAGS if f != "-march=native"]
 #: libgomp.so.1 is resolved by its soname to the copy torch already mapped (no other file is
 #: loaded); without the flag (a compiler without OpenMP) the same calls run on one thread.
 OPENMP_CFLAGS = ["-fopenmp"]
-
-
-def _torch_openmp() -> bool:
-    """Whether torch's intra-op backend is OpenMP and an OpenMP runtime is mapped in this process."""
-    if "OpenMP" not in torch.__config__.parallel_info():
-        return False
-    try:
-        with open("/proc/self/maps") as f:
-            return any("libgomp" in line for line in f)
-    except OSError:  # not Linux
-        return False
 #: Largest spline order (and polynomial degree + 1) the launchers accept.
 MAX_ORDER = 16
 #: Columns x slots per input above which the kernels place the slots directly instead of
@@ -353,6 +342,19 @@ def _load_or_build(cc: List[str], flags, distrust: List[str]) -> "CpuSplineKerne
             if scratch:  # the library stays mapped; nothing is left behind
                 shutil.rmtree(folder, ignore_errors=True)
     raise RuntimeError("found no folder that only this user can write to build in")
+
+
+def _torch_openmp() -> bool:
+    """Whether torch's intra-op backend is OpenMP (the test of ``kanfast.cpu_workers``, which the
+    kernels' layer cannot import) and GNU libgomp, the runtime ``-fopenmp`` links, is mapped in this
+    process (so the library's libgomp.so.1 is that copy)."""
+    if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        return False
+    try:
+        with open("/proc/self/maps") as f:
+            return any("libgomp" in line for line in f)
+    except OSError:  # not Linux
+        return False
 
 
 def _flag_sets() -> List[List[str]]:
